@@ -1,2 +1,9 @@
-"""vtprune: visual-token pruning with debiased attention scores."""
+"""vtprune: visual-token pruning for Hugging Face vision-language models, with debiased attention scores."""
+
 __version__ = "0.1.0"
+
+from .debias import Debias
+from .methods import METHODS, FastV, Random
+from .press import Press, Stage, StageSelection
+
+__all__ = ["Debias", "FastV", "Random", "Press", "Stage", "StageSelection", "METHODS", "__version__"]

@@ -1,0 +1,28 @@
+"""Model-family adapters. `adapter_for(model)` picks the one for a loaded model."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import ModelAdapter, VisualLayout, VisualSegment
+from .llava import LlavaAdapter
+
+ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter,)
+
+
+def supported_model_classes() -> list[str]:
+    return [name for adapter in ADAPTERS for name in adapter.model_classes]
+
+
+def adapter_for(model: nn.Module) -> ModelAdapter:
+    """Return the adapter for `model`, or raise naming the supported classes."""
+    name = type(model).__name__
+    for adapter in ADAPTERS:
+        if name in adapter.model_classes:
+            return adapter(model)
+    raise ValueError(
+        f"vtprune does not support {name}. Supported model classes: {', '.join(supported_model_classes())}."
+    )
+
+
+__all__ = ["ModelAdapter", "VisualLayout", "VisualSegment", "LlavaAdapter", "adapter_for", "supported_model_classes"]

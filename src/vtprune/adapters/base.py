@@ -1,0 +1,86 @@
+"""What the engine needs to know about a model family, and nothing else.
+
+An adapter answers: which modules are the decoder layers, where the visual tokens sit in a prompt (and how
+they group into images with a patch grid), which of them are padding, and how the family applies RoPE.
+Methods and the engine never look at model classes directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class VisualSegment:
+    """The visual tokens of one image inside one sample.
+
+    `offset` is the index of the segment's first token among the sample's visual tokens (not the sequence),
+    `length` its number of tokens, `grid` its (rows, cols) patch grid in row-major order, `image_index` the
+    index of the image in the batch's flattened image list (the order of `image_sizes`).
+    """
+
+    offset: int
+    length: int
+    grid: tuple[int, int]
+    image_index: int
+
+
+@dataclass
+class VisualLayout:
+    """Where the visual tokens of each sample of a batch are.
+
+    positions[b]: (V_b,) long, sorted sequence positions of sample b's visual tokens.
+    segments[b]: the images of sample b, in order; their lengths add up to V_b.
+    """
+
+    positions: list[torch.Tensor]
+    segments: list[list[VisualSegment]] = field(default_factory=list)
+
+    @property
+    def num_visual(self) -> list[int]:
+        return [int(p.numel()) for p in self.positions]
+
+    @property
+    def num_images(self) -> int:
+        return sum(len(s) for s in self.segments)
+
+
+class ModelAdapter:
+    """Base class: one subclass per model family. See `vtprune.adapters.adapter_for`."""
+
+    #: transformers class names this adapter accepts
+    model_classes: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    # --- modules -------------------------------------------------------------------------------------
+    @property
+    def input_module(self) -> nn.Module:
+        """The module whose forward receives `input_ids`, `attention_mask` and `past_key_values`."""
+        raise NotImplementedError
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    # --- visual tokens -------------------------------------------------------------------------------
+    def visual_layout(self, input_ids: torch.Tensor) -> VisualLayout:
+        """Find the visual tokens of each sample of `input_ids` (B, N)."""
+        raise NotImplementedError
+
+    def padding_fractions(self, layout: VisualLayout, image_sizes, processor) -> list[torch.Tensor]:
+        """Per sample, (V_b,) float in [0, 1]: share of each visual token's pixels that are padding."""
+        raise NotImplementedError
+
+    # --- attention -----------------------------------------------------------------------------------
+    rotary_fn: Callable  # (q, k, cos, sin) -> (q, k), the family's own RoPE
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Apply the family's RoPE to x (B, H, N, D) with cos/sin (B, N, D)."""
+        rotated, _ = self.rotary_fn(x, x, cos, sin)
+        return rotated

@@ -1,0 +1,101 @@
+"""LLaVA-1.5 (`LlavaForConditionalGeneration`): a CLIP tower, one fixed grid per image, Llama-style decoder."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import ModelAdapter, VisualLayout, VisualSegment
+
+
+class LlavaAdapter(ModelAdapter):
+    model_classes = ("LlavaForConditionalGeneration", "LlavaModel")
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self.base = model.model if hasattr(model, "lm_head") else model  # LlavaModel
+        config = self.base.config
+        vision = config.vision_config
+        self.image_token_id = int(config.image_token_id)
+        self.patch_size = int(vision.patch_size)
+        self.image_size = int(vision.image_size)
+        side = self.image_size // self.patch_size
+        self.grid = (side, side)
+        if config.vision_feature_select_strategy != "default":
+            raise ValueError(
+                f"vision_feature_select_strategy={config.vision_feature_select_strategy!r} keeps the CLS token "
+                "among the visual tokens, which has no place on the patch grid; vtprune supports 'default' "
+                "(the LLaVA-1.5 setting)."
+            )
+        if not isinstance(config.vision_feature_layer, int):
+            pass  # several feature layers are concatenated along channels: same tokens, same grid
+        self.tokens_per_image = side * side
+        self.rotary_fn = _rotary_fn_for(self.base.language_model)
+
+    @property
+    def input_module(self) -> nn.Module:
+        return self.base
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.base.language_model.layers
+
+    def visual_layout(self, input_ids: torch.Tensor) -> VisualLayout:
+        is_image = input_ids == self.image_token_id  # (B, N)
+        positions, segments = [], []
+        image_index = 0
+        for b in range(input_ids.shape[0]):
+            pos = torch.nonzero(is_image[b], as_tuple=False).flatten()
+            count = int(pos.numel())
+            if count % self.tokens_per_image:
+                raise ValueError(
+                    f"sample {b} has {count} image tokens (id {self.image_token_id}), not a multiple of "
+                    f"{self.tokens_per_image} tokens per image ({self.grid[0]}x{self.grid[1]} grid): build the "
+                    "prompt with the model's processor so that each <image> is expanded to its full grid."
+                )
+            sample_segments = []
+            for k in range(count // self.tokens_per_image):
+                sample_segments.append(
+                    VisualSegment(
+                        offset=k * self.tokens_per_image,
+                        length=self.tokens_per_image,
+                        grid=self.grid,
+                        image_index=image_index,
+                    )
+                )
+                image_index += 1
+            positions.append(pos)
+            segments.append(sample_segments)
+        return VisualLayout(positions=positions, segments=segments)
+
+    def padding_fractions(self, layout: VisualLayout, image_sizes, processor) -> list[torch.Tensor]:
+        from ..debias.geometry import geometry_from_processor, padded_fraction
+
+        geometry = geometry_from_processor(processor, patch_size=self.patch_size, image_size=self.image_size)
+        if tuple(geometry.grid) != self.grid:
+            raise ValueError(
+                f"the processor's geometry gives a {geometry.grid} patch grid but the model has {self.grid}: "
+                "pass the processor that belongs to this model."
+            )
+        out = []
+        for sample_segments in layout.segments:
+            parts = [
+                padded_fraction(geometry, tuple(image_sizes[seg.image_index])).reshape(-1)
+                for seg in sample_segments
+            ]
+            out.append(torch.cat(parts) if parts else torch.zeros(0))
+        return out
+
+
+def _rotary_fn_for(language_model: nn.Module):
+    """The RoPE function of the decoder's own modeling file (Llama, Mistral, Qwen2, ...)."""
+    import importlib
+
+    module = importlib.import_module(type(language_model).__module__)
+    fn = getattr(module, "apply_rotary_pos_emb", None)
+    if fn is None:
+        raise ValueError(
+            f"cannot find apply_rotary_pos_emb in {module.__name__}: the decoder {type(language_model).__name__} "
+            "does not use standard RoPE, which vtprune's scoring needs."
+        )
+    return fn

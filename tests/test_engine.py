@@ -181,3 +181,22 @@ def test_selection_is_per_request(processor, model):
 
 def test_public_api_exports():
     assert {"FastV", "Random", "Debias"} <= set(vtprune.__all__)
+
+
+def test_two_images_in_one_prompt(processor, model):
+    images = [make_image(120, 60, seed=8), make_image(60, 120, seed=9)]
+    text = "USER: <image> <image>\nwhat is the colour of the circle ? ASSISTANT:"
+    inputs = inputs_for(processor, images, [text])
+    press = FastV(keep=10, layer=2, debias=Debias(padding=True))
+    with torch.no_grad(), press(model, processor=processor, image_sizes=[im.size for im in images]):
+        logits = model(**inputs).logits
+    selection = press.last_selection[0]
+    assert selection.num_visual == [72]
+    padding = selection.padding[0]
+    # landscape image pads top/bottom rows, portrait pads left/right columns, each on its own 6x6 grid
+    assert padding[:36].view(6, 6)[0].all() and not padding[:36].view(6, 6)[:, 0].all()
+    assert padding[36:].view(6, 6)[:, 0].all() and not padding[36:].view(6, 6)[0].all()
+    assert not padding[selection.kept[0]].any()
+    with torch.no_grad():
+        expected = oracle_logits(model, inputs, [(2, selection.kept[0])])
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)

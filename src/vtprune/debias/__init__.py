@@ -29,7 +29,8 @@ class Debias:
     """Debiasing switches for a press.
 
     profile: positional trend: a built-in name (see `vtprune profiles`), a path to a profile JSON, a
-        `Profile`, or None for no positional debiasing.
+        `Profile`, "auto" (fit the trend on each request's own scores, robustly: no calibration), or None
+        for no positional debiasing.
     padding: zero the scores of padding tokens (needs `processor=` and `image_sizes=` on the press call).
     padding_threshold: a token is padding when more than this share of its pixels is padding.
     drop_padding: also lower the keep count to the number of real tokens (as the published FastV code).
@@ -49,18 +50,27 @@ class Debias:
             raise ValueError(f"padding_threshold={self.padding_threshold} must lie in [0, 1)")
         if self.stages not in ("first", "all"):
             raise ValueError(f"stages={self.stages!r}: use 'first' or 'all'")
-        if self.profile is not None:
+        if self.profile is not None and self.profile != "auto":
             from .profiles import load_profile
 
             object.__setattr__(self, "_loaded", load_profile(self.profile))
 
     @property
     def loaded_profile(self):
-        """The resolved `Profile`, or None."""
+        """The resolved `Profile`, or None (also for "auto")."""
         return self._loaded
 
+    @property
+    def positional(self) -> bool:
+        return self.profile is not None
+
+    def describe(self) -> str:
+        positional = "off" if self.profile is None else ("auto" if self.profile == "auto" else self._loaded.name)
+        return f"positional {positional}, padding {'on' if self.padding else 'off'}"
+
     def trend(self, segments: Sequence[VisualSegment]) -> torch.Tensor | None:
-        """(V,) positional trend f(i/L) for a sample's visual tokens, each image on its own x axis."""
+        """(V,) positional trend f(i/L) of a calibrated profile for a sample's visual tokens, each image on
+        its own x axis; None without a calibrated profile."""
         if self._loaded is None:
             return None
         return torch.cat([self._loaded.trend(segment.length) for segment in segments])
@@ -78,12 +88,27 @@ class Debias:
         sample's visual tokens; padding: (R,) bool or None. Returns (R,) float32.
         """
         out = scores.float()
-        trend = self.trend(segments)
-        if trend is not None:
-            out = out / trend.to(out.device)[ranks]
+        if self.profile == "auto":
+            out = out / self._auto_trend(out, ranks, segments, padding)
+        elif self._loaded is not None:
+            out = out / self.trend(segments).to(out.device)[ranks]
         if self.padding and padding is not None:
             out = out.masked_fill(padding, 0.0)
         return out
+
+    @staticmethod
+    def _auto_trend(scores, ranks, segments, padding) -> torch.Tensor:
+        """(R,) trend exp(sigma x), sigma from a robust fit on each image's real tokens (`fit.fit_robust`)."""
+        from .fit import fit_robust
+
+        trend = torch.ones_like(scores)
+        for segment in segments:
+            inside = (ranks >= segment.offset) & (ranks < segment.offset + segment.length)
+            x = (ranks - segment.offset).double() / segment.length
+            fit_on = inside if padding is None else inside & ~padding
+            fit = fit_robust(scores[fit_on].double().cpu().numpy(), x[fit_on].cpu().numpy())
+            trend[inside] = torch.exp(fit.sigma * x[inside]).to(trend.dtype)
+        return trend
 
 
 __all__ = ["Debias"]

@@ -1,0 +1,102 @@
+"""Fitting the positional trend f(x) = mu * exp(sigma * x) to attention scores.
+
+* `fit_exponential`: least squares on a mean score curve (calibration over a data set), reporting R^2 and
+  residuals.
+* `fit_robust`: a per-request fit used by `Debias(profile="auto")`: least squares in log space with Huber
+  weights (iteratively reweighted), so that the few tokens that matter, whose scores sit far above the
+  trend, do not bend it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ExpFit:
+    """f(x) = mu * exp(sigma * x) on x in [0, 1]; r2 and residuals (y - f) refer to the fitted points."""
+
+    mu: float
+    sigma: float
+    r2: float
+    residuals: np.ndarray
+
+    def __call__(self, x) -> np.ndarray:
+        return self.mu * np.exp(self.sigma * np.asarray(x, dtype=np.float64))
+
+
+def relative_positions(length: int) -> np.ndarray:
+    """x = i / L for i = 0..L-1 (the convention of the published profiles)."""
+    return np.arange(length, dtype=np.float64) / length
+
+
+def _loglinear(x: np.ndarray, y: np.ndarray, weights: np.ndarray | None = None) -> tuple[float, float]:
+    """Weighted least squares of log y = log mu + sigma x. Returns (log mu, sigma)."""
+    w = np.ones_like(x) if weights is None else weights
+    design = np.stack([np.ones_like(x), x], axis=1) * np.sqrt(w)[:, None]
+    coef, *_ = np.linalg.lstsq(design, np.log(y) * np.sqrt(w), rcond=None)
+    return float(coef[0]), float(coef[1])
+
+
+def fit_exponential(y, x=None, iterations: int = 50) -> ExpFit:
+    """Least-squares fit of mu*exp(sigma*x) to y (L,) (Gauss-Newton from the log-linear start).
+
+    x defaults to i/L. Non-positive values are allowed in y (they are skipped for the starting point only).
+    """
+    y = np.asarray(y, dtype=np.float64)
+    x = relative_positions(len(y)) if x is None else np.asarray(x, dtype=np.float64)
+    if y.ndim != 1 or len(y) < 2 or len(x) != len(y):
+        raise ValueError(f"need a 1-D curve of at least 2 points with matching x, got y {y.shape}, x {x.shape}")
+    if not np.isfinite(y).all():
+        raise ValueError("the score curve contains nan or inf values")
+    positive = y > 0
+    if positive.sum() < 2:
+        raise ValueError("the score curve has fewer than 2 positive values: nothing to fit")
+    log_mu, sigma = _loglinear(x[positive], y[positive])
+    mu = float(np.exp(log_mu))
+    for _ in range(iterations):
+        f = mu * np.exp(sigma * x)
+        jacobian = np.stack([f / mu, f * x], axis=1)
+        step, *_ = np.linalg.lstsq(jacobian, y - f, rcond=None)
+        mu, sigma = mu + float(step[0]), sigma + float(step[1])
+        if mu <= 0:
+            mu = float(np.exp(log_mu))
+            break
+        if np.abs(step).max() < 1e-12 * max(1.0, abs(mu), abs(sigma)):
+            break
+    f = mu * np.exp(sigma * x)
+    residuals = y - f
+    total = float(((y - y.mean()) ** 2).sum())
+    r2 = 1.0 - float((residuals**2).sum()) / total if total > 0 else 1.0
+    return ExpFit(mu=mu, sigma=sigma, r2=r2, residuals=residuals)
+
+
+def fit_robust(y, x=None, delta: float = 1.0, iterations: int = 20) -> ExpFit:
+    """Robust fit of mu*exp(sigma*x) in log space with Huber weights (IRLS).
+
+    y (R,) scores (> 0 values are used), x (R,) relative positions. delta is the Huber threshold in units of
+    the residuals' median absolute deviation. A few large spikes (relevant tokens) barely move the trend.
+    """
+    y = np.asarray(y, dtype=np.float64)
+    x = relative_positions(len(y)) if x is None else np.asarray(x, dtype=np.float64)
+    keep = np.isfinite(y) & (y > 0)
+    if keep.sum() < 2:
+        return ExpFit(mu=1.0, sigma=0.0, r2=0.0, residuals=np.zeros(0))
+    xs, logy = x[keep], np.log(y[keep])
+    weights = np.ones_like(xs)
+    log_mu, sigma = _loglinear(xs, y[keep])
+    for _ in range(iterations):
+        residual = logy - (log_mu + sigma * xs)
+        scale = 1.4826 * np.median(np.abs(residual - np.median(residual))) + 1e-12
+        u = np.abs(residual) / (delta * scale)
+        new_weights = np.where(u <= 1.0, 1.0, 1.0 / u)
+        if np.allclose(new_weights, weights, atol=1e-6):
+            break
+        weights = new_weights
+        log_mu, sigma = _loglinear(xs, y[keep], weights)
+    residual = logy - (log_mu + sigma * xs)
+    total = float(((logy - logy.mean()) ** 2).sum())
+    r2 = 1.0 - float((residual**2).sum()) / total if total > 0 else 1.0
+    return ExpFit(mu=float(np.exp(log_mu)), sigma=sigma, r2=r2, residuals=residual)

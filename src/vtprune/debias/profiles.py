@@ -1,0 +1,149 @@
+"""Positional debiasing profiles: the trend f(i/L) that attention scores are divided by.
+
+A profile is either exponential, f(x) = mu * exp(sigma * x) with x = i / L, or a per-position curve of L
+values. Built-in profiles (package data, `vtprune profiles`) are the weights published with arXiv
+2508.17807 for LLaVA-1.5-7B; calibration (`vtprune calibrate`) writes the same JSON format.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+FORMAT = "vtprune-profile/1"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A positional trend. `curve` holds the trend f (not the weights 1/f) for curve profiles; `extra`
+    keeps any further metadata (fit quality, sample count, data fingerprint, ...)."""
+
+    name: str
+    kind: Literal["exp", "curve"]
+    length: int
+    sigma: float | None = None
+    mu: float = 1.0
+    curve: tuple[float, ...] | None = None
+    method: str | None = None
+    layer: int | None = None
+    query: str | None = None
+    model: str | None = None
+    source: str = ""
+    description: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("exp", "curve"):
+            raise ValueError(f"profile {self.name!r}: kind must be 'exp' or 'curve', got {self.kind!r}")
+        if not isinstance(self.length, int) or self.length <= 0:
+            raise ValueError(f"profile {self.name!r}: length must be a positive int, got {self.length!r}")
+        if self.kind == "exp" and (self.sigma is None or not math.isfinite(self.sigma)):
+            raise ValueError(f"profile {self.name!r}: an exponential profile needs a finite sigma")
+        if not (math.isfinite(self.mu) and self.mu > 0):
+            raise ValueError(f"profile {self.name!r}: mu must be positive and finite")
+        if self.kind == "curve":
+            if self.curve is None or len(self.curve) != self.length:
+                raise ValueError(f"profile {self.name!r}: a curve profile needs {self.length} values")
+            if not all(math.isfinite(v) and v > 0 for v in self.curve):
+                raise ValueError(f"profile {self.name!r}: curve values must be positive and finite")
+
+    def trend(self, length: int) -> torch.Tensor:
+        """(length,) float32 trend f(i/L) for a sample with `length` visual tokens per image."""
+        if self.kind == "exp":
+            x = torch.arange(length, dtype=torch.float64) / length
+            return (self.mu * torch.exp(self.sigma * x)).float()
+        if length != self.length:
+            raise ValueError(
+                f"profile {self.name!r} is a per-position curve for {self.length} visual tokens, but the image "
+                f"has {length}: calibrate a profile for this model (`vtprune calibrate`) or use an "
+                "exponential profile, which is resampled on x = i/L."
+            )
+        return torch.tensor(self.curve, dtype=torch.float32)
+
+    def weights(self, length: int) -> torch.Tensor:
+        """(length,) multiplicative weights 1/f, normalised so that weights[0] == 1."""
+        trend = self.trend(length)
+        return trend[0] / trend
+
+    def to_dict(self) -> dict:
+        data = {"format": FORMAT, **asdict(self)}
+        data["curve"] = list(self.curve) if self.curve is not None else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Profile":
+        known = {f for f in cls.__dataclass_fields__}
+        values = {k: v for k, v in data.items() if k in known}
+        extra = dict(values.pop("extra", None) or {})
+        extra.update({k: v for k, v in data.items() if k not in known and k != "format"})
+        if values.get("curve") is not None:
+            values["curve"] = tuple(float(v) for v in values["curve"])
+        missing = {"name", "kind", "length"} - set(values)
+        if missing:
+            raise ValueError(f"profile data lacks {sorted(missing)}")
+        return cls(**values, extra=extra)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=1))
+        return path
+
+
+@lru_cache(maxsize=1)
+def _builtin_index() -> dict[str, Profile]:
+    profiles: dict[str, Profile] = {}
+    folder = resources.files("vtprune.debias") / "profiles"
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if not entry.name.endswith(".json"):
+            continue
+        data = json.loads(entry.read_text())
+        for item in data["profiles"]:
+            profile = Profile.from_dict(item)
+            profiles[profile.name] = profile
+        for alias, target in data.get("aliases", {}).items():
+            profiles[alias] = profiles[target]
+    return profiles
+
+
+def builtin_profiles() -> list[Profile]:
+    """All built-in profiles (aliases not repeated), sorted by name."""
+    return sorted({id(p): p for p in _builtin_index().values()}.values(), key=lambda p: p.name)
+
+
+def builtin_aliases() -> dict[str, str]:
+    return {name: p.name for name, p in _builtin_index().items() if name != p.name}
+
+
+def load_profile(spec: "str | os.PathLike | Profile") -> Profile:
+    """A built-in name, a path to a profile JSON, or a `Profile` (returned as is)."""
+    if isinstance(spec, Profile):
+        return spec
+    index = _builtin_index()
+    if isinstance(spec, str) and spec in index:
+        return index[spec]
+    path = Path(spec)
+    if path.suffix == ".json" or path.exists():
+        if not path.is_file():
+            raise ValueError(f"profile file {path} does not exist")
+        data = json.loads(path.read_text())
+        if "profiles" in data:
+            names = [p["name"] for p in data["profiles"]]
+            if len(names) != 1:
+                raise ValueError(f"{path} holds {len(names)} profiles ({', '.join(names)}); give a file with one")
+            data = data["profiles"][0]
+        return Profile.from_dict(data)
+    close = difflib.get_close_matches(str(spec), list(index), n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise ValueError(
+        f"unknown profile {str(spec)!r}.{hint} `vtprune profiles` lists the built-in names; a path to a "
+        "profile JSON works too."
+    )

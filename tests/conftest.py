@@ -105,3 +105,15 @@ def prompt(text: str = "what is the colour of the circle ?") -> str:
 
 def inputs_for(processor, images, texts):
     return processor(images=images, text=texts, return_tensors="pt", padding=True)
+
+
+def _cache_kwarg_name() -> str:
+    """The forward's KV-cache keyword: `cache` since transformers 5.24, `past_key_values` before."""
+    import inspect
+
+    from transformers import LlavaModel
+
+    return "cache" if "cache" in inspect.signature(LlavaModel.forward).parameters else "past_key_values"
+
+
+CACHE_KWARG = _cache_kwarg_name()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_model, inputs_for, make_image, prompt
+from conftest import CACHE_KWARG, build_model, inputs_for, make_image, prompt
 
 import vtprune
 from vtprune import Debias, FastV, Random
@@ -137,13 +137,13 @@ def test_decode_steps_are_never_pruned(processor, model):
     press = FastV(keep=4, layer=2)
     with torch.no_grad(), press(model):
         out = model(**inputs, use_cache=True)
-        cache = out.past_key_values
+        cache = getattr(out, "cache", None) or out.past_key_values  # renamed in transformers 5.24
         n = inputs["input_ids"].shape[1]
         assert cache.layers[0].keys.shape[-2] == n
         assert cache.layers[2].keys.shape[-2] == n - 36 + 4
         next_token = out.logits[:, -1:].argmax(-1)
         mask = torch.cat([inputs["attention_mask"], torch.ones(1, 1, dtype=torch.long)], dim=1)
-        model(input_ids=next_token, attention_mask=mask, past_key_values=cache)
+        model(input_ids=next_token, attention_mask=mask, **{CACHE_KWARG: cache})
         assert cache.layers[2].keys.shape[-2] == n - 36 + 4 + 1
         assert cache.layers[0].keys.shape[-2] == n + 1
 

@@ -154,7 +154,7 @@ class PruningSession:
 
     def _on_input(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("past_key_values")
+        cache = _cache_kwarg(kwargs)
         past = cache.get_seq_length() if cache is not None else 0
         if input_ids is None:
             raise ValueError(
@@ -247,7 +247,7 @@ class PruningSession:
             request.position_ids0 = kwargs.get("position_ids")
             request.captured = True
             if request.cache is None:
-                request.cache = kwargs.get("past_key_values")
+                request.cache = _cache_kwarg(kwargs)
         current = request.current or {
             "attention_mask": kwargs.get("attention_mask"),
             "position_embeddings": kwargs.get("position_embeddings"),
@@ -388,6 +388,12 @@ class PruningSession:
 
 
 # --- helpers -----------------------------------------------------------------------------------------
+def _cache_kwarg(kwargs: dict):
+    """The KV cache a forward receives: `cache` since transformers 5.24, `past_key_values` before."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
 def _rank_with_padding_last(scores: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
     """Indices of `scores` (R,) from best to worst; padding tokens (R,) bool always come after real ones."""
     if padding is None:

@@ -61,7 +61,7 @@ class ModelAdapter:
     # --- modules -------------------------------------------------------------------------------------
     @property
     def input_module(self) -> nn.Module:
-        """The module whose forward receives `input_ids`, `attention_mask` and `past_key_values`."""
+        """The module whose forward receives `input_ids`, `attention_mask` and the KV cache."""
         raise NotImplementedError
 
     @property

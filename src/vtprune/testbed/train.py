@@ -1,0 +1,244 @@
+"""Training and evaluation of the testbed LLaVA on the synthetic spatial VQA data (CPU friendly).
+
+Training is seeded and resumable: ``work_dir/state.pt`` holds model, optimizer and step; the
+training stream is indexed by step, so a resumed run sees exactly the samples it would have seen.
+Whenever validation accuracy improves, the model and processor are written with ``save_pretrained``
+to ``out`` (atomically, via a temporary directory), so an interrupted run still leaves a usable model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset
+
+from vtprune.testbed.data import Sample, make_sample, make_split, prompt_for, scene_questions, DESCRIBE_QUESTION, describe
+from vtprune.testbed.model import CHECKPOINT_DIR, build_model, build_processor
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of a training run (stored in the work dir; a resumed run reuses them)."""
+
+    steps: int = 2000
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup: int = 100
+    seed: int = 0
+    eval_every: int = 200
+    val_size: int = 300
+    vision_hidden: int = 128
+    vision_layers: int = 4
+    text_hidden: int = 192
+    text_layers: int = 6
+    heads: int = 4
+    workers: int = 1
+    extra_questions: int = 3
+    caption: bool = True
+    patch_size: int = 14
+
+
+def encode_batch(
+    processor,
+    samples: Sequence[Sample],
+    with_answer: bool = True,
+    extra: Sequence[Sequence[tuple[str, str]]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Processor inputs. With answers, ``labels`` cover only answer tokens and their EOS.
+
+    The first turn is always ``prompt_for(question) + answer``; ``extra`` adds further
+    (question, answer) turns about the same image (multi-turn, LLaVA-1.5 style) for training.
+    """
+    texts = []
+    for i, s in enumerate(samples):
+        text = prompt_for(s.question) + (f" {s.answer}</s>" if with_answer else "")
+        for q, a in extra[i] if extra is not None else ():
+            text += f"USER: {q} ASSISTANT: {a}</s>"
+        texts.append(text)
+    enc = processor(images=[s.image for s in samples], text=texts, return_tensors="pt", padding=True)
+    if with_answer:
+        ids = enc["input_ids"]
+        tok = processor.tokenizer
+        assistant, colon = tok.convert_tokens_to_ids("ASSISTANT"), tok.convert_tokens_to_ids(":")
+        target = torch.zeros_like(ids, dtype=torch.bool)
+        for r, row in enumerate(ids.tolist()):
+            inside = False  # from after "ASSISTANT :" up to and including the next EOS
+            for j in range(2, len(row)):
+                if row[j - 2] == assistant and row[j - 1] == colon:
+                    inside = True
+                target[r, j] = inside
+                if row[j] == tok.eos_token_id:
+                    inside = False
+        enc["labels"] = torch.where(target, ids, torch.full_like(ids, -100))
+    return dict(enc)
+
+
+class _Stream(IterableDataset):
+    """Encoded training batches for steps ``start, start+1, ...`` (sample index = step * bs + j)."""
+
+    def __init__(self, processor, batch_size: int, seed: int, start: int, stop: int, extra: int, caption: bool) -> None:
+        self.processor, self.bs, self.seed, self.start, self.stop = processor, batch_size, seed, start, stop
+        self.extra, self.caption = extra, caption
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        for step in range(self.start, self.stop):
+            samples = [make_sample("train", self.seed, step * self.bs + j) for j in range(self.bs)]
+            rng = np.random.default_rng([self.seed, step, 7])
+            extra = [
+                ([(DESCRIBE_QUESTION, describe(s))] if self.caption else []) + scene_questions(s, self.extra, rng)
+                for s in samples
+            ]
+            yield encode_batch(self.processor, samples, extra=extra)
+
+
+def _lr_factor(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+@torch.no_grad()
+def predict(model, processor, samples: Sequence[Sample], batch_size: int = 50, blind: bool = False) -> list[str]:
+    """Greedy answers (``generate`` with the model's generation config); ``blind`` blanks the images."""
+    preds: list[str] = []
+    model.eval()
+    for i in range(0, len(samples), batch_size):
+        chunk = list(samples[i : i + batch_size])
+        if blind:
+            chunk = [Sample(Image.new("RGB", s.image.size, (128, 128, 128)), s.question, s.answer, s.meta) for s in chunk]
+        enc = encode_batch(processor, chunk, with_answer=False)
+        out = model.generate(**enc, max_new_tokens=3, do_sample=False)
+        new = out[:, enc["input_ids"].shape[1] :]
+        preds += [t.strip() for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
+    return preds
+
+
+def accuracy(samples: Sequence[Sample], preds: Sequence[str]) -> dict[str, float]:
+    """Exact-match accuracy overall, per question kind and per evidence half."""
+    hit: dict[str, list[int]] = defaultdict(list)
+    for s, p in zip(samples, preds):
+        ok = int(p == s.answer)
+        for key in ("all", f"kind/{s.meta['kind']}", f"half/{s.meta['evidence_half']}"):
+            hit[key].append(ok)
+    return {k: sum(v) / len(v) for k, v in sorted(hit.items())}
+
+
+def text_prior_accuracy(train: Sequence[Sample], test: Sequence[Sample]) -> float:
+    """Accuracy of the best image-free answerer: the most frequent training answer per question."""
+    by_q: dict[str, Counter] = defaultdict(Counter)
+    for s in train:
+        by_q[s.question][s.answer] += 1
+    overall = Counter(s.answer for s in train).most_common(1)[0][0]
+    guess = {q: c.most_common(1)[0][0] for q, c in by_q.items()}
+    return sum(guess.get(s.question, overall) == s.answer for s in test) / len(test)
+
+
+def save_checkpoint(model, processor, out: Path) -> None:
+    """``save_pretrained`` model (float32 safetensors) and processor into ``out``, atomically."""
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    processor.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def train(
+    cfg: TrainConfig,
+    work_dir: Path = Path("runs/testbed"),
+    out: Path = CHECKPOINT_DIR,
+    log: Callable[[str], None] = print,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> dict[str, float]:
+    """Train (or resume) a testbed model; returns the best validation metrics."""
+    torch.set_num_threads(2)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    state_path, cfg_path = work_dir / "state.pt", work_dir / "config.json"
+    state = torch.load(state_path, weights_only=False) if state_path.exists() else None
+    if state is not None:
+        cfg = TrainConfig(**json.loads(cfg_path.read_text()))
+        log(f"resuming from step {state['step']} in {work_dir}")
+    else:
+        cfg_path.write_text(json.dumps(asdict(cfg), indent=2))
+    torch.manual_seed(cfg.seed)
+    processor = build_processor()
+    model = build_model(
+        processor,
+        vision_hidden=cfg.vision_hidden,
+        vision_layers=cfg.vision_layers,
+        text_hidden=cfg.text_hidden,
+        text_layers=cfg.text_layers,
+        heads=cfg.heads,
+        seed=cfg.seed,
+    )
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+    )
+    step, best = 0, {"all": -1.0}
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step, best = state["step"], state["best"]
+        torch.set_rng_state(state["torch_rng"])
+    val = make_split("val", cfg.val_size, seed=cfg.seed)
+    loader = DataLoader(
+        _Stream(processor, cfg.batch_size, cfg.seed, step, cfg.steps, cfg.extra_questions, cfg.caption),
+        batch_size=None,
+        num_workers=cfg.workers,
+        prefetch_factor=4 if cfg.workers else None,
+    )
+    t0, ema = time.time(), None
+    for batch in loader:
+        model.train()
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * _lr_factor(step, cfg)
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        if progress is not None:
+            progress(step, cfg.steps, ema)
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            metrics = accuracy(val, predict(model, processor, val))
+            improved = metrics["all"] > best["all"]
+            if improved:
+                best = metrics
+                save_checkpoint(model, processor, out)
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "step": step,
+                    "best": best,
+                    "torch_rng": torch.get_rng_state(),
+                },
+                state_path,
+            )
+            detail = " ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k != "all")
+            log(
+                f"step {step} loss {ema:.4f} val {metrics['all']:.3f} "
+                f"{'(saved) ' if improved else ''}[{time.time() - t0:.0f}s] {detail}"
+            )
+    return best

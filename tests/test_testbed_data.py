@@ -1,0 +1,145 @@
+"""Testbed: synthetic data, tokenizer/processor, model construction and one training step."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+from vtprune.testbed.data import ANSWER_VOCAB, SHAPES, plural, make_sample, make_split, prompt_for, sample_digest
+from vtprune.testbed.model import CHECKPOINT_DIR, GRID, IMAGE_TOKEN, build_model, build_processor
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_processor()
+
+
+@pytest.fixture(scope="module")
+def train_samples():
+    return make_split("train", 300, seed=0)
+
+
+def test_deterministic():
+    a, b = make_split("val", 20, seed=3), make_split("val", 20, seed=3)
+    assert [sample_digest(s) for s in a] == [sample_digest(s) for s in b]
+    assert [s.answer for s in a] == [s.answer for s in b]
+    assert make_sample("val", 3, 7).meta == a[7].meta
+    assert [sample_digest(s) for s in make_split("val", 20, seed=4)] != [sample_digest(s) for s in a]
+
+
+def test_splits_disjoint():
+    digests = {split: {sample_digest(s) for s in make_split(split, 100)} for split in ("train", "val", "test")}
+    assert not digests["train"] & digests["val"]
+    assert not digests["train"] & digests["test"]
+    assert not digests["val"] & digests["test"]
+
+
+def test_images_non_square_and_varied(train_samples):
+    sizes = [s.image.size for s in train_samples]
+    ratios = [w / h for w, h in sizes]
+    assert all(1.2 <= max(r, 1 / r) <= 2.6 for r in ratios)
+    assert any(r > 1 for r in ratios) and any(r < 1 for r in ratios)
+    assert len(set(sizes)) > 100
+    assert all(s.image.mode == "RGB" for s in train_samples)
+
+
+def test_answers_single_word_in_vocab(train_samples):
+    assert all(s.answer in ANSWER_VOCAB and " " not in s.answer for s in train_samples)
+    kinds = Counter(s.meta["kind"] for s in train_samples)
+    assert len(kinds) == 5 and min(kinds.values()) > 30
+    answers = Counter(s.answer for s in train_samples)
+    assert answers.most_common(1)[0][1] < 0.15 * len(train_samples)
+
+
+def test_top_bottom_evidence_balanced():
+    halves = Counter(s.meta["evidence_half"] for s in make_split("test", 600))
+    top, bottom = halves["top"], halves["bottom"]
+    assert top + bottom > 300
+    assert abs(top - bottom) < 4 * math.sqrt(top + bottom)
+
+
+def test_meta_consistent_with_answer(train_samples):
+    for s in train_samples:
+        objs, kind = s.meta["objects"], s.meta["kind"]
+        if kind == "count":
+            shape = next(x for x in SHAPES if s.question.split()[2] == plural(x))
+            assert ["zero", "one", "two", "three"][sum(o["shape"] == shape for o in objs)] == s.answer
+        elif kind == "exists":
+            _, _, _, colour, shape = s.question[:-1].split()
+            found = any(o["shape"] == shape and o["colour"] == colour for o in objs)
+            assert ("yes" if found else "no") == s.answer
+        elif kind == "colour_of_shape":
+            shape = s.question[:-1].split()[-1]
+            assert [o["colour"] for o in objs if o["shape"] == shape] == [s.answer]
+
+
+def test_tokenizer_roundtrip(processor, train_samples):
+    tok = processor.tokenizer
+    for s in train_samples[:50]:
+        ids = tok(prompt_for(s.question) + f" {s.answer}</s>")["input_ids"]
+        assert tok.unk_token_id not in ids
+        assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+        assert tok.decode(ids[-2:-1]) == s.answer
+        assert tok.decode(ids, skip_special_tokens=True).split()[-1] == s.answer
+    assert tok.convert_tokens_to_ids(IMAGE_TOKEN) != tok.unk_token_id
+
+
+def test_chat_template_matches_prompt(processor):
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the star?"}]}]
+    text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    assert text == prompt_for("What colour is the star?")
+
+
+def test_processor_pads_and_expands_image_tokens(processor, train_samples):
+    samples = train_samples[:4]
+    enc = processor(images=[s.image for s in samples], text=[prompt_for(s.question) for s in samples],
+                    return_tensors="pt", padding=True)
+    image_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    assert (enc["input_ids"] == image_id).sum(1).tolist() == [GRID * GRID] * 4
+    assert tuple(enc["pixel_values"].shape) == (4, 3, GRID * 14, GRID * 14)
+    assert processor.image_processor.do_pad
+
+
+def test_small_model_one_training_step(processor, train_samples):
+    from vtprune.testbed.train import encode_batch, predict
+
+    torch.manual_seed(0)
+    model = build_model(processor, vision_hidden=32, vision_layers=1, text_hidden=32, text_layers=4, heads=2)
+    assert model.config.text_config.num_hidden_layers >= 4
+    batch = encode_batch(processor, train_samples[:4])
+    assert (batch["labels"] != -100).sum().item() == 8  # answer + EOS per row
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss = model(**batch).loss
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    preds = predict(model, processor, train_samples[:2])
+    assert len(preds) == 2 and all(isinstance(p, str) for p in preds)
+
+
+def test_save_and_load_roundtrip(processor, tmp_path):
+    from vtprune.testbed.model import load_testbed
+    from vtprune.testbed.train import save_checkpoint
+
+    model = build_model(processor, vision_hidden=32, vision_layers=1, text_hidden=32, text_layers=4, heads=2)
+    save_checkpoint(model, processor, tmp_path / "ck")
+    loaded, proc = load_testbed(tmp_path / "ck")
+    assert type(proc.image_processor).__name__ == "LlavaImageProcessorPil" and proc.image_processor.do_pad
+    assert loaded.dtype == torch.float32 and loaded.generation_config.eos_token_id == processor.tokenizer.eos_token_id
+    for (n, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), n
+
+
+@pytest.mark.skipif(not (CHECKPOINT_DIR / "config.json").is_file(), reason="no trained testbed checkpoint")
+def test_shipped_checkpoint_answers():
+    from vtprune.testbed.model import load_testbed
+    from vtprune.testbed.train import predict
+
+    model, processor = load_testbed()
+    samples = make_split("test", 40)
+    preds = predict(model, processor, samples)
+    assert sum(p == s.answer for p, s in zip(preds, samples)) >= 28
+    assert sum(p.split() != [] and len(p.split()) == 1 for p in preds) == len(preds)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import build_model, make_image
 from typer.testing import CliRunner
@@ -53,3 +55,62 @@ def test_unknown_method(checkpoint):
                                  "--method", "nope"])
     assert result.exit_code != 0
     assert "unknown method" in result.output
+
+
+@pytest.fixture(scope="module")
+def calibration_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("calib")
+    rows = [{"image": "broken.png", "text": "what shape ?"}]
+    for i in range(6):
+        make_image(40 + 23 * i, 100 - 9 * i, seed=i).save(folder / f"{i}.png")
+        rows.append({"image": f"{i}.png", "text": "what is the colour of the circle ?"})
+    (folder / "broken.png").write_bytes(b"nope")
+    (folder / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return folder
+
+
+def test_calibrate_writes_a_profile_that_run_accepts(checkpoint, calibration_data, tmp_path):
+    path, image = checkpoint
+    out = tmp_path / "profile.json"
+    result = runner.invoke(app, ["calibrate", "--model", str(path), "--method", "fastv", "--layer", "2",
+                                 "--data", str(calibration_data / "data.jsonl"), "--images", str(calibration_data),
+                                 "--samples", "6", "--out", str(out), "--batch-size", "4"])
+    assert result.exit_code == 0, result.output
+    assert "skipped 1 unreadable" in result.output and "R^2" in result.output
+    profile = json.loads(out.read_text())
+    assert profile["kind"] == "exp" and profile["length"] == 36 and profile["method"] == "fastv"
+    assert profile["layer"] == 2 and profile["query"] == "last" and profile["extra"]["samples"] == 6
+    assert profile["extra"]["data_fingerprint"] and profile["extra"]["vtprune_version"]
+    assert not (tmp_path / "profile.json.partial.json").exists()
+    result = runner.invoke(app, ["run", "--model", str(path), "--image", str(image), "--prompt", "x", "--keep", "8",
+                                 "--max-new-tokens", "1", "--profile", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "positional" in result.output
+
+
+def test_calibrate_rejects_more_samples_than_data(checkpoint, calibration_data, tmp_path):
+    path, _ = checkpoint
+    result = runner.invoke(app, ["calibrate", "--model", str(path), "--data", str(calibration_data / "data.jsonl"),
+                                 "--images", str(calibration_data), "--samples", "50", "--out", str(tmp_path / "p.json")])
+    assert result.exit_code != 0
+    assert "asked for 50 samples" in result.output
+
+
+def test_analyze_writes_report_and_four_plots(checkpoint, calibration_data, tmp_path):
+    path, _ = checkpoint
+    result = runner.invoke(app, ["analyze", "--model", str(path), "--data", str(calibration_data / "data.jsonl"),
+                                 "--images", str(calibration_data), "--samples", "6", "--keep", "0.25",
+                                 "--out-dir", str(tmp_path), "--batch-size", "3"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["samples"] == 6 and report["padding_kept_share"]["after"] == 0.0
+    assert {"sigma_attn", "sigma_freq", "padding_score_share"} <= set(report)
+    for name in ("score_vs_position", "score_heatmap", "keep_frequency", "selection"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 5000
+
+
+def test_demo_runs_offline_on_the_shipped_testbed(tmp_path):
+    result = runner.invoke(app, ["demo", "--out-dir", str(tmp_path), "--count", "2"])
+    assert result.exit_code == 0, result.output
+    assert "FastV + debias" in result.output and "unpruned" in result.output
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["example_1.png", "example_2.png"]

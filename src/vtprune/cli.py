@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -15,24 +16,36 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Visual-token
 console = Console()
 
 
-def _default_profile(model, method: str) -> str | None:
-    """Built-in positional profile when the loaded model is the one it was published for."""
+def default_profile(model_spec: str, model, method: str) -> str | None:
+    """The built-in positional profile for this model and method, if there is one: the published LLaVA-1.5-7B
+    profiles, or the testbed's calibrated ones."""
+    from .debias.profiles import builtin_aliases, builtin_profiles
+
     name = str(getattr(model.config, "_name_or_path", "")).lower()
-    if "llava-1.5-7b" in name:
-        return f"llava-1.5-7b/{method}"
-    return None
+    if model_spec == "testbed":
+        candidate = f"testbed/{method}"
+    elif "llava-1.5-7b" in name:
+        candidate = f"llava-1.5-7b/{method}"
+    else:
+        return None
+    known = {p.name for p in builtin_profiles()} | set(builtin_aliases())
+    return candidate if candidate in known else None
 
 
-def make_press(method: str, keep: float, layer: int, debias, seed: int = 0):
+def keep_option(keep: float) -> int | float:
+    """--keep as the press takes it: whole numbers >= 1 are token counts, values in (0, 1) fractions."""
+    return int(keep) if float(keep).is_integer() and keep >= 1 else float(keep)
+
+
+def make_press(method: str, keep: int | float, layer: int, debias, seed: int = 0):
     from .methods import METHODS
 
     if method not in METHODS:
         raise typer.BadParameter(f"unknown method {method!r}; choose from {', '.join(METHODS)}", param_hint="--method")
-    keep_value: int | float = int(keep) if float(keep).is_integer() and keep >= 1 else float(keep)
     cls = METHODS[method]
     if method == "random":
-        return cls(keep=keep_value, layer=layer, seed=seed)
-    return cls(keep=keep_value, layer=layer, debias=debias)
+        return cls(keep=keep, layer=layer, seed=seed)
+    return cls(keep=keep, layer=layer, debias=debias)
 
 
 @app.command()
@@ -52,42 +65,66 @@ def run(
     dtype: str = typer.Option("auto", "--dtype", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16"),
 ) -> None:
     """Answer a question about an image with a pruned model; print the answer, tokens and prefill time."""
-    import torch
     from PIL import Image
 
     from .debias import Debias
-    from .loading import build_inputs, load_model
+    from .loading import load_model
+    from .runner import answer_one
 
     model, processor = load_model(model_path, device=device, dtype=dtype)
     picture = Image.open(image).convert("RGB")
-    inputs = build_inputs(processor, [picture], [prompt], device=device)
-    inputs = {k: v.to(model.dtype) if torch.is_floating_point(v) else v for k, v in inputs.items()}
     debias = None
     if not no_debias and method != "random":
-        profile = profile or _default_profile(model, method)
+        profile = profile or default_profile(model_path, model, method)
         debias = Debias(profile=profile, padding=True)
-    press = make_press(method, keep, layer, debias)
-    with torch.no_grad(), press(model, processor=processor, image_sizes=[picture.size]):
-        start = time.perf_counter()
-        model(**inputs, logits_to_keep=1)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        prefill_ms = (time.perf_counter() - start) * 1e3
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    answer = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0]
-    selection = press.last_selection
+    press = make_press(method, keep_option(keep), layer, debias)
+    result = answer_one(model, processor, picture, prompt, press, max_new_tokens=max_new_tokens)
+    selection = result.selection
     table = Table(show_header=False)
-    table.add_row("answer", answer.strip())
+    table.add_row("answer", result.text)
     table.add_row("method", f"{method} (layer {layer})")
-    table.add_row(
-        "debias",
-        "off"
-        if debias is None
-        else f"padding on, positional {debias.loaded_profile.name if debias.loaded_profile else 'off (no --profile)'}",
-    )
+    table.add_row("debias", "off" if debias is None else debias.describe())
     table.add_row("visual tokens", f"{selection[0].num_visual[0]} -> {len(selection[-1].kept[0])}")
-    table.add_row("prefill", f"{prefill_ms:.1f} ms")
+    table.add_row("prefill", f"{result.prefill_ms:.1f} ms")
     console.print(table)
+
+
+def result_tokens(model) -> int:
+    """Visual tokens per image of an unpruned LLaVA-style model."""
+    vision = model.config.vision_config
+    return (vision.image_size // vision.patch_size) ** 2
+
+
+@app.command()
+def demo(
+    keep: float = typer.Option(0.125, "--keep", help="visual tokens kept: a fraction (0.125 = 18 of 144) or a count"),
+    out_dir: Path = typer.Option(Path("vtprune-demo"), "--out-dir", help="where the PNGs go"),
+    profile: Optional[str] = typer.Option(None, "--profile", help="positional profile (default: the testbed's calibrated one)"),
+    count: int = typer.Option(4, "--count", help="number of bundled questions"),
+) -> None:
+    """The main job, offline: the shipped testbed model answers bundled questions unpruned, with FastV and with
+    debiased FastV; prints a table and writes a PNG per example with the kept tokens."""
+    import torch
+
+    from .demo import run_demo
+    from .loading import load_model
+
+    torch.set_num_threads(min(4, torch.get_num_threads()))
+    model, processor = load_model("testbed")
+    profile = profile or default_profile("testbed", model, "fastv") or "auto"
+    rows = run_demo(model, processor, keep=keep_option(keep), profile=profile, out_dir=out_dir, count=count)
+    table = Table(title=f"vtprune demo: testbed LLaVA, FastV at layer 2, keep {keep:g}, debias = padding + {profile}")
+    for column in ("#", "question (answer)", "setting", "answer", "tokens", "prefill ms"):
+        table.add_column(column, justify="right" if column in ("#", "tokens", "prefill ms") else "left")
+    for number, row in enumerate(rows, start=1):
+        for index, (name, result) in enumerate(row.results.items()):
+            mark = "[green]✓[/green]" if result.text == row.truth else "[red]✗[/red]"
+            tokens = str(len(result.selection[-1].kept[0])) if result.selection else str(result_tokens(model))
+            question = f"{row.question} ({row.truth})\n[dim]evidence: {row.evidence} half[/dim]" if index == 0 else ""
+            table.add_row(str(number) if index == 0 else "", question, name, f"{result.text} {mark}", tokens,
+                          f"{result.prefill_ms:.1f}", end_section=index == len(row.results) - 1)
+    console.print(table)
+    console.print(f"pictures of the kept tokens: {', '.join(str(r.picture) for r in rows)}")
 
 
 @app.command()
@@ -102,6 +139,147 @@ def profiles() -> None:
         sigma = f"{p.sigma:.3f}" if p.sigma is not None else "-"
         table.add_row(p.name, p.kind, str(p.length), sigma, str(p.layer), str(p.query))
     console.print(table)
+
+
+def _progress(total: int, label: str):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=console,
+    )
+
+
+def _load_data(data: str, images: Optional[Path], samples: int, split: str):
+    from .datasets import load_examples
+
+    try:
+        with warnings.catch_warnings():  # reported below, once
+            warnings.simplefilter("ignore", UserWarning)
+            examples, report = load_examples(data, images, samples, split=split)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--data/--images/--samples") from None
+    if report.unreadable:
+        console.print(f"[yellow]skipped {len(report.unreadable)} unreadable image(s)[/yellow], e.g. {report.unreadable[0][0]}")
+    return examples
+
+
+DATA_HELP = "calibration data: a LLaVA-style jsonl ({'image': path, 'text': question} per line) or 'testbed'"
+
+
+@app.command()
+def calibrate(
+    model_path: str = typer.Option(..., "--model", help="local model directory, hub id, or 'testbed'"),
+    method: str = typer.Option("fastv", "--method", help="attention-based method whose scores are calibrated"),
+    layer: int = typer.Option(2, "--layer", help="pruning layer K (scores come from the method's scoring layer)"),
+    data: str = typer.Option(..., "--data", help=DATA_HELP),
+    images: Optional[Path] = typer.Option(None, "--images", help="folder the jsonl's image paths are relative to"),
+    samples: int = typer.Option(256, "--samples", help="examples to use (the first N)"),
+    split: str = typer.Option("val", "--split", help="testbed split for --data testbed"),
+    out: Path = typer.Option(..., "--out", help="profile JSON to write"),
+    curve: bool = typer.Option(False, "--curve", help="store a smoothed per-position curve (used instead of the exp fit)"),
+    name: Optional[str] = typer.Option(None, "--name", help="profile name (default MODEL/METHOD/calibrated)"),
+    no_padding: bool = typer.Option(False, "--no-padding", help="do not exclude padding tokens from the fit"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    device: str = typer.Option("cpu", "--device"),
+    dtype: str = typer.Option("auto", "--dtype"),
+) -> None:
+    """Fit the positional trend f(x)=mu*exp(sigma*x) of a method's scores on data; write a profile JSON.
+
+    Progress is saved beside OUT (OUT.partial.json): rerunning the same command resumes."""
+    from .debias.calibrate import calibrate as run_calibration
+    from .loading import load_model
+
+    examples = _load_data(data, images, samples, split)
+    model, processor = load_model(model_path, device=device, dtype=dtype)
+    press = make_press(method, 1.0, layer, None)
+    state = out.with_name(out.name + ".partial.json")
+    with _progress(len(examples), "calibrate") as bar:
+        task = bar.add_task("calibrate", total=len(examples))
+        result = run_calibration(
+            model, processor, examples, press, batch_size=batch_size, curve=curve, padding=not no_padding,
+            name=name, method=method, state_path=state, progress=lambda n: bar.advance(task, n),
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result.profile.save(out)
+    state.unlink(missing_ok=True)
+    table = Table(title=f"calibrated profile {result.profile.name}", show_header=False)
+    for key, value in (
+        ("method / layer / query", f"{method} / {layer} / {result.profile.query}"),
+        ("samples", str(len(result.records))),
+        ("visual tokens per image (L)", str(result.profile.length)),
+        ("fit", f"mu={result.fit.mu:.4g}  sigma={result.fit.sigma:+.4f}  R^2={result.fit.r2:.3f}"),
+        ("residual RMS", f"{float(np.sqrt(np.mean(result.fit.residuals ** 2))):.4f}"),
+        ("kind", result.profile.kind),
+        ("written", str(out)),
+    ):
+        table.add_row(key, value)
+    console.print(table)
+
+
+@app.command()
+def analyze(
+    model_path: str = typer.Option(..., "--model", help="local model directory, hub id, or 'testbed'"),
+    method: str = typer.Option("fastv", "--method"),
+    layer: int = typer.Option(2, "--layer"),
+    keep: float = typer.Option(0.25, "--keep", help="visual tokens kept: a count, or a fraction in (0, 1)"),
+    data: str = typer.Option(..., "--data", help=DATA_HELP),
+    images: Optional[Path] = typer.Option(None, "--images"),
+    samples: int = typer.Option(256, "--samples"),
+    split: str = typer.Option("val", "--split"),
+    profile: str = typer.Option("auto", "--profile", help="positional debiasing: built-in name, JSON path, 'auto' or 'none'"),
+    no_padding: bool = typer.Option(False, "--no-padding", help="turn padding debiasing off"),
+    out_dir: Path = typer.Option(Path("analysis"), "--out-dir", help="where report.json and the PNGs go"),
+    example: int = typer.Option(0, "--example", help="index of the example drawn in selection.png"),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    device: str = typer.Option("cpu", "--device"),
+    dtype: str = typer.Option("auto", "--dtype"),
+) -> None:
+    """Measure a method's positional and padding bias before/after debiasing; write report.json and plots."""
+    from .adapters import adapter_for
+    from .analysis import bias_report
+    from .debias import Debias
+    from .loading import load_model
+    from .plots import plot_keep_frequency, plot_score_heatmap, plot_score_vs_position, plot_selection
+    from .runner import run_examples
+
+    examples = _load_data(data, images, samples, split)
+    if not 0 <= example < len(examples):
+        raise typer.BadParameter(f"--example {example} is outside the {len(examples)} examples", param_hint="--example")
+    model, processor = load_model(model_path, device=device, dtype=dtype)
+    debias = Debias(profile=None if profile == "none" else profile, padding=not no_padding)
+    press = make_press(method, keep_option(keep), layer, debias)
+    if press.query is None:
+        raise typer.BadParameter(f"{method} uses no attention scores: nothing to analyse", param_hint="--method")
+    with _progress(len(examples), "analyze") as bar:
+        task = bar.add_task("analyze", total=len(examples))
+        result = run_examples(model, processor, examples, press, generate=False, batch_size=batch_size,
+                              progress=lambda n: bar.advance(task, n))
+    report = bias_report(result.records)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report.save(out_dir / "report.json")
+    label = f"{method}, layer {layer}, keep {keep:g}, {debias.describe()}, {len(examples)} samples"
+    plot_score_vs_position(report.curves, report.fits, out_dir / "score_vs_position.png", f"Mean score vs position ({label})")
+    plot_score_heatmap(report.curves["score_before"], out_dir / "score_heatmap.png", "Mean raw score per patch")
+    plot_keep_frequency(report.curves["freq_before"], report.curves.get("freq_after"), out_dir / "keep_frequency.png",
+                        f"Keep frequency ({label})")
+    record = result.records[example]
+    segment = record.segments[0]
+    part = slice(segment.offset, segment.offset + segment.length)
+    inside = lambda kept: kept[(kept >= segment.offset) & (kept < segment.offset + segment.length)] - segment.offset  # noqa: E731
+    plot_selection(
+        examples[example].image, adapter_for(model).image_geometry(processor), segment.grid,
+        [("raw scores (no debiasing)", inside(record.kept_raw)), ("debiased", inside(record.kept))],
+        None if record.padding is None else record.padding[part], out_dir / "selection.png",
+        f"{examples[example].question}",
+    )
+    table = Table(title=f"bias of {label}")
+    for column in ("metric", "before", "after"):
+        table.add_column(column, justify="right" if column != "metric" else "left")
+    for row in report.rows():
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"wrote {out_dir / 'report.json'} and 4 plots in {out_dir}")
 
 
 def _mount_testbed() -> None:

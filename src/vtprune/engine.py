@@ -320,6 +320,7 @@ class PruningSession:
                 scores=raw_full,
                 debiased=debiased_full,
                 padding=list(request.padding),
+                segments=request.layout.segments,
             )
         )
         if stage_index == len(self.stages) - 1:

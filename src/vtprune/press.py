@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar, Sequence
 
 import torch
 from torch import nn
+
+from .adapters.base import VisualSegment
 
 if TYPE_CHECKING:
     from .debias import Debias
@@ -52,6 +54,7 @@ class StageSelection:
     scores: list[torch.Tensor | None]  # per sample, (V_b,) raw scores; nan for tokens pruned earlier
     debiased: list[torch.Tensor | None]  # per sample, (V_b,) scores after debiasing (None if not applied)
     padding: list[torch.Tensor | None]  # per sample, (V_b,) bool padding tokens (None if unknown)
+    segments: list[list[VisualSegment]] = field(default_factory=list)  # per sample, its images in order
 
 
 def resolve_keep(keep: int | float, num_visual: int, num_remaining: int) -> int:
@@ -93,6 +96,8 @@ class Press:
 
     debias: "Debias | None" = None
     last_selection: list[StageSelection]
+    #: which query tokens the scores come from (recorded in calibrated profiles), e.g. "last"; None: no attention
+    query: ClassVar[str | None] = None
 
     def stages(self) -> list[Stage]:
         raise NotImplementedError

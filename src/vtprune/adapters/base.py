@@ -73,6 +73,10 @@ class ModelAdapter:
         """Find the visual tokens of each sample of `input_ids` (B, N)."""
         raise NotImplementedError
 
+    def image_geometry(self, processor):
+        """The `debias.geometry.ImageGeometry` that maps an original image onto this model's patch grid."""
+        raise NotImplementedError
+
     def padding_fractions(self, layout: VisualLayout, image_sizes, processor) -> list[torch.Tensor]:
         """Per sample, (V_b,) float in [0, 1]: share of each visual token's pixels that are padding."""
         raise NotImplementedError

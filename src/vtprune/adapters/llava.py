@@ -68,8 +68,9 @@ class LlavaAdapter(ModelAdapter):
             segments.append(sample_segments)
         return VisualLayout(positions=positions, segments=segments)
 
-    def padding_fractions(self, layout: VisualLayout, image_sizes, processor) -> list[torch.Tensor]:
-        from ..debias.geometry import geometry_from_processor, padded_fraction
+    def image_geometry(self, processor):
+        """The `ImageGeometry` of `processor` for this model's vision tower (checked against its grid)."""
+        from ..debias.geometry import geometry_from_processor
 
         geometry = geometry_from_processor(processor, patch_size=self.patch_size, image_size=self.image_size)
         if tuple(geometry.grid) != self.grid:
@@ -77,6 +78,12 @@ class LlavaAdapter(ModelAdapter):
                 f"the processor's geometry gives a {geometry.grid} patch grid but the model has {self.grid}: "
                 "pass the processor that belongs to this model."
             )
+        return geometry
+
+    def padding_fractions(self, layout: VisualLayout, image_sizes, processor) -> list[torch.Tensor]:
+        from ..debias.geometry import padded_fraction
+
+        geometry = self.image_geometry(processor)
         out = []
         for sample_segments in layout.segments:
             parts = [

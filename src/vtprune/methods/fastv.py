@@ -8,7 +8,7 @@ for LLaVA-1.5-7B (K=2). Several layers/keeps make a schedule: each stage re-rank
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 
@@ -26,6 +26,7 @@ class FastV(Press):
     keep: int | float | Sequence[int | float] = 64
     layer: int | Sequence[int] = 2
     debias: Debias | None = None
+    query: ClassVar[str] = "last"
 
     def stages(self) -> list[Stage]:
         layers = list(self.layer) if isinstance(self.layer, (list, tuple)) else [self.layer]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.table import Table
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from vtprune.testbed.model import CHECKPOINT_DIR
@@ -52,20 +53,64 @@ def train_cmd(
 
 @testbed_app.command("eval")
 def eval_cmd(
-    n: int = typer.Option(1000, help="Test questions."),
+    n: int = typer.Option(1000, help="Test questions (the first N of the test split)."),
     path: Path = typer.Option(CHECKPOINT_DIR, help="Checkpoint directory."),
-    blind: bool = typer.Option(False, help="Replace every image by a flat grey one (text-only baseline)."),
+    keeps: str = typer.Option("all,0.5,0.25,0.125,0.0625", help="Comma-separated keep ratios ('all' = unpruned)."),
+    settings: str = typer.Option("", help="Comma-separated settings (default: all; see vtprune.testbed.benchmark)."),
+    profile: str = typer.Option("testbed/fastv", help="Positional profile for the +positional/+both settings."),
+    batch_size: int = typer.Option(50, help="Questions per batch."),
+    out: Path = typer.Option(None, help="Also write the results as JSON here."),
+    markdown: Path = typer.Option(None, help="Also write the tables as Markdown here."),
+    blind: bool = typer.Option(False, help="Only the unpruned model with every image replaced by flat grey (text prior)."),
 ) -> None:
-    """Greedy exact-match accuracy of a checkpoint on the test split."""
+    """Accuracy on the test split for each keep ratio x {FastV, +positional, +padding, +both, +auto, Random},
+    with 95% intervals, and the bias the model shows."""
     import torch
+    from PIL import Image
 
-    from vtprune.testbed.data import make_split
+    from vtprune.testbed.benchmark import KEEPS, keep_label, markdown_tables, run_benchmark, save_results, wilson
+    from vtprune.testbed.data import Sample, make_split
     from vtprune.testbed.model import load_testbed
-    from vtprune.testbed.train import accuracy, predict
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(min(4, torch.get_num_threads()))
     model, processor = load_testbed(path)
     test = make_split("test", n)
-    metrics = accuracy(test, predict(model, processor, test, blind=blind))
-    for k, v in metrics.items():
-        console.print(f"{k:28s} {v:.3f}")
+    if blind:
+        test = [Sample(Image.new("RGB", s.image.size, (128, 128, 128)), s.question, s.answer, s.meta) for s in test]
+        cells, _ = run_benchmark(model, processor, test, keeps=[None], batch_size=batch_size)
+        lo, hi = wilson(round(cells[0].accuracy * n), n)
+        console.print(f"blind (grey images) accuracy {cells[0].accuracy:.3f} [{lo:.3f}, {hi:.3f}] on {n} questions")
+        return
+    keep_values = [None if k.strip() == "all" else float(k) for k in keeps.split(",")] if keeps else list(KEEPS)
+    names = [s.strip() for s in settings.split(",") if s.strip()] or None
+    cells, bias = run_benchmark(model, processor, test, keeps=keep_values, names=names, profile=profile,
+                                batch_size=batch_size, log=console.print)
+    table = Table(title=f"testbed accuracy, {n} test questions (95% Wilson interval)")
+    table.add_column("setting")
+    keep_columns = [k for k in dict.fromkeys(c.keep for c in cells) if k is not None]
+    for keep in keep_columns:
+        table.add_column(f"keep {keep_label(keep)}", justify="right")
+    for cell in cells:
+        if cell.keep is None:
+            table.add_row("unpruned", f"{100 * cell.accuracy:.1f} [{100 * cell.ci[0]:.1f}, {100 * cell.ci[1]:.1f}]")
+    for name in dict.fromkeys(c.setting for c in cells if c.keep is not None):
+        row = [name]
+        for keep in keep_columns:
+            cell = next((c for c in cells if c.setting == name and c.keep == keep), None)
+            if cell is None:
+                row.append("")
+                continue
+            text = f"{100 * cell.accuracy:.1f} [{100 * cell.ci[0]:.1f}, {100 * cell.ci[1]:.1f}]"
+            if cell.delta_vs_fastv is not None:
+                text += f" ({100 * cell.delta_vs_fastv[0]:+.1f})"
+            row.append(text)
+        table.add_row(*row)
+    console.print(table)
+    text = markdown_tables(cells, bias, n, profile)
+    if bias:
+        console.print(text[text.index("Bias on the testbed"):])
+    meta = {"n": n, "checkpoint": str(path), "profile": profile, "keeps": keep_values}
+    if out:
+        save_results(out, cells, bias, meta)
+    if markdown:
+        markdown.write_text(text + "\n")

@@ -1,0 +1,320 @@
+"""Calibration: fit the positional trend of a method's scores on a data set and write a profile.
+
+The published code never released how its curves were fitted; vtprune's procedure, stated so it can be
+checked:
+
+1. run the model with the method's own scorer (first stage, no debiasing) on N examples;
+2. per image, divide the score vector (L,) by its mean over the image's real (non-padding) tokens, so every
+   image weighs the same whatever share of attention went to vision;
+3. average per position i over images, over real tokens only: padding has its own bias (the attention sink)
+   and is handled by padding debiasing, so it must not bend the positional trend;
+4. fit f(x) = mu * exp(sigma * x), x = i/L, by least squares (`fit.fit_exponential`); report R^2 and residuals.
+
+`--curve` keeps a smoothed version of the mean curve as a per-position profile (the exponential fit fills
+positions no real token ever occupied).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .fit import ExpFit, fit_exponential, relative_positions
+from .profiles import Profile
+
+
+@dataclass
+class PositionCurve:
+    """A per-position statistic over the visual tokens of one image (L,), pooled over many images.
+
+    values: the statistic (nan where no image had a real token), count: how many images contributed.
+    grid: the (rows, cols) patch grid of the images (rows * cols == L).
+    """
+
+    values: np.ndarray
+    count: np.ndarray
+    grid: tuple[int, int]
+
+    @property
+    def length(self) -> int:
+        return len(self.values)
+
+    @property
+    def valid(self) -> np.ndarray:
+        return self.count > 0
+
+    def fit(self) -> ExpFit:
+        """Least-squares fit of mu*exp(sigma*x) on the positions with data (x = i/L)."""
+        x = relative_positions(self.length)
+        return fit_exponential(self.values[self.valid], x[self.valid])
+
+
+def _images(records, which: str):
+    """Yield (values (L,), real (L,) bool, segment) per image of every record; `which` names a record field."""
+    for record in records:
+        values = getattr(record, which)
+        if values is None:
+            raise ValueError(f"the records hold no {which!r} scores: run the press with debiasing to get them")
+        for segment in record.segments:
+            part = slice(segment.offset, segment.offset + segment.length)
+            real = np.ones(segment.length, dtype=bool) if record.padding is None else ~record.padding[part]
+            real &= np.isfinite(values[part])
+            yield values[part], real, segment
+
+
+def _check_length(segment, length: int | None) -> int:
+    if length is not None and segment.length != length:
+        raise ValueError(
+            f"images have different numbers of visual tokens ({length} and {segment.length}): positional "
+            "statistics need one fixed grid; calibrate on images the processor maps to the same grid."
+        )
+    return segment.length
+
+
+def mean_score_curve(records, which: str = "raw") -> PositionCurve:
+    """Mean score per position over real tokens, each image normalised by its mean over real tokens.
+
+    which: "raw" (before debiasing) or "debiased"."""
+    total = count = None
+    grid, length = None, None
+    for values, real, segment in _images(records, which):
+        length = _check_length(segment, length)
+        if total is None:
+            total, count, grid = np.zeros(length), np.zeros(length), segment.grid
+        scale = values[real].mean() if real.any() else 0.0
+        if scale <= 0:
+            continue  # an image with no positive real score says nothing about the trend
+        total[real] += values[real] / scale
+        count[real] += 1
+    if total is None:
+        raise ValueError("no scored images: the records are empty")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return PositionCurve(values=np.where(count > 0, total / np.maximum(count, 1), np.nan), count=count, grid=grid)
+
+
+def keep_frequency(records, which: str = "kept") -> PositionCurve:
+    """How often each position is kept, among the images where it is a real token.
+
+    which: "kept" (the press's selection, with its debiasing) or "kept_raw" (top-k of the raw scores)."""
+    kept_total = count = None
+    grid, length = None, None
+    for record in records:
+        kept = np.zeros(len(record.raw), dtype=bool)
+        kept[getattr(record, which)] = True
+        real_all = np.ones(len(record.raw), dtype=bool) if record.padding is None else ~record.padding
+        for segment in record.segments:
+            length = _check_length(segment, length)
+            if kept_total is None:
+                kept_total, count, grid = np.zeros(length), np.zeros(length), segment.grid
+            part = slice(segment.offset, segment.offset + segment.length)
+            real = real_all[part]
+            kept_total[real] += kept[part][real]
+            count[real] += 1
+    if kept_total is None:
+        raise ValueError("no scored images: the records are empty")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return PositionCurve(values=np.where(count > 0, kept_total / np.maximum(count, 1), np.nan), count=count, grid=grid)
+
+
+def smooth_curve(curve: PositionCurve, fit: ExpFit, window: int | None = None) -> np.ndarray:
+    """(L,) positive curve: a centred moving average of the mean curve (window defaults to one grid row),
+    positions without data taken from the exponential fit."""
+    length = curve.length
+    window = window or curve.grid[1]
+    filled = np.where(curve.valid, curve.values, fit(relative_positions(length)))
+    half = window // 2
+    padded = np.pad(filled, half, mode="edge")
+    smoothed = np.convolve(padded, np.ones(window) / window, mode="valid")[:length]
+    floor = 1e-6 * max(float(np.nanmax(smoothed)), 1e-12)
+    return np.maximum(smoothed, floor)
+
+
+def data_fingerprint(examples: Sequence) -> str:
+    """sha1 over every example's image pixels, size and question (identifies the calibration data)."""
+    digest = hashlib.sha1()
+    for example in examples:
+        image = example.image
+        digest.update(repr(image.size).encode())
+        digest.update(image.tobytes())
+        digest.update(example.question.encode())
+    return digest.hexdigest()[:16]
+
+
+def profile_from_records(
+    records,
+    *,
+    name: str,
+    method: str,
+    layer: int,
+    query: str | None,
+    model_name: str | None,
+    curve: bool = False,
+    extra: dict | None = None,
+) -> tuple[Profile, PositionCurve, ExpFit]:
+    """Fit a profile on `records` (first-stage raw scores). Returns the profile, the mean curve and the fit."""
+    mean = mean_score_curve(records, "raw")
+    fit = mean.fit()
+    info = {
+        "r2": fit.r2,
+        "samples": len(records),
+        "images": int(mean.count.max()),
+        "grid": list(mean.grid),
+        "mean_curve": [None if not np.isfinite(v) else float(v) for v in mean.values],
+        "residuals": [float(v) for v in fit.residuals],
+        "procedure": "per-image scores / mean over real tokens; mean per position over real tokens; "
+        "least-squares fit of mu*exp(sigma*i/L)",
+    }
+    info.update(extra or {})
+    profile = Profile(
+        name=name,
+        kind="curve" if curve else "exp",
+        length=mean.length,
+        sigma=float(fit.sigma),
+        mu=float(fit.mu) if fit.mu > 0 else 1.0,
+        curve=tuple(float(v) for v in smooth_curve(mean, fit)) if curve else None,
+        method=method,
+        layer=layer,
+        query=query,
+        model=model_name,
+        source="calibrated with vtprune",
+        description=f"{method} at layer {layer}, {len(records)} samples, R^2 {fit.r2:.3f}",
+        extra=info,
+    )
+    return profile, mean, fit
+
+
+@dataclass
+class Calibration:
+    """The result of `calibrate`: the profile, the mean score curve it was fitted on, and the fit."""
+
+    profile: Profile
+    curve: PositionCurve
+    fit: ExpFit
+    records: list
+
+
+def scoring_press(press, padding: bool = True):
+    """A copy of `press` that scores without positional debiasing (padding debiasing only marks padding)."""
+    from dataclasses import fields, replace
+
+    from . import Debias
+
+    if getattr(press, "query", None) is None:
+        raise ValueError(
+            f"{type(press).__name__} ranks tokens without attention scores: there is no positional trend to "
+            "calibrate. Calibrate an attention-based method (e.g. fastv)."
+        )
+    if "debias" not in {f.name for f in fields(press) if f.init}:
+        raise ValueError(f"{type(press).__name__} takes no debias argument")
+    debias = Debias(profile=None, padding=padding, drop_padding=False) if padding else None
+    scorer = replace(press, debias=debias)
+    if "keep" in {f.name for f in fields(press) if f.init}:  # score only: cut nothing
+        scorer = replace(scorer, keep=[1.0] * len(press.stages()) if isinstance(press.keep, (list, tuple)) else 1.0)
+    return scorer
+
+
+def calibrate(
+    model,
+    processor,
+    examples: Sequence,
+    press,
+    *,
+    batch_size: int = 8,
+    curve: bool = False,
+    padding: bool = True,
+    name: str | None = None,
+    method: str | None = None,
+    state_path=None,
+    progress=None,
+) -> Calibration:
+    """Fit the positional trend of `press`'s first-stage scores on `examples` (see the module docstring).
+
+    press: the method as it will run (its first stage's layer and scorer are used; its debias is ignored).
+    padding: exclude padding tokens from the fit (needs the processor's geometry; False for processors
+        vtprune cannot model). state_path: a JSON file where progress is saved after each chunk, so an
+        interrupted calibration resumes (only if it was started on the same data and settings).
+    progress(n): called with the number of examples done after each batch (also for resumed ones).
+    """
+    import json
+    from pathlib import Path
+
+    from .. import __version__
+    from ..runner import run_examples
+
+    if not examples:
+        raise ValueError("no calibration examples")
+    scorer = scoring_press(press, padding=padding)
+    stage = scorer.stages()[0]
+    method = method or type(press).__name__.lower()
+    fingerprint = data_fingerprint(examples)
+    settings = {"fingerprint": fingerprint, "method": method, "layer": stage.layer, "padding": padding,
+                "samples": len(examples)}
+    records: list = []
+    state = Path(state_path) if state_path is not None else None
+    if state is not None and state.is_file():
+        saved = json.loads(state.read_text())
+        if saved.get("settings") == settings:
+            records = [_record_from_json(r) for r in saved["records"]]
+    if progress is not None and records:
+        progress(len(records))
+    chunk = max(batch_size, 8 * batch_size)
+    for start in range(len(records), len(examples), chunk):
+        part = examples[start : start + chunk]
+        records += run_examples(
+            model, processor, part, scorer, generate=False, batch_size=batch_size, progress=progress
+        ).records
+        if state is not None:
+            state.write_text(json.dumps({"settings": settings, "records": [_record_to_json(r) for r in records]}))
+    config = model.config
+    model_name = str(getattr(config, "_name_or_path", "") or type(model).__name__)
+    profile, mean, fit = profile_from_records(
+        records,
+        name=name or f"{Path(model_name).name or 'model'}/{method}/calibrated",
+        method=method,
+        layer=stage.layer,
+        query=type(press).query,
+        model_name=model_name,
+        curve=curve,
+        extra={
+            "revision": getattr(config, "_commit_hash", None),
+            "score_layer": stage.score_layer,
+            "padding_excluded": padding,
+            "data_fingerprint": fingerprint,
+            "vtprune_version": __version__,
+        },
+    )
+    return Calibration(profile=profile, curve=mean, fit=fit, records=records)
+
+
+def _record_to_json(record) -> dict:
+    return {
+        "raw": [None if not np.isfinite(v) else float(v) for v in record.raw],
+        "padding": None if record.padding is None else record.padding.astype(int).tolist(),
+        "segments": [[s.offset, s.length, list(s.grid), s.image_index] for s in record.segments],
+    }
+
+
+def _record_from_json(data: dict):
+    from ..adapters.base import VisualSegment
+    from ..runner import ScoreRecord
+
+    raw = np.array([np.nan if v is None else v for v in data["raw"]], dtype=np.float32)
+    empty = np.zeros(0, dtype=np.int64)
+    return ScoreRecord(
+        raw=raw,
+        debiased=None,
+        padding=None if data["padding"] is None else np.array(data["padding"], dtype=bool),
+        kept=empty,
+        kept_raw=empty,
+        keep=0,
+        segments=[VisualSegment(offset=o, length=n, grid=tuple(g), image_index=i) for o, n, g, i in data["segments"]],
+    )
+
+
+__all__ = [
+    "PositionCurve", "Calibration", "calibrate", "scoring_press", "mean_score_curve", "keep_frequency",
+    "smooth_curve", "data_fingerprint", "profile_from_records",
+]

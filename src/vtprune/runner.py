@@ -1,0 +1,156 @@
+"""Running a model over many (image, question) examples, with or without a press, in batches.
+
+One loop serves calibration, bias analysis and accuracy evaluation: it builds the inputs with the model's
+processor, enters the press once per batch (with that batch's image sizes, for padding debiasing), runs a
+prefill or `generate()`, and turns the press's first-stage selection into one `ScoreRecord` per example.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .adapters.base import VisualSegment
+from .loading import build_inputs
+from .press import Press, resolve_keep
+
+
+class Example(Protocol):
+    """Anything with an RGB PIL `image` and a `question` (the testbed's `Sample`, `datasets.Example`)."""
+
+    image: Any
+    question: str
+
+
+@dataclass
+class ScoreRecord:
+    """What the first pruning stage saw and did for one example. Arrays run over the example's visual tokens
+    (V,) in prompt order; `segments` say which of them belong to which image (offset, length, grid).
+
+    raw: the method's scores before debiasing. debiased: after (None when the press does not debias).
+    padding: which tokens are padding (None when unknown: no padding debiasing).
+    kept: indices kept by the press (with its debiasing). kept_raw: the top-`keep` of `raw`, what the
+    press would keep without debiasing (same count `keep`, no padding cap).
+    """
+
+    raw: np.ndarray
+    debiased: np.ndarray | None
+    padding: np.ndarray | None
+    kept: np.ndarray
+    kept_raw: np.ndarray
+    keep: int
+    segments: list[VisualSegment] = field(default_factory=list)
+
+
+@dataclass
+class RunResult:
+    """answers: per example, the decoded answer (None for prefill-only runs). records: per example, the first
+    stage's `ScoreRecord` (empty without a press, or for presses that do not score, e.g. Random)."""
+
+    answers: list[str | None]
+    records: list[ScoreRecord]
+
+
+@torch.no_grad()
+def run_examples(
+    model: nn.Module,
+    processor,
+    examples: Sequence[Example],
+    press: Press | None = None,
+    *,
+    generate: bool = True,
+    max_new_tokens: int = 3,
+    batch_size: int = 16,
+    progress: Callable[[int], None] | None = None,
+) -> RunResult:
+    """Run `examples` through `model` (with `press` active, if given), `batch_size` at a time.
+
+    generate: greedy `generate()` with `max_new_tokens` (answers are decoded and stripped); False runs the
+    prefill only (calibration, analysis). progress(n) is called after each batch with its size.
+    """
+    device = next(model.parameters()).device
+    answers: list[str | None] = []
+    records: list[ScoreRecord] = []
+    for start in range(0, len(examples), batch_size):
+        batch = list(examples[start : start + batch_size])
+        images = [example.image for example in batch]
+        inputs = build_inputs(processor, images, [example.question for example in batch], device=str(device))
+        inputs = {k: v.to(model.dtype) if torch.is_floating_point(v) else v for k, v in inputs.items()}
+        sizes = [image.size for image in images]
+        with press(model, processor=processor, image_sizes=sizes) if press is not None else nullcontext():
+            if generate:
+                output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+                new_tokens = output[:, inputs["input_ids"].shape[1] :]
+                answers += [text.strip() for text in processor.batch_decode(new_tokens, skip_special_tokens=True)]
+            else:
+                model(**inputs, logits_to_keep=1)
+                answers += [None] * len(batch)
+        if press is not None and press.last_selection and press.last_selection[0].scores[0] is not None:
+            records += records_from_selection(press)
+        if progress is not None:
+            progress(len(batch))
+    return RunResult(answers=answers, records=records)
+
+
+@dataclass
+class Answer:
+    """One question answered by `answer_one`: the text, the prefill time (ms) and the press's selection."""
+
+    text: str
+    prefill_ms: float
+    selection: list  # press.last_selection ([] without a press)
+
+
+@torch.no_grad()
+def answer_one(model: nn.Module, processor, image, question: str, press: Press | None = None, *,
+               max_new_tokens: int = 32) -> Answer:
+    """Answer `question` about `image` (greedy), timing a separate prefill (with `press` active, if given)."""
+    device = next(model.parameters()).device
+    inputs = build_inputs(processor, [image], [question], device=str(device))
+    inputs = {k: v.to(model.dtype) if torch.is_floating_point(v) else v for k, v in inputs.items()}
+    with press(model, processor=processor, image_sizes=[image.size]) if press is not None else nullcontext():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model(**inputs, logits_to_keep=1)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        prefill_ms = (time.perf_counter() - start) * 1e3
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    text = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0].strip()
+    return Answer(text=text, prefill_ms=prefill_ms, selection=list(press.last_selection) if press is not None else [])
+
+
+def records_from_selection(press: Press) -> list[ScoreRecord]:
+    """One `ScoreRecord` per sample of the press's last request (its first stage)."""
+    first = press.last_selection[0]
+    stage = press.stages()[0]
+    out = []
+    for b, raw in enumerate(first.scores):
+        num_visual = first.num_visual[b]
+        with warnings.catch_warnings():  # the engine already warned about a clamped keep
+            warnings.simplefilter("ignore")
+            keep = resolve_keep(stage.keep, num_visual, num_visual)
+        raw_np = raw.numpy()
+        out.append(
+            ScoreRecord(
+                raw=raw_np,
+                debiased=None if first.debiased[b] is None else first.debiased[b].numpy(),
+                padding=None if first.padding[b] is None else first.padding[b].cpu().numpy(),
+                kept=first.kept[b].cpu().numpy(),
+                kept_raw=np.sort(np.argsort(-raw_np, kind="stable")[:keep]),
+                keep=keep,
+                segments=list(first.segments[b]) if first.segments else [],
+            )
+        )
+    return out
+
+
+__all__ = ["Example", "ScoreRecord", "RunResult", "Answer", "run_examples", "answer_one", "records_from_selection"]

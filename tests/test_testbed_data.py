@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vtprune.testbed.data import ANSWER_VOCAB, SHAPES, plural, make_sample, make_split, prompt_for, sample_digest
-from vtprune.testbed.model import CHECKPOINT_DIR, GRID, IMAGE_TOKEN, build_model, build_processor
+from vtprune.testbed.model import GRID, IMAGE_TOKEN, build_model, build_processor
 
 
 @pytest.fixture(scope="module")
@@ -133,13 +133,25 @@ def test_save_and_load_roundtrip(processor, tmp_path):
         assert torch.equal(a, b), n
 
 
-@pytest.mark.skipif(not (CHECKPOINT_DIR / "config.json").is_file(), reason="no trained testbed checkpoint")
-def test_shipped_checkpoint_answers():
-    from vtprune.testbed.model import load_testbed
-    from vtprune.testbed.train import predict
+def test_patch_targets_follow_the_processor_geometry(processor):
+    """The training-only patch labels sit under the objects as the processor places them."""
+    from vtprune.debias.geometry import geometry_from_processor
+    from vtprune.testbed.data import COLOURS
+    from vtprune.testbed.train import patch_targets
 
-    model, processor = load_testbed()
-    samples = make_split("test", 40)
-    preds = predict(model, processor, samples)
-    assert sum(p == s.answer for p, s in zip(preds, samples)) >= 28
-    assert sum(p.split() != [] and len(p.split()) == 1 for p in preds) == len(preds)
+    geometry = geometry_from_processor(processor, patch_size=14, image_size=GRID * 14)
+    for index in range(30):
+        sample = make_sample("train", 0, index)
+        colour, shape = patch_targets(sample)
+        assert colour.shape == shape.shape == (GRID * GRID,)
+        assert ((colour == 0) == (shape == 0)).all()
+        (_, _), (x0, y0, x1, y1) = geometry.trace(sample.image.size)
+        scale = (x1 - x0) / sample.image.size[0]
+        for obj in sample.meta["objects"]:
+            bx0, by0, bx1, by1 = obj["box"]
+            cx, cy = x0 + (bx0 + bx1) / 2 * scale, y0 + (by0 + by1) / 2 * scale
+            patch = int(cy // 14) * GRID + int(cx // 14)
+            neighbours = {patch, patch + 1, patch - 1, patch + GRID, patch - GRID} & set(range(GRID * GRID))
+            labels = {(int(colour[p]), int(shape[p])) for p in neighbours}
+            assert (1 + list(COLOURS).index(obj["colour"]), 1 + SHAPES.index(obj["shape"])) in labels
+        assert (colour > 0).sum() < GRID * GRID / 2  # mostly background

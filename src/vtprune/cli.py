@@ -132,12 +132,13 @@ def profiles() -> None:
     """List the built-in positional debiasing profiles."""
     from .debias.profiles import builtin_profiles
 
-    table = Table(title="built-in profiles (arXiv 2508.17807, LLaVA-1.5-7B)")
-    for column in ("name", "kind", "L", "sigma", "layer", "query"):
+    table = Table(title="built-in positional profiles")
+    for column in ("name", "kind", "L", "sigma", "layer", "query", "source"):
         table.add_column(column)
     for p in builtin_profiles():
         sigma = f"{p.sigma:.3f}" if p.sigma is not None else "-"
-        table.add_row(p.name, p.kind, str(p.length), sigma, str(p.layer), str(p.query))
+        source = "arXiv 2508.17807" if "2508.17807" in p.source else p.source
+        table.add_row(p.name, p.kind, str(p.length), sigma, str(p.layer), str(p.query), source)
     console.print(table)
 
 

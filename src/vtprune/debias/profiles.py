@@ -2,7 +2,8 @@
 
 A profile is either exponential, f(x) = mu * exp(sigma * x) with x = i / L, or a per-position curve of L
 values. Built-in profiles (package data, `vtprune profiles`) are the weights published with arXiv
-2508.17807 for LLaVA-1.5-7B; calibration (`vtprune calibrate`) writes the same JSON format.
+2508.17807 for LLaVA-1.5-7B, and the testbed model's own, written by `vtprune calibrate` (the same JSON
+format; a built-in file holds either one profile or {"profiles": [...], "aliases": {...}}).
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def _builtin_index() -> dict[str, Profile]:
         if not entry.name.endswith(".json"):
             continue
         data = json.loads(entry.read_text())
-        for item in data["profiles"]:
+        for item in data["profiles"] if "profiles" in data else [data]:  # a collection, or one calibrated profile
             profile = Profile.from_dict(item)
             profiles[profile.name] = profile
         for alias, target in data.get("aliases", {}).items():

@@ -263,6 +263,19 @@ def make_sample(split: Split, seed: int, index: int) -> Sample:
     return Sample(image=image, question=question, answer=answer, meta=meta)
 
 
+def object_map(sample: Sample) -> np.ndarray:
+    """(h, w) uint8: 1 + the index of the object drawn at each pixel of the sample's image (0: background),
+    drawn with the same shapes and order as the image itself (training targets for the vision tower)."""
+    w, h = sample.meta["size"]
+    canvas = Image.new("L", (w, h), 0)
+    draw = ImageDraw.Draw(canvas)
+    for index, o in enumerate(sample.meta["objects"]):
+        x0, y0, x1, y1 = o["box"]
+        obj = _Obj(o["shape"], o["colour"], (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2)
+        _draw(draw, obj, index + 1)  # type: ignore[arg-type]
+    return np.asarray(canvas)
+
+
 def _box(o: _Obj) -> tuple[float, float, float, float]:
     return (o.cx - o.r, o.cy - o.r, o.cx + o.r, o.cy + o.r)
 

@@ -19,20 +19,32 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
-from vtprune.testbed.data import Sample, make_sample, make_split, prompt_for, scene_questions, DESCRIBE_QUESTION, describe
-from vtprune.testbed.model import CHECKPOINT_DIR, build_model, build_processor
+from PIL import Image
+
+from vtprune.testbed.data import (
+    COLOURS,
+    DESCRIBE_QUESTION,
+    SHAPES,
+    Sample,
+    describe,
+    make_sample,
+    make_split,
+    object_map,
+    prompt_for,
+    scene_questions,
+)
+from vtprune.testbed.model import CHECKPOINT_DIR, IMAGE_SIZE, PATCH_SIZE, build_model, build_processor
 
 
 @dataclass
 class TrainConfig:
     """Hyper-parameters of a training run (stored in the work dir; a resumed run reuses them)."""
 
-    steps: int = 2000
+    steps: int = 1500
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 1.5e-3
     weight_decay: float = 0.05
     warmup: int = 100
     seed: int = 0
@@ -43,10 +55,12 @@ class TrainConfig:
     text_hidden: int = 192
     text_layers: int = 6
     heads: int = 4
-    workers: int = 1
-    extra_questions: int = 3
+    workers: int = 0
+    extra_questions: int = 6
     caption: bool = True
     patch_size: int = 14
+    aux_weight: float = 1.0  # weight of the training-only per-patch colour/shape loss (`AuxHeads`)
+    log_every: int = 50
 
 
 def encode_batch(
@@ -84,6 +98,45 @@ def encode_batch(
     return dict(enc)
 
 
+def patch_targets(sample: Sample, image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """Per patch of the model input (row-major, (G*G,) each): the colour and the shape class (1..6, 0 for
+    background) of the object covering most of the patch, when it covers at least a quarter of it.
+
+    The object map goes through the processor's own steps (pad to square at the centre, resize), with
+    nearest-neighbour resampling so labels stay labels."""
+    objects = sample.meta["objects"]
+    labels = object_map(sample)
+    h, w = labels.shape
+    side = max(w, h)
+    canvas = Image.new("L", (side, side), 0)
+    canvas.paste(Image.fromarray(labels), ((side - w) // 2, (side - h) // 2))
+    grid = image_size // patch_size
+    pixels = np.asarray(canvas.resize((image_size, image_size), Image.NEAREST), dtype=np.int64)
+    counts = np.eye(len(objects) + 1, dtype=np.int32)[pixels]  # (S, S, 1 + objects) one-hot
+    counts = counts.reshape(grid, patch_size, grid, patch_size, -1).sum(axis=(1, 3)).reshape(grid * grid, -1)
+    best = counts[:, 1:].argmax(axis=1) if len(objects) else np.zeros(grid * grid, dtype=np.int64)
+    covered = counts[np.arange(grid * grid), best + 1] * 4 >= patch_size * patch_size if len(objects) else best > 0
+    colour_ids = np.array([0] + [1 + list(COLOURS).index(o["colour"]) for o in objects])
+    shape_ids = np.array([0] + [1 + SHAPES.index(o["shape"]) for o in objects])
+    label = np.where(covered, best + 1, 0)
+    return colour_ids[label], shape_ids[label]
+
+
+class AuxHeads(torch.nn.Module):
+    """Training-only linear heads on the patch features the projector receives: colour and shape class per
+    patch. They give the vision tower a direct signal early in training; they are never saved in the model."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.colour = torch.nn.Linear(hidden, len(COLOURS) + 1)
+        self.shape = torch.nn.Linear(hidden, len(SHAPES) + 1)
+
+    def loss(self, features: torch.Tensor, colour: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+        """features (B, P, hidden); colour, shape (B, P) class ids."""
+        ce = torch.nn.functional.cross_entropy
+        return ce(self.colour(features).flatten(0, 1), colour.flatten()) + ce(self.shape(features).flatten(0, 1), shape.flatten())
+
+
 class _Stream(IterableDataset):
     """Encoded training batches for steps ``start, start+1, ...`` (sample index = step * bs + j)."""
 
@@ -95,11 +148,16 @@ class _Stream(IterableDataset):
         for step in range(self.start, self.stop):
             samples = [make_sample("train", self.seed, step * self.bs + j) for j in range(self.bs)]
             rng = np.random.default_rng([self.seed, step, 7])
+            # the caption comes last: questions after it could be answered by copying from its text
             extra = [
-                ([(DESCRIBE_QUESTION, describe(s))] if self.caption else []) + scene_questions(s, self.extra, rng)
+                scene_questions(s, self.extra, rng) + ([(DESCRIBE_QUESTION, describe(s))] if self.caption else [])
                 for s in samples
             ]
-            yield encode_batch(self.processor, samples, extra=extra)
+            batch = encode_batch(self.processor, samples, extra=extra)
+            targets = [patch_targets(s) for s in samples]
+            batch["patch_colour"] = torch.from_numpy(np.stack([t[0] for t in targets]))
+            batch["patch_shape"] = torch.from_numpy(np.stack([t[1] for t in targets]))
+            yield batch
 
 
 def _lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -109,20 +167,12 @@ def _lr_factor(step: int, cfg: TrainConfig) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-@torch.no_grad()
-def predict(model, processor, samples: Sequence[Sample], batch_size: int = 50, blind: bool = False) -> list[str]:
-    """Greedy answers (``generate`` with the model's generation config); ``blind`` blanks the images."""
-    preds: list[str] = []
+def predict(model, processor, samples: Sequence[Sample], batch_size: int = 50) -> list[str]:
+    """Greedy answers of the unpruned model (`vtprune.runner.run_examples`, up to 3 new tokens)."""
+    from vtprune.runner import run_examples
+
     model.eval()
-    for i in range(0, len(samples), batch_size):
-        chunk = list(samples[i : i + batch_size])
-        if blind:
-            chunk = [Sample(Image.new("RGB", s.image.size, (128, 128, 128)), s.question, s.answer, s.meta) for s in chunk]
-        enc = encode_batch(processor, chunk, with_answer=False)
-        out = model.generate(**enc, max_new_tokens=3, do_sample=False)
-        new = out[:, enc["input_ids"].shape[1] :]
-        preds += [t.strip() for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
-    return preds
+    return run_examples(model, processor, samples, None, max_new_tokens=3, batch_size=batch_size).answers
 
 
 def accuracy(samples: Sequence[Sample], preds: Sequence[str]) -> dict[str, float]:
@@ -186,8 +236,12 @@ def train(
         heads=cfg.heads,
         seed=cfg.seed,
     )
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    aux = AuxHeads(cfg.vision_hidden)
+    features: list[torch.Tensor] = []
+    model.model.multi_modal_projector.register_forward_pre_hook(lambda module, args: features.append(args[0]))
+    params = list(model.named_parameters()) + [(f"aux.{n}", p) for n, p in aux.named_parameters()]
+    decay = [p for n, p in params if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in params if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr,
@@ -196,6 +250,7 @@ def train(
     step, best = 0, {"all": -1.0}
     if state is not None:
         model.load_state_dict(state["model"])
+        aux.load_state_dict(state["aux"])
         opt.load_state_dict(state["optimizer"])
         step, best = state["step"], state["best"]
         torch.set_rng_state(state["torch_rng"])
@@ -206,20 +261,27 @@ def train(
         num_workers=cfg.workers,
         prefetch_factor=4 if cfg.workers else None,
     )
-    t0, ema = time.time(), None
+    t0, ema, aux_ema = time.time(), None, None
     for batch in loader:
         model.train()
         for g in opt.param_groups:
             g["lr"] = cfg.lr * _lr_factor(step, cfg)
-        loss = model(**batch).loss
+        colour, shape = batch.pop("patch_colour"), batch.pop("patch_shape")
+        features.clear()
+        lm_loss = model(**batch).loss
+        aux_loss = aux.loss(features[0], colour, shape) if cfg.aux_weight else torch.zeros(())
+        loss = lm_loss + cfg.aux_weight * aux_loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        ema = lm_loss.item() if ema is None else 0.98 * ema + 0.02 * lm_loss.item()
+        aux_ema = aux_loss.item() if aux_ema is None else 0.98 * aux_ema + 0.02 * aux_loss.item()
         if progress is not None:
             progress(step, cfg.steps, ema)
+        if cfg.log_every and step % cfg.log_every == 0:
+            log(f"step {step} lm loss {ema:.4f} aux loss {aux_ema:.4f} [{time.time() - t0:.0f}s]")
         if step % cfg.eval_every == 0 or step == cfg.steps:
             metrics = accuracy(val, predict(model, processor, val))
             improved = metrics["all"] > best["all"]
@@ -229,6 +291,7 @@ def train(
             torch.save(
                 {
                     "model": model.state_dict(),
+                    "aux": aux.state_dict(),
                     "optimizer": opt.state_dict(),
                     "step": step,
                     "best": best,

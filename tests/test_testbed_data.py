@@ -155,3 +155,33 @@ def test_patch_targets_follow_the_processor_geometry(processor):
             labels = {(int(colour[p]), int(shape[p])) for p in neighbours}
             assert (1 + list(COLOURS).index(obj["colour"]), 1 + SHAPES.index(obj["shape"])) in labels
         assert (colour > 0).sum() < GRID * GRID / 2  # mostly background
+
+
+def test_packed_branches_equal_separate_prompts(processor, train_samples):
+    """Every branch of a packed training row sees exactly what the evaluation prompt of its question sees:
+    same tokens, same labels, same logits as a separate forward of that question alone."""
+    from vtprune.testbed.train import encode_batch, encode_packed
+
+    torch.manual_seed(0)
+    model = build_model(processor, vision_hidden=32, vision_layers=1, text_hidden=32, text_layers=2, heads=2).eval()
+    samples = train_samples[:2]
+    branches = [[(s.question, s.answer), ("What colour is the star?", "red"), ("How many circles are there?", "two")]
+                for s in samples]
+    branches[1] = branches[1][:2]  # rows of different lengths: right padding
+    packed = encode_packed(processor, samples, branches)
+    image_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in packed.items() if k != "labels"}).logits
+        for b, sample in enumerate(samples):
+            prefix = int((packed["input_ids"][b] == image_id).nonzero().max()) + 1
+            position = prefix
+            for question, answer in branches[b]:
+                alone = encode_batch(processor, [type(sample)(sample.image, question, answer, sample.meta)])
+                n = alone["input_ids"].shape[1] - prefix
+                span = slice(position, position + n)
+                assert torch.equal(packed["input_ids"][b, span], alone["input_ids"][0, prefix:])
+                assert torch.equal(packed["labels"][b, span], alone["labels"][0, prefix:])
+                assert torch.equal(packed["position_ids"][b, span], torch.arange(prefix, prefix + n))
+                expected = model(**{k: v for k, v in alone.items() if k != "labels"}).logits[0, prefix:]
+                torch.testing.assert_close(logits[b, span], expected, atol=1e-5, rtol=0)
+                position += n

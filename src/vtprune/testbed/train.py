@@ -56,7 +56,7 @@ class TrainConfig:
     text_layers: int = 6
     heads: int = 4
     workers: int = 0
-    extra_questions: int = 6
+    extra_questions: int = 8
     caption: bool = True
     patch_size: int = 14
     aux_weight: float = 1.0  # weight of the training-only per-patch colour/shape loss (`AuxHeads`)
@@ -96,6 +96,54 @@ def encode_batch(
                     inside = False
         enc["labels"] = torch.where(target, ids, torch.full_like(ids, -100))
     return dict(enc)
+
+
+def encode_packed(processor, samples: Sequence[Sample], branches: Sequence[Sequence[tuple[str, str]]]) -> dict[str, torch.Tensor]:
+    """Training inputs with several independent question/answer branches per image.
+
+    Each row is one image: the shared prefix `<s> USER: <image>...` followed by branches
+    `{question} ASSISTANT: {answer}</s>`. A 4-D attention mask lets every branch see the prefix and itself
+    only, and its position ids continue from the prefix, so each branch is exactly the evaluation prompt
+    (`prompt_for(question)`) plus its answer, and no branch can copy an answer from another. `labels` cover
+    each branch's answer and EOS. Rows are right-padded (padding attends to itself, labels -100).
+    """
+    tok = processor.tokenizer
+    prefix = processor(images=[s.image for s in samples], text=[prompt_for("{}").split("{}")[0]] * len(samples),
+                       return_tensors="pt")
+    assistant = tok.convert_tokens_to_ids("ASSISTANT")
+    rows, label_rows, position_rows, branch_rows = [], [], [], []
+    for b, sample_branches in enumerate(branches):
+        head = prefix["input_ids"][b].tolist()
+        ids, labels, positions, branch_of = list(head), [-100] * len(head), list(range(len(head))), [0] * len(head)
+        for k, (question, answer) in enumerate(sample_branches, start=1):
+            part = tok(f"{question} ASSISTANT: {answer}</s>", add_special_tokens=False)["input_ids"]
+            start = part.index(assistant) + 2  # answer tokens follow "ASSISTANT :"
+            ids += part
+            labels += [-100] * start + part[start:]
+            positions += list(range(len(head), len(head) + len(part)))
+            branch_of += [k] * len(part)
+        rows.append(ids), label_rows.append(labels), position_rows.append(positions), branch_rows.append(branch_of)
+    length = max(len(r) for r in rows)
+    batch = len(rows)
+    input_ids = torch.full((batch, length), tok.pad_token_id, dtype=torch.long)
+    labels = torch.full((batch, length), -100, dtype=torch.long)
+    position_ids = torch.zeros((batch, length), dtype=torch.long)
+    branch = torch.full((batch, length), -1, dtype=torch.long)  # -1: padding, 0: prefix, k: branch k
+    for b, (ids, lab, pos, br) in enumerate(zip(rows, label_rows, position_rows, branch_rows)):
+        n = len(ids)
+        input_ids[b, :n], labels[b, :n], position_ids[b, :n], branch[b, :n] = map(torch.tensor, (ids, lab, pos, br))
+    index = torch.arange(length)
+    causal = index[None, :, None] >= index[None, None, :]
+    visible = (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])
+    padding_self = (branch[:, :, None] == -1) & (index[None, :, None] == index[None, None, :])
+    mask = (causal & visible & (branch[:, None, :] >= 0)) | padding_self
+    return {
+        "input_ids": input_ids,
+        "pixel_values": prefix["pixel_values"],
+        "attention_mask": mask[:, None],  # (B, 1, N, N) bool, True = may attend
+        "position_ids": position_ids,
+        "labels": labels,
+    }
 
 
 def patch_targets(sample: Sample, image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE) -> tuple[np.ndarray, np.ndarray]:
@@ -138,7 +186,9 @@ class AuxHeads(torch.nn.Module):
 
 
 class _Stream(IterableDataset):
-    """Encoded training batches for steps ``start, start+1, ...`` (sample index = step * bs + j)."""
+    """Encoded training batches for steps ``start, start+1, ...`` (sample index = step * bs + j): per image the
+    main question, `extra` more questions about its scene and the caption, as independent branches
+    (`encode_packed`), with the per-patch targets of the auxiliary heads."""
 
     def __init__(self, processor, batch_size: int, seed: int, start: int, stop: int, extra: int, caption: bool) -> None:
         self.processor, self.bs, self.seed, self.start, self.stop = processor, batch_size, seed, start, stop
@@ -148,12 +198,13 @@ class _Stream(IterableDataset):
         for step in range(self.start, self.stop):
             samples = [make_sample("train", self.seed, step * self.bs + j) for j in range(self.bs)]
             rng = np.random.default_rng([self.seed, step, 7])
-            # the caption comes last: questions after it could be answered by copying from its text
-            extra = [
-                scene_questions(s, self.extra, rng) + ([(DESCRIBE_QUESTION, describe(s))] if self.caption else [])
+            branches = [
+                [(s.question, s.answer)]
+                + scene_questions(s, self.extra, rng)
+                + ([(DESCRIBE_QUESTION, describe(s))] if self.caption else [])
                 for s in samples
             ]
-            batch = encode_batch(self.processor, samples, extra=extra)
+            batch = encode_packed(self.processor, samples, branches)
             targets = [patch_targets(s) for s in samples]
             batch["patch_colour"] = torch.from_numpy(np.stack([t[0] for t in targets]))
             batch["patch_shape"] = torch.from_numpy(np.stack([t[1] for t in targets]))

@@ -1,7 +1,7 @@
 """Deterministic synthetic spatial VQA data for the testbed model.
 
-Each image shows 3-6 coloured shapes on a lightly textured background. Images are never square
-(w/h in [1.25, 2.5] or its inverse), so pad-to-square padding always occurs in the processor.
+Each image shows 3-5 coloured shapes on a lightly textured background. Images are never square
+(w/h in [1.25, 2.2] or its inverse), so pad-to-square padding always occurs in the processor.
 Questions are generated first and the scene is built to make the answer unambiguous. Every
 question that points at a region or an object records where its evidence lies in ``meta``:
 ``evidence_half`` is ``"top"``/``"bottom"`` (by the centre of the evidence shape in the original
@@ -174,7 +174,7 @@ def _try_scene(
     """Place objects given as (shape, colour, allowed quadrants); None if the layout failed."""
     objs: list[_Obj] = []
     for shape, colour, quads in specs:
-        r = float(rng.uniform(0.055, 0.075)) * max(w, h)
+        r = float(rng.uniform(0.085, 0.105)) * max(w, h)  # 14-18 px radius at the model's 168 px
         pos = _place(rng, w, h, r, objs, quads)
         if pos is None:
             return None
@@ -230,11 +230,11 @@ def make_sample(split: Split, seed: int, index: int) -> Sample:
     rng = np.random.default_rng([_SPLIT_IDS[split], seed, index])
     kind = QUESTION_KINDS[int(rng.integers(len(QUESTION_KINDS)))]
     while True:
-        ratio = float(np.exp(rng.uniform(np.log(1.25), np.log(2.5))))
+        ratio = float(np.exp(rng.uniform(np.log(1.25), np.log(2.2))))
         long_side = int(rng.integers(160, 400))
         short = max(48, int(round(long_side / ratio)))
         w, h = (long_side, short) if rng.integers(2) else (short, long_side)
-        n = int(rng.integers(3, 7))
+        n = int(rng.integers(3, 6))
         question, answer, specs, ev = _question(rng, kind, n)
         order = rng.permutation(len(specs))  # placement order must not reveal the evidence object
         placed = _try_scene(rng, w, h, [specs[i] for i in order])

@@ -185,3 +185,30 @@ def test_packed_branches_equal_separate_prompts(processor, train_samples):
                 expected = model(**{k: v for k, v in alone.items() if k != "labels"}).logits[0, prefix:]
                 torch.testing.assert_close(logits[b, span], expected, atol=1e-5, rtol=0)
                 position += n
+
+
+def test_extra_training_questions_are_balanced_and_correct(train_samples):
+    """The extra questions teach no prior the test split punishes: yes/no about even, 'no' a hard negative,
+    counts not dominated by 'zero', and every answer true of the scene."""
+    import numpy as np
+
+    from vtprune.testbed.data import scene_questions
+
+    answers, hard = Counter(), 0
+    for i, sample in enumerate(train_samples[:200]):
+        objects = sample.meta["objects"]
+        for question, answer in scene_questions(sample, 8, np.random.default_rng(i)):
+            assert question != sample.question
+            answers[answer] += 1
+            words = question.rstrip("?").split()
+            if question.startswith("Is there"):
+                colour, shape = words[-2], words[-1]
+                assert (answer == "yes") == any(o["colour"] == colour and o["shape"] == shape for o in objects)
+                hard += answer == "no" and any(o["colour"] == colour or o["shape"] == shape for o in objects)
+            elif question.startswith("How many"):
+                shape = next(s for s in SHAPES if plural(s) == words[2])
+                assert answer == ("zero", "one", "two", "three")[sum(o["shape"] == shape for o in objects)]
+    assert 0.4 < answers["yes"] / (answers["yes"] + answers["no"]) < 0.6
+    assert hard == answers["no"]
+    counts = sum(answers[w] for w in ("zero", "one", "two", "three"))
+    assert answers["zero"] < 0.5 * counts and answers["two"] + answers["three"] > 0.15 * counts

@@ -304,32 +304,50 @@ def sample_digest(sample: Sample) -> str:
 def scene_questions(sample: Sample, k: int, rng: np.random.Generator) -> list[tuple[str, str]]:
     """Up to ``k`` extra (question, answer) pairs answerable from the sample's scene (training aid).
 
-    They are derived from ``meta['objects']`` with the same rules as the generated questions
-    (unique shape, exactly one object in a quadrant, counts up to three), so they are unambiguous.
+    They follow the rules of the generated questions (unique shape, exactly one object in a quadrant, counts up
+    to three), so they are unambiguous, and their answers are balanced like the generated ones, so that they
+    teach no prior the test split would punish: the kinds are drawn in turn, "is there" is yes or no with equal
+    chance and its "no" is a hard negative (the colour is there on another shape, or the shape in another
+    colour), and counts aim at a uniformly drawn number 0-3.
     """
     objs = sample.meta["objects"]
     shapes = Counter(o["shape"] for o in objs)
     quads = Counter(tuple(o["quadrant"]) for o in objs)
-    pool: list[tuple[str, str]] = []
-    for o in objs:
-        if shapes[o["shape"]] == 1:
-            pool.append((f"What colour is the {o['shape']}?", o["colour"]))
-        if quads[tuple(o["quadrant"])] == 1:
-            name = next(n for n, q in REGIONS.items() if q == tuple(o["quadrant"]))
-            pool.append((f"What shape is in the {name}?", o["shape"]))
-            pool.append((f"What colour is the shape in the {name}?", o["colour"]))
-        pool.append((f"Is there a {o['colour']} {o['shape']}?", "yes"))
     present = {(o["colour"], o["shape"]) for o in objs}
-    for _ in range(len(objs)):
-        c, s = _choice(rng, tuple(COLOURS)), _choice(rng, SHAPES)
-        if (c, s) not in present:
-            pool.append((f"Is there a {c} {s}?", "no"))
-    for s in SHAPES:
-        if shapes[s] <= 3:
-            pool.append((f"How many {plural(s)} are there?", COUNT_WORDS[shapes[s]]))
-    pool = [p for p in pool if p[0] != sample.question]
-    idx = rng.permutation(len(pool))[:k]
-    return [pool[i] for i in idx]
+    region = {q: n for n, q in REGIONS.items()}
+    alone = [o for o in objs if quads[tuple(o["quadrant"])] == 1]
+    pools: dict[str, list[tuple[str, str]]] = {
+        "colour_of_shape": [(f"What colour is the {o['shape']}?", o["colour"]) for o in objs if shapes[o["shape"]] == 1],
+        "shape_in_region": [(f"What shape is in the {region[tuple(o['quadrant'])]}?", o["shape"]) for o in alone],
+        "colour_in_region": [(f"What colour is the shape in the {region[tuple(o['quadrant'])]}?", o["colour"]) for o in alone],
+        "exists_yes": [(f"Is there a {c} {s}?", "yes") for c, s in sorted(present)],
+        "exists_no": sorted(
+            {(f"Is there a {c} {s}?", "no") for o in objs for c in COLOURS for s in SHAPES
+             if (c, s) not in present and (c == o["colour"] or s == o["shape"])}
+        ),
+    }
+    counts = {n: [(f"How many {plural(s)} are there?", COUNT_WORDS[n]) for s in SHAPES if shapes[s] == n] for n in range(4)}
+    asked = {sample.question}
+    out: list[tuple[str, str]] = []
+    kinds = ["colour_of_shape", "shape_in_region", "colour_in_region", "exists", "count"]
+    for turn in range(4 * k):
+        if len(out) == k:
+            break
+        if turn % len(kinds) == 0:
+            rng.shuffle(kinds)
+        kind = kinds[turn % len(kinds)]
+        if kind == "exists":
+            pool = pools["exists_yes" if rng.integers(2) else "exists_no"]
+        elif kind == "count":
+            pool = counts[int(rng.integers(4))]
+        else:
+            pool = pools[kind]
+        pool = [p for p in pool if p[0] not in asked]
+        if pool:
+            question = pool[int(rng.integers(len(pool)))]
+            out.append(question)
+            asked.add(question[0])
+    return out
 
 
 def describe(sample: Sample) -> str:

@@ -104,18 +104,22 @@ def main() -> None:
     total = ids.shape[1]
     base = timed()
     rows = [("unpruned", NUM_VISUAL, base, None, 1.0, 1.0)]
-    debias = Debias(profile="llava-1.5-7b/fastv", padding=True)
+    debiases = {
+        "debias": Debias(profile="llava-1.5-7b/fastv", padding=True),
+        "auto debias": Debias(profile="auto", padding=True),
+    }
     for keep in (192, 128, 64):
         plain = timed(FastV(keep=keep, layer=2))
-        debiased_press = FastV(keep=keep, layer=2, debias=debias)
-        debiased = timed(debiased_press, processor=processor, image_sizes=[image_size])
-        kept = len(debiased_press.last_selection[0].kept[0])
         predicted = predicted_ratio(total, keep, 2, depth)
         rows.append((f"FastV keep {keep}", keep, plain, None, plain / base, predicted))
-        rows.append(
-            (f"FastV keep {keep} + debias", kept, debiased, (debiased - plain) / plain * 100, debiased / base,
-             predicted_ratio(total, kept, 2, depth))
-        )
+        for label, debias in debiases.items():
+            debiased_press = FastV(keep=keep, layer=2, debias=debias)
+            debiased = timed(debiased_press, processor=processor, image_sizes=[image_size])
+            kept = len(debiased_press.last_selection[0].kept[0])
+            rows.append(
+                (f"FastV keep {keep} + {label}", kept, debiased, (debiased - plain) / plain * 100, debiased / base,
+                 predicted_ratio(total, kept, 2, depth))
+            )
 
     device_name = torch.cuda.get_device_name() if on_gpu else f"CPU, {torch.get_num_threads()} threads"
     table = Table(title=f"Prefill, LLaVA-1.5-7B shape, {depth} decoder layers, {str(dtype).split('.')[-1]}, "
@@ -128,8 +132,9 @@ def main() -> None:
             "" if overhead is None else f"{overhead:+.1f}%",
         )
     Console().print(table)
-    print("debias: padding (image 640x427, pad-to-square) + positional profile llava-1.5-7b/fastv; "
-          "padding lowers the kept count to the real tokens when fewer, so its row's FLOP ratio uses that count.")
+    print("debias: padding (image 640x427, pad-to-square) + positional profile llava-1.5-7b/fastv; auto debias: padding "
+          "+ the per-request robust fit. Padding lowers the kept count to the real tokens when fewer, so those rows' "
+          "FLOP ratio uses that count.")
 
 
 def _now(on_gpu: bool) -> float:

@@ -133,7 +133,8 @@ def profiles() -> None:
     from .debias.profiles import builtin_profiles
 
     table = Table(title="built-in positional profiles")
-    for column in ("name", "kind", "L", "sigma", "layer", "query", "source"):
+    table.add_column("name", no_wrap=True)  # names are copied into --profile: never break them
+    for column in ("kind", "L", "sigma", "layer", "query", "source"):
         table.add_column(column)
     for p in builtin_profiles():
         sigma = f"{p.sigma:.3f}" if p.sigma is not None else "-"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import json
 
 import numpy as np
@@ -151,6 +153,14 @@ def test_calibrate_a_model_end_to_end(tmp_path, processor, model):
     seen = []
     again = calibrate(model, processor, examples, FastV(layer=2), batch_size=4, state_path=state, progress=seen.append)
     assert seen == [6] and again.profile.sigma == pytest.approx(result.profile.sigma)
+    # ... but never for other weights: the same command on another model starts over
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.model.language_model.layers[0].self_attn.k_proj.weight.mul_(3.0)
+    seen = []
+    fresh = calibrate(other, processor, examples, FastV(layer=2), batch_size=4, state_path=state, progress=seen.append)
+    assert seen == [4, 2]  # progress per batch of 4: nothing was resumed
+    assert not np.allclose(fresh.records[0].raw, result.records[0].raw)
     # the raw scores the calibration saw are the press's own first-stage scores
     inputs = inputs_for(processor, [examples[0].image], [prompt(examples[0].question)])
     press = FastV(keep=4, layer=2)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from .fit import ExpFit, fit_exponential, relative_positions
 from .profiles import Profile
@@ -143,6 +144,20 @@ def data_fingerprint(examples: Sequence) -> str:
     return digest.hexdigest()[:16]
 
 
+def model_fingerprint(model) -> str:
+    """sha1 over the model's class, name and a sample of every parameter tensor (cheap: <= 64 values each),
+    so that saved calibration progress is never resumed with other weights."""
+    digest = hashlib.sha1(type(model).__name__.encode())
+    digest.update(str(getattr(model.config, "_name_or_path", "")).encode())
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            flat = parameter.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu().numpy()
+            digest.update(name.encode())
+            digest.update(np.ascontiguousarray(sample).tobytes())
+    return digest.hexdigest()[:16]
+
+
 def profile_from_records(
     records,
     *,
@@ -235,7 +250,7 @@ def calibrate(
     press: the method as it will run (its first stage's layer and scorer are used; its debias is ignored).
     padding: exclude padding tokens from the fit (needs the processor's geometry; False for processors
         vtprune cannot model). state_path: a JSON file where progress is saved after each chunk, so an
-        interrupted calibration resumes (only if it was started on the same data and settings).
+        interrupted calibration resumes (only if it was started on the same model, data and settings).
     progress(n): called with the number of examples done after each batch (also for resumed ones).
     """
     import json
@@ -250,8 +265,8 @@ def calibrate(
     stage = scorer.stages()[0]
     method = method or type(press).__name__.lower()
     fingerprint = data_fingerprint(examples)
-    settings = {"fingerprint": fingerprint, "method": method, "layer": stage.layer, "padding": padding,
-                "samples": len(examples)}
+    settings = {"fingerprint": fingerprint, "model": model_fingerprint(model), "method": method,
+                "layer": stage.layer, "padding": padding, "samples": len(examples)}
     records: list = []
     state = Path(state_path) if state_path is not None else None
     if state is not None and state.is_file():
@@ -316,5 +331,5 @@ def _record_from_json(data: dict):
 
 __all__ = [
     "PositionCurve", "Calibration", "calibrate", "scoring_press", "mean_score_curve", "keep_frequency",
-    "smooth_curve", "data_fingerprint", "profile_from_records",
+    "smooth_curve", "data_fingerprint", "model_fingerprint", "profile_from_records",
 ]

@@ -59,6 +59,7 @@ class Cell:
     n: int
     tokens_kept: float  # mean visual tokens kept per question
     by_half: dict[str, float]  # accuracy by where the evidence lies: top, bottom, none
+    by_kind: dict[str, float] = field(default_factory=dict)  # accuracy by question kind (data.QUESTION_KINDS)
     delta_vs_fastv: tuple[float, float, float] | None = None  # (mean, low, high) paired difference
     seconds: float = 0.0
     correct: list[int] = field(default_factory=list, repr=False)
@@ -84,12 +85,15 @@ def _cell(name, keep, samples, answers, records, seconds, visual) -> Cell:
     correct = [int(a == s.answer) for a, s in zip(answers, samples)]
     hits = sum(correct)
     by_half: dict[str, list[int]] = {}
+    by_kind: dict[str, list[int]] = {}
     for ok, sample in zip(correct, samples):
         by_half.setdefault(sample.meta["evidence_half"], []).append(ok)
+        by_kind.setdefault(sample.meta.get("kind", "?"), []).append(ok)
     kept = float(np.mean([len(r.kept) for r in records])) if records else (visual if keep is None else round(keep * visual))
     return Cell(
         setting=name, keep=keep, accuracy=hits / len(samples), ci=wilson(hits, len(samples)), n=len(samples),
-        tokens_kept=kept, by_half={k: float(np.mean(v)) for k, v in sorted(by_half.items())}, seconds=seconds,
+        tokens_kept=kept, by_half={k: float(np.mean(v)) for k, v in sorted(by_half.items())},
+        by_kind={k: float(np.mean(v)) for k, v in sorted(by_kind.items())}, seconds=seconds,
         correct=correct,
     )
 
@@ -196,6 +200,14 @@ def markdown_tables(cells: Sequence[Cell], bias: Sequence[BiasSummary], n: int, 
         if cell.setting in ("unpruned", "FastV", "FastV+positional", "FastV+both", "FastV+auto+padding", "Random"):
             halves = " | ".join(f"{100 * cell.by_half.get(h, float('nan')):.1f}" for h in ("top", "bottom", "none"))
             lines.append(f"| {cell.setting} | {keep_label(cell.keep)} | {halves} |")
+    kinds = list(dict.fromkeys(k for c in cells for k in c.by_kind))
+    if kinds:
+        lines += ["", "Accuracy (%) by question kind:", ""]
+        lines += ["| setting | keep | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]
+        for cell in cells:
+            if cell.setting in ("unpruned", "FastV", "FastV+both", "Random"):
+                values = " | ".join(f"{100 * cell.by_kind.get(k, float('nan')):.1f}" for k in kinds)
+                lines.append(f"| {cell.setting} | {keep_label(cell.keep)} | {values} |")
     if bias:
         lines += ["", "Bias on the testbed (FastV scores, layer 1's last-token attention; from the FastV+both runs):", ""]
         lines += ["| keep | sigma_attn (R^2) | sigma_freq before -> after | padding in top-k before -> after |",

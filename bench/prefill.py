@@ -8,6 +8,7 @@ the overhead of debiasing.
 
     python bench/prefill.py                    # CPU, 4 layers, fp32
     python bench/prefill.py --device cuda      # GPU, 32 layers, bf16
+    python bench/prefill.py --repeats 5 --markdown prefill.md
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--markdown", default=None, help="also write the table as Markdown to this file")
     args = parser.parse_args()
     on_gpu = args.device.startswith("cuda")
     depth = args.layers or (32 if on_gpu else 4)
@@ -80,61 +82,81 @@ def main() -> None:
     ids = prompt_ids().to(args.device)
     pixel_values = torch.randn(1, 3, 336, 336, dtype=dtype, device=args.device)
     processor = LlavaImageProcessorPil(do_pad=True, size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
-    image_size = (640, 427)  # a typical landscape photo: ~16% of the tokens are padding
+    image_size = (640, 427)  # a typical landscape photo: 4 of 24 rows at the top and bottom are padding
     with torch.no_grad():
         features = model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
     inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), mm_encoder_outputs={"image": features})
 
-    def timed(press=None, **press_kwargs) -> float:
-        times = []
-        for run in range(args.repeats + 1):  # first run warms up
-            with torch.no_grad():
-                if press is None:
+    def run_once(press=None, **press_kwargs) -> float:
+        with torch.no_grad():
+            if press is None:
+                start = _now(on_gpu)
+                model(**inputs, logits_to_keep=1)
+            else:
+                with press(model, **press_kwargs):
                     start = _now(on_gpu)
                     model(**inputs, logits_to_keep=1)
-                else:
-                    with press(model, **press_kwargs):
-                        start = _now(on_gpu)
-                        model(**inputs, logits_to_keep=1)
-                elapsed = _now(on_gpu) - start
-            if run:
-                times.append(elapsed)
-        return statistics.median(times)
+            return _now(on_gpu) - start
 
-    total = ids.shape[1]
-    base = timed()
-    rows = [("unpruned", NUM_VISUAL, base, None, 1.0, 1.0)]
     debiases = {
         "debias": Debias(profile="llava-1.5-7b/fastv", padding=True),
         "auto debias": Debias(profile="auto", padding=True),
     }
+    # (label, press or None, press kwargs, FastV keep or None)
+    configs = [("unpruned", None, {}, None)]
     for keep in (192, 128, 64):
-        plain = timed(FastV(keep=keep, layer=2))
-        predicted = predicted_ratio(total, keep, 2, depth)
-        rows.append((f"FastV keep {keep}", keep, plain, None, plain / base, predicted))
+        configs.append((f"FastV keep {keep}", FastV(keep=keep, layer=2), {}, keep))
         for label, debias in debiases.items():
-            debiased_press = FastV(keep=keep, layer=2, debias=debias)
-            debiased = timed(debiased_press, processor=processor, image_sizes=[image_size])
-            kept = len(debiased_press.last_selection[0].kept[0])
-            rows.append(
-                (f"FastV keep {keep} + {label}", kept, debiased, (debiased - plain) / plain * 100, debiased / base,
-                 predicted_ratio(total, kept, 2, depth))
-            )
+            configs.append((f"FastV keep {keep} + {label}", FastV(keep=keep, layer=2, debias=debias),
+                            {"processor": processor, "image_sizes": [image_size]}, keep))
+    # interleaved rounds (round 0 warms up): slow drift of the machine affects every config alike
+    times: dict[str, list[float]] = {label: [] for label, *_ in configs}
+    for round_index in range(args.repeats + 1):
+        for label, press, kwargs, _ in configs:
+            elapsed = run_once(press, **kwargs)
+            if round_index:
+                times[label].append(elapsed)
+    median = {label: statistics.median(values) for label, values in times.items()}
+
+    total = ids.shape[1]
+    base = median["unpruned"]
+    rows = []
+    plain = base
+    for label, press, _, keep in configs:
+        kept = NUM_VISUAL if press is None else len(press.last_selection[0].kept[0])
+        is_debiased = press is not None and press.debias is not None
+        if press is not None and not is_debiased:
+            plain = median[label]
+        overhead = (median[label] - plain) / plain * 100 if is_debiased else None
+        predicted = 1.0 if press is None else predicted_ratio(total, kept, 2, depth)
+        rows.append((label, kept, median[label], overhead, median[label] / base, predicted))
 
     device_name = torch.cuda.get_device_name() if on_gpu else f"CPU, {torch.get_num_threads()} threads"
-    table = Table(title=f"Prefill, LLaVA-1.5-7B shape, {depth} decoder layers, {str(dtype).split('.')[-1]}, "
-                        f"{total} tokens, {device_name}, median of {args.repeats}")
-    for column in ("config", "visual kept", "prefill ms", "time ratio", "FLOP ratio", "debias overhead"):
-        table.add_column(column, justify="right")
-    for name, kept, seconds, overhead, ratio, predicted in rows:
-        table.add_row(
-            name, str(kept), f"{seconds * 1e3:.0f}", f"{ratio:.3f}", f"{predicted:.3f}",
-            "" if overhead is None else f"{overhead:+.1f}%",
-        )
-    Console().print(table)
-    print("debias: padding (image 640x427, pad-to-square) + positional profile llava-1.5-7b/fastv; auto debias: padding "
-          "+ the per-request robust fit. Padding lowers the kept count to the real tokens when fewer, so those rows' "
-          "FLOP ratio uses that count.")
+    title = (f"Prefill, LLaVA-1.5-7B shape, {depth} decoder layers, {str(dtype).split('.')[-1]}, {total} tokens, "
+             f"{device_name}, median of {args.repeats} interleaved rounds")
+    columns = ("config", "visual kept", "prefill ms", "time ratio", "FLOP ratio", "debias overhead")
+    cells = [
+        (name, str(kept), f"{seconds * 1e3:.0f}", f"{ratio:.3f}", f"{predicted:.3f}",
+         "" if overhead is None else f"{overhead:+.1f}%")
+        for name, kept, seconds, overhead, ratio, predicted in rows
+    ]
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, justify="right", no_wrap=True)
+    for row in cells:
+        table.add_row(*row)
+    Console(width=max(120, Console().width)).print(table)
+    note = ("debias: padding (image 640x427, pad-to-square: 192 of 576 tokens are padding) + positional profile "
+            "llava-1.5-7b/fastv; auto debias: padding + the per-request robust fit. Padding lowers the kept count to "
+            "the real tokens when fewer, so those rows' FLOP ratio uses that count. Debias overhead: against plain "
+            "FastV at the same keep.")
+    print(note)
+    if args.markdown:
+        lines = [f"{title}.", "", "| " + " | ".join(columns) + " |", "|---" + "|---:" * (len(columns) - 1) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in cells]
+        lines += ["", note]
+        with open(args.markdown, "w") as handle:
+            handle.write("\n".join(lines) + "\n")
 
 
 def _now(on_gpu: bool) -> float:

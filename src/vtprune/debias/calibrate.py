@@ -251,7 +251,8 @@ def calibrate(
     padding: exclude padding tokens from the fit (needs the processor's geometry; False for processors
         vtprune cannot model). state_path: a JSON file where progress is saved after each chunk, so an
         interrupted calibration resumes (only if it was started on the same model, data and settings).
-    progress(n): called with the number of examples done after each batch (also for resumed ones).
+    progress(n): called after each batch with the number of examples it finished (once first with the count
+        resumed from `state_path`, if any).
     """
     import json
     from pathlib import Path

@@ -102,17 +102,17 @@ def main() -> None:
         "debias": Debias(profile="llava-1.5-7b/fastv", padding=True),
         "auto debias": Debias(profile="auto", padding=True),
     }
-    # (label, press or None, press kwargs, FastV keep or None)
-    configs = [("unpruned", None, {}, None)]
+    # (label, press or None, press kwargs)
+    configs = [("unpruned", None, {})]
     for keep in (192, 128, 64):
-        configs.append((f"FastV keep {keep}", FastV(keep=keep, layer=2), {}, keep))
+        configs.append((f"FastV keep {keep}", FastV(keep=keep, layer=2), {}))
         for label, debias in debiases.items():
             configs.append((f"FastV keep {keep} + {label}", FastV(keep=keep, layer=2, debias=debias),
-                            {"processor": processor, "image_sizes": [image_size]}, keep))
+                            {"processor": processor, "image_sizes": [image_size]}))
     # interleaved rounds (round 0 warms up): slow drift of the machine affects every config alike
     times: dict[str, list[float]] = {label: [] for label, *_ in configs}
     for round_index in range(args.repeats + 1):
-        for label, press, kwargs, _ in configs:
+        for label, press, kwargs in configs:
             elapsed = run_once(press, **kwargs)
             if round_index:
                 times[label].append(elapsed)
@@ -122,7 +122,7 @@ def main() -> None:
     base = median["unpruned"]
     rows = []
     plain = base
-    for label, press, _, keep in configs:
+    for label, press, _ in configs:
         kept = NUM_VISUAL if press is None else len(press.last_selection[0].kept[0])
         is_debiased = press is not None and press.debias is not None
         if press is not None and not is_debiased:

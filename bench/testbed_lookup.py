@@ -4,8 +4,7 @@ visual tokens that lands on the object the question is about, per decoder layer 
     python bench/testbed_lookup.py [--n 400]
 
 Questions addressed by region ("What shape is in the top left?") and by object ("What colour is the
-triangle?") are compared; the object's patches are those its shape (and, for region questions, its colour)
-covers, rendered through the processor's geometry (`vtprune.testbed.train.patch_targets`). A head that
+triangle?") are compared; the object's patches are those its shape and colour cover, rendered through the processor's geometry (`vtprune.testbed.train.patch_targets`). A head that
 ignores content would put about the object's area share on it. Eager attention on a tiny model, a minute on
 2 CPU cores.
 """
@@ -25,17 +24,14 @@ from vtprune.testbed.train import patch_targets
 
 
 def object_patches(sample) -> np.ndarray | None:
-    """(G*G,) bool: the patches of the object the question is about, or None for kinds without one object."""
+    """(G*G,) bool: the patches of the object the question is about (its shape and colour), or None for kinds
+    without one object (counting, "is there")."""
+    if sample.meta["kind"] not in ("colour_of_shape", "shape_in_region", "colour_in_region"):
+        return None
     colour, shape = patch_targets(sample)
-    kind = sample.meta["kind"]
-    if kind == "colour_of_shape":
-        named = next(s for s in SHAPES if f"the {s}?" in sample.question)
-        return shape == 1 + SHAPES.index(named)
-    if kind in ("shape_in_region", "colour_in_region"):
-        box = tuple(sample.meta["evidence_box"])
-        obj = next(o for o in sample.meta["objects"] if tuple(o["box"]) == box)
-        return (shape == 1 + SHAPES.index(obj["shape"])) & (colour == 1 + list(COLOURS).index(obj["colour"]))
-    return None
+    box = tuple(sample.meta["evidence_box"])
+    obj = next(o for o in sample.meta["objects"] if tuple(o["box"]) == box)
+    return (shape == 1 + SHAPES.index(obj["shape"])) & (colour == 1 + list(COLOURS).index(obj["colour"]))
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ import numpy as np
 from ..debias import Debias
 from ..methods import FastV, Random
 from ..runner import run_examples
+from .data import accuracy
 
 #: keep ratios of the benchmark (None: no pruning); 0.0625 * 144 = 9 tokens ("6%")
 KEEPS: tuple[float | None, ...] = (None, 0.5, 0.25, 0.125, 0.0625)
@@ -84,17 +85,12 @@ def evaluate(model, processor, samples: Sequence, press=None, batch_size: int = 
 def _cell(name, keep, samples, answers, records, seconds, visual) -> Cell:
     correct = [int(a == s.answer) for a, s in zip(answers, samples)]
     hits = sum(correct)
-    by_half: dict[str, list[int]] = {}
-    by_kind: dict[str, list[int]] = {}
-    for ok, sample in zip(correct, samples):
-        by_half.setdefault(sample.meta["evidence_half"], []).append(ok)
-        by_kind.setdefault(sample.meta.get("kind", "?"), []).append(ok)
+    groups = accuracy(samples, answers)
     kept = float(np.mean([len(r.kept) for r in records])) if records else (visual if keep is None else round(keep * visual))
     return Cell(
         setting=name, keep=keep, accuracy=hits / len(samples), ci=wilson(hits, len(samples)), n=len(samples),
-        tokens_kept=kept, by_half={k: float(np.mean(v)) for k, v in sorted(by_half.items())},
-        by_kind={k: float(np.mean(v)) for k, v in sorted(by_kind.items())}, seconds=seconds,
-        correct=correct,
+        tokens_kept=kept, by_half={k[5:]: v for k, v in groups.items() if k.startswith("half/")},
+        by_kind={k[5:]: v for k, v in groups.items() if k.startswith("kind/")}, seconds=seconds, correct=correct,
     )
 
 

@@ -11,8 +11,8 @@ image) or ``"none"`` for whole-image questions (counting, "no" answers).
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
-from collections.abc import Iterator
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -261,6 +261,16 @@ def make_sample(split: Split, seed: int, index: int) -> Sample:
         ],
     }
     return Sample(image=image, question=question, answer=answer, meta=meta)
+
+
+def accuracy(samples: Sequence[Sample], preds: Sequence[str]) -> dict[str, float]:
+    """Exact-match accuracy overall ("all"), per question kind ("kind/...") and per evidence half ("half/...")."""
+    hit: dict[str, list[int]] = defaultdict(list)
+    for s, p in zip(samples, preds):
+        ok = int(p == s.answer)
+        for key in ("all", f"kind/{s.meta['kind']}", f"half/{s.meta['evidence_half']}"):
+            hit[key].append(ok)
+    return {k: sum(v) / len(v) for k, v in sorted(hit.items())}
 
 
 def object_map(sample: Sample) -> np.ndarray:

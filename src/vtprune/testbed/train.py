@@ -28,6 +28,7 @@ from vtprune.testbed.data import (
     DESCRIBE_QUESTION,
     SHAPES,
     Sample,
+    accuracy,
     describe,
     make_sample,
     make_split,
@@ -224,16 +225,6 @@ def predict(model, processor, samples: Sequence[Sample], batch_size: int = 50) -
 
     model.eval()
     return run_examples(model, processor, samples, None, max_new_tokens=3, batch_size=batch_size).answers
-
-
-def accuracy(samples: Sequence[Sample], preds: Sequence[str]) -> dict[str, float]:
-    """Exact-match accuracy overall, per question kind and per evidence half."""
-    hit: dict[str, list[int]] = defaultdict(list)
-    for s, p in zip(samples, preds):
-        ok = int(p == s.answer)
-        for key in ("all", f"kind/{s.meta['kind']}", f"half/{s.meta['evidence_half']}"):
-            hit[key].append(ok)
-    return {k: sum(v) / len(v) for k, v in sorted(hit.items())}
 
 
 def text_prior_accuracy(train: Sequence[Sample], test: Sequence[Sample]) -> float:

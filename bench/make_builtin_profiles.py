@@ -57,14 +57,14 @@ def main(reference: Path) -> None:
                     "name": f"llava-1.5-7b/{method}/{benchmark}",
                     "kind": "exp",
                     "length": LENGTH,
-                    "sigma": round(sigma, 6),
+                    "sigma": sigma,
                     "mu": 1.0,
                     "method": method,
                     "layer": 2,
                     "query": QUERY[method],
                     "model": "llava-hf/llava-1.5-7b-hf",
                     "source": SOURCE,
-                    "description": f"{method} on {benchmark}: published weights exp(-{values['decay_per_token']} * i).",
+                    "description": f"{method} on {benchmark}: published weights exp(-{values['decay_per_token']!r} * i).",
                 }
             )
         # a method's default: the median sigma over its ten benchmarks (robust to one odd benchmark)
@@ -74,7 +74,7 @@ def main(reference: Path) -> None:
                 "name": f"llava-1.5-7b/{method}/median",
                 "kind": "exp",
                 "length": LENGTH,
-                "sigma": round(median, 6),
+                "sigma": median,
                 "mu": 1.0,
                 "method": method,
                 "layer": 2,

@@ -15,7 +15,7 @@ from vtprune import Debias, FastV
 from vtprune.adapters.base import VisualSegment
 from vtprune.analysis import bias_report
 from vtprune.datasets import load_jsonl
-from vtprune.debias.calibrate import calibrate, keep_frequency, mean_score_curve, profile_from_records
+from vtprune.calibration import calibrate, keep_frequency, mean_score_curve, profile_from_records
 from vtprune.debias.fit import fit_robust, relative_positions
 from vtprune.debias.profiles import load_profile
 from vtprune.runner import ScoreRecord, run_examples

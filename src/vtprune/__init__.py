@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from .debias import Debias
 from .methods import METHODS, FastV, Random
-from .press import Press, Stage, StageSelection
+from .press import Press
+from .stages import Kept, Stage, StageSelection
 
-__all__ = ["Debias", "FastV", "Random", "Press", "Stage", "StageSelection", "METHODS", "__version__"]
+__all__ = ["Debias", "FastV", "Random", "Press", "Stage", "StageSelection", "Kept", "METHODS", "__version__"]

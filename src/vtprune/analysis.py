@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .debias.calibrate import PositionCurve, keep_frequency, mean_score_curve
+from .calibration import PositionCurve, keep_frequency, mean_score_curve
 from .debias.fit import ExpFit
 
 

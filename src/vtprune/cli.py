@@ -20,16 +20,44 @@ def default_profile(model_spec: str, model, method: str) -> str | None:
     """The built-in positional profile for this model and method, if there is one: the published LLaVA-1.5-7B
     profiles, or the testbed's calibrated ones."""
     from .debias.profiles import builtin_aliases, builtin_profiles
+    from .methods import method as method_class
 
+    cls = method_class(method)
     name = str(getattr(model.config, "_name_or_path", "")).lower()
     if model_spec == "testbed":
-        candidate = f"testbed/{method}"
+        candidate = f"testbed/{cls.name}"
     elif "llava-1.5-7b" in name:
-        candidate = f"llava-1.5-7b/{method}"
+        candidate = f"llava-1.5-7b/{cls.profile_name or cls.name}"
     else:
         return None
     known = {p.name for p in builtin_profiles()} | set(builtin_aliases())
     return candidate if candidate in known else None
+
+
+def number_option(text: str | None, option: str):
+    """A count or fraction (`8`, `0.25`), or a comma-separated schedule of them (`192,64`); None stays None.
+    Whole numbers >= 1 are token counts, values in (0, 1) fractions."""
+    if text is None:
+        return None
+    values = []
+    for part in str(text).split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            raise typer.BadParameter(f"{part!r} is not a number", param_hint=option) from None
+        values.append(int(value) if value.is_integer() and value >= 1 else value)
+    return values[0] if len(values) == 1 else values
+
+
+def layer_option(text: str | None):
+    """`2` or `2,10,20`; None stays None (the method's default layers)."""
+    if text is None:
+        return None
+    try:
+        values = [int(part) for part in str(text).split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: give a layer index or a comma-separated list of them", param_hint="--layer") from None
+    return values[0] if len(values) == 1 else values
 
 
 def keep_option(keep: float) -> int | float:
@@ -37,15 +65,26 @@ def keep_option(keep: float) -> int | float:
     return int(keep) if float(keep).is_integer() and keep >= 1 else float(keep)
 
 
-def make_press(method: str, keep: int | float, layer: int, debias, seed: int = 0):
+def make_press(method: str, *, debias=None, **options):
+    """The registered method `method` built from the generic options (None: the method's default)."""
+    from .methods import method as method_class
+
+    try:
+        cls = method_class(method)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--method") from None
+    if cls.query is None:
+        debias = None  # nothing to debias
+    try:
+        return cls.create(debias=debias, **options)
+    except (TypeError, ValueError) as error:
+        raise typer.BadParameter(str(error)) from None
+
+
+def _methods_help() -> str:
     from .methods import METHODS
 
-    if method not in METHODS:
-        raise typer.BadParameter(f"unknown method {method!r}; choose from {', '.join(METHODS)}", param_hint="--method")
-    cls = METHODS[method]
-    if method == "random":
-        return cls(keep=keep, layer=layer, seed=seed)
-    return cls(keep=keep, layer=layer, debias=debias)
+    return ", ".join(METHODS)
 
 
 @app.command()
@@ -53,13 +92,20 @@ def run(
     model_path: str = typer.Option(..., "--model", help="local model directory, hub id, or 'testbed'"),
     image: Path = typer.Option(..., "--image", exists=True, dir_okay=False, help="image file"),
     prompt: str = typer.Option(..., "--prompt", help="question about the image"),
-    method: str = typer.Option("fastv", "--method", help="pruning method: fastv, random"),
-    keep: float = typer.Option(64, "--keep", help="visual tokens to keep: a count, or a fraction in (0, 1)"),
-    layer: int = typer.Option(2, "--layer", help="decoder layer before which tokens are pruned"),
+    method: str = typer.Option("fastv", "--method", help="pruning method (see `vtprune methods`)"),
+    budget: Optional[float] = typer.Option(
+        None, "--budget", help="token budget as the papers label it: a count of 576 or a fraction (e.g. 0.25)"
+    ),
+    keep: Optional[str] = typer.Option(
+        None, "--keep", help="visual tokens kept per stage: a count or a fraction, or a list (192,64)"
+    ),
+    layer: Optional[str] = typer.Option(None, "--layer", help="layer(s) before which tokens are pruned (default: the method's)"),
+    positions: Optional[str] = typer.Option(None, "--positions", help="original or compact (default: the method's)"),
     no_debias: bool = typer.Option(False, "--no-debias", help="rank by raw attention scores"),
     profile: Optional[str] = typer.Option(
-        None, "--profile", help="positional profile: built-in name (see `vtprune profiles`) or JSON path"
+        None, "--profile", help="positional profile: built-in name (see `vtprune profiles`), JSON path or 'auto'"
     ),
+    seed: Optional[int] = typer.Option(None, "--seed", help="seed of the random method"),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
     device: str = typer.Option("cpu", "--device"),
     dtype: str = typer.Option("auto", "--dtype", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16"),
@@ -71,20 +117,25 @@ def run(
     from .loading import load_model
     from .runner import answer_one
 
+    options = dict(budget=keep_option(budget) if budget is not None else None, keep=number_option(keep, "--keep"),
+                   layer=layer_option(layer), positions=positions, seed=seed)
+    press = make_press(method, **options)  # checks the options before the model loads
     model, processor = load_model(model_path, device=device, dtype=dtype)
     picture = Image.open(image).convert("RGB")
     debias = None
-    if not no_debias and method != "random":
+    if not no_debias and press.query is not None:
         profile = profile or default_profile(model_path, model, method)
         debias = Debias(profile=profile, padding=True)
-    press = make_press(method, keep_option(keep), layer, debias)
+        press = make_press(method, debias=debias, **options)
     result = answer_one(model, processor, picture, prompt, press, max_new_tokens=max_new_tokens)
     selection = result.selection
+    stages = ", ".join(f"{s.layer}" for s in selection)
     table = Table(show_header=False)
     table.add_row("answer", result.text)
-    table.add_row("method", f"{method} (layer {layer})")
+    table.add_row("method", f"{press.name} (layers {stages}, positions {press.positions})")
     table.add_row("debias", "off" if debias is None else debias.describe())
-    table.add_row("visual tokens", f"{selection[0].num_visual[0]} -> {len(selection[-1].kept[0])}")
+    final = selection[-1]
+    table.add_row("visual tokens", f"{selection[0].num_visual[0]} -> {len(final.kept[0]) + final.extra[0]}")
     table.add_row("prefill", f"{result.prefill_ms:.1f} ms")
     console.print(table)
 
@@ -173,7 +224,7 @@ DATA_HELP = "calibration data: a LLaVA-style jsonl ({'image': path, 'text': ques
 def calibrate(
     model_path: str = typer.Option(..., "--model", help="local model directory, hub id, or 'testbed'"),
     method: str = typer.Option("fastv", "--method", help="attention-based method whose scores are calibrated"),
-    layer: int = typer.Option(2, "--layer", help="pruning layer K (scores come from the method's scoring layer)"),
+    layer: Optional[str] = typer.Option(None, "--layer", help="the method's pruning layer(s) (default: the method's); its first stage is calibrated"),
     data: str = typer.Option(..., "--data", help=DATA_HELP),
     images: Optional[Path] = typer.Option(None, "--images", help="folder the jsonl's image paths are relative to"),
     samples: int = typer.Option(256, "--samples", help="examples to use (the first N)"),
@@ -189,12 +240,14 @@ def calibrate(
     """Fit the positional trend f(x)=mu*exp(sigma*x) of a method's scores on data; write a profile JSON.
 
     Progress is saved beside OUT (OUT.partial.json): rerunning the same command resumes."""
-    from .debias.calibrate import calibrate as run_calibration
+    from .calibration import calibrate as run_calibration
     from .loading import load_model
 
+    press = make_press(method, layer=layer_option(layer))
+    if press.query is None:
+        raise typer.BadParameter(f"{method} ranks without attention: nothing to calibrate", param_hint="--method")
     examples = _load_data(data, images, samples, split)
     model, processor = load_model(model_path, device=device, dtype=dtype)
-    press = make_press(method, 1.0, layer, None)
     state = out.with_name(out.name + ".partial.json")
     with _progress(len(examples), "calibrate") as bar:
         task = bar.add_task("calibrate", total=len(examples))
@@ -207,7 +260,7 @@ def calibrate(
     state.unlink(missing_ok=True)
     table = Table(title=f"calibrated profile {result.profile.name}", show_header=False)
     for key, value in (
-        ("method / layer / query", f"{method} / {layer} / {result.profile.query}"),
+        ("method / layer / query", f"{method} / {result.profile.layer} / {result.profile.query}"),
         ("samples", str(len(result.records))),
         ("visual tokens per image (L)", str(result.profile.length)),
         ("fit", f"mu={result.fit.mu:.4g}  sigma={result.fit.sigma:+.4f}  R^2={result.fit.r2:.3f}"),
@@ -223,8 +276,9 @@ def calibrate(
 def analyze(
     model_path: str = typer.Option(..., "--model", help="local model directory, hub id, or 'testbed'"),
     method: str = typer.Option("fastv", "--method"),
-    layer: int = typer.Option(2, "--layer"),
-    keep: float = typer.Option(0.25, "--keep", help="visual tokens kept: a count, or a fraction in (0, 1)"),
+    layer: Optional[str] = typer.Option(None, "--layer", help="pruning layer(s) (default: the method's)"),
+    budget: Optional[float] = typer.Option(None, "--budget", help="token budget (count of 576 or fraction); default 0.25 unless --keep"),
+    keep: Optional[str] = typer.Option(None, "--keep", help="visual tokens kept per stage: a count or a fraction, or a list"),
     data: str = typer.Option(..., "--data", help=DATA_HELP),
     images: Optional[Path] = typer.Option(None, "--images"),
     samples: int = typer.Option(256, "--samples"),
@@ -245,22 +299,26 @@ def analyze(
     from .plots import plot_keep_frequency, plot_score_heatmap, plot_score_vs_position, plot_selection
     from .runner import run_examples
 
+    if make_press(method).query is None:
+        raise typer.BadParameter(f"{method} uses no attention scores: nothing to analyse", param_hint="--method")
+    debias = Debias(profile=None if profile == "none" else profile, padding=not no_padding)
+    keep_value = number_option(keep, "--keep")
+    budget_value = keep_option(budget) if budget is not None else (0.25 if keep_value is None else None)
+    press = make_press(method, debias=debias, layer=layer_option(layer), keep=keep_value, budget=budget_value)
     examples = _load_data(data, images, samples, split)
     if not 0 <= example < len(examples):
         raise typer.BadParameter(f"--example {example} is outside the {len(examples)} examples", param_hint="--example")
     model, processor = load_model(model_path, device=device, dtype=dtype)
-    debias = Debias(profile=None if profile == "none" else profile, padding=not no_padding)
-    press = make_press(method, keep_option(keep), layer, debias)
-    if press.query is None:
-        raise typer.BadParameter(f"{method} uses no attention scores: nothing to analyse", param_hint="--method")
     with _progress(len(examples), "analyze") as bar:
         task = bar.add_task("analyze", total=len(examples))
         result = run_examples(model, processor, examples, press, generate=False, batch_size=batch_size,
-                              progress=lambda n: bar.advance(task, n))
+                              dry_run=True, progress=lambda n: bar.advance(task, n))
     report = bias_report(result.records)
     out_dir.mkdir(parents=True, exist_ok=True)
     report.save(out_dir / "report.json")
-    label = f"{method}, layer {layer}, keep {keep:g}, {debias.describe()}, {len(examples)} samples"
+    first = press.validate(len(adapter_for(model).decoder_layers))[0]
+    amount = f"budget {budget_value:g}" if budget_value is not None else f"keep {keep}"
+    label = f"{method}, first stage at layer {first.layer}, {amount}, {debias.describe()}, {len(examples)} samples"
     plot_score_vs_position(report.curves, report.fits, out_dir / "score_vs_position.png", f"Mean score vs position ({label})")
     plot_score_heatmap(report.curves["score_before"], out_dir / "score_heatmap.png", "Mean raw score per patch")
     plot_keep_frequency(report.curves["freq_before"], report.curves.get("freq_after"), out_dir / "keep_frequency.png",

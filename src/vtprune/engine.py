@@ -1,20 +1,28 @@
 """The pruning engine: the only code that cuts sequences.
 
-`PruningSession` attaches a press to a model with forward pre-hooks (removed on exit; the model's modules,
+`PruningSession` attaches a press to a model with forward hooks (removed on exit; the model's modules,
 weights and attributes are never modified). Per forward call:
 
-* **Prefill** (the prompt contains visual tokens): the input hook finds the visual tokens (adapter). At each
-  stage's scoring layer the press scores the visual tokens still present, debiasing is applied, top-k is
-  taken. Before the stage's layer, the engine gathers the kept positions of the hidden states, and from then
-  on hands every later layer the matching rows/columns of the model's own attention mask, RoPE cos/sin and
-  position ids. Kept tokens keep their original positions. When samples of a batch keep different numbers
-  of tokens, shorter ones are left-padded with masked slots.
+* **Prefill** (the prompt contains visual tokens): the input hook finds the visual tokens (adapter). For each
+  stage, at the pre-hook of the layer it cuts before, the press decides (`press.select(ctx)`, from a
+  `StageContext` that computes attention lazily from the scoring layer's recorded input and the keys that
+  layer projected while it ran). The engine then gathers the kept tokens of the hidden states, writes merged
+  values, inserts extra tokens, and from then on hands every later layer the matching rows/columns of the
+  model's own attention mask and the RoPE tables and position ids: the original positions, or renumbered
+  ones (`positions="compact"`). A stage at layer 0 cuts the language model's input instead (embeddings, 2-D
+  mask, position ids), so every decoder layer runs on the shorter sequence. Samples of a batch that keep
+  different numbers of tokens are left-padded with masked slots.
 * **Decode** (no visual tokens, continuing the cache filled by that prefill): nothing is pruned; layers
-  after a cut get the columns of the model's mask that match what their KV-cache holds
-  (kept prompt tokens, then every generated token). Positions continue the original numbering.
+  after a cut get the columns of the model's mask that match what their KV cache holds (kept prompt tokens,
+  then every generated token), and, with compact positions, generated tokens continue each segment's
+  numbering (as the official PyramidDrop/SparseVLM code does).
 
-Sequence indices below: "orig" = position in the uncut prompt; "slot" = position in the current, cut
-sequence. A slot whose orig is -1 is padding inserted by the engine.
+Index spaces: a *prompt position* is a token's index in the uncut prompt. The *base sequence* is what decoder
+layer 0 receives: the prompt, or the prompt after a layer-0 cut. Each token of a request has an *id*: base
+tokens have ids 0..base_len-1, tokens inserted later (merged/recycled) get further ids; every id has an
+*anchor* (the base token whose row/column of the model's mask and whose position it shares) and a *sub*
+order among tokens sharing an anchor. *Slots* are positions in the sequence as it is now; `slots` maps each
+slot to its id (-1: padding inserted by the engine).
 """
 
 from __future__ import annotations
@@ -27,101 +35,122 @@ from torch import nn
 
 from .adapters import adapter_for
 from .adapters.base import VisualLayout
-from .press import Stage, StageSelection, resolve_keep
-from .scoring import attention_rows
+from .context import LayerInput, StageContext
+from .stages import Kept, Stage, StageSelection, resolve_keep, validate_stages
 
 if TYPE_CHECKING:
-    from .press import Press
+    from .debias import Debias
 
 
 @dataclass
-class StageContext:
-    """What a press sees when scoring one stage (prefill only).
+class _Ids:
+    """What each token id of a request is; tensors (B, M), M = base tokens + tokens inserted so far.
 
-    visual_slots[b]: (R_b,) slots of sample b's visual tokens still present.
-    visual_ranks[b]: (R_b,) their indices among the sample's visual tokens (0..V_b-1).
+    prompt: prompt position (inserted tokens: their anchor's); rank: visual rank (-1: text; inserted tokens
+    continue after the sample's V_b); position_rank: the original visual rank whose position the token has
+    (for the positional trend); valid: a real token; anchor: base index whose mask row/column it shares;
+    sub: float64 order among tokens of one anchor (0 = the base token); position: base index whose position id
+    and RoPE it takes with original positions.
     """
 
-    session: "PruningSession"
-    stage_index: int
-    stage: Stage
-    layer: nn.Module
-    hidden_states: torch.Tensor  # (B, N, D) input of `layer`
-    position_embeddings: tuple[torch.Tensor, torch.Tensor]
-    visual_slots: list[torch.Tensor]
-    visual_ranks: list[torch.Tensor]
-    key_valid: torch.Tensor  # (B, N) bool: real (non-padding) tokens
-    slot_orig: torch.Tensor  # (B, N) long
+    prompt: torch.Tensor
+    rank: torch.Tensor
+    position_rank: torch.Tensor
+    valid: torch.Tensor
+    anchor: torch.Tensor
+    sub: torch.Tensor
+    position: torch.Tensor
 
-    def last_token_slot(self) -> torch.Tensor:
-        """(B,) slot of each sample's last real token (handles left and right padding)."""
-        length = self.key_valid.shape[1]
-        ar = torch.arange(length, device=self.key_valid.device).expand_as(self.key_valid)
-        return torch.where(self.key_valid, ar, -1).max(dim=1).values
+    @classmethod
+    def base(cls, prompt: torch.Tensor, rank: torch.Tensor, valid: torch.Tensor) -> "_Ids":
+        batch, length = prompt.shape
+        own = torch.arange(length, device=prompt.device).expand(batch, length).clone()
+        return cls(prompt=prompt, rank=rank, position_rank=rank.clone(), valid=valid, anchor=own,
+                   sub=torch.zeros(batch, length, dtype=torch.float64, device=prompt.device), position=own.clone())
 
-    def attention_to_visual(self, query_slots: torch.Tensor) -> list[torch.Tensor]:
-        """Head- and query-averaged attention paid by `query_slots` (B, Q) to each remaining visual token.
+    @property
+    def size(self) -> int:
+        return self.prompt.shape[1]
 
-        Returns per sample (R_b,) float32. Computed from this layer's input (see `vtprune.scoring`)."""
-        orig = self.slot_orig
-        query_orig = torch.gather(orig, 1, query_slots)  # (B, Q)
-        allowed = self.key_valid[:, None, :] & (orig[:, None, :] <= query_orig[:, :, None])  # causal
-        probs = attention_rows(
-            self.session.adapter,
-            self.layer,
-            self.hidden_states,
-            self.position_embeddings,
-            query_slots,
-            allowed,
-        )  # (B, H, Q, N)
-        mean = probs.mean(dim=(1, 2))  # (B, N)
-        return [mean[b, slots] for b, slots in enumerate(self.visual_slots)]
+    def grow(self, count: int) -> None:
+        """Room for `count` more ids per sample (filled as engine padding until set)."""
+        def more(t, fill):
+            return torch.cat([t, torch.full((t.shape[0], count), fill, dtype=t.dtype, device=t.device)], dim=1)
+
+        self.prompt, self.rank, self.position_rank = more(self.prompt, -1), more(self.rank, -1), more(self.position_rank, -1)
+        self.valid, self.anchor, self.sub = more(self.valid, False), more(self.anchor, 0), more(self.sub, 0.0)
+        self.position = more(self.position, 0)
+
+    def at(self, name: str, slots: torch.Tensor, fill) -> torch.Tensor:
+        """The `name` table at `slots` (B, N) ids; `fill` where the slot is engine padding (-1)."""
+        values = torch.gather(getattr(self, name), 1, slots.clamp(min=0))
+        return values.masked_fill(slots < 0, fill)
 
 
 @dataclass
 class _Request:
     """Per-request state, rebuilt at every prefill (never shared between requests)."""
 
-    input_len: int
+    prompt_len: int
     layout: VisualLayout
-    visual_rank0: torch.Tensor  # (B, N0) long: index among the sample's visual tokens, -1 otherwise
     valid0: torch.Tensor  # (B, N0) bool: from the 2-D attention mask
-    padding: list[torch.Tensor | None]  # per sample (V_b,) bool, or None
-    slots: torch.Tensor  # (B, N_cur) long: orig position of each slot, -1 = engine padding
+    padding: list[torch.Tensor | None]  # per sample (V_b,) bool padding marks, or None
+    ids: _Ids
+    base_len: int
+    slots: torch.Tensor  # (B, N_cur) id of each slot, -1 = engine padding
+    next_rank: list[int]  # per sample, the rank the next inserted token gets
+    state: dict = field(default_factory=dict)  # the press's per-request state
+    inputs: dict[int, LayerInput] = field(default_factory=dict)  # recorded layer inputs (prefill)
     selections: list[StageSelection] = field(default_factory=list)
-    kept: dict[int, list[torch.Tensor]] = field(default_factory=dict)  # stage -> kept ranks per sample
-    stage_slots: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (layer, slots) after each cut
+    segments: list[dict] = field(default_factory=list)  # after each decoder-layer cut: layer, slots, masks, shift
     cache: object = None
     phase: str = "prefill"
-    # model inputs for the full-length prompt, captured at the first decoder layer
+    # the language model's input after a layer-0 cut: prompt column of each base token, and tokens dropped
+    base_prompt_columns: torch.Tensor | None = None
+    base_shift: torch.Tensor | None = None
+    # the model's inputs for the base sequence, captured at decoder layer 0
     mask0: object = None
     position_embeddings0: tuple[torch.Tensor, torch.Tensor] | None = None
     position_ids0: torch.Tensor | None = None
     captured: bool = False
-    # what layers after the last cut receive in place of the model's full-length tensors
-    current: dict | None = None
-    step: dict = field(default_factory=dict)  # decode: cache length before the step, masks per stage
+    current: dict | None = None  # what layers after the last cut receive instead of the model's tensors
+    step: dict = field(default_factory=dict)  # decode: per-step values
 
 
 class PruningSession:
-    """Context manager returned by `press(model, ...)`: attaches on enter, restores the model on exit."""
+    """Context manager returned by `press(model, ...)`: attaches on enter, restores the model on exit.
 
-    def __init__(self, press: "Press", model: nn.Module, *, processor=None, image_sizes: Sequence | None = None):
+    dry_run: score and decide every stage (recorded in `press.last_selection`) but cut nothing; the model's
+    outputs are those of the unpruned model (calibration and analysis use this).
+    """
+
+    def __init__(self, press, model: nn.Module, *, processor=None, image_sizes: Sequence | None = None,
+                 dry_run: bool = False):
         self.press = press
         self.model = model
         self.adapter = adapter_for(model)
         self.num_layers = len(self.adapter.decoder_layers)
-        self.stages = press.validate(self.num_layers)
-        self.cut_layers = [stage.layer for stage in self.stages]
+        self.stages: list[Stage] = validate_stages(press.stages(self.num_layers), self.num_layers, type(press).__name__)
+        self.positions = press.positions
+        if self.positions not in ("original", "compact"):
+            raise ValueError(f"positions={self.positions!r}: use 'original' or 'compact'")
+        self.debias: Debias | None = press.resolved_debias()
+        self.dry_run = bool(dry_run)
         self.processor = processor
-        self.image_sizes = [tuple(int(v) for v in size) for size in image_sizes] if image_sizes is not None else None
-        debias = press.debias
-        if debias is not None and debias.padding and (processor is None or image_sizes is None):
+        self.image_sizes = None
+        if image_sizes is not None:
+            self.image_sizes = [_image_size(size, i) for i, size in enumerate(image_sizes)]
+        if self.debias is not None and self.debias.padding and (processor is None or image_sizes is None):
             raise ValueError(
                 "padding debiasing needs the image geometry: call press(model, processor=processor, "
                 "image_sizes=[image.size, ...]) with the original size of every image in the batch, "
                 "or turn it off with Debias(padding=False)."
             )
+        # layers whose input a stage reads, and those whose keys are reused after they ran
+        self.record_layers = {s.score_layer for s in self.stages if s.score_layer is not None}
+        self.record_layers |= set(press.input_layers())
+        self.key_layers = {s.score_layer for s in self.stages if s.score_layer is not None and s.score_layer < s.layer}
+        self.first_active = min([s.layer for s in self.stages] + list(self.record_layers))
         self._handles: list = []
         self._request: _Request | None = None
 
@@ -130,14 +159,18 @@ class PruningSession:
         if self._handles:
             raise RuntimeError("this pruning session is already active")
         self.press.last_selection = []
-        self._handles.append(
-            self.adapter.input_module.register_forward_pre_hook(self._on_input, with_kwargs=True)
-        )
+        hook = self.adapter.input_module.register_forward_pre_hook(self._on_input, with_kwargs=True)
+        self._handles.append(hook)
         if self.model is not self.adapter.input_module:
             self._handles.append(self.model.register_forward_pre_hook(self._on_outer_input, with_kwargs=True))
+        if self.stages[0].layer == 0:
+            lm = self.adapter.language_model
+            self._handles.append(lm.register_forward_pre_hook(self._on_language_model_input, with_kwargs=True))
         for index, layer in enumerate(self.adapter.decoder_layers):
-            hook = self._make_layer_hook(index)
-            self._handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+            self._handles.append(layer.register_forward_pre_hook(self._make_layer_hook(index), with_kwargs=True))
+            if index in self.key_layers:
+                module = self.adapter.key_projection(layer)
+                self._handles.append(module.register_forward_hook(self._make_key_hook(index)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -162,11 +195,13 @@ class PruningSession:
                 "not inputs_embeds, while a press is active."
             )
         request = self._request
-        layout = self.adapter.visual_layout(input_ids)
-        if sum(layout.num_visual) == 0 and request is not None and cache is request.cache and past > 0:
-            request.phase = "decode"  # continuing the cache this session pruned
-            request.step = {"past": past}
+        if request is not None and past > 0 and cache is request.cache:
+            # a decode step continuing the cache this session pruned (generated tokens are never pruned, even
+            # if a model emits the image token id)
+            request.phase = "decode"
+            request.step = {"generated": past - request.base_len, "query_len": int(input_ids.shape[1])}
             return None
+        layout = self.adapter.visual_layout(input_ids)
         if past > 0:
             if sum(layout.num_visual) == 0:
                 self._request = None  # a cache we did not prune: nothing to do
@@ -198,44 +233,121 @@ class PruningSession:
     def _new_request(self, input_ids: torch.Tensor, attention_mask, layout: VisualLayout) -> _Request:
         batch, length = input_ids.shape
         device = input_ids.device
-        visual_rank0 = torch.full((batch, length), -1, dtype=torch.long, device=device)
+        rank = torch.full((batch, length), -1, dtype=torch.long, device=device)
         for b, positions in enumerate(layout.positions):
-            visual_rank0[b, positions] = torch.arange(positions.numel(), device=device)
+            rank[b, positions] = torch.arange(positions.numel(), device=device)
         if attention_mask is not None and attention_mask.dim() == 2:
             valid0 = attention_mask.to(device=device).bool()
         else:
             valid0 = torch.ones(batch, length, dtype=torch.bool, device=device)
-        padding = [None] * batch
-        debias = self.press.debias
-        if debias is not None and debias.padding:
-            if len(self.image_sizes) != layout.num_images:
-                raise ValueError(
-                    f"image_sizes has {len(self.image_sizes)} entries but the batch holds {layout.num_images} "
-                    "images: pass one (width, height) per image, in prompt order."
-                )
-            fractions = self.adapter.padding_fractions(layout, self.image_sizes, self.processor)
-            padding = [f.to(device) > debias.padding_threshold for f in fractions]
-        slots = torch.arange(length, device=device).expand(batch, length)
+        prompt = torch.arange(length, device=device).expand(batch, length).clone()
         return _Request(
-            input_len=length,
+            prompt_len=length,
             layout=layout,
-            visual_rank0=visual_rank0,
             valid0=valid0,
-            padding=padding,
-            slots=slots,
+            padding=self._padding_marks(layout, device),
+            ids=_Ids.base(prompt, rank, valid0.clone()),
+            base_len=length,
+            slots=prompt.clone(),
+            next_rank=list(layout.num_visual),
         )
+
+    def _padding_marks(self, layout: VisualLayout, device) -> list[torch.Tensor | None]:
+        """Per sample (V_b,) bool padding marks, when the geometry is known (processor and image sizes)."""
+        batch = len(layout.positions)
+        if self.image_sizes is None or self.processor is None:
+            return [None] * batch
+        needed = self.debias is not None and self.debias.padding
+        if len(self.image_sizes) != layout.num_images:
+            if not needed:
+                return [None] * batch
+            raise ValueError(
+                f"image_sizes has {len(self.image_sizes)} entries but the batch holds {layout.num_images} "
+                "images: pass one (width, height) per image, in prompt order."
+            )
+        try:
+            fractions = self.adapter.padding_fractions(layout, self.image_sizes, self.processor)
+        except ValueError:
+            if needed:
+                raise
+            return [None] * batch  # geometry unknown for this processor; only the record would have used it
+        threshold = self.press.padding_threshold()
+        return [f.to(device) > threshold for f in fractions]
+
+    # --- stage at the language model's input ---------------------------------------------------------
+    def _on_language_model_input(self, module, args, kwargs):
+        request = self._request
+        if request is None:
+            return None
+        if request.phase == "decode":
+            return self._decode_language_model_input(request, kwargs)
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None or args:
+            raise RuntimeError("vtprune expected the language model to be called with inputs_embeds= keywords")
+        request.inputs[0] = LayerInput(0, self.adapter.decoder_layers[0], embeds, None)
+        decisions = self._decide(0, embeds, None, request)
+        if self.dry_run:
+            return None
+        batch, length = request.slots.shape
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:
+            position_ids = torch.arange(length, device=embeds.device).expand(batch, length)
+        new_slots = self._apply(decisions, request)
+        hidden = _assemble(embeds, request.slots, new_slots, decisions, request.ids)
+        ids = request.ids
+        valid = ids.at("valid", new_slots, False)
+        if self.positions == "compact":
+            new_positions = _compact_positions(position_ids, request.valid0, valid)
+        else:
+            new_positions = _gather_seq(position_ids, ids.at("position", new_slots, 0))
+        # the cut sequence becomes the base sequence of every decoder layer
+        request.base_prompt_columns = ids.at("prompt", new_slots, -1)
+        request.base_shift = request.valid0.sum(1) - valid.sum(1)
+        new_len = new_slots.shape[1]
+        request.ids = _Ids.base(request.base_prompt_columns, ids.at("rank", new_slots, -1), valid)
+        request.ids.position_rank = ids.at("position_rank", new_slots, -1)
+        request.slots = torch.arange(new_len, device=embeds.device).expand(batch, new_len).clone()
+        request.base_len = new_len
+        new_kwargs = dict(kwargs, inputs_embeds=hidden, attention_mask=valid.long(), position_ids=new_positions)
+        return args, new_kwargs
+
+    def _decode_language_model_input(self, request: _Request, kwargs):
+        """A decode step after a layer-0 cut: the 2-D mask and positions over what the cache holds."""
+        query_len, generated = request.step["query_len"], request.step["generated"]
+        batch, device = request.slots.shape[0], request.slots.device
+        tail = torch.arange(request.prompt_len, request.prompt_len + generated + query_len, device=device)
+        columns = torch.cat([request.base_prompt_columns, tail.expand(batch, -1)], dim=1)
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 2:
+            mask = torch.gather(mask, 1, columns.clamp(min=0)).masked_fill(columns < 0, 0)
+        else:
+            mask = torch.cat([request.ids.valid[:, : request.base_len].long(),
+                              torch.ones(batch, generated + query_len, dtype=torch.long, device=device)], dim=1)
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:  # what the unpruned model would have used
+            position_ids = (request.prompt_len + generated + torch.arange(query_len, device=device)).expand(batch, -1)
+        if self.positions == "compact":
+            position_ids = position_ids - request.base_shift[:, None]
+        return (), dict(kwargs, attention_mask=mask, position_ids=position_ids)
 
     # --- layer hooks ---------------------------------------------------------------------------------
     def _make_layer_hook(self, index: int):
-        first_active = min([stage.layer for stage in self.stages] + [s.score_layer for s in self.stages if s.score_layer is not None])
-
         def hook(module, args, kwargs):
             request = self._request
-            if request is None or index < first_active:
+            if request is None or index < self.first_active:
                 return None
             if request.phase == "prefill":
                 return self._prefill_layer(index, module, request, args, kwargs)
             return self._decode_layer(index, request, args, kwargs)
+
+        return hook
+
+    def _make_key_hook(self, index: int):
+        def hook(module, args, output):
+            request = self._request
+            if request is not None and request.phase == "prefill" and index in request.inputs:
+                request.inputs[index].projected_keys = output
+            return None
 
         return hook
 
@@ -248,17 +360,18 @@ class PruningSession:
             request.captured = True
             if request.cache is None:
                 request.cache = _cache_kwarg(kwargs)
-        current = request.current or {
-            "attention_mask": kwargs.get("attention_mask"),
-            "position_embeddings": kwargs.get("position_embeddings"),
-            "position_ids": kwargs.get("position_ids"),
-        }
         for stage_index, stage in enumerate(self.stages):
-            if stage.score_layer == index or (stage.score_layer is None and stage.layer == index):
-                self._select(stage_index, stage, layer, hidden, current["position_embeddings"], request)
-        if index in self.cut_layers:
-            stage_index = self.cut_layers.index(index)
-            hidden = self._cut(stage_index, hidden, request)
+            if stage.layer == index and index > 0:
+                embeddings = (request.current or kwargs)["position_embeddings"]
+                live = LayerInput(index, layer, hidden, embeddings)
+                decisions = self._decide(stage_index, hidden, live, request)
+                if not self.dry_run:
+                    hidden = self._cut(stage_index, hidden, decisions, request)
+        if index in self.record_layers:
+            embeddings = (request.current or kwargs)["position_embeddings"]
+            request.inputs[index] = LayerInput(index, layer, hidden, embeddings)
+        if index == self.stages[-1].layer:
+            request.inputs = {}  # the last stage has decided: free the recorded activations
         if request.current is None:
             return None
         new_kwargs = dict(kwargs, **request.current)
@@ -267,140 +380,279 @@ class PruningSession:
         new_kwargs["hidden_states"] = hidden
         return args, new_kwargs
 
-    def _select(self, stage_index, stage: Stage, layer, hidden, position_embeddings, request: _Request) -> None:
-        """Score the remaining visual tokens, debias, and choose what this stage keeps."""
-        slots = request.slots
-        rank = torch.where(slots >= 0, torch.gather(request.visual_rank0, 1, slots.clamp(min=0)), -1)
+    # --- deciding ------------------------------------------------------------------------------------
+    def _context(self, stage_index: int, live: LayerInput | None, request: _Request) -> StageContext:
+        stage = self.stages[stage_index]
+        slots, ids = request.slots, request.ids
+        rank = ids.at("rank", slots, -1)
         visual_slots = [torch.nonzero(rank[b] >= 0).flatten() for b in range(slots.shape[0])]
-        visual_ranks = [rank[b, s] for b, s in enumerate(visual_slots)]
-        key_valid = (slots >= 0) & torch.gather(request.valid0, 1, slots.clamp(min=0))
-        ctx = StageContext(
-            session=self,
+        position_rank = ids.at("position_rank", slots, -1)
+        inputs = dict(request.inputs)
+        if live is not None and stage.score_layer == stage.layer:
+            inputs[stage.layer] = live
+        return StageContext(
+            adapter=self.adapter,
             stage_index=stage_index,
             stage=stage,
-            layer=layer,
-            hidden_states=hidden,
-            position_embeddings=position_embeddings,
+            num_stages=len(self.stages),
             visual_slots=visual_slots,
-            visual_ranks=visual_ranks,
-            key_valid=key_valid,
-            slot_orig=slots,
+            visual_ranks=[rank[b, s] for b, s in enumerate(visual_slots)],
+            position_ranks=[position_rank[b, s] for b, s in enumerate(visual_slots)],
+            slot_visual_rank=rank,
+            slot_valid=ids.at("valid", slots, False),
+            slot_prompt_position=ids.at("prompt", slots, -1),
+            num_visual=list(request.layout.num_visual),
+            segments=request.layout.segments,
+            last_visual_position=[int(p[-1]) for p in request.layout.positions],
+            inputs=inputs,
+            state=request.state,
+            debias_config=self.debias,
+            debias_active=self.debias is not None and (self.debias.stages == "all" or stage_index == 0),
+            padding_marks=list(request.padding),
+            dry_run=self.dry_run,
         )
-        scores = self.press.score(ctx)
-        debias = self.press.debias
-        apply_debias = debias is not None and (debias.stages == "all" or stage_index == 0)
-        kept, raw_full, debiased_full = [], [], []
-        for b, ranks in enumerate(visual_ranks):
-            num_visual = request.layout.num_visual[b]
-            sample_scores = scores[b].float()
-            if sample_scores.shape != ranks.shape:
-                raise RuntimeError(
-                    f"{type(self.press).__name__}.score returned {tuple(sample_scores.shape)} scores for sample "
-                    f"{b}, expected {tuple(ranks.shape)}"
-                )
-            keep = resolve_keep(stage.keep, num_visual, int(ranks.numel()))
-            ranking = sample_scores
-            padding = request.padding[b]
-            if apply_debias:
-                ranking = debias.apply(
-                    sample_scores, ranks, request.layout.segments[b], padding[ranks] if padding is not None else None
-                )
-                if padding is not None and debias.drop_padding:
-                    keep = max(1, min(keep, int((~padding[ranks]).sum())))
-            order = _rank_with_padding_last(ranking, padding[ranks] if (apply_debias and padding is not None) else None)
-            kept.append(torch.sort(ranks[order[:keep]]).values)
-            raw_full.append(_scatter_full(sample_scores, ranks, num_visual))
-            debiased_full.append(_scatter_full(ranking, ranks, num_visual) if apply_debias else None)
-        request.kept[stage_index] = kept
+
+    def _decide(self, stage_index: int, hidden: torch.Tensor, live: LayerInput | None, request: _Request) -> list[Kept]:
+        """Ask the press for this stage's decision; check it; record it."""
+        ctx = self._context(stage_index, live, request)
+        owner = type(self.press).__name__
+        raw = self.press.select(ctx)
+        if len(raw) != ctx.num_samples:
+            raise RuntimeError(f"{owner}.select returned {len(raw)} decisions for {ctx.num_samples} samples")
+        decisions = [item if isinstance(item, Kept) else Kept(ranks=item) for item in raw]
+        for b, decision in enumerate(decisions):
+            _check_decision(decision, ctx.visual_ranks[b], hidden.shape[-1], owner, b)
+        num_visual = request.layout.num_visual
+
+        def full(values, b):
+            return None if values is None else _scatter_full(values[b], ctx.visual_ranks[b], num_visual[b])
+
         request.selections.append(
             StageSelection(
-                layer=stage.layer,
-                kept=kept,
-                num_visual=list(request.layout.num_visual),
-                scores=raw_full,
-                debiased=debiased_full,
+                layer=self.stages[stage_index].layer,
+                kept=[d.ranks[d.ranks < num_visual[b]] for b, d in enumerate(decisions)],
+                num_visual=list(num_visual),
+                keep=[resolve_keep(ctx.stage.keep, num_visual[b], len(ctx.visual_ranks[b]), warn=False)
+                      for b in range(ctx.num_samples)],
+                scores=[full(ctx.recorded_scores, b) for b in range(ctx.num_samples)],
+                debiased=[full(ctx.recorded_debiased, b) for b in range(ctx.num_samples)],
                 padding=list(request.padding),
                 segments=request.layout.segments,
+                extra=[d.num_extra for d in decisions],
+                notes=list(ctx.notes),
             )
         )
         if stage_index == len(self.stages) - 1:
             self.press.last_selection = request.selections
+        return decisions
 
-    def _cut(self, stage_index: int, hidden: torch.Tensor, request: _Request) -> torch.Tensor:
-        """Drop the visual tokens this stage does not keep from `hidden` (B, N_cur, D)."""
-        slots = request.slots
-        batch = slots.shape[0]
-        kept_ranks = request.kept[stage_index]
-        keep_slots = []
-        for b in range(batch):
-            orig = slots[b]
-            rank = torch.where(orig >= 0, request.visual_rank0[b, orig.clamp(min=0)], -1)
-            is_kept_visual = torch.zeros_like(orig, dtype=torch.bool)
-            if rank.ge(0).any():
-                is_kept_visual = torch.isin(rank, kept_ranks[b]) & (rank >= 0)
-            keep = (orig >= 0) & ((rank < 0) | is_kept_visual)
-            keep_slots.append(torch.nonzero(keep).flatten())
-        new_len = max(int(k.numel()) for k in keep_slots)
-        index = torch.full((batch, new_len), -1, dtype=torch.long, device=slots.device)
-        for b, k in enumerate(keep_slots):
-            index[b, new_len - k.numel() :] = k  # left-pad
-        new_slots = torch.where(index >= 0, torch.gather(slots, 1, index.clamp(min=0)), -1)
-        gathered = torch.gather(hidden, 1, index.clamp(min=0)[:, :, None].expand(-1, -1, hidden.shape[-1]))
-        hidden = gathered.masked_fill((index < 0)[:, :, None], 0.0)
+    # --- cutting -------------------------------------------------------------------------------------
+    def _apply(self, decisions: list[Kept], request: _Request) -> torch.Tensor:
+        """The new slots (B, N_new) of ids after `decisions`: kept tokens in order, inserted tokens after their
+        anchors (given new ids), samples left-padded to one length. Registers the inserted ids."""
+        slots, ids = request.slots, request.ids
+        batch, device = slots.shape[0], slots.device
+        rank = ids.at("rank", slots, -1)
+        extra = max(d.num_extra for d in decisions)
+        first_new = ids.size
+        if extra:
+            ids.grow(extra)
+        rows = []
+        for b, decision in enumerate(decisions):
+            keep = (slots[b] >= 0) & ((rank[b] < 0) | torch.isin(rank[b], decision.ranks))
+            kept_slots = torch.nonzero(keep).flatten()
+            row, order_key = slots[b, kept_slots], kept_slots.double()
+            count = decision.num_extra
+            if count:
+                anchor_slots = _slots_of_ranks(rank[b], decision.anchors())
+                source_slots = _slots_of_ranks(rank[b], decision.position_sources())
+                anchor_ids, source_ids = slots[b, anchor_slots], slots[b, source_slots]
+                # several tokens after one anchor keep their order; all come before the anchor's next token
+                within = (torch.arange(count, device=device, dtype=torch.float64) + 1) / (count + 1)
+                within = _order_within(anchor_slots, within)
+                new = first_new + torch.arange(count, device=device)
+                ids.prompt[b, new] = ids.prompt[b, anchor_ids]
+                ids.rank[b, new] = request.next_rank[b] + torch.arange(count, device=device)
+                request.next_rank[b] += count
+                ids.position_rank[b, new] = ids.position_rank[b, source_ids]
+                ids.valid[b, new] = True
+                ids.anchor[b, new] = ids.anchor[b, anchor_ids]
+                ids.sub[b, new] = ids.sub[b, anchor_ids] + within * _sub_gap(ids, b, anchor_ids)
+                ids.position[b, new] = ids.position[b, source_ids]
+                row = torch.cat([row, new])
+                order_key = torch.cat([order_key, anchor_slots.double() + within])
+            rows.append(row[torch.argsort(order_key, stable=True)])
+        new_len = max(int(r.numel()) for r in rows)
+        new_slots = torch.full((batch, new_len), -1, dtype=torch.long, device=device)
+        for b, row in enumerate(rows):
+            new_slots[b, new_len - row.numel():] = row  # left-pad
+        return new_slots
+
+    def _cut(self, stage_index: int, hidden: torch.Tensor, decisions: list[Kept], request: _Request) -> torch.Tensor:
+        """Apply this stage's decisions to `hidden` (B, N_cur, D) and rebuild what later layers receive."""
+        new_slots = self._apply(decisions, request)
+        hidden = _assemble(hidden, request.slots, new_slots, decisions, request.ids)
         request.slots = new_slots
-        request.stage_slots.append((self.stages[stage_index].layer, new_slots))
+        ids = request.ids
+        anchor, sub = ids.at("anchor", new_slots, -1), ids.at("sub", new_slots, 0.0)
+        valid = ids.at("valid", new_slots, False)
+        shift = None
+        if self.positions == "compact":
+            base_valid = ids.valid[:, : request.base_len]
+            position_ids = _compact_positions(request.position_ids0, base_valid, valid)
+            position_embeddings = self.adapter.position_embeddings(hidden, position_ids)
+            shift = base_valid.sum(1) - valid.sum(1)
+        else:
+            source = ids.at("position", new_slots, -1)
+            position_ids = _gather_seq(request.position_ids0, source) if request.position_ids0 is not None else None
+            position_embeddings = tuple(_gather_seq(t, source) for t in request.position_embeddings0)
+        request.segments.append({"layer": self.stages[stage_index].layer, "slots": new_slots, "anchor": anchor,
+                                 "sub": sub, "shift": shift})
         request.current = {
-            "attention_mask": _select_mask(request.mask0, new_slots, new_slots, prefill=True),
-            "position_embeddings": tuple(_gather_seq(t, new_slots) for t in request.position_embeddings0),
-            "position_ids": _gather_seq(request.position_ids0, new_slots)
-            if request.position_ids0 is not None
-            else None,
+            "attention_mask": _select_mask(request.mask0, anchor, sub, anchor, sub, prefill=True),
+            "position_embeddings": position_embeddings,
+            "position_ids": position_ids,
         }
         return hidden
 
+    # --- decoding ------------------------------------------------------------------------------------
     def _decode_layer(self, index: int, request: _Request, args, kwargs):
-        applicable = [i for i, (layer, _) in enumerate(request.stage_slots) if layer <= index]
+        applicable = [i for i, segment in enumerate(request.segments) if segment["layer"] <= index]
         if not applicable:
             return None
-        stage = applicable[-1]
+        segment_index = applicable[-1]
         hidden = args[0] if args else kwargs["hidden_states"]
-        if stage not in request.step:
-            request.step[stage] = self._decode_mask(stage, index, request, kwargs.get("attention_mask"), hidden.shape[1])
-        return args, dict(kwargs, attention_mask=request.step[stage])
+        if segment_index not in request.step:
+            request.step[segment_index] = self._decode_inputs(segment_index, index, request, kwargs, hidden)
+        return args, dict(kwargs, **request.step[segment_index])
 
-    def _decode_mask(self, stage: int, index: int, request: _Request, mask0, query_len: int):
-        """Mask for the new queries of a decode step over what layer `index`'s cache holds."""
-        cache = request.cache
-        past = request.step["past"]  # layer 0's length before this step: never cut, the original numbering
-        _, slots = request.stage_slots[stage]
-        cached = cache.layers[index].keys.shape[-2]
-        generated = past - request.input_len
+    def _decode_inputs(self, segment_index: int, index: int, request: _Request, kwargs, hidden) -> dict:
+        """Mask (and, with compact positions, positions and RoPE tables) for the new queries of a decode step
+        over what layer `index`'s cache holds."""
+        segment = request.segments[segment_index]
+        generated, query_len = request.step["generated"], hidden.shape[1]
+        slots = segment["slots"]
+        cached = request.cache.layers[index].keys.shape[-2]
         if cached != slots.shape[1] + generated:
             raise RuntimeError(
                 f"layer {index} of the KV cache holds {cached} tokens, expected {slots.shape[1] + generated}: "
                 "the cache was changed outside vtprune's engine."
             )
-        total = past + query_len
-        batch = slots.shape[0]
-        tail = torch.arange(request.input_len, total, device=slots.device).expand(batch, -1)
-        cols = torch.cat([slots, tail], dim=1)
-        rows = torch.arange(past, total, device=slots.device).expand(batch, -1)
-        return _select_mask(mask0, rows, cols, prefill=False)
+        batch, device = slots.shape[0], slots.device
+        tail = torch.arange(request.base_len, request.base_len + generated + query_len, device=device).expand(batch, -1)
+        cols = torch.cat([segment["anchor"], tail], dim=1)
+        col_sub = torch.cat([segment["sub"], torch.zeros(tail.shape, dtype=torch.float64, device=device)], dim=1)
+        rows = tail[:, tail.shape[1] - query_len:]
+        row_sub = torch.zeros(rows.shape, dtype=torch.float64, device=device)
+        out = {"attention_mask": _select_mask(kwargs.get("attention_mask"), rows, row_sub, cols, col_sub, prefill=False)}
+        if segment["shift"] is not None:  # compact: continue the segment's own numbering
+            position_ids = kwargs.get("position_ids")
+            if position_ids is None:
+                position_ids = (request.base_len + generated + torch.arange(query_len, device=device)).expand(batch, -1)
+            position_ids = position_ids - segment["shift"][:, None]
+            out["position_ids"] = position_ids
+            out["position_embeddings"] = self.adapter.position_embeddings(hidden, position_ids)
+        return out
 
 
 # --- helpers -----------------------------------------------------------------------------------------
+def _image_size(size, index: int) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in size)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"image_sizes[{index}]={size!r}: give the original (width, height) of each image, e.g. image.size"
+        ) from None
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image_sizes[{index}]={size!r}: width and height must be positive")
+    return width, height
+
+
 def _cache_kwarg(kwargs: dict):
     """The KV cache a forward receives: `cache` since transformers 5.24, `past_key_values` before."""
     cache = kwargs.get("cache")
     return cache if cache is not None else kwargs.get("past_key_values")
 
 
-def _rank_with_padding_last(scores: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
-    """Indices of `scores` (R,) from best to worst; padding tokens (R,) bool always come after real ones."""
-    if padding is None:
-        return torch.argsort(scores, descending=True, stable=True)
-    key = torch.where(padding, float("-inf"), scores)
-    return torch.argsort(key, descending=True, stable=True)
+def _check_decision(decision: Kept, present: torch.Tensor, width: int, owner: str, b: int) -> None:
+    ranks = decision.ranks
+    if not isinstance(ranks, torch.Tensor) or ranks.dtype != torch.long or ranks.dim() != 1:
+        raise RuntimeError(f"{owner}: kept ranks of sample {b} must be a 1-D long tensor")
+    if ranks.numel() == 0:
+        raise RuntimeError(f"{owner}: sample {b} keeps no visual token")
+    if ranks.numel() > 1 and not bool((ranks[1:] > ranks[:-1]).all()):
+        raise RuntimeError(f"{owner}: kept ranks of sample {b} must be sorted and unique")
+    if not bool(torch.isin(ranks, present).all()):
+        raise RuntimeError(f"{owner}: sample {b} keeps visual ranks that are not present at this stage")
+    if decision.values is not None and tuple(decision.values.shape) != (ranks.numel(), width):
+        raise RuntimeError(f"{owner}: values of sample {b} must have shape ({ranks.numel()}, {width})")
+    if decision.extra is not None:
+        if decision.extra.dim() != 2 or decision.extra.shape[1] != width:
+            raise RuntimeError(f"{owner}: extra tokens of sample {b} must have shape (m, {width})")
+        if not bool(torch.isin(decision.anchors(), ranks).all()):
+            raise RuntimeError(f"{owner}: extra tokens of sample {b} must follow kept visual tokens")
+
+
+def _slots_of_ranks(slot_rank: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    """(m,) slots holding each of `ranks`, given the rank of every slot (N,) (-1: not visual)."""
+    match = slot_rank[None, :] == ranks[:, None]  # (m, N)
+    return match.long().argmax(dim=1)
+
+
+def _order_within(anchor_slots: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
+    """(m,) fractions in (0, 1) ordering inserted tokens after their anchors: tokens sharing an anchor get
+    increasing fractions in the order given."""
+    out = torch.empty_like(spread)
+    for anchor in anchor_slots.unique():
+        members = torch.nonzero(anchor_slots == anchor).flatten()
+        out[members] = (torch.arange(len(members), dtype=torch.float64, device=spread.device) + 1) / (len(members) + 1)
+    return out
+
+
+def _sub_gap(ids: _Ids, b: int, anchor_ids: torch.Tensor) -> torch.Tensor:
+    """(m,) room between each anchor token's sub order and the next sub order among tokens of its anchor."""
+    gaps = []
+    for anchor_id in anchor_ids.tolist():
+        base, own = ids.anchor[b, anchor_id], ids.sub[b, anchor_id]
+        following = ids.sub[b][(ids.anchor[b] == base) & (ids.sub[b] > own) & ids.valid[b]]
+        gaps.append(float(following.min() - own) if following.numel() else 1.0)
+    return torch.tensor(gaps, dtype=torch.float64, device=anchor_ids.device)
+
+
+def _assemble(hidden: torch.Tensor, slots: torch.Tensor, new_slots: torch.Tensor, decisions: list[Kept], ids: _Ids) -> torch.Tensor:
+    """The hidden states (B, N_new, D) of `new_slots`: rows of `hidden` (B, N, D, over `slots`) for tokens
+    that stay, merged values written into kept visual tokens, inserted tokens' vectors, engine padding 0."""
+    batch, length, width = hidden.shape
+    out = hidden.new_zeros(batch, new_slots.shape[1], width)
+    new_rank = ids.at("rank", new_slots, -1)
+    for b, decision in enumerate(decisions):
+        # where each new slot's token sits in the current sequence (-1: inserted now, or engine padding)
+        source = torch.full((ids.size,), -1, dtype=torch.long, device=hidden.device)
+        present = slots[b] >= 0
+        source[slots[b, present]] = torch.nonzero(present).flatten()
+        from_hidden = source[new_slots[b].clamp(min=0)].masked_fill(new_slots[b] < 0, -1)
+        stay = from_hidden >= 0
+        out[b, stay] = hidden[b, from_hidden[stay]]
+        if decision.values is not None:
+            target = torch.isin(new_rank[b], decision.ranks) & stay
+            order = torch.searchsorted(decision.ranks, new_rank[b, target])
+            out[b, target] = decision.values[order].to(out.dtype)
+        if decision.num_extra:
+            inserted = (new_slots[b] >= 0) & ~stay
+            first = int(new_rank[b, inserted].min())
+            out[b, inserted] = decision.extra[new_rank[b, inserted] - first].to(out.dtype)
+    return out
+
+
+def _compact_positions(position_ids0: torch.Tensor | None, base_valid: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B, N_new) renumbered positions: each sample's real tokens count up from its first real position."""
+    batch = valid.shape[0]
+    if position_ids0 is None:
+        start = torch.zeros(batch, dtype=torch.long, device=valid.device)
+    else:
+        first = base_valid.long().argmax(dim=1)
+        start = torch.gather(position_ids0.expand(batch, -1), 1, first[:, None]).flatten()
+    return torch.where(valid, start[:, None] + valid.long().cumsum(1) - 1, 0)
 
 
 def _scatter_full(values: torch.Tensor, ranks: torch.Tensor, num_visual: int) -> torch.Tensor:
@@ -409,11 +661,11 @@ def _scatter_full(values: torch.Tensor, ranks: torch.Tensor, num_visual: int) ->
     return full
 
 
-def _gather_seq(tensor: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """Gather the sequence dimension of cos/sin (b, N, d) or position ids (b, N) / (k, b, N) at `slots`
-    (B, M) orig positions; engine padding (-1) takes position 0's values (they are masked anyway)."""
-    batch = slots.shape[0]
-    index = slots.clamp(min=0)
+def _gather_seq(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Gather the sequence dimension of cos/sin (b, N, d) or position ids (b, N) / (k, b, N) at `index`
+    (B, M) base positions; -1 (engine padding) takes position 0's values (they are masked anyway)."""
+    batch = index.shape[0]
+    index = index.clamp(min=0)
     if tensor.dim() == 3 and tensor.shape[0] in (1, batch) and tensor.shape[1] != batch:  # (b, N, d)
         expanded = tensor.expand(batch, -1, -1)
         return torch.gather(expanded, 1, index[:, :, None].expand(-1, -1, tensor.shape[-1]))
@@ -425,35 +677,43 @@ def _gather_seq(tensor: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"unexpected positional tensor shape {tuple(tensor.shape)}")
 
 
-def _select_mask(mask0, rows: torch.Tensor, cols: torch.Tensor, *, prefill: bool):
-    """The model's attention mask restricted to query `rows` and key `cols` (B, R) / (B, C) orig positions
-    (-1 = engine padding), in the model's own format.
+def _select_mask(mask0, rows: torch.Tensor, row_sub: torch.Tensor, cols: torch.Tensor, col_sub: torch.Tensor, *,
+                 prefill: bool):
+    """The model's attention mask restricted to query `rows` and key `cols` (B, R) / (B, C) base positions
+    (-1 = engine padding), in the model's own format. Tokens sharing a base position (inserted tokens and
+    their anchor) are ordered causally by their sub order.
 
     mask0 is what the model built for the full sequence: None (sdpa's implicit causal mask), a 4-D bool
     mask (sdpa, True = attend), a 4-D additive float mask (eager), or a 2-D padding mask (flash attention).
     Engine-padding keys are masked; engine-padding queries attend only to themselves (no NaN rows).
     """
     row_pad, col_pad = rows < 0, cols < 0
-    if mask0 is None and not bool(col_pad.any()):
+    inserted = bool((row_sub != 0).any()) or bool((col_sub != 0).any())
+    if mask0 is None and not bool(col_pad.any()) and not inserted:
         return None  # still plain causal over increasing positions: let the kernel do it
-    if mask0 is not None and mask0.dim() == 2:  # flash attention: (B, K) padding mask
-        gathered = torch.gather(mask0, 1, cols.clamp(min=0))
-        return gathered.masked_fill(col_pad, 0)
     if mask0 is not None and not isinstance(mask0, torch.Tensor):
         raise ValueError(
             f"vtprune cannot cut an attention mask of type {type(mask0).__name__} (flex attention); "
             "load the model with attn_implementation='sdpa' or 'eager'."
         )
+    if mask0 is not None and mask0.dim() == 2:  # flash attention: (B, K) padding mask
+        if inserted:
+            raise ValueError("inserted tokens need a 4-D attention mask: use attn_implementation='sdpa' or 'eager'")
+        gathered = torch.gather(mask0, 1, cols.clamp(min=0))
+        return gathered.masked_fill(col_pad, 0)
     if mask0 is None:
-        allowed = cols[:, None, None, :] <= rows[:, None, :, None]  # (B, 1, R, C) causal on orig positions
+        allowed = cols[:, None, None, :] <= rows[:, None, :, None]  # (B, 1, R, C) causal on base positions
     else:
         full = mask0.expand(rows.shape[0], -1, -1, -1)
         if prefill:
             full = torch.gather(full, 2, rows.clamp(min=0)[:, None, :, None].expand(-1, full.shape[1], -1, full.shape[3]))
         else:
-            full = full[:, :, -rows.shape[1] :]
+            full = full[:, :, -rows.shape[1]:]
         gathered = torch.gather(full, 3, cols.clamp(min=0)[:, None, None, :].expand(-1, full.shape[1], full.shape[2], -1))
         allowed = gathered if gathered.dtype == torch.bool else gathered == 0
+    if inserted:  # same base position: the later sub order does not see the earlier... the earlier does not see the later
+        same = rows[:, None, :, None] == cols[:, None, None, :]
+        allowed = allowed & ~(same & (col_sub[:, None, None, :] > row_sub[:, None, :, None]))
     allowed = allowed & ~col_pad[:, None, None, :]
     if prefill and bool(row_pad.any()):
         eye = torch.eye(rows.shape[1], dtype=torch.bool, device=rows.device)

@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from .debias.calibrate import PositionCurve  # noqa: E402
+from .calibration import PositionCurve  # noqa: E402
 from .debias.fit import ExpFit, relative_positions  # noqa: E402
 
 PAD_COLOUR = (122, 116, 104)  # CLIP's mean colour, what LLaVA pads with

@@ -1,151 +1,195 @@
-"""The base class of all pruning methods ("presses") and what they report.
+"""The base class of all pruning methods ("presses").
 
-A press declares *what* to prune: its stages (before which decoder layer, how many visual tokens to keep),
-and how to score the visual tokens still present at each stage. The engine (`vtprune.engine`) does all the
-cutting; debiasing (`vtprune.debias`) is applied by the engine to every press's scores in the same way.
+A press declares *what* to prune: its stages (before which decoder layer, how many visual tokens to keep,
+which layer's attention to score with) and, per stage, *which* visual tokens stay (`select`), from what a
+`StageContext` offers (attention of any query tokens, keys, hidden states, debiasing). The engine
+(`vtprune.engine`) does all the cutting; a press never touches caches, masks or positions.
 
     press = FastV(keep=64, layer=2, debias=Debias(profile="llava-1.5-7b/fastv"))
     with press(model, processor=processor, image_sizes=[image.size]):
         out = model.generate(**inputs, max_new_tokens=32)
     press.last_selection[0].kept[0]   # visual-token indices kept by sample 0 at the first stage
+
+Most methods only implement `stages` and `score`: the default `select` debiases the scores (`ctx.debias`)
+and keeps the top-k (`ctx.top_k`), the rule every method shares.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Sequence
 
 import torch
 from torch import nn
 
-from .adapters.base import VisualSegment
+from .context import StageContext
+from .debias import Debias
+from .engine import PruningSession
+from .stages import Kept, Stage, StageSelection, equivalent_tokens, validate_stages
 
 if TYPE_CHECKING:
-    from .debias import Debias
-    from .engine import PruningSession, StageContext
+    from .stages import Positions
 
-
-@dataclass(frozen=True)
-class Stage:
-    """One pruning stage.
-
-    layer: the visual tokens not kept are removed from the sequence before this decoder layer.
-    keep: how many visual tokens remain after the stage: an int count, or a float in (0, 1] taken as a
-        fraction of the sample's visual tokens (rounded, at least 1).
-    score_layer: the decoder layer whose *input* the scores are computed from (FastV: layer - 1, i.e. the
-        attention inside the previous layer); None when the press needs no model internals (Random).
-    """
-
-    layer: int
-    keep: int | float
-    score_layer: int | None
-
-
-@dataclass
-class StageSelection:
-    """What one stage did to each sample of the last request. Indices count the sample's visual tokens
-    in prompt order (0..V_b-1, images one after another)."""
-
-    layer: int
-    kept: list[torch.Tensor]  # per sample, (k_b,) long, sorted
-    num_visual: list[int]
-    scores: list[torch.Tensor | None]  # per sample, (V_b,) raw scores; nan for tokens pruned earlier
-    debiased: list[torch.Tensor | None]  # per sample, (V_b,) scores after debiasing (None if not applied)
-    padding: list[torch.Tensor | None]  # per sample, (V_b,) bool padding tokens (None if unknown)
-    segments: list[list[VisualSegment]] = field(default_factory=list)  # per sample, its images in order
-
-
-def resolve_keep(keep: int | float, num_visual: int, num_remaining: int) -> int:
-    """Number of visual tokens to keep for one sample; warns and clamps when `keep` exceeds what remains."""
-    if isinstance(keep, float):
-        count = max(1, round(keep * num_visual))
-    else:
-        count = int(keep)
-    if count > num_remaining:
-        warnings.warn(
-            f"keep={keep} asks for {count} visual tokens but only {num_remaining} remain; keeping all "
-            f"{num_remaining}. Use a fraction (e.g. keep=0.25) to scale with the image.",
-            UserWarning,
-            stacklevel=2,
-        )
-        count = num_remaining
-    return count
-
-
-def validate_keep(keep: int | float, name: str = "keep") -> None:
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-        raise TypeError(f"{name} must be an int (token count) or a float in (0, 1] (fraction), got {keep!r}")
-    if isinstance(keep, float):
-        if not (0.0 < keep <= 1.0) or math.isnan(keep):
-            raise ValueError(f"{name}={keep}: a fractional keep must lie in (0, 1]; use an int for a count.")
-    elif keep <= 0:
-        raise ValueError(f"{name}={keep}: keep at least one visual token (keep >= 1 or a fraction in (0, 1]).")
-
-
-def as_list(value, n: int, name: str) -> list:
-    values = list(value) if isinstance(value, (list, tuple)) else [value] * n
-    if len(values) != n:
-        raise ValueError(f"{name} has {len(values)} entries but there are {n} stages")
-    return values
+#: the model the published schedules and layers refer to (LLaVA-1.5-7B: 32 decoder layers, 576 visual tokens)
+REFERENCE_LAYERS = 32
+REFERENCE_TOKENS = 576
 
 
 class Press:
-    """Base class of pruning methods. Subclasses are dataclasses that implement `stages` and `score`."""
+    """Base class of pruning methods. Subclasses are dataclasses with (at least) a `debias` and a `positions`
+    field, and implement `stages` and `score` (or `select`)."""
 
-    debias: "Debias | None" = None
-    last_selection: list[StageSelection]
-    #: which query tokens the scores come from (recorded in calibrated profiles), e.g. "last"; None: no attention
+    #: registry / CLI name, e.g. "fastv"
+    name: ClassVar[str] = ""
+    #: one line for tables and --help
+    summary: ClassVar[str] = ""
+    #: which query tokens the scores come from (recorded in calibrated profiles), e.g. "last"; None: the method
+    #: uses no attention, so there is nothing to debias
     query: ClassVar[str | None] = None
+    #: published debiasing settings, used where `Debias` leaves them unset (None)
+    debias_defaults: ClassVar[dict] = {"padding_threshold": 0.5, "drop_padding": False}
+    #: the method's name in built-in profile names (llava-1.5-7b/<profile_name>/<benchmark>); default `name`
+    profile_name: ClassVar[str | None] = None
 
-    def stages(self) -> list[Stage]:
+    debias: Debias | None = None
+    positions: "Positions" = "original"
+    last_selection: list[StageSelection]
+
+    # --- what a method implements ----------------------------------------------------------------------
+    def stages(self, num_layers: int = REFERENCE_LAYERS) -> list[Stage]:
+        """The stages on a model with `num_layers` decoder layers."""
         raise NotImplementedError
 
-    def score(self, ctx: "StageContext") -> list[torch.Tensor]:
-        """Per sample, (R_b,) float scores of the visual tokens still in the sequence (ctx.visual_ranks[b]),
-        higher = more important. Called once per stage during prefill."""
+    def score(self, ctx: StageContext) -> list[torch.Tensor]:
+        """Per sample, (R_b,) float scores of the visual tokens present (`ctx.visual_ranks[b]`), higher = more
+        important: the attention-derived score the method ranks by (debiased by the default `select`)."""
         raise NotImplementedError
 
-    def __call__(self, model: nn.Module, *, processor=None, image_sizes: Sequence | None = None) -> "PruningSession":
+    def select(self, ctx: StageContext) -> list[Kept | torch.Tensor]:
+        """Per sample, the visual ranks that stay (a sorted long tensor) or a `Kept` with merged/inserted tokens.
+        Default: the top-k of the debiased scores."""
+        return ctx.top_k(ctx.debias(self.score(ctx)))
+
+    def input_layers(self) -> tuple[int, ...]:
+        """Decoder layers (besides the stages' score layers) whose input the method reads, e.g. (0,) for the
+        language model's input embeddings."""
+        return ()
+
+    # --- shared machinery --------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, **options) -> "Press":
+        """Build from generic options (the CLI's): those set to None are left at the method's defaults; an
+        option the method does not take is an error naming it."""
+        from dataclasses import fields
+
+        accepted = {f.name for f in fields(cls) if f.init}
+        given = {k: v for k, v in options.items() if v is not None}
+        unknown = sorted(set(given) - accepted)
+        if unknown:
+            raise ValueError(f"{cls.name or cls.__name__} takes no {', '.join(unknown)} (it takes {', '.join(sorted(accepted))})")
+        return cls(**given)
+
+    def __call__(self, model: nn.Module, *, processor=None, image_sizes: Sequence | None = None,
+                 dry_run: bool = False) -> PruningSession:
         """Attach to `model` for the duration of a `with` block.
 
         processor: the model's processor or image processor; needed for padding debiasing (its geometry).
         image_sizes: original (width, height) of each image in the batch, in prompt order (PIL's `.size`);
             needed for padding debiasing.
+        dry_run: decide and record every stage, cut nothing (the model runs unpruned).
         """
-        from .engine import PruningSession
-
-        return PruningSession(self, model, processor=processor, image_sizes=image_sizes)
+        return PruningSession(self, model, processor=processor, image_sizes=image_sizes, dry_run=dry_run)
 
     def validate(self, num_layers: int) -> list[Stage]:
         """Check the stages against a model with `num_layers` decoder layers; return them."""
-        stages = self.stages()
-        if not stages:
-            raise ValueError(f"{type(self).__name__} declares no stage")
-        previous_layer, previous_keep = 0, None
-        for stage in stages:
-            validate_keep(stage.keep)
-            if not (1 <= stage.layer < num_layers):
-                raise ValueError(
-                    f"{type(self).__name__}: layer={stage.layer} is out of range; the model has {num_layers} "
-                    f"decoder layers, so pruning can happen before layers 1..{num_layers - 1} (layer 0 must see "
-                    "every token)."
-                )
-            if stage.layer <= previous_layer and previous_keep is not None:
-                raise ValueError(f"{type(self).__name__}: stage layers must increase, got {[s.layer for s in stages]}")
-            if stage.score_layer is not None and not (0 <= stage.score_layer <= stage.layer):
-                raise ValueError(f"score_layer={stage.score_layer} must lie in [0, layer={stage.layer}]")
-            if stage.score_layer is not None and stage.score_layer < previous_layer:
-                raise ValueError("a stage cannot be scored before the previous stage has cut")
-            if (
-                previous_keep is not None
-                and type(stage.keep) is type(previous_keep)
-                and stage.keep > previous_keep
-            ):
-                raise ValueError(f"keep must not grow from one stage to the next, got {[s.keep for s in stages]}")
-            previous_layer, previous_keep = stage.layer, stage.keep
-        return stages
+        return validate_stages(self.stages(num_layers), num_layers, type(self).__name__)
+
+    def resolved_debias(self) -> Debias | None:
+        """`debias` with the method's published defaults filled in (None: no debiasing)."""
+        if self.debias is None:
+            return None
+        return self.debias.with_defaults(**self.debias_defaults)
+
+    def padding_threshold(self) -> float:
+        """The padded-pixel share above which a token counts as padding, for this method."""
+        debias = self.resolved_debias()
+        return debias.padding_threshold if debias is not None else self.debias_defaults["padding_threshold"]
+
+    def equivalent_tokens(self, num_visual: int = REFERENCE_TOKENS, num_layers: int = REFERENCE_LAYERS) -> float:
+        """Visual tokens each decoder layer processes, averaged over the layers (the papers' "equivalent"
+        budget), on a model with `num_layers` layers and `num_visual` visual tokens (default LLaVA-1.5-7B)."""
+        return equivalent_tokens(self.stages(num_layers), num_visual, num_layers)
+
+    def _check_common(self) -> None:
+        """Validate the fields every press has (call from `__post_init__`)."""
+        if self.debias is not None and not isinstance(self.debias, Debias):
+            raise TypeError(
+                f"{type(self).__name__}(debias={self.debias!r}): pass vtprune.Debias(...) (e.g. Debias(profile='auto')) "
+                "or None"
+            )
+        if self.debias is not None and self.query is None:
+            raise ValueError(f"{type(self).__name__} ranks without attention scores: there is nothing to debias")
+        if self.positions not in ("original", "compact"):
+            raise ValueError(f"positions={self.positions!r}: use 'original' or 'compact'")
 
 
-__all__ = ["Press", "Stage", "StageSelection", "resolve_keep", "validate_keep", "as_list"]
+# --- helpers for methods -------------------------------------------------------------------------------
+def layer_list(value, name: str = "layer") -> list[int]:
+    """A layer or a list of layers as a list of ints (rejecting floats and bools)."""
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    for item in values:
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise TypeError(f"{name} must be an int or a list of ints, got {value!r}")
+    return values
+
+
+def scale_layers(layers: Sequence[int], num_layers: int) -> list[int]:
+    """Published stage layers (for LLaVA-1.5-7B's 32 layers) on a model with `num_layers` layers: the first
+    stays where it is (a shallow layer), later ones move to the same relative depth, strictly increasing."""
+    if num_layers == REFERENCE_LAYERS:
+        return list(layers)
+    out = [min(layers[0], num_layers - len(layers))]
+    for layer in layers[1:]:
+        out.append(max(out[-1] + 1, round(layer * num_layers / REFERENCE_LAYERS)))
+    if out[-1] >= num_layers:
+        raise ValueError(f"the schedule {list(layers)} does not fit a model with {num_layers} decoder layers")
+    return out
+
+
+def budget_fraction(budget: int | float, name: str = "budget") -> float:
+    """A budget as a fraction of the visual tokens: a float in (0, 1], or a count of LLaVA-1.5-7B's 576."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise TypeError(f"{name} must be a token count (int) or a fraction in (0, 1] (float), got {budget!r}")
+    if isinstance(budget, float):
+        if math.isnan(budget) or not (0.0 < budget <= 1.0):
+            raise ValueError(f"{name}={budget}: a fractional budget must lie in (0, 1]; an int is a token count of 576")
+        return budget
+    if not (1 <= budget <= REFERENCE_TOKENS):
+        raise ValueError(f"{name}={budget}: a token budget must lie in 1..{REFERENCE_TOKENS} (LLaVA-1.5-7B's visual tokens)")
+    return budget / REFERENCE_TOKENS
+
+
+def schedule_for_budget(tables: dict[int, Sequence[float]], budget: int | float) -> list[float]:
+    """Keep fractions per stage for `budget`, from published schedules {budget (of 576): kept counts}:
+    a published budget gives its schedule exactly; between two, each stage interpolates linearly; outside,
+    the nearest schedule scales in proportion. Fractions are capped at 1 and never grow across stages."""
+    fraction = budget_fraction(budget)
+    points = sorted(tables)
+    target = fraction * REFERENCE_TOKENS
+    if target <= points[0] or target >= points[-1]:
+        edge = points[0] if target <= points[0] else points[-1]
+        keeps = [k * target / edge for k in tables[edge]]
+    else:
+        high = next(p for p in points if p >= target)
+        low = max(p for p in points if p <= target)
+        weight = 0.0 if high == low else (target - low) / (high - low)
+        keeps = [a + weight * (b - a) for a, b in zip(tables[low], tables[high])]
+    out, previous = [], 1.0
+    for keep in keeps:
+        previous = min(previous, keep / REFERENCE_TOKENS)
+        out.append(previous)
+    return out
+
+
+__all__ = ["Press", "REFERENCE_LAYERS", "REFERENCE_TOKENS", "layer_list", "scale_layers", "budget_fraction",
+           "schedule_for_budget"]

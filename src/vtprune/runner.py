@@ -8,7 +8,6 @@ prefill or `generate()`, and turns the press's first-stage selection into one `S
 from __future__ import annotations
 
 import time
-import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
@@ -19,7 +18,7 @@ from torch import nn
 
 from .adapters.base import VisualSegment
 from .loading import build_inputs
-from .press import Press, resolve_keep
+from .press import Press
 
 
 class Example(Protocol):
@@ -68,12 +67,14 @@ def run_examples(
     generate: bool = True,
     max_new_tokens: int = 3,
     batch_size: int = 16,
+    dry_run: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> RunResult:
     """Run `examples` through `model` (with `press` active, if given), `batch_size` at a time.
 
     generate: greedy `generate()` with `max_new_tokens` (answers are decoded and stripped); False runs the
-    prefill only (calibration, analysis). progress(n) is called after each batch with its size.
+    prefill only (calibration, analysis). dry_run: the press decides and records but cuts nothing.
+    progress(n) is called after each batch with its size.
     """
     device = next(model.parameters()).device
     answers: list[str | None] = []
@@ -84,7 +85,8 @@ def run_examples(
         inputs = build_inputs(processor, images, [example.question for example in batch], device=str(device))
         inputs = {k: v.to(model.dtype) if torch.is_floating_point(v) else v for k, v in inputs.items()}
         sizes = [image.size for image in images]
-        with press(model, processor=processor, image_sizes=sizes) if press is not None else nullcontext():
+        session = press(model, processor=processor, image_sizes=sizes, dry_run=dry_run) if press is not None else nullcontext()
+        with session:
             if generate:
                 output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
                 new_tokens = output[:, inputs["input_ids"].shape[1] :]
@@ -131,13 +133,9 @@ def answer_one(model: nn.Module, processor, image, question: str, press: Press |
 def records_from_selection(press: Press) -> list[ScoreRecord]:
     """One `ScoreRecord` per sample of the press's last request (its first stage)."""
     first = press.last_selection[0]
-    stage = press.stages()[0]
     out = []
     for b, raw in enumerate(first.scores):
-        num_visual = first.num_visual[b]
-        with warnings.catch_warnings():  # the engine already warned about a clamped keep
-            warnings.simplefilter("ignore")
-            keep = resolve_keep(stage.keep, num_visual, num_visual)
+        keep = first.keep[b]
         raw_np = raw.numpy()
         out.append(
             ScoreRecord(

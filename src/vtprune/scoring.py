@@ -2,9 +2,10 @@
 
 Pruning methods need only a few rows of one layer's attention matrix (FastV: the last token's row). Asking
 the model for attention weights would force eager attention everywhere and materialise (B, H, N, N)
-matrices; instead we recompute q for the chosen query rows and k for all tokens from the layer's own input,
-apply the family's RoPE exactly as the layer does, and softmax over the keys each query may see. This costs
-O(N * hidden) per layer and works whatever attention kernel the model runs (eager, sdpa, flash).
+matrices; instead the queries are projected for the chosen rows only, the keys are either taken from the
+layer's own key projection while it ran (exact, and free) or projected from its input, the family's RoPE is
+applied exactly as the layer does (the adapter knows how), and the softmax runs over the keys each query may
+see. This works whatever attention kernel the model runs (eager, sdpa, flash).
 """
 
 from __future__ import annotations
@@ -16,6 +17,54 @@ from .adapters.base import ModelAdapter
 
 
 @torch.no_grad()
+def rotated_queries(
+    adapter: ModelAdapter,
+    layer: nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    query_index: torch.Tensor,
+) -> torch.Tensor:
+    """(B, H, Q, d) queries of the rows `query_index` (B, Q) of `layer`, from its input `hidden_states`
+    (B, N, D, before the input layernorm), with RoPE at those rows' positions."""
+    normed = layer.input_layernorm(hidden_states)
+    rows = torch.gather(normed, 1, query_index[:, :, None].expand(-1, -1, normed.shape[-1]))
+    cos, sin = (t.expand(hidden_states.shape[0], -1, -1) for t in position_embeddings)
+    index = query_index[:, :, None].expand(-1, -1, cos.shape[-1])
+    return adapter.rotate(adapter.project_queries(layer, rows), torch.gather(cos, 1, index), torch.gather(sin, 1, index))
+
+
+@torch.no_grad()
+def rotated_keys(
+    adapter: ModelAdapter,
+    layer: nn.Module,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    *,
+    hidden_states: torch.Tensor | None = None,
+    projected: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B, Hkv, N, d) keys of every token of `layer` with RoPE: from the key projection's output `projected`
+    (B, N, Hkv*d) captured while the layer ran, or else computed from the layer's input `hidden_states`."""
+    if projected is None:
+        projected = adapter.key_projection(layer)(layer.input_layernorm(hidden_states))
+    keys = adapter.shape_keys(layer, projected)
+    cos, sin = (t.expand(keys.shape[0], -1, -1) for t in position_embeddings)
+    return adapter.rotate(keys, cos, sin)
+
+
+@torch.no_grad()
+def attention_probs(layer: nn.Module, queries: torch.Tensor, keys: torch.Tensor, key_allowed: torch.Tensor) -> torch.Tensor:
+    """(B, H, Q, N) float32 softmax of queries (B, H, Q, d) against keys (B, Hkv, N, d) over the allowed keys
+    `key_allowed` (B, Q, N) bool; grouped-query heads share their key head, as in the layer."""
+    batch, heads, num_queries, head_dim = queries.shape
+    groups = heads // keys.shape[1]
+    grouped = queries.reshape(batch, keys.shape[1], groups * num_queries, head_dim)  # heads grouped by kv head
+    logits = torch.matmul(grouped.float(), keys.float().transpose(-1, -2)) * layer.self_attn.scaling
+    logits = logits.reshape(batch, heads, num_queries, keys.shape[2])
+    logits = logits.masked_fill(~key_allowed[:, None], float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+@torch.no_grad()
 def attention_rows(
     adapter: ModelAdapter,
     layer: nn.Module,
@@ -23,6 +72,7 @@ def attention_rows(
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
     query_index: torch.Tensor,
     key_allowed: torch.Tensor,
+    projected_keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention probabilities of some query rows inside `layer`.
 
@@ -30,26 +80,12 @@ def attention_rows(
     position_embeddings: (cos, sin), each (B or 1, N, head_dim), as the layer receives them.
     query_index: (B, Q) long, positions of the query rows in the sequence.
     key_allowed: (B, Q, N) bool, which keys each query row may attend to (causality and padding).
+    projected_keys: the layer's key-projection output (B, N, Hkv*d), if captured; else recomputed.
     Returns (B, H, Q, N) float32 probabilities; each row sums to 1 over its allowed keys.
     """
-    attn = layer.self_attn
-    batch, length, _ = hidden_states.shape
-    head_dim = attn.head_dim
-    normed = layer.input_layernorm(hidden_states)
-    rows = torch.gather(normed, 1, query_index[:, :, None].expand(-1, -1, normed.shape[-1]))  # (B, Q, D)
+    queries = rotated_queries(adapter, layer, hidden_states, position_embeddings, query_index)
+    keys = rotated_keys(adapter, layer, position_embeddings, hidden_states=hidden_states, projected=projected_keys)
+    return attention_probs(layer, queries, keys, key_allowed)
 
-    query = attn.q_proj(rows).view(batch, rows.shape[1], -1, head_dim).transpose(1, 2)  # (B, H, Q, d)
-    key = attn.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)  # (B, Hkv, N, d)
 
-    cos, sin = position_embeddings
-    cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
-    index = query_index[:, :, None].expand(-1, -1, cos.shape[-1])
-    query = adapter.rotate(query, torch.gather(cos, 1, index), torch.gather(sin, 1, index))
-    key = adapter.rotate(key, cos, sin)
-
-    groups = query.shape[1] // key.shape[1]
-    query = query.reshape(batch, key.shape[1], groups * query.shape[2], head_dim)  # heads grouped by kv head
-    logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scaling  # (B, Hkv, G*Q, N)
-    logits = logits.reshape(batch, -1, query_index.shape[1], length)  # (B, H, Q, N)
-    logits = logits.masked_fill(~key_allowed[:, None], float("-inf"))
-    return torch.softmax(logits, dim=-1)
+__all__ = ["rotated_queries", "rotated_keys", "attention_probs", "attention_rows"]

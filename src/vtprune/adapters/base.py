@@ -68,13 +68,18 @@ class ModelAdapter:
     def decoder_layers(self) -> nn.ModuleList:
         raise NotImplementedError
 
+    @property
+    def language_model(self) -> nn.Module:
+        """The decoder stack (its forward receives `inputs_embeds`, the 2-D mask and position ids)."""
+        raise NotImplementedError
+
     # --- visual tokens -------------------------------------------------------------------------------
     def visual_layout(self, input_ids: torch.Tensor) -> VisualLayout:
         """Find the visual tokens of each sample of `input_ids` (B, N)."""
         raise NotImplementedError
 
     def image_geometry(self, processor):
-        """The `debias.geometry.ImageGeometry` that maps an original image onto this model's patch grid."""
+        """The `geometry.ImageGeometry` that maps an original image onto this model's patch grid."""
         raise NotImplementedError
 
     def padding_fractions(self, layout: VisualLayout, image_sizes, processor) -> list[torch.Tensor]:
@@ -88,3 +93,28 @@ class ModelAdapter:
         """Apply the family's RoPE to x (B, H, N, D) with cos/sin (B, N, D)."""
         rotated, _ = self.rotary_fn(x, x, cos, sin)
         return rotated
+
+    def position_embeddings(self, hidden_states: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) the decoder layers receive for `position_ids` (as the language model computes them)."""
+        return self.language_model.rotary_emb(hidden_states, position_ids)
+
+    def project_queries(self, layer: nn.Module, normed: torch.Tensor) -> torch.Tensor:
+        """(B, H, Q, d) queries of `layer` for normed input rows (B, Q, D), before RoPE (with the family's
+        query norm, if it has one)."""
+        attn = layer.self_attn
+        query = attn.q_proj(normed).view(*normed.shape[:2], -1, attn.head_dim)
+        if getattr(attn, "q_norm", None) is not None:
+            query = attn.q_norm(query)
+        return query.transpose(1, 2)
+
+    def key_projection(self, layer: nn.Module) -> nn.Module:
+        """The module whose output is `layer`'s projected keys (B, N, Hkv*d); hooked to reuse them."""
+        return layer.self_attn.k_proj
+
+    def shape_keys(self, layer: nn.Module, projected: torch.Tensor) -> torch.Tensor:
+        """(B, Hkv, N, d) keys before RoPE from the key projection's output (B, N, Hkv*d)."""
+        attn = layer.self_attn
+        key = projected.view(*projected.shape[:2], -1, attn.head_dim)
+        if getattr(attn, "k_norm", None) is not None:
+            key = attn.k_norm(key)
+        return key.transpose(1, 2)

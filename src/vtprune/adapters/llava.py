@@ -40,6 +40,10 @@ class LlavaAdapter(ModelAdapter):
     def decoder_layers(self) -> nn.ModuleList:
         return self.base.language_model.layers
 
+    @property
+    def language_model(self) -> nn.Module:
+        return self.base.language_model
+
     def visual_layout(self, input_ids: torch.Tensor) -> VisualLayout:
         is_image = input_ids == self.image_token_id  # (B, N)
         positions, segments = [], []
@@ -70,7 +74,7 @@ class LlavaAdapter(ModelAdapter):
 
     def image_geometry(self, processor):
         """The `ImageGeometry` of `processor` for this model's vision tower (checked against its grid)."""
-        from ..debias.geometry import geometry_from_processor
+        from ..geometry import geometry_from_processor
 
         geometry = geometry_from_processor(processor, patch_size=self.patch_size, image_size=self.image_size)
         if tuple(geometry.grid) != self.grid:
@@ -81,7 +85,7 @@ class LlavaAdapter(ModelAdapter):
         return geometry
 
     def padding_fractions(self, layout: VisualLayout, image_sizes, processor) -> list[torch.Tensor]:
-        from ..debias.geometry import padded_fraction
+        from ..geometry import padded_fraction
 
         geometry = self.image_geometry(processor)
         out = []

@@ -9,14 +9,15 @@ Two biases inherited from LLMs distort attention-based token ranking:
   inflated attention. Their score is set to zero, they rank after every real token, and (by default) the
   keep count is lowered to the number of real tokens.
 
-`Debias` holds the switches; the engine applies it to every press's scores in the same way.
+`Debias` holds the switches; a method applies it to the attention-derived part of its score through
+`StageContext.debias`, the same function for every method.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, Sequence
 
 import torch
@@ -32,28 +33,49 @@ class Debias:
         `Profile`, "auto" (fit the trend on each request's own scores, robustly: no calibration), or None
         for no positional debiasing.
     padding: zero the scores of padding tokens (needs `processor=` and `image_sizes=` on the press call).
-    padding_threshold: a token is padding when more than this share of its pixels is padding.
-    drop_padding: also lower the keep count to the number of real tokens (as the published FastV code).
-        With False, padding tokens fill the budget only when there are fewer real tokens than `keep`.
+    padding_threshold: a token is padding when more than this share of its pixels is padding; None: the
+        method's published value (FastV, HiMAP, SparseVLM 0.5; PyramidDrop 0.01).
+    drop_padding: also lower the keep count to the number of real tokens (as the published FastV code);
+        with False, padding tokens rank last and fill the budget only when there are fewer real tokens than
+        `keep`. None: the method's published behaviour (True for FastV, False for the others).
     stages: debias the first stage only (as published) or every stage.
     """
 
     profile: "str | os.PathLike | object | None" = None
     padding: bool = True
-    padding_threshold: float = 0.5
-    drop_padding: bool = True
+    padding_threshold: float | None = None
+    drop_padding: bool | None = None
     stages: Literal["first", "all"] = "first"
     _loaded: object = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not (0.0 <= self.padding_threshold < 1.0) or math.isnan(self.padding_threshold):
-            raise ValueError(f"padding_threshold={self.padding_threshold} must lie in [0, 1)")
+        if not isinstance(self.padding, bool):
+            raise TypeError(f"padding={self.padding!r} must be True or False")
+        if self.padding_threshold is not None and (
+            isinstance(self.padding_threshold, bool)
+            or not isinstance(self.padding_threshold, (int, float))
+            or math.isnan(self.padding_threshold)
+            or not (0.0 <= self.padding_threshold < 1.0)
+        ):
+            raise ValueError(f"padding_threshold={self.padding_threshold!r} must lie in [0, 1)")
+        if self.drop_padding is not None and not isinstance(self.drop_padding, bool):
+            raise TypeError(f"drop_padding={self.drop_padding!r} must be True, False or None")
         if self.stages not in ("first", "all"):
             raise ValueError(f"stages={self.stages!r}: use 'first' or 'all'")
         if self.profile is not None and self.profile != "auto":
             from .profiles import load_profile
 
             object.__setattr__(self, "_loaded", load_profile(self.profile))
+
+    def with_defaults(self, padding_threshold: float, drop_padding: bool) -> "Debias":
+        """A copy whose unset (None) fields take a method's published values."""
+        resolved = replace(
+            self,
+            padding_threshold=padding_threshold if self.padding_threshold is None else self.padding_threshold,
+            drop_padding=drop_padding if self.drop_padding is None else self.drop_padding,
+        )
+        object.__setattr__(resolved, "_loaded", self._loaded)
+        return resolved
 
     @property
     def loaded_profile(self):

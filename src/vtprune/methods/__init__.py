@@ -1,8 +1,25 @@
-"""Pruning methods, one file each. `METHODS` maps CLI names to classes."""
+"""Pruning methods, one file each, and the registry every command enumerates: `METHODS` maps a method's
+name (CLI `--method`) to its press class."""
 
+from __future__ import annotations
+
+from ..press import Press
 from .fastv import FastV
 from .random import Random
 
-METHODS = {"fastv": FastV, "random": Random}
+METHODS: dict[str, type[Press]] = {cls.name: cls for cls in (FastV, Random)}
 
-__all__ = ["FastV", "Random", "METHODS"]
+
+def method(name: str) -> type[Press]:
+    """The press class registered as `name`, or an error listing the known names."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def attention_methods() -> list[str]:
+    """Names of the methods that rank by attention (what debiasing and calibration apply to)."""
+    return [name for name, cls in METHODS.items() if cls.query is not None]
+
+
+__all__ = ["FastV", "Random", "METHODS", "method", "attention_methods"]

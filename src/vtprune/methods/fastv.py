@@ -3,6 +3,7 @@
 Before decoder layer K, rank the visual tokens by the attention the last token paid them inside layer K-1,
 averaged over heads, and keep the top R; layers 0..K-1 see every token. Defaults follow the official code
 for LLaVA-1.5-7B (K=2). Several layers/keeps make a schedule: each stage re-ranks what the previous kept.
+Debiasing (arXiv 2508.17807's FastV patch): padding threshold 0.5, keep count lowered to the real tokens.
 """
 
 from __future__ import annotations
@@ -12,27 +13,53 @@ from typing import ClassVar, Sequence
 
 import torch
 
+from ..context import StageContext
 from ..debias import Debias
-from ..engine import StageContext
-from ..press import Press, Stage, as_list
+from ..press import REFERENCE_LAYERS, Press, budget_fraction, layer_list
+from ..stages import Positions, Stage, as_list
 
 
 @dataclass
 class FastV(Press):
-    """keep: visual tokens to keep (int count, or float fraction of the image's tokens), one per stage.
+    """keep: visual tokens to keep (int count, or float fraction of the image's tokens), one per stage
+        (default 64). budget: instead of keep, the budget as the FastV rows of the papers label it (keep R=budget
+        tokens of 576, or a fraction); `equivalent_tokens()` reports the layer-averaged count.
     layer: decoder layer(s) before which tokens are dropped (K in the paper).
-    debias: `Debias(...)` to debias the scores, or None."""
+    debias: `Debias(...)` to debias the scores, or None.
+    positions: "original" (the official code) or "compact"."""
 
-    keep: int | float | Sequence[int | float] = 64
+    keep: int | float | Sequence[int | float] | None = None
     layer: int | Sequence[int] = 2
+    budget: int | float | None = None
     debias: Debias | None = None
-    query: ClassVar[str] = "last"
+    positions: Positions = "original"
 
-    def stages(self) -> list[Stage]:
-        layers = list(self.layer) if isinstance(self.layer, (list, tuple)) else [self.layer]
-        keeps = as_list(self.keep, len(layers), "keep")
-        return [Stage(layer=int(layer), keep=keep, score_layer=int(layer) - 1) for layer, keep in zip(layers, keeps)]
+    name: ClassVar[str] = "fastv"
+    summary: ClassVar[str] = "last token's head-averaged attention in layer K-1; top-k before layer K"
+    query: ClassVar[str] = "last"
+    debias_defaults: ClassVar[dict] = {"padding_threshold": 0.5, "drop_padding": True}
+
+    def __post_init__(self) -> None:
+        self._check_common()
+        layer_list(self.layer)
+        if self.keep is not None and self.budget is not None:
+            raise ValueError("FastV: give keep= or budget=, not both")
+        if self.budget is not None:
+            budget_fraction(self.budget)
+
+    def stages(self, num_layers: int = REFERENCE_LAYERS) -> list[Stage]:
+        layers = layer_list(self.layer)
+        if self.budget is not None:
+            keeps = as_list(budget_fraction(self.budget), len(layers), "budget")
+        else:
+            keeps = as_list(64 if self.keep is None else self.keep, len(layers), "keep")
+        for layer in layers:
+            if layer < 1:
+                raise ValueError(
+                    f"FastV: layer={layer} is out of range; the model has {num_layers} decoder layers, and FastV "
+                    f"scores with the attention inside layer K-1, so it prunes before layers 1..{num_layers - 1}."
+                )
+        return [Stage(layer=layer, keep=keep, score_layer=layer - 1) for layer, keep in zip(layers, keeps)]
 
     def score(self, ctx: StageContext) -> list[torch.Tensor]:
-        last = ctx.last_token_slot()[:, None]  # (B, 1)
-        return ctx.attention_to_visual(last)
+        return [rows[0] for rows in ctx.attention("last")]

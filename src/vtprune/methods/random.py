@@ -1,31 +1,52 @@
-"""Random pruning: keeps a uniformly random subset of the visual tokens (a baseline; no model internals)."""
+"""Random pruning: keeps a uniformly random subset of the visual tokens (a baseline; no model internals).
+`layer=0` prunes at the language model's input, so every decoder layer runs on the shorter sequence."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 
-from ..engine import StageContext
-from ..press import Press, Stage, as_list
+from ..context import StageContext
+from ..press import REFERENCE_LAYERS, Press, budget_fraction, layer_list
+from ..stages import Positions, Stage, as_list
 
 
 @dataclass
 class Random(Press):
-    """keep/layer as in FastV. seed: seeds a generator created per request, so a request's selection is
-    reproducible and independent of global RNG state."""
+    """keep/budget/layer as in FastV (layer 0: at the language model's input). seed: seeds a generator created
+    per request, so a request's selection is reproducible and independent of global RNG state."""
 
-    keep: int | float | Sequence[int | float] = 64
+    keep: int | float | Sequence[int | float] | None = None
     layer: int | Sequence[int] = 2
+    budget: int | float | None = None
     seed: int = 0
+    positions: Positions = "original"
     debias: None = field(default=None, init=False)
 
-    def stages(self) -> list[Stage]:
-        layers = list(self.layer) if isinstance(self.layer, (list, tuple)) else [self.layer]
-        keeps = as_list(self.keep, len(layers), "keep")
-        return [Stage(layer=int(layer), keep=keep, score_layer=None) for layer, keep in zip(layers, keeps)]
+    name: ClassVar[str] = "random"
+    summary: ClassVar[str] = "a seeded uniformly random subset (baseline; no model internals)"
+
+    def __post_init__(self) -> None:
+        self._check_common()
+        layer_list(self.layer)
+        if self.keep is not None and self.budget is not None:
+            raise ValueError("Random: give keep= or budget=, not both")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an int, got {self.seed!r}")
+
+    def stages(self, num_layers: int = REFERENCE_LAYERS) -> list[Stage]:
+        layers = layer_list(self.layer)
+        if self.budget is not None:
+            keeps = as_list(budget_fraction(self.budget), len(layers), "budget")
+        else:
+            keeps = as_list(64 if self.keep is None else self.keep, len(layers), "keep")
+        return [Stage(layer=layer, keep=keep, score_layer=None) for layer, keep in zip(layers, keeps)]
 
     def score(self, ctx: StageContext) -> list[torch.Tensor]:
         generator = torch.Generator().manual_seed(self.seed + 7919 * ctx.stage_index)
-        return [torch.rand(len(ranks), generator=generator) for ranks in ctx.visual_ranks]
+        return [torch.rand(len(ranks), generator=generator).to(ranks.device) for ranks in ctx.visual_ranks]
+
+    def select(self, ctx: StageContext):
+        return ctx.top_k(self.score(ctx))

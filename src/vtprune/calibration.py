@@ -23,8 +23,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .fit import ExpFit, fit_exponential, relative_positions
-from .profiles import Profile
+from .debias.fit import ExpFit, fit_exponential, relative_positions
+from .debias.profiles import Profile
 
 
 @dataclass
@@ -211,24 +211,13 @@ class Calibration:
     records: list
 
 
-def scoring_press(press, padding: bool = True):
-    """A copy of `press` that scores without positional debiasing (padding debiasing only marks padding)."""
-    from dataclasses import fields, replace
-
-    from . import Debias
-
+def check_calibratable(press) -> None:
+    """Refuse presses whose ranking uses no attention (no positional trend to calibrate)."""
     if getattr(press, "query", None) is None:
         raise ValueError(
             f"{type(press).__name__} ranks tokens without attention scores: there is no positional trend to "
             "calibrate. Calibrate an attention-based method (e.g. fastv)."
         )
-    if "debias" not in {f.name for f in fields(press) if f.init}:
-        raise ValueError(f"{type(press).__name__} takes no debias argument")
-    debias = Debias(profile=None, padding=padding, drop_padding=False) if padding else None
-    scorer = replace(press, debias=debias)
-    if "keep" in {f.name for f in fields(press) if f.init}:  # score only: cut nothing
-        scorer = replace(scorer, keep=[1.0] * len(press.stages()) if isinstance(press.keep, (list, tuple)) else 1.0)
-    return scorer
 
 
 def calibrate(
@@ -247,7 +236,8 @@ def calibrate(
 ) -> Calibration:
     """Fit the positional trend of `press`'s first-stage scores on `examples` (see the module docstring).
 
-    press: the method as it will run (its first stage's layer and scorer are used; its debias is ignored).
+    press: the method as it will run: it runs in dry-run mode (nothing is cut) and its first stage's raw
+        attention-derived scores (before debiasing) are fitted; its own debiasing does not change them.
     padding: exclude padding tokens from the fit (needs the processor's geometry; False for processors
         vtprune cannot model). state_path: a JSON file where progress is saved after each chunk, so an
         interrupted calibration resumes (only if it was started on the same model, data and settings).
@@ -257,17 +247,19 @@ def calibrate(
     import json
     from pathlib import Path
 
-    from .. import __version__
-    from ..runner import run_examples
+    from . import __version__
+    from .adapters import adapter_for
+    from .runner import run_examples
 
     if not examples:
         raise ValueError("no calibration examples")
-    scorer = scoring_press(press, padding=padding)
-    stage = scorer.stages()[0]
-    method = method or type(press).__name__.lower()
+    check_calibratable(press)
+    stage = press.validate(len(adapter_for(model).decoder_layers))[0]
+    method = method or getattr(press, "name", "") or type(press).__name__.lower()
     fingerprint = data_fingerprint(examples)
     settings = {"fingerprint": fingerprint, "model": model_fingerprint(model), "method": method,
-                "layer": stage.layer, "padding": padding, "samples": len(examples)}
+                "layer": stage.layer, "score_layer": stage.score_layer, "padding": padding,
+                "padding_threshold": press.padding_threshold(), "samples": len(examples)}
     records: list = []
     state = Path(state_path) if state_path is not None else None
     if state is not None and state.is_file():
@@ -279,9 +271,13 @@ def calibrate(
     chunk = max(batch_size, 8 * batch_size)
     for start in range(len(records), len(examples), chunk):
         part = examples[start : start + chunk]
-        records += run_examples(
-            model, processor, part, scorer, generate=False, batch_size=batch_size, progress=progress
+        found = run_examples(
+            model, processor, part, press, generate=False, batch_size=batch_size, dry_run=True, progress=progress
         ).records
+        if not padding:  # padding tokens stay in the fit
+            for record in found:
+                record.padding = None
+        records += found
         if state is not None:
             state.write_text(json.dumps({"settings": settings, "records": [_record_to_json(r) for r in records]}))
     config = model.config
@@ -314,8 +310,8 @@ def _record_to_json(record) -> dict:
 
 
 def _record_from_json(data: dict):
-    from ..adapters.base import VisualSegment
-    from ..runner import ScoreRecord
+    from .adapters.base import VisualSegment
+    from .runner import ScoreRecord
 
     raw = np.array([np.nan if v is None else v for v in data["raw"]], dtype=np.float32)
     empty = np.zeros(0, dtype=np.int64)
@@ -331,6 +327,6 @@ def _record_from_json(data: dict):
 
 
 __all__ = [
-    "PositionCurve", "Calibration", "calibrate", "scoring_press", "mean_score_curve", "keep_frequency",
+    "PositionCurve", "Calibration", "calibrate", "check_calibratable", "mean_score_curve", "keep_frequency",
     "smooth_curve", "data_fingerprint", "model_fingerprint", "profile_from_records",
 ]

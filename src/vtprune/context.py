@@ -1,0 +1,264 @@
+"""What a method can ask for while it decides one stage: `StageContext`.
+
+The engine builds one context per stage of a prefill, at the layer where the stage cuts. Everything is
+computed lazily and only for the rows asked for, from the scoring layer's input (and the keys that layer
+projected while it ran), so nothing here needs eager attention. Per-sample results are lists, because samples
+of a batch keep different numbers of tokens.
+
+Index spaces: *slots* are positions in the sequence as it is now (after earlier cuts; engine padding
+included, masked); *visual ranks* number a sample's visual tokens in prompt order (0..V_b-1). Methods score
+and decide in ranks (`visual_ranks[b]` lists the ranks still present, in sequence order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Sequence
+
+import torch
+from torch import nn
+
+from .adapters.base import ModelAdapter, VisualSegment
+from .scoring import attention_probs, rotated_keys, rotated_queries
+from .stages import Stage, resolve_keep, top_k
+
+if TYPE_CHECKING:
+    from .debias import Debias
+
+TokenKind = Literal["visual", "text", "system", "instruction", "last"]
+
+
+@dataclass
+class LayerInput:
+    """What a decoder layer received (and projected), recorded for scoring.
+
+    hidden_states: (B, N, D) the layer's input; position_embeddings: (cos, sin) it received;
+    projected_keys: (B, N, Hkv*d) its key projection's output while it ran, or None (not run yet).
+    """
+
+    index: int
+    layer: nn.Module
+    hidden_states: torch.Tensor
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
+    projected_keys: torch.Tensor | None = None
+
+
+@dataclass
+class StageContext:
+    """One stage of one request, as a method sees it.
+
+    visual_slots[b] / visual_ranks[b]: (R_b,) slots and visual ranks of sample b's visual tokens still present
+        (tokens inserted by an earlier stage have ranks from V_b on).
+    position_ranks[b]: (R_b,) the original rank whose position each of them has (the positional trend's x).
+    slot_visual_rank: (B, N) visual rank of each slot (-1: not a visual token, or engine padding).
+    slot_valid: (B, N) bool, real tokens (not batch or engine padding).
+    slot_prompt_position: (B, N) the prompt position each slot came from (-1: engine padding).
+    state: per-request dict shared by the press's stages (e.g. SparseVLM's raters).
+    """
+
+    adapter: ModelAdapter
+    stage_index: int
+    stage: Stage
+    num_stages: int
+    visual_slots: list[torch.Tensor]
+    visual_ranks: list[torch.Tensor]
+    position_ranks: list[torch.Tensor]
+    slot_visual_rank: torch.Tensor
+    slot_valid: torch.Tensor
+    slot_prompt_position: torch.Tensor
+    num_visual: list[int]
+    segments: list[list[VisualSegment]]
+    last_visual_position: list[int]  # per sample, prompt position of its last visual token
+    inputs: dict[int, LayerInput]
+    state: dict
+    debias_config: "Debias | None" = None
+    debias_active: bool = False
+    padding_marks: list[torch.Tensor | None] = field(default_factory=list)  # per sample (V_b,) bool, or None
+    dry_run: bool = False  # nothing will be cut (calibration, analysis): keep counts are not warned about
+    # what the stage recorded for its StageSelection
+    recorded_scores: list[torch.Tensor] | None = None
+    recorded_debiased: list[torch.Tensor] | None = None
+    notes: list[str] = field(default_factory=list)
+    _keys: dict = field(default_factory=dict)
+
+    # --- tokens ----------------------------------------------------------------------------------------
+    @property
+    def num_samples(self) -> int:
+        return len(self.visual_ranks)
+
+    def tokens(self, kind: TokenKind) -> list[torch.Tensor]:
+        """Per sample, (Q_b,) slots of the real tokens of one kind, in sequence order.
+
+        visual: visual tokens present; text: every other token; system: text before the first image;
+        instruction: text after the last image (the question and the assistant prefix, last token included);
+        last: the last token (a single slot)."""
+        out = []
+        for b in range(self.num_samples):
+            valid = self.slot_valid[b]
+            visual = self.slot_visual_rank[b] >= 0
+            position = self.slot_prompt_position[b]
+            if kind == "visual":
+                mask = valid & visual
+            elif kind == "text":
+                mask = valid & ~visual
+            elif kind == "system":
+                first = int(self.slot_prompt_position[b][visual].min()) if bool(visual.any()) else -1
+                mask = valid & ~visual & (position < first)
+            elif kind == "instruction":
+                mask = valid & ~visual & (position > self.last_visual_position[b])
+            elif kind == "last":
+                slots = torch.nonzero(valid).flatten()
+                out.append(slots[-1:])
+                continue
+            else:
+                raise ValueError(f"unknown token kind {kind!r}: use visual, text, system, instruction or last")
+            out.append(torch.nonzero(mask).flatten())
+        return out
+
+    # --- model internals ---------------------------------------------------------------------------------
+    def _input(self, layer: int | None) -> LayerInput:
+        index = self.stage.score_layer if layer is None else layer
+        if index is None or index not in self.inputs:
+            available = sorted(self.inputs)
+            raise ValueError(
+                f"stage {self.stage_index} (layer {self.stage.layer}) has no recorded input of layer {index}; "
+                f"recorded: {available}. Declare the layer as the stage's score_layer."
+            )
+        return self.inputs[index]
+
+    def hidden_states(self, layer: int | None = None) -> torch.Tensor:
+        """(B, N, D) input of decoder `layer` (default: the stage's score layer; 0: the language model's
+        input embeddings) over the current slots."""
+        return self._input(layer).hidden_states
+
+    def keys(self, layer: int | None = None) -> torch.Tensor:
+        """(B, Hkv, N, d) keys of decoder `layer` (default: the score layer) with RoPE, over the current slots:
+        the ones the layer projected while it ran when it has run, else projected from its input."""
+        record = self._input(layer)
+        if record.index not in self._keys:
+            if record.position_embeddings is None:
+                raise ValueError(f"layer {record.index}'s input has no position embeddings: no keys to compute")
+            self._keys[record.index] = rotated_keys(
+                self.adapter, record.layer, record.position_embeddings,
+                hidden_states=record.hidden_states, projected=record.projected_keys,
+            )
+        return self._keys[record.index]
+
+    def attention(
+        self,
+        queries: TokenKind | Sequence[torch.Tensor],
+        *,
+        keys: Literal["visual", "all"] = "visual",
+        heads: Literal["mean", "all"] = "mean",
+        layer: int | None = None,
+    ) -> list[torch.Tensor]:
+        """Attention paid by query tokens inside decoder `layer` (default: the stage's score layer).
+
+        queries: a token kind, or per sample (Q_b,) slots. Each query attends causally to the real tokens up to
+        itself (softmax over all of them, as in the layer). keys: "visual" returns the columns of the visual
+        tokens present (R_b, in `visual_ranks[b]` order), "all" every slot (N; masked slots 0).
+        Returns per sample (Q_b, R_b or N) with heads="mean" (mean over heads), (H, Q_b, R_b or N) with "all".
+        """
+        record = self._input(layer)
+        slots = self.tokens(queries) if isinstance(queries, str) else [torch.as_tensor(q).long() for q in queries]
+        if len(slots) != self.num_samples:
+            raise ValueError(f"queries for {len(slots)} samples, the batch has {self.num_samples}")
+        counts = [int(s.numel()) for s in slots]
+        if min(counts) == 0:
+            raise ValueError(f"a sample has no query tokens (counts per sample: {counts})")
+        width = max(counts)
+        device = self.slot_valid.device
+        query_index = torch.stack([torch.cat([s.to(device), s[-1:].to(device).expand(width - len(s))]) for s in slots])
+        queries_rot = rotated_queries(self.adapter, record.layer, record.hidden_states, record.position_embeddings, query_index)
+        length = self.slot_valid.shape[1]
+        allowed = self.slot_valid[:, None, :] & (
+            torch.arange(length, device=device)[None, None, :] <= query_index[:, :, None]
+        )
+        probs = attention_probs(record.layer, queries_rot, self.keys(record.index), allowed)  # (B, H, Qmax, N)
+        if heads == "mean":
+            probs = probs.mean(dim=1)  # (B, Qmax, N)
+        elif heads != "all":
+            raise ValueError(f"heads={heads!r}: use 'mean' or 'all'")
+        out = []
+        for b, count in enumerate(counts):
+            rows = probs[b, :count] if heads == "mean" else probs[b, :, :count]
+            if keys == "visual":
+                rows = rows[..., self.visual_slots[b]]
+            elif keys != "all":
+                raise ValueError(f"keys={keys!r}: use 'visual' or 'all'")
+            out.append(rows)
+        return out
+
+    # --- debiasing ---------------------------------------------------------------------------------------
+    @property
+    def padding(self) -> list[torch.Tensor | None]:
+        """Per sample, (R_b,) bool: which visual tokens present are padding (None when unknown; inserted tokens
+        are not padding)."""
+        out = []
+        for marks, ranks in zip(self.padding_marks, self.visual_ranks):
+            if marks is None:
+                out.append(None)
+                continue
+            original = ranks < marks.numel()
+            out.append(torch.where(original, marks[ranks.clamp(max=marks.numel() - 1)], False))
+        return out
+
+    @property
+    def debias_padding(self) -> bool:
+        """Whether padding debiasing applies at this stage."""
+        return self.debias_active and self.debias_config.padding
+
+    def debias(self, scores: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Debias per-sample scores (R_b,) of the visual tokens present: divide by the positional trend and zero
+        padding tokens, when debiasing applies at this stage (else returned as float32, unchanged). Call it on
+        the attention-derived part a method ranks by; the stage's record keeps both versions."""
+        raw = [s.float() for s in scores]
+        self._check_shapes(raw)
+        if self.recorded_scores is None:
+            self.recorded_scores = raw
+        if not self.debias_active:
+            return raw
+        out = []
+        for b, values in enumerate(raw):
+            padding = self.padding[b] if self.debias_config.padding else None
+            out.append(self.debias_config.apply(values, self.position_ranks[b], self.segments[b], padding))
+        if self.recorded_debiased is None:
+            self.recorded_debiased = out
+        return out
+
+    # --- selection ---------------------------------------------------------------------------------------
+    def keep_count(self, b: int, keep: int | float | None = None) -> int:
+        """How many visual tokens sample b keeps at this stage (`keep` or the stage's), clamped to what remains;
+        lowered to the real tokens when padding debiasing applies with drop_padding."""
+        count = resolve_keep(self.stage.keep if keep is None else keep, self.num_visual[b], len(self.visual_ranks[b]),
+                             warn=not self.dry_run)
+        padding = self.padding[b]
+        if self.debias_padding and padding is not None and self.debias_config.drop_padding:
+            count = max(1, min(count, int((~padding).sum())))
+        return count
+
+    def top_k(self, scores: Sequence[torch.Tensor], keep: int | float | None = None) -> list[torch.Tensor]:
+        """The shared selection rule: per sample, the `keep_count` best visual ranks by `scores` (R_b,), sorted;
+        ties keep sequence order; when padding debiasing applies, padding tokens rank after every real token."""
+        scores = [s.float() for s in scores]
+        self._check_shapes(scores)
+        if self.recorded_scores is None:
+            self.recorded_scores = scores
+        kept = []
+        for b, values in enumerate(scores):
+            padding = self.padding[b] if self.debias_padding else None
+            kept.append(top_k(values, self.visual_ranks[b], self.keep_count(b, keep), padding))
+        return kept
+
+    def _check_shapes(self, scores: Sequence[torch.Tensor]) -> None:
+        if len(scores) != self.num_samples:
+            raise RuntimeError(f"scores for {len(scores)} samples, the batch has {self.num_samples}")
+        for b, values in enumerate(scores):
+            if values.shape != self.visual_ranks[b].shape:
+                raise RuntimeError(
+                    f"scores of sample {b} have shape {tuple(values.shape)}, expected "
+                    f"{tuple(self.visual_ranks[b].shape)} (one per visual token present)"
+                )
+
+
+__all__ = ["StageContext", "LayerInput", "TokenKind"]

@@ -1,0 +1,199 @@
+"""What a pruning method declares and decides, as plain data: stages, per-sample decisions, and the record of
+what each stage did. No model code lives here; the engine (`vtprune.engine`) acts on these.
+
+Index spaces used throughout:
+
+* visual rank: the index of a visual token among its sample's visual tokens in prompt order (0..V_b-1, images
+  one after another). Methods decide in ranks; records report ranks.
+* slot: a position in the sequence as it is now, after earlier cuts (what `StageContext` queries and keys use).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+import torch
+
+from .adapters.base import VisualSegment
+
+Positions = Literal["original", "compact"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pruning stage.
+
+    layer: the visual tokens not kept are removed before this decoder layer runs; 0 prunes at the language
+        model's input (the embeddings), before any decoder layer.
+    keep: how many visual tokens remain after the stage: an int count, or a float in (0, 1] taken as a
+        fraction of the sample's visual tokens (rounded, at least 1).
+    score_layer: the decoder layer whose *input* the method's attention is computed from (FastV: layer - 1,
+        i.e. the attention inside the previous layer; PyramidDrop: layer itself, with that layer's weights);
+        None when the method needs no attention (Random, diversity-based methods).
+    """
+
+    layer: int
+    keep: int | float
+    score_layer: int | None
+
+
+@dataclass
+class Kept:
+    """One sample's decision at one stage.
+
+    ranks: (k,) long, sorted visual ranks that stay in the sequence.
+    values: (k, D) hidden states written into those tokens (merging pruned tokens into kept ones), or None.
+    extra: (m, D) tokens inserted into the sequence (e.g. SparseVLM's recycled clusters), or None. Inserted
+        tokens count as visual tokens at later stages, with new ranks V_b, V_b + 1, ... in insertion order.
+    extra_after: (m,) kept rank each inserted token follows in the sequence (several after one rank keep their
+        order); default: the last kept rank.
+    extra_positions: (m,) rank whose position (RoPE, and the positional trend) each inserted token takes when
+        positions are "original"; default: `extra_after`. With "compact" positions tokens are renumbered in
+        sequence order.
+    """
+
+    ranks: torch.Tensor
+    values: torch.Tensor | None = None
+    extra: torch.Tensor | None = None
+    extra_after: torch.Tensor | None = None
+    extra_positions: torch.Tensor | None = None
+
+    @property
+    def num_extra(self) -> int:
+        return 0 if self.extra is None else int(self.extra.shape[0])
+
+    def anchors(self) -> torch.Tensor:
+        """(m,) the kept rank each inserted token follows."""
+        if self.extra_after is not None:
+            return self.extra_after
+        return self.ranks[-1:].expand(self.num_extra)
+
+    def position_sources(self) -> torch.Tensor:
+        """(m,) the rank whose position each inserted token takes (original positions)."""
+        return self.anchors() if self.extra_positions is None else self.extra_positions
+
+
+@dataclass
+class StageSelection:
+    """What one stage did to each sample of the last request. Indices are visual ranks (0..V_b-1).
+
+    scores: per sample, (V_b,) the score the method debiases and ranks by (its attention-derived part), before
+        debiasing; nan for tokens pruned earlier; None for methods that do not score.
+    debiased: the same after debiasing (None when the stage is not debiased).
+    padding: per sample (V_b,) bool padding tokens (None when unknown).
+    extra: per sample, number of tokens the stage inserted (merged/recycled); they are not visual ranks.
+    """
+
+    layer: int
+    kept: list[torch.Tensor]  # per sample, (k_b,) long, sorted
+    num_visual: list[int]
+    keep: list[int]  # per sample, the stage's keep count (before any padding cap)
+    scores: list[torch.Tensor | None]
+    debiased: list[torch.Tensor | None]
+    padding: list[torch.Tensor | None]
+    segments: list[list[VisualSegment]] = field(default_factory=list)  # per sample, its images in order
+    extra: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # per request, e.g. why fewer tokens were kept
+
+
+# --- keep counts -------------------------------------------------------------------------------------------
+def resolve_keep(keep: int | float, num_visual: int, num_remaining: int, *, warn: bool = True) -> int:
+    """Number of visual tokens to keep for one sample; clamps (with a warning) when `keep` exceeds what remains."""
+    count = max(1, round(keep * num_visual)) if isinstance(keep, float) else int(keep)
+    if count > num_remaining:
+        if warn:
+            warnings.warn(
+                f"keep={keep} asks for {count} visual tokens but only {num_remaining} remain; keeping all "
+                f"{num_remaining}. Use a fraction (e.g. keep=0.25) to scale with the image.",
+                UserWarning,
+                stacklevel=3,
+            )
+        count = num_remaining
+    return count
+
+
+def validate_keep(keep, name: str = "keep") -> None:
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+        raise TypeError(f"{name} must be an int (token count) or a float in (0, 1] (fraction), got {keep!r}")
+    if isinstance(keep, float):
+        if math.isnan(keep) or not (0.0 < keep <= 1.0):
+            raise ValueError(f"{name}={keep}: a fractional keep must lie in (0, 1]; use an int for a count.")
+    elif keep <= 0:
+        raise ValueError(f"{name}={keep}: keep at least one visual token (a count >= 1 or a fraction in (0, 1]).")
+
+
+def as_list(value, n: int, name: str) -> list:
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * n
+    if len(values) != n:
+        raise ValueError(f"{name} has {len(values)} entries but there are {n} stages")
+    return values
+
+
+def validate_stages(stages: Sequence[Stage], num_layers: int, owner: str) -> list[Stage]:
+    """Check `stages` against a model with `num_layers` decoder layers; return them as a list."""
+    stages = list(stages)
+    if not stages:
+        raise ValueError(f"{owner} declares no stage")
+    previous: Stage | None = None
+    for stage in stages:
+        validate_keep(stage.keep)
+        if isinstance(stage.layer, bool) or not isinstance(stage.layer, int):
+            raise TypeError(f"{owner}: layer must be an int, got {stage.layer!r}")
+        if not (0 <= stage.layer < num_layers):
+            raise ValueError(
+                f"{owner}: layer={stage.layer} is out of range; the model has {num_layers} decoder layers, so "
+                f"pruning can happen before layers 0..{num_layers - 1} (0 = at the language model's input)."
+            )
+        if stage.score_layer is not None:
+            if stage.layer == 0:
+                raise ValueError(f"{owner}: a stage at layer 0 (the language model's input) has no attention to score")
+            if not (0 <= stage.score_layer <= stage.layer):
+                raise ValueError(f"{owner}: score_layer={stage.score_layer} must lie in [0, layer={stage.layer}]")
+        if previous is not None:
+            if stage.layer <= previous.layer:
+                raise ValueError(f"{owner}: stage layers must increase, got {[s.layer for s in stages]}")
+            if stage.score_layer is not None and stage.score_layer < previous.layer:
+                raise ValueError(
+                    f"{owner}: the stage at layer {stage.layer} scores at layer {stage.score_layer}, before the "
+                    f"previous stage has cut (layer {previous.layer})"
+                )
+            if type(stage.keep) is type(previous.keep) and stage.keep > previous.keep:
+                raise ValueError(f"{owner}: keep must not grow from one stage to the next, got {[s.keep for s in stages]}")
+        previous = stage
+    return stages
+
+
+# --- the shared selection rule -----------------------------------------------------------------------------
+def rank_order(scores: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices of `scores` (R,) from best to worst (stable: ties keep prompt order); padding tokens (R,) bool,
+    when given, always come after every real token."""
+    if padding is not None:
+        scores = torch.where(padding, float("-inf"), scores)
+    return torch.argsort(scores, descending=True, stable=True)
+
+
+def top_k(scores: torch.Tensor, ranks: torch.Tensor, count: int, padding: torch.Tensor | None = None) -> torch.Tensor:
+    """The `count` best of `ranks` (R,) by `scores` (R,), padding last; sorted visual ranks (count,)."""
+    order = rank_order(scores, padding)
+    return torch.sort(ranks[order[:count]]).values
+
+
+def equivalent_tokens(stages: Sequence[Stage], num_visual: int, num_layers: int) -> float:
+    """Visual tokens present per decoder layer, averaged over the layers (the papers' "equivalent" budget):
+    sum over layers of the tokens each layer processes / num_layers. Fractions resolve against `num_visual`."""
+    present, total, layer = num_visual, 0.0, 0
+    for stage in stages:
+        total += present * (stage.layer - layer)
+        layer = stage.layer
+        present = min(present, resolve_keep(stage.keep, num_visual, present, warn=False))
+    total += present * (num_layers - layer)
+    return total / num_layers
+
+
+__all__ = [
+    "Positions", "Stage", "Kept", "StageSelection", "resolve_keep", "validate_keep", "as_list", "validate_stages",
+    "rank_order", "top_k", "equivalent_tokens",
+]

@@ -388,7 +388,7 @@ class PruningSession:
         visual_slots = [torch.nonzero(rank[b] >= 0).flatten() for b in range(slots.shape[0])]
         position_rank = ids.at("position_rank", slots, -1)
         inputs = dict(request.inputs)
-        if live is not None and stage.score_layer == stage.layer:
+        if live is not None:  # the cut layer's input as the stage sees it (before its own cut)
             inputs[stage.layer] = live
         return StageContext(
             adapter=self.adapter,
@@ -591,6 +591,8 @@ def _check_decision(decision: Kept, present: torch.Tensor, width: int, owner: st
             raise RuntimeError(f"{owner}: extra tokens of sample {b} must have shape (m, {width})")
         if not bool(torch.isin(decision.anchors(), ranks).all()):
             raise RuntimeError(f"{owner}: extra tokens of sample {b} must follow kept visual tokens")
+        if not bool(torch.isin(decision.position_sources(), present).all()):
+            raise RuntimeError(f"{owner}: extra tokens of sample {b} take positions of tokens not present")
 
 
 def _slots_of_ranks(slot_rank: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
@@ -656,8 +658,11 @@ def _compact_positions(position_ids0: torch.Tensor | None, base_valid: torch.Ten
 
 
 def _scatter_full(values: torch.Tensor, ranks: torch.Tensor, num_visual: int) -> torch.Tensor:
+    """(V,) float32 record of per-token values over the original visual ranks (nan: absent; values of
+    inserted tokens, ranks >= V, are not recorded)."""
     full = torch.full((num_visual,), float("nan"), dtype=torch.float32)
-    full[ranks.cpu()] = values.detach().float().cpu()
+    original = ranks < num_visual
+    full[ranks[original].cpu()] = values[original].detach().float().cpu()
     return full
 
 

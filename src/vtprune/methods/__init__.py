@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from ..press import Press
 from .fastv import FastV
+from .himap import HiMAP
+from .pdrop import PyramidDrop
 from .random import Random
+from .sparsevlm import SparseVLM
 
-METHODS: dict[str, type[Press]] = {cls.name: cls for cls in (FastV, Random)}
+METHODS: dict[str, type[Press]] = {cls.name: cls for cls in (FastV, PyramidDrop, HiMAP, SparseVLM, Random)}
 
 
 def method(name: str) -> type[Press]:
@@ -22,4 +25,4 @@ def attention_methods() -> list[str]:
     return [name for name, cls in METHODS.items() if cls.query is not None]
 
 
-__all__ = ["FastV", "Random", "METHODS", "method", "attention_methods"]
+__all__ = ["FastV", "PyramidDrop", "HiMAP", "SparseVLM", "Random", "METHODS", "method", "attention_methods"]

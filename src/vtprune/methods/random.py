@@ -16,7 +16,8 @@ from ..stages import Positions, Stage, as_list
 @dataclass
 class Random(Press):
     """keep/budget/layer as in FastV (layer 0: at the language model's input). seed: seeds a generator created
-    per request, so a request's selection is reproducible and independent of global RNG state."""
+    per sample and stage, so a selection is reproducible, independent of global RNG state and of the batch
+    (every image with the same number of tokens gets the same random subset for a given seed)."""
 
     keep: int | float | Sequence[int | float] | None = None
     layer: int | Sequence[int] = 2
@@ -45,8 +46,12 @@ class Random(Press):
         return [Stage(layer=layer, keep=keep, score_layer=None) for layer, keep in zip(layers, keeps)]
 
     def score(self, ctx: StageContext) -> list[torch.Tensor]:
-        generator = torch.Generator().manual_seed(self.seed + 7919 * ctx.stage_index)
-        return [torch.rand(len(ranks), generator=generator).to(ranks.device) for ranks in ctx.visual_ranks]
+        scores = []
+        for ranks in ctx.visual_ranks:
+            generator = torch.Generator().manual_seed(self.seed + 7919 * ctx.stage_index)
+            draw = torch.rand(int(ranks.max()) + 1, generator=generator)  # one value per rank: batch-independent
+            scores.append(draw[ranks.cpu()].to(ranks.device))
+        return scores
 
     def select(self, ctx: StageContext):
         return ctx.top_k(self.score(ctx))

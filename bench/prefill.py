@@ -1,14 +1,17 @@
-"""Prefill time of a LLaVA-1.5-7B-shaped model: unpruned vs FastV keep 192/128/64 at layer 2, debias on/off.
+"""Prefill time of a LLaVA-1.5-7B-shaped model: unpruned vs every registered method at budgets 192/128/64,
+debias on/off, and FastV with its scoring keys recomputed instead of reused.
 
 Random weights (timing does not depend on them). On CPU the decoder is truncated in depth (default 4 layers,
-full width; a 7B model does not fit in fp32 here); with --device cuda it runs at full depth (32 layers).
-Image features are computed once and passed as `mm_encoder_outputs`, so the timing covers the language
-model's prefill, which is what pruning changes. Prints measured time ratios next to FLOP-predicted ones and
-the overhead of debiasing.
+full width; a 7B model does not fit in fp32 here) and multi-stage schedules move to the same relative depth
+(`Press.stages(num_layers)`), so CPU rows measure per-layer costs; with --device cuda the model runs at full
+depth (32 layers) with the published schedules. Image features are computed once and passed as
+`mm_encoder_outputs`, so the timing covers the language model's prefill, which is what pruning changes.
+Prints measured time ratios next to FLOP-predicted ones (from the tokens each layer really processed) and the
+overhead of debiasing.
 
     python bench/prefill.py                    # CPU, 4 layers, fp32
     python bench/prefill.py --device cuda      # GPU, 32 layers, bf16
-    python bench/prefill.py --repeats 5 --markdown prefill.md
+    python bench/prefill.py --repeats 5 --markdown prefill.md --methods fastv,pdrop
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
 from vtprune import Debias, FastV
+from vtprune.methods import METHODS, attention_methods
 
 IMAGE_TOKEN = 32000
 NUM_VISUAL = 576
@@ -57,10 +61,28 @@ def layer_flops(n: int, d: int = 4096, ffn: int = 11008) -> float:
     return 2 * n * (4 * d * d + 3 * d * ffn) + 4 * n * n * d
 
 
-def predicted_ratio(total: int, kept: int, layer: int, depth: int) -> float:
-    pruned = total - NUM_VISUAL + kept
-    full = depth * layer_flops(total)
-    return (layer * layer_flops(total) + (depth - layer) * layer_flops(pruned)) / full
+def tokens_per_layer(press, total: int, depth: int) -> list[int]:
+    """Tokens each decoder layer processed in the press's last request (visual tokens cut at each stage)."""
+    counts, present, text = [], NUM_VISUAL, total - NUM_VISUAL
+    stages = {s.layer: len(s.kept[0]) + s.extra[0] for s in press.last_selection}
+    for layer in range(depth):
+        present = stages.get(layer, present)
+        counts.append(text + present)
+    return counts
+
+
+def predicted_ratio(press, total: int, depth: int) -> float:
+    """FLOPs of the pruned prefill / the unpruned one (scoring costs not counted)."""
+    return sum(layer_flops(n) for n in tokens_per_layer(press, total, depth)) / (depth * layer_flops(total))
+
+
+class FastVRecomputedKeys(FastV):
+    """FastV scoring with keys recomputed from the scoring layer's input (vtprune before it reused the keys
+    the layer projects anyway): the cost the reuse removes."""
+
+    def select(self, ctx):
+        ctx.inputs[ctx.stage.score_layer].projected_keys = None
+        return super().select(ctx)
 
 
 def main() -> None:
@@ -69,8 +91,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None, help="decoder depth (default 4 on CPU, 32 on GPU)")
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=1, help="identical prompts per prefill")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--markdown", default=None, help="also write the table as Markdown to this file")
+    parser.add_argument("--methods", default=",".join(attention_methods()), help="registered methods to time")
+    parser.add_argument("--budgets", default="192,128,64", help="budgets (visual tokens of 576, as the papers count)")
     args = parser.parse_args()
     on_gpu = args.device.startswith("cuda")
     depth = args.layers or (32 if on_gpu else 4)
@@ -79,8 +104,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     model = build_model(depth, dtype, args.device)
-    ids = prompt_ids().to(args.device)
-    pixel_values = torch.randn(1, 3, 336, 336, dtype=dtype, device=args.device)
+    ids = prompt_ids().to(args.device).expand(args.batch, -1).contiguous()
+    pixel_values = torch.randn(args.batch, 3, 336, 336, dtype=dtype, device=args.device)
     processor = LlavaImageProcessorPil(do_pad=True, size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
     image_size = (640, 427)  # a typical landscape photo: 4 of 24 rows at the top and bottom are padding
     with torch.no_grad():
@@ -98,21 +123,27 @@ def main() -> None:
                     model(**inputs, logits_to_keep=1)
             return _now(on_gpu) - start
 
-    debiases = {
-        "debias": Debias(profile="llava-1.5-7b/fastv", padding=True),
-        "auto debias": Debias(profile="auto", padding=True),
-    }
-    # (label, press or None, press kwargs)
-    configs = [("unpruned", None, {})]
-    for keep in (192, 128, 64):
-        configs.append((f"FastV keep {keep}", FastV(keep=keep, layer=2), {}))
-        for label, debias in debiases.items():
-            configs.append((f"FastV keep {keep} + {label}", FastV(keep=keep, layer=2, debias=debias),
-                            {"processor": processor, "image_sizes": [image_size]}))
+    budgets = [int(b) for b in args.budgets.split(",")]
+    geometry = {"processor": processor, "image_sizes": [image_size] * args.batch}
+    # (label, press or None, press kwargs, baseline label for the debias overhead)
+    configs = [("unpruned", None, {}, None)]
+    for budget in budgets:
+        for name in args.methods.split(","):
+            cls = METHODS[name]
+            label = f"{cls.__name__} {budget}"
+            configs.append((label, cls(budget=budget), {}, None))
+            profile = f"llava-1.5-7b/{cls.profile_name or cls.name}"
+            configs.append((f"{label} + debias", cls(budget=budget, debias=Debias(profile=profile, padding=True)),
+                            geometry, label))
+            if name == "fastv":
+                configs.append((f"{label} + auto debias", cls(budget=budget, debias=Debias(profile="auto", padding=True)),
+                                geometry, label))
+                configs.append((f"{label}, keys recomputed", FastVRecomputedKeys(budget=budget), {}, label))
+        configs.append((f"Random {budget}", METHODS["random"](budget=budget), {}, None))
     # interleaved rounds (round 0 warms up): slow drift of the machine affects every config alike
     times: dict[str, list[float]] = {label: [] for label, *_ in configs}
     for round_index in range(args.repeats + 1):
-        for label, press, kwargs in configs:
+        for label, press, kwargs, _ in configs:
             elapsed = run_once(press, **kwargs)
             if round_index:
                 times[label].append(elapsed)
@@ -121,24 +152,22 @@ def main() -> None:
     total = ids.shape[1]
     base = median["unpruned"]
     rows = []
-    plain = base
-    for label, press, _ in configs:
-        kept = NUM_VISUAL if press is None else len(press.last_selection[0].kept[0])
-        is_debiased = press is not None and press.debias is not None
-        if press is not None and not is_debiased:
-            plain = median[label]
-        overhead = (median[label] - plain) / plain * 100 if is_debiased else None
-        predicted = 1.0 if press is None else predicted_ratio(total, kept, 2, depth)
-        rows.append((label, kept, median[label], overhead, median[label] / base, predicted))
+    for label, press, _, baseline in configs:
+        kept = NUM_VISUAL if press is None else len(press.last_selection[-1].kept[0]) + press.last_selection[-1].extra[0]
+        equivalent = NUM_VISUAL if press is None else sum(tokens_per_layer(press, total, depth)) / depth - (total - NUM_VISUAL)
+        overhead = (median[label] - median[baseline]) / median[baseline] * 100 if baseline else None
+        predicted = 1.0 if press is None else predicted_ratio(press, total, depth)
+        rows.append((label, kept, equivalent, median[label], overhead, median[label] / base, predicted))
 
     device_name = torch.cuda.get_device_name() if on_gpu else f"CPU, {torch.get_num_threads()} threads"
-    title = (f"Prefill, LLaVA-1.5-7B shape, {depth} decoder layers, {str(dtype).split('.')[-1]}, {total} tokens, "
+    title = (f"Prefill, LLaVA-1.5-7B shape, {depth} decoder layers, {str(dtype).split('.')[-1]}, batch {args.batch} x {total} tokens, "
              f"{device_name}, median of {args.repeats} interleaved rounds")
-    columns = ("config", "visual kept", "prefill ms", "time ratio", "FLOP ratio", "debias overhead")
+    columns = ("config", "visual kept (last stage)", "visual per layer", "prefill ms", "time ratio", "FLOP ratio",
+               "overhead vs plain")
     cells = [
-        (name, str(kept), f"{seconds * 1e3:.0f}", f"{ratio:.3f}", f"{predicted:.3f}",
+        (name, str(kept), f"{equivalent:.0f}", f"{seconds * 1e3:.1f}", f"{ratio:.3f}", f"{predicted:.3f}",
          "" if overhead is None else f"{overhead:+.1f}%")
-        for name, kept, seconds, overhead, ratio, predicted in rows
+        for name, kept, equivalent, seconds, overhead, ratio, predicted in rows
     ]
     table = Table(title=title)
     for column in columns:
@@ -146,10 +175,12 @@ def main() -> None:
     for row in cells:
         table.add_row(*row)
     Console(width=max(120, Console().width)).print(table)
-    note = ("debias: padding (image 640x427, pad-to-square: 192 of 576 tokens are padding) + positional profile "
-            "llava-1.5-7b/fastv; auto debias: padding + the per-request robust fit. Padding lowers the kept count to "
-            "the real tokens when fewer, so those rows' FLOP ratio uses that count. Debias overhead: against plain "
-            "FastV at the same keep.")
+    note = ("debias: padding (image 640x427, pad-to-square: 192 of 576 tokens are padding) + the method's published "
+            "positional profile (llava-1.5-7b/<method>); auto debias: padding + the per-request robust fit. FastV's "
+            "padding debiasing lowers its kept count to the real tokens when fewer; FLOP ratios use the tokens each "
+            "layer really processed. Overhead: against the same method and budget without debiasing (or, for "
+            "'keys recomputed', against FastV reusing the scoring layer's keys). Visual per layer: visual tokens "
+            "averaged over the decoder layers.")
     print(note)
     if args.markdown:
         lines = [f"{title}.", "", "| " + " | ".join(columns) + " |", "|---" + "|---:" * (len(columns) - 1) + "|"]

@@ -233,3 +233,24 @@ def test_bad_rows(tmp_path):
     path, folder = write_data(tmp_path, [{"img": "a.png"}])
     with pytest.raises(ValueError, match='needs "image"'):
         load_jsonl(path, folder)
+
+
+def test_device_robust_fit_matches_the_numpy_fit():
+    """Debias(profile="auto") fits on the scores' device (batched, no host sync); same sigma as fit_robust."""
+    from vtprune.debias.fit import fit_robust, robust_sigma
+
+    rng = np.random.default_rng(3)
+    ys, xs, uses, expected = [], [], [], []
+    for _ in range(30):
+        length = 144
+        x = np.arange(length) / length
+        y = 0.01 * np.exp(rng.normal(0, 1.5) * x) * np.exp(rng.normal(0, 0.3, length))
+        y[rng.integers(0, length, 5)] *= 20  # a few relevant tokens far above the trend
+        use = rng.random(length) > 0.2
+        ys.append(y), xs.append(x), uses.append(use)
+        expected.append(fit_robust(y[use], x[use]).sigma)
+    batched = robust_sigma(torch.tensor(np.array(ys)), torch.tensor(np.array(xs)), torch.tensor(np.array(uses)))
+    np.testing.assert_allclose(batched.numpy(), expected, atol=1e-5)
+    single = robust_sigma(torch.tensor(ys[0]), torch.tensor(xs[0]), torch.tensor(uses[0]))
+    assert abs(float(single) - expected[0]) < 1e-5
+    assert float(robust_sigma(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 0.5]), torch.tensor([True, False]))) == 0.0

@@ -114,3 +114,46 @@ def test_demo_runs_offline_on_the_shipped_testbed(tmp_path):
     assert result.exit_code == 0, result.output
     assert "FastV + debias" in result.output and "unpruned" in result.output
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["example_1.png", "example_2.png"]
+
+
+@pytest.mark.parametrize("method", ["pdrop", "himap", "sparsevlm"])
+@pytest.mark.parametrize("debias", [True, False], ids=["debias", "no-debias"])
+def test_run_each_method_on_the_testbed(tmp_path, method, debias):
+    from vtprune.testbed.data import make_sample
+
+    image = tmp_path / "image.png"
+    sample = make_sample("test", 0, 3)
+    sample.image.save(image)
+    args = ["run", "--model", "testbed", "--image", str(image), "--prompt", sample.question, "--method", method,
+            "--budget", "0.25", "--max-new-tokens", "2", *([] if debias else ["--no-debias"])]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert ("testbed/" + method in result.output) == debias  # its calibrated profile, when debiasing
+    assert "144 ->" in result.output
+
+
+def test_methods_lists_the_registry():
+    from vtprune.methods import METHODS
+
+    result = runner.invoke(app, ["methods"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    for name, cls in METHODS.items():
+        assert name in result.output and cls.__name__ in result.output
+
+
+def test_readme_documents_every_method():
+    from pathlib import Path
+
+    from vtprune.methods import METHODS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for name, cls in METHODS.items():
+        assert f"`{name}`" in readme and cls.__name__ in readme, f"README lacks method {name}"
+
+
+def test_option_a_method_does_not_take_is_an_error_before_loading(checkpoint):
+    path, image = checkpoint
+    result = runner.invoke(app, ["run", "--model", "/nonexistent", "--image", str(image), "--prompt", "x",
+                                 "--method", "fastv", "--seed", "3"])
+    assert result.exit_code != 0
+    assert "takes no seed" in result.output

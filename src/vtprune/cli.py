@@ -179,6 +179,25 @@ def demo(
 
 
 @app.command()
+def methods() -> None:
+    """List the pruning methods (the registry every command uses) with their defaults."""
+    from .methods import METHODS
+    from .press import REFERENCE_LAYERS, REFERENCE_TOKENS
+
+    table = Table(title="pruning methods (defaults for LLaVA-1.5-7B: 32 layers, 576 visual tokens)")
+    for column in ("--method", "class", "what it ranks by", "stages (layer: kept)", "positions", "debiasable"):
+        table.add_column(column, no_wrap=column in ("--method", "class"))
+    for name, cls in METHODS.items():
+        press = cls()
+        stages = ", ".join(
+            f"{s.layer}: {round(s.keep * REFERENCE_TOKENS) if isinstance(s.keep, float) else s.keep}"
+            for s in press.stages(REFERENCE_LAYERS)
+        )
+        table.add_row(name, cls.__name__, cls.summary, stages, press.positions, "yes" if cls.query else "no")
+    console.print(table)
+
+
+@app.command()
 def profiles() -> None:
     """List the built-in positional debiasing profiles."""
     from .debias.profiles import builtin_profiles

@@ -68,6 +68,7 @@ class StageContext:
     slot_prompt_position: torch.Tensor
     num_visual: list[int]
     segments: list[list[VisualSegment]]
+    first_visual_position: list[int]  # per sample, prompt position of its first visual token
     last_visual_position: list[int]  # per sample, prompt position of its last visual token
     inputs: dict[int, LayerInput]
     state: dict
@@ -80,6 +81,8 @@ class StageContext:
     recorded_debiased: list[torch.Tensor] | None = None
     notes: list[str] = field(default_factory=list)
     _keys: dict = field(default_factory=dict)
+    _tokens: dict = field(default_factory=dict)
+    _real: list[int] | None = None
 
     # --- tokens ----------------------------------------------------------------------------------------
     @property
@@ -92,27 +95,29 @@ class StageContext:
         visual: visual tokens present; text: every other token; system: text before the first image;
         instruction: text after the last image (the question and the assistant prefix, last token included);
         last: the last token (a single slot)."""
-        out = []
-        for b in range(self.num_samples):
-            valid = self.slot_valid[b]
-            visual = self.slot_visual_rank[b] >= 0
-            position = self.slot_prompt_position[b]
+        if kind in self._tokens:
+            return self._tokens[kind]
+        valid, visual = self.slot_valid, self.slot_visual_rank >= 0
+        position = self.slot_prompt_position
+        if kind == "last":
+            length = valid.shape[1]
+            last = torch.where(valid, torch.arange(length, device=valid.device), -1).max(dim=1).values
+            out = [last[b : b + 1] for b in range(self.num_samples)]
+        else:
             if kind == "visual":
                 mask = valid & visual
             elif kind == "text":
                 mask = valid & ~visual
             elif kind == "system":
-                first = int(self.slot_prompt_position[b][visual].min()) if bool(visual.any()) else -1
-                mask = valid & ~visual & (position < first)
+                first = torch.tensor(self.first_visual_position, device=valid.device)
+                mask = valid & ~visual & (position < first[:, None])
             elif kind == "instruction":
-                mask = valid & ~visual & (position > self.last_visual_position[b])
-            elif kind == "last":
-                slots = torch.nonzero(valid).flatten()
-                out.append(slots[-1:])
-                continue
+                last = torch.tensor(self.last_visual_position, device=valid.device)
+                mask = valid & ~visual & (position > last[:, None])
             else:
                 raise ValueError(f"unknown token kind {kind!r}: use visual, text, system, instruction or last")
-            out.append(torch.nonzero(mask).flatten())
+            out = rows_where(mask)
+        self._tokens[kind] = out
         return out
 
     # --- model internals ---------------------------------------------------------------------------------
@@ -218,10 +223,8 @@ class StageContext:
             self.recorded_scores = raw
         if not self.debias_active:
             return raw
-        out = []
-        for b, values in enumerate(raw):
-            padding = self.padding[b] if self.debias_config.padding else None
-            out.append(self.debias_config.apply(values, self.position_ranks[b], self.segments[b], padding))
+        padding = self.padding if self.debias_config.padding else [None] * self.num_samples
+        out = self.debias_config.apply_batch(raw, self.position_ranks, self.segments, padding)
         if self.recorded_debiased is None:
             self.recorded_debiased = out
         return out
@@ -232,9 +235,11 @@ class StageContext:
         lowered to the real tokens when padding debiasing applies with drop_padding."""
         count = resolve_keep(self.stage.keep if keep is None else keep, self.num_visual[b], len(self.visual_ranks[b]),
                              warn=not self.dry_run)
-        padding = self.padding[b]
-        if self.debias_padding and padding is not None and self.debias_config.drop_padding:
-            count = max(1, min(count, int((~padding).sum())))
+        if self.debias_padding and self.debias_config.drop_padding and self.padding[b] is not None:
+            if self._real is None:  # real tokens present per sample, with one synchronisation for the batch
+                counts = [(~p).sum() if p is not None else torch.tensor(0) for p in self.padding]
+                self._real = torch.stack([c.to(self.slot_valid.device) for c in counts]).tolist()
+            count = max(1, min(count, self._real[b]))
         return count
 
     def top_k(self, scores: Sequence[torch.Tensor], keep: int | float | None = None) -> list[torch.Tensor]:
@@ -261,4 +266,11 @@ class StageContext:
                 )
 
 
-__all__ = ["StageContext", "LayerInput", "TokenKind"]
+def rows_where(mask: torch.Tensor) -> list[torch.Tensor]:
+    """Per row of `mask` (B, N) bool, the (n_b,) long indices where it is True, in order; one host sync."""
+    counts = mask.sum(dim=1).tolist()
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
+    return [order[b, :count] for b, count in enumerate(counts)]
+
+
+__all__ = ["StageContext", "LayerInput", "TokenKind", "rows_where"]

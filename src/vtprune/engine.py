@@ -27,6 +27,7 @@ slot to its id (-1: padding inserted by the engine).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
@@ -35,7 +36,7 @@ from torch import nn
 
 from .adapters import adapter_for
 from .adapters.base import VisualLayout
-from .context import LayerInput, StageContext
+from .context import LayerInput, StageContext, rows_where
 from .stages import Kept, Stage, StageSelection, resolve_keep, validate_stages
 
 if TYPE_CHECKING:
@@ -99,6 +100,8 @@ class _Request:
     base_len: int
     slots: torch.Tensor  # (B, N_cur) id of each slot, -1 = engine padding
     next_rank: list[int]  # per sample, the rank the next inserted token gets
+    first_visual: list[int] = field(default_factory=list)  # per sample, prompt position of its first visual token
+    last_visual: list[int] = field(default_factory=list)
     state: dict = field(default_factory=dict)  # the press's per-request state
     inputs: dict[int, LayerInput] = field(default_factory=dict)  # recorded layer inputs (prefill)
     selections: list[StageSelection] = field(default_factory=list)
@@ -135,6 +138,7 @@ class PruningSession:
         if self.positions not in ("original", "compact"):
             raise ValueError(f"positions={self.positions!r}: use 'original' or 'compact'")
         self.debias: Debias | None = press.resolved_debias()
+        _check_profile_method(self.debias, press)
         self.dry_run = bool(dry_run)
         self.processor = processor
         self.image_sizes = None
@@ -250,6 +254,8 @@ class PruningSession:
             base_len=length,
             slots=prompt.clone(),
             next_rank=list(layout.num_visual),
+            first_visual=torch.stack([p[0] for p in layout.positions]).tolist(),
+            last_visual=torch.stack([p[-1] for p in layout.positions]).tolist(),
         )
 
     def _padding_marks(self, layout: VisualLayout, device) -> list[torch.Tensor | None]:
@@ -292,8 +298,8 @@ class PruningSession:
         position_ids = kwargs.get("position_ids")
         if position_ids is None:
             position_ids = torch.arange(length, device=embeds.device).expand(batch, length)
-        new_slots = self._apply(decisions, request)
-        hidden = _assemble(embeds, request.slots, new_slots, decisions, request.ids)
+        new_slots, source = self._apply(decisions, request)
+        hidden = _assemble(embeds, source, new_slots, decisions, request.ids)
         ids = request.ids
         valid = ids.at("valid", new_slots, False)
         if self.positions == "compact":
@@ -385,7 +391,7 @@ class PruningSession:
         stage = self.stages[stage_index]
         slots, ids = request.slots, request.ids
         rank = ids.at("rank", slots, -1)
-        visual_slots = [torch.nonzero(rank[b] >= 0).flatten() for b in range(slots.shape[0])]
+        visual_slots = rows_where(rank >= 0)
         position_rank = ids.at("position_rank", slots, -1)
         inputs = dict(request.inputs)
         if live is not None:  # the cut layer's input as the stage sees it (before its own cut)
@@ -403,7 +409,8 @@ class PruningSession:
             slot_prompt_position=ids.at("prompt", slots, -1),
             num_visual=list(request.layout.num_visual),
             segments=request.layout.segments,
-            last_visual_position=[int(p[-1]) for p in request.layout.positions],
+            first_visual_position=request.first_visual,
+            last_visual_position=request.last_visual,
             inputs=inputs,
             state=request.state,
             debias_config=self.debias,
@@ -420,8 +427,7 @@ class PruningSession:
         if len(raw) != ctx.num_samples:
             raise RuntimeError(f"{owner}.select returned {len(raw)} decisions for {ctx.num_samples} samples")
         decisions = [item if isinstance(item, Kept) else Kept(ranks=item) for item in raw]
-        for b, decision in enumerate(decisions):
-            _check_decision(decision, ctx.visual_ranks[b], hidden.shape[-1], owner, b)
+        _check_decisions(decisions, ctx.visual_ranks, hidden.shape[-1], owner)
         num_visual = request.layout.num_visual
 
         def full(values, b):
@@ -447,51 +453,74 @@ class PruningSession:
         return decisions
 
     # --- cutting -------------------------------------------------------------------------------------
-    def _apply(self, decisions: list[Kept], request: _Request) -> torch.Tensor:
-        """The new slots (B, N_new) of ids after `decisions`: kept tokens in order, inserted tokens after their
-        anchors (given new ids), samples left-padded to one length. Registers the inserted ids."""
+    def _apply(self, decisions: list[Kept], request: _Request) -> tuple[torch.Tensor, torch.Tensor]:
+        """Apply `decisions` to the current slots. Returns the new slots (B, N_new) of ids (kept tokens in order,
+        inserted tokens after their anchors, samples left-padded to one length) and, per new slot, where its row
+        comes from (B, N_new): a current slot, N_cur + j for the sample's j-th inserted token, -1 for engine
+        padding. Registers the inserted ids. One host synchronisation (the new length)."""
         slots, ids = request.slots, request.ids
-        batch, device = slots.shape[0], slots.device
+        batch, length = slots.shape
+        device = slots.device
         rank = ids.at("rank", slots, -1)
-        extra = max(d.num_extra for d in decisions)
-        first_new = ids.size
-        if extra:
-            ids.grow(extra)
-        rows = []
+        kept_table = torch.zeros(batch, max(request.next_rank) + 1, dtype=torch.bool, device=device)
         for b, decision in enumerate(decisions):
-            keep = (slots[b] >= 0) & ((rank[b] < 0) | torch.isin(rank[b], decision.ranks))
-            kept_slots = torch.nonzero(keep).flatten()
-            row, order_key = slots[b, kept_slots], kept_slots.double()
-            count = decision.num_extra
-            if count:
-                anchor_slots = _slots_of_ranks(rank[b], decision.anchors())
-                source_slots = _slots_of_ranks(rank[b], decision.position_sources())
-                anchor_ids, source_ids = slots[b, anchor_slots], slots[b, source_slots]
-                # several tokens after one anchor keep their order; all come before the anchor's next token
-                within = (torch.arange(count, device=device, dtype=torch.float64) + 1) / (count + 1)
-                within = _order_within(anchor_slots, within)
-                new = first_new + torch.arange(count, device=device)
-                ids.prompt[b, new] = ids.prompt[b, anchor_ids]
-                ids.rank[b, new] = request.next_rank[b] + torch.arange(count, device=device)
-                request.next_rank[b] += count
-                ids.position_rank[b, new] = ids.position_rank[b, source_ids]
-                ids.valid[b, new] = True
-                ids.anchor[b, new] = ids.anchor[b, anchor_ids]
-                ids.sub[b, new] = ids.sub[b, anchor_ids] + within * _sub_gap(ids, b, anchor_ids)
-                ids.position[b, new] = ids.position[b, source_ids]
-                row = torch.cat([row, new])
-                order_key = torch.cat([order_key, anchor_slots.double() + within])
-            rows.append(row[torch.argsort(order_key, stable=True)])
-        new_len = max(int(r.numel()) for r in rows)
-        new_slots = torch.full((batch, new_len), -1, dtype=torch.long, device=device)
-        for b, row in enumerate(rows):
-            new_slots[b, new_len - row.numel():] = row  # left-pad
-        return new_slots
+            kept_table[b, decision.ranks] = True
+        keep = (slots >= 0) & ((rank < 0) | torch.gather(kept_table, 1, rank.clamp(min=0)))
+        extra = [d.num_extra for d in decisions]
+        position = torch.arange(length, device=device, dtype=torch.float64).expand(batch, length)
+        order_key = torch.where(keep, position, float("inf"))  # dropped slots sort last
+        keys, sources = [order_key], [torch.arange(length, device=device).expand(batch, length)]
+        if max(extra):
+            width = max(extra)
+            first_new = ids.size
+            ids.grow(width)
+            extra_key = torch.full((batch, width), float("inf"), dtype=torch.float64, device=device)
+            for b, decision in enumerate(decisions):
+                if decision.num_extra:
+                    extra_key[b, : decision.num_extra] = self._register_inserted(b, decision, rank[b], first_new, request)
+            keys.append(extra_key)
+            sources.append(length + torch.arange(width, device=device).expand(batch, width))
+        order_key, source = torch.cat(keys, dim=1), torch.cat(sources, dim=1)
+        new_len = int((order_key < float("inf")).sum(dim=1).max())  # the one synchronisation
+        order = torch.argsort(order_key, dim=1, stable=True)[:, :new_len]
+        present = torch.gather(order_key, 1, order) < float("inf")
+        # left-pad: move each row's tokens to the end
+        shift = new_len - present.sum(dim=1, keepdim=True)
+        column = torch.arange(new_len, device=device).expand(batch, new_len)
+        take = (column - shift).clamp(min=0)
+        valid = column >= shift
+        source = torch.where(valid, torch.gather(torch.gather(source, 1, order), 1, take), -1)
+        all_ids = torch.cat([slots, first_new + torch.arange(max(extra), device=device).expand(batch, -1)], 1) if max(extra) else slots
+        new_slots = torch.where(valid, torch.gather(all_ids, 1, source.clamp(min=0)), -1)
+        return new_slots, source
+
+    def _register_inserted(self, b: int, decision: Kept, slot_rank: torch.Tensor, first_new: int,
+                           request: _Request) -> torch.Tensor:
+        """Fill the id tables of sample b's inserted tokens; return their sequence order keys (m,) float64."""
+        ids, slots = request.ids, request.slots
+        count, device = decision.num_extra, slots.device
+        anchor_slots = _slots_of_ranks(slot_rank, decision.anchors())
+        source_slots = _slots_of_ranks(slot_rank, decision.position_sources())
+        anchor_ids, source_ids = slots[b, anchor_slots], slots[b, source_slots]
+        # tokens after the same anchor keep their order: fractions (j + 1) / (n + 1) within the anchor's group
+        same = anchor_slots[None, :] == anchor_slots[:, None]
+        before = torch.tril(same, diagonal=-1).sum(dim=1).double()
+        within = (before + 1) / (same.sum(dim=1).double() + 1)
+        new = first_new + torch.arange(count, device=device)
+        ids.prompt[b, new] = ids.prompt[b, anchor_ids]
+        ids.rank[b, new] = request.next_rank[b] + torch.arange(count, device=device)
+        request.next_rank[b] += count
+        ids.position_rank[b, new] = ids.position_rank[b, source_ids]
+        ids.valid[b, new] = True
+        ids.anchor[b, new] = ids.anchor[b, anchor_ids]
+        ids.sub[b, new] = ids.sub[b, anchor_ids] + within * _sub_gap(ids, b, anchor_ids)
+        ids.position[b, new] = ids.position[b, source_ids]
+        return anchor_slots.double() + within
 
     def _cut(self, stage_index: int, hidden: torch.Tensor, decisions: list[Kept], request: _Request) -> torch.Tensor:
         """Apply this stage's decisions to `hidden` (B, N_cur, D) and rebuild what later layers receive."""
-        new_slots = self._apply(decisions, request)
-        hidden = _assemble(hidden, request.slots, new_slots, decisions, request.ids)
+        new_slots, source = self._apply(decisions, request)
+        hidden = _assemble(hidden, source, new_slots, decisions, request.ids)
         request.slots = new_slots
         ids = request.ids
         anchor, sub = ids.at("anchor", new_slots, -1), ids.at("sub", new_slots, 0.0)
@@ -568,31 +597,49 @@ def _image_size(size, index: int) -> tuple[int, int]:
     return width, height
 
 
+def _check_profile_method(debias, press) -> None:
+    """Warn when a positional profile was calibrated for another method (its trend belongs to other scores)."""
+    profile = None if debias is None else debias.loaded_profile
+    names = {getattr(press, "name", None), getattr(press, "profile_name", None)} - {None}
+    if profile is not None and profile.method and names and profile.method not in names:
+        warnings.warn(
+            f"positional profile {profile.name!r} was calibrated for method {profile.method!r}, but the press is "
+            f"{type(press).__name__}: its trend may not match this method's scores. Use the method's own profile "
+            f"(e.g. 'llava-1.5-7b/{getattr(press, 'profile_name', None) or press.name}') or calibrate one.",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
 def _cache_kwarg(kwargs: dict):
     """The KV cache a forward receives: `cache` since transformers 5.24, `past_key_values` before."""
     cache = kwargs.get("cache")
     return cache if cache is not None else kwargs.get("past_key_values")
 
 
-def _check_decision(decision: Kept, present: torch.Tensor, width: int, owner: str, b: int) -> None:
-    ranks = decision.ranks
-    if not isinstance(ranks, torch.Tensor) or ranks.dtype != torch.long or ranks.dim() != 1:
-        raise RuntimeError(f"{owner}: kept ranks of sample {b} must be a 1-D long tensor")
-    if ranks.numel() == 0:
-        raise RuntimeError(f"{owner}: sample {b} keeps no visual token")
-    if ranks.numel() > 1 and not bool((ranks[1:] > ranks[:-1]).all()):
-        raise RuntimeError(f"{owner}: kept ranks of sample {b} must be sorted and unique")
-    if not bool(torch.isin(ranks, present).all()):
-        raise RuntimeError(f"{owner}: sample {b} keeps visual ranks that are not present at this stage")
-    if decision.values is not None and tuple(decision.values.shape) != (ranks.numel(), width):
-        raise RuntimeError(f"{owner}: values of sample {b} must have shape ({ranks.numel()}, {width})")
-    if decision.extra is not None:
-        if decision.extra.dim() != 2 or decision.extra.shape[1] != width:
-            raise RuntimeError(f"{owner}: extra tokens of sample {b} must have shape (m, {width})")
-        if not bool(torch.isin(decision.anchors(), ranks).all()):
-            raise RuntimeError(f"{owner}: extra tokens of sample {b} must follow kept visual tokens")
-        if not bool(torch.isin(decision.position_sources(), present).all()):
-            raise RuntimeError(f"{owner}: extra tokens of sample {b} take positions of tokens not present")
+def _check_decisions(decisions: list[Kept], present: list[torch.Tensor], width: int, owner: str) -> None:
+    """Shapes are checked on the host; the values of every sample with one device synchronisation."""
+    checks, messages = [], []
+    for b, decision in enumerate(decisions):
+        ranks = decision.ranks
+        if not isinstance(ranks, torch.Tensor) or ranks.dtype != torch.long or ranks.dim() != 1:
+            raise RuntimeError(f"{owner}: kept ranks of sample {b} must be a 1-D long tensor")
+        if ranks.numel() == 0:
+            raise RuntimeError(f"{owner}: sample {b} keeps no visual token")
+        if decision.values is not None and tuple(decision.values.shape) != (ranks.numel(), width):
+            raise RuntimeError(f"{owner}: values of sample {b} must have shape ({ranks.numel()}, {width})")
+        checks += [(ranks[1:] > ranks[:-1]).all(), torch.isin(ranks, present[b]).all()]
+        messages += [f"kept ranks of sample {b} must be sorted and unique",
+                     f"sample {b} keeps visual ranks that are not present at this stage"]
+        if decision.extra is not None:
+            if decision.extra.dim() != 2 or decision.extra.shape[1] != width:
+                raise RuntimeError(f"{owner}: extra tokens of sample {b} must have shape (m, {width})")
+            checks += [torch.isin(decision.anchors(), ranks).all(), torch.isin(decision.position_sources(), present[b]).all()]
+            messages += [f"extra tokens of sample {b} must follow kept visual tokens",
+                         f"extra tokens of sample {b} take positions of tokens not present"]
+    for ok, message in zip(torch.stack(checks).tolist(), messages):  # the one synchronisation
+        if not ok:
+            raise RuntimeError(f"{owner}: {message}")
 
 
 def _slots_of_ranks(slot_rank: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
@@ -601,48 +648,36 @@ def _slots_of_ranks(slot_rank: torch.Tensor, ranks: torch.Tensor) -> torch.Tenso
     return match.long().argmax(dim=1)
 
 
-def _order_within(anchor_slots: torch.Tensor, spread: torch.Tensor) -> torch.Tensor:
-    """(m,) fractions in (0, 1) ordering inserted tokens after their anchors: tokens sharing an anchor get
-    increasing fractions in the order given."""
-    out = torch.empty_like(spread)
-    for anchor in anchor_slots.unique():
-        members = torch.nonzero(anchor_slots == anchor).flatten()
-        out[members] = (torch.arange(len(members), dtype=torch.float64, device=spread.device) + 1) / (len(members) + 1)
-    return out
-
-
 def _sub_gap(ids: _Ids, b: int, anchor_ids: torch.Tensor) -> torch.Tensor:
     """(m,) room between each anchor token's sub order and the next sub order among tokens of its anchor."""
-    gaps = []
-    for anchor_id in anchor_ids.tolist():
-        base, own = ids.anchor[b, anchor_id], ids.sub[b, anchor_id]
-        following = ids.sub[b][(ids.anchor[b] == base) & (ids.sub[b] > own) & ids.valid[b]]
-        gaps.append(float(following.min() - own) if following.numel() else 1.0)
-    return torch.tensor(gaps, dtype=torch.float64, device=anchor_ids.device)
+    base, own = ids.anchor[b, anchor_ids], ids.sub[b, anchor_ids]  # (m,)
+    later = (ids.anchor[b][None, :] == base[:, None]) & (ids.sub[b][None, :] > own[:, None]) & ids.valid[b][None, :]
+    following = torch.where(later, ids.sub[b][None, :], float("inf")).min(dim=1).values
+    return torch.where(torch.isinf(following), 1.0, following - own)
 
 
-def _assemble(hidden: torch.Tensor, slots: torch.Tensor, new_slots: torch.Tensor, decisions: list[Kept], ids: _Ids) -> torch.Tensor:
-    """The hidden states (B, N_new, D) of `new_slots`: rows of `hidden` (B, N, D, over `slots`) for tokens
-    that stay, merged values written into kept visual tokens, inserted tokens' vectors, engine padding 0."""
+def _assemble(hidden: torch.Tensor, source: torch.Tensor, new_slots: torch.Tensor, decisions: list[Kept], ids: _Ids) -> torch.Tensor:
+    """The hidden states (B, N_new, D) of `new_slots`: rows of `hidden` (B, N, D) or of the inserted tokens as
+    `source` says (engine padding 0), merged values written into the kept visual tokens. No host sync."""
     batch, length, width = hidden.shape
-    out = hidden.new_zeros(batch, new_slots.shape[1], width)
-    new_rank = ids.at("rank", new_slots, -1)
-    for b, decision in enumerate(decisions):
-        # where each new slot's token sits in the current sequence (-1: inserted now, or engine padding)
-        source = torch.full((ids.size,), -1, dtype=torch.long, device=hidden.device)
-        present = slots[b] >= 0
-        source[slots[b, present]] = torch.nonzero(present).flatten()
-        from_hidden = source[new_slots[b].clamp(min=0)].masked_fill(new_slots[b] < 0, -1)
-        stay = from_hidden >= 0
-        out[b, stay] = hidden[b, from_hidden[stay]]
-        if decision.values is not None:
-            target = torch.isin(new_rank[b], decision.ranks) & stay
-            order = torch.searchsorted(decision.ranks, new_rank[b, target])
-            out[b, target] = decision.values[order].to(out.dtype)
-        if decision.num_extra:
-            inserted = (new_slots[b] >= 0) & ~stay
-            first = int(new_rank[b, inserted].min())
-            out[b, inserted] = decision.extra[new_rank[b, inserted] - first].to(out.dtype)
+    extra = max(d.num_extra for d in decisions)
+    rows = hidden
+    if extra:
+        inserted = hidden.new_zeros(batch, extra, width)
+        for b, decision in enumerate(decisions):
+            if decision.num_extra:
+                inserted[b, : decision.num_extra] = decision.extra.to(hidden.dtype)
+        rows = torch.cat([hidden, inserted], dim=1)
+    out = torch.gather(rows, 1, source.clamp(min=0)[:, :, None].expand(-1, -1, width))
+    out = out.masked_fill((source < 0)[:, :, None], 0.0)
+    if any(d.values is not None for d in decisions):
+        new_rank = ids.at("rank", new_slots, -1)
+        for b, decision in enumerate(decisions):
+            if decision.values is None:
+                continue
+            index = torch.searchsorted(decision.ranks, new_rank[b]).clamp(max=len(decision.ranks) - 1)
+            target = (decision.ranks[index] == new_rank[b]) & (source[b] >= 0) & (source[b] < length)
+            out[b] = torch.where(target[:, None], decision.values.to(out.dtype)[index], out[b])
     return out
 
 
@@ -658,12 +693,12 @@ def _compact_positions(position_ids0: torch.Tensor | None, base_valid: torch.Ten
 
 
 def _scatter_full(values: torch.Tensor, ranks: torch.Tensor, num_visual: int) -> torch.Tensor:
-    """(V,) float32 record of per-token values over the original visual ranks (nan: absent; values of
-    inserted tokens, ranks >= V, are not recorded)."""
-    full = torch.full((num_visual,), float("nan"), dtype=torch.float32)
-    original = ranks < num_visual
-    full[ranks[original].cpu()] = values[original].detach().float().cpu()
-    return full
+    """(V,) float32 record of per-token values over the original visual ranks, on the values' device (nan:
+    absent; values of inserted tokens, ranks >= V, are not recorded)."""
+    full = torch.full((num_visual + 1,), float("nan"), dtype=torch.float32, device=values.device)
+    index = torch.where(ranks < num_visual, ranks, num_visual)  # inserted tokens land in a dropped extra slot
+    full[index] = values.detach().float()
+    return full[:num_visual]
 
 
 def _gather_seq(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -693,8 +728,10 @@ def _select_mask(mask0, rows: torch.Tensor, row_sub: torch.Tensor, cols: torch.T
     Engine-padding keys are masked; engine-padding queries attend only to themselves (no NaN rows).
     """
     row_pad, col_pad = rows < 0, cols < 0
-    inserted = bool((row_sub != 0).any()) or bool((col_sub != 0).any())
-    if mask0 is None and not bool(col_pad.any()) and not inserted:
+    any_row_pad, any_col_pad, inserted = torch.stack(
+        [row_pad.any(), col_pad.any(), (row_sub != 0).any() | (col_sub != 0).any()]
+    ).tolist()  # one synchronisation
+    if mask0 is None and not any_col_pad and not inserted:
         return None  # still plain causal over increasing positions: let the kernel do it
     if mask0 is not None and not isinstance(mask0, torch.Tensor):
         raise ValueError(
@@ -720,7 +757,7 @@ def _select_mask(mask0, rows: torch.Tensor, row_sub: torch.Tensor, cols: torch.T
         same = rows[:, None, :, None] == cols[:, None, None, :]
         allowed = allowed & ~(same & (col_sub[:, None, None, :] > row_sub[:, None, :, None]))
     allowed = allowed & ~col_pad[:, None, None, :]
-    if prefill and bool(row_pad.any()):
+    if prefill and any_row_pad:
         eye = torch.eye(rows.shape[1], dtype=torch.bool, device=rows.device)
         allowed = allowed | (eye[None, None] & row_pad[:, None, :, None])
     if mask0 is None or mask0.dtype == torch.bool:

@@ -55,6 +55,7 @@ class RunResult:
 
     answers: list[str | None]
     records: list[ScoreRecord]
+    final_tokens: list[int] = field(default_factory=list)  # per example, visual tokens after the last stage
 
 
 @torch.no_grad()
@@ -79,6 +80,7 @@ def run_examples(
     device = next(model.parameters()).device
     answers: list[str | None] = []
     records: list[ScoreRecord] = []
+    final_tokens: list[int] = []
     for start in range(0, len(examples), batch_size):
         batch = list(examples[start : start + batch_size])
         images = [example.image for example in batch]
@@ -94,11 +96,14 @@ def run_examples(
             else:
                 model(**inputs, logits_to_keep=1)
                 answers += [None] * len(batch)
-        if press is not None and press.last_selection and press.last_selection[0].scores[0] is not None:
-            records += records_from_selection(press)
+        if press is not None and press.last_selection:
+            last = press.last_selection[-1]
+            final_tokens += [len(kept) + extra for kept, extra in zip(last.kept, last.extra)]
+            if press.last_selection[0].scores[0] is not None:
+                records += records_from_selection(press)
         if progress is not None:
             progress(len(batch))
-    return RunResult(answers=answers, records=records)
+    return RunResult(answers=answers, records=records, final_tokens=final_tokens)
 
 
 @dataclass
@@ -136,11 +141,11 @@ def records_from_selection(press: Press) -> list[ScoreRecord]:
     out = []
     for b, raw in enumerate(first.scores):
         keep = first.keep[b]
-        raw_np = raw.numpy()
+        raw_np = raw.cpu().numpy()
         out.append(
             ScoreRecord(
                 raw=raw_np,
-                debiased=None if first.debiased[b] is None else first.debiased[b].numpy(),
+                debiased=None if first.debiased[b] is None else first.debiased[b].cpu().numpy(),
                 padding=None if first.padding[b] is None else first.padding[b].cpu().numpy(),
                 kept=first.kept[b].cpu().numpy(),
                 kept_raw=np.sort(np.argsort(-raw_np, kind="stable")[:keep]),

@@ -80,8 +80,8 @@ class Kept:
 class StageSelection:
     """What one stage did to each sample of the last request. Indices are visual ranks (0..V_b-1).
 
-    scores: per sample, (V_b,) the score the method debiases and ranks by (its attention-derived part), before
-        debiasing; nan for tokens pruned earlier; None for methods that do not score.
+    scores: per sample, (V_b,) float32 on the model's device: the score the method debiases and ranks by (its
+        attention-derived part), before debiasing; nan for tokens pruned earlier; None for methods that do not score.
     debiased: the same after debiasing (None when the stage is not debiased).
     padding: per sample (V_b,) bool padding tokens (None when unknown).
     extra: per sample, number of tokens the stage inserted (merged/recycled); they are not visual ranks.

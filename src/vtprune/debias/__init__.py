@@ -47,6 +47,7 @@ class Debias:
     drop_padding: bool | None = None
     stages: Literal["first", "all"] = "first"
     _loaded: object = field(default=None, init=False, repr=False, compare=False)
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.padding, bool):
@@ -97,6 +98,14 @@ class Debias:
             return None
         return torch.cat([self._loaded.trend(segment.length) for segment in segments])
 
+    def _trend_on(self, segments: Sequence[VisualSegment], device) -> torch.Tensor:
+        """`trend` on `device`, cached per image-length layout (no host-to-device copy per request)."""
+        key = (tuple(segment.length for segment in segments), str(device))
+        cache = self._cache
+        if key not in cache:
+            cache[key] = self.trend(segments).to(device)
+        return cache[key]
+
     def apply(
         self,
         scores: torch.Tensor,
@@ -106,31 +115,51 @@ class Debias:
     ) -> torch.Tensor:
         """Debias one sample's scores.
 
-        scores: (R,) scores of the visual tokens still present; ranks: (R,) their indices among the
-        sample's visual tokens; padding: (R,) bool or None. Returns (R,) float32.
+        scores: (R,) scores of the visual tokens still present; ranks: (R,) the rank whose position each has
+        (its index among the sample's visual tokens); padding: (R,) bool or None. Returns (R,) float32.
         """
-        out = scores.float()
+        return self.apply_batch([scores], [ranks], [segments], [padding])[0]
+
+    def apply_batch(self, scores, ranks, segments, padding) -> list[torch.Tensor]:
+        """`apply` for the samples of a batch (lists of per-sample arguments); "auto" fits every image of every
+        sample in one batched computation on the scores' device."""
+        out = [s.float() for s in scores]
         if self.profile == "auto":
-            out = out / self._auto_trend(out, ranks, segments, padding)
+            trends = self._auto_trends(out, ranks, segments, padding)
+            out = [s / t for s, t in zip(out, trends)]
         elif self._loaded is not None:
-            out = out / self.trend(segments).to(out.device)[ranks]
-        if self.padding and padding is not None:
-            out = out.masked_fill(padding, 0.0)
+            out = [s / self._trend_on(seg, s.device)[r] for s, r, seg in zip(out, ranks, segments)]
+        if self.padding:
+            out = [s if p is None else s.masked_fill(p, 0.0) for s, p in zip(out, padding)]
         return out
 
     @staticmethod
-    def _auto_trend(scores, ranks, segments, padding) -> torch.Tensor:
-        """(R,) trend exp(sigma x), sigma from a robust fit on each image's real tokens (`fit.fit_robust`)."""
-        from .fit import fit_robust
+    def _auto_trends(scores, ranks, segments, padding) -> list[torch.Tensor]:
+        """Per sample (R,) trend exp(sigma x), sigma from a robust fit on each image's real tokens
+        (`fit.robust_sigma`, all images of the batch at once)."""
+        from .fit import robust_sigma
 
-        trend = torch.ones_like(scores)
-        for segment in segments:
-            inside = (ranks >= segment.offset) & (ranks < segment.offset + segment.length)
-            x = (ranks - segment.offset).double() / segment.length
-            fit_on = inside if padding is None else inside & ~padding
-            fit = fit_robust(scores[fit_on].double().cpu().numpy(), x[fit_on].cpu().numpy())
-            trend[inside] = torch.exp(fit.sigma * x[inside]).to(trend.dtype)
-        return trend
+        problems = [(b, segment) for b, sample in enumerate(segments) for segment in sample]
+        width = max(len(s) for s in scores)
+        device = scores[0].device
+        y = torch.zeros(len(problems), width, dtype=torch.float64, device=device)
+        x = torch.zeros_like(y)
+        use = torch.zeros(len(problems), width, dtype=torch.bool, device=device)
+        inside_of = []
+        for p, (b, segment) in enumerate(problems):
+            count = len(scores[b])
+            inside = (ranks[b] >= segment.offset) & (ranks[b] < segment.offset + segment.length)
+            y[p, :count] = scores[b].double()
+            x[p, :count] = (ranks[b] - segment.offset).double() / segment.length
+            use[p, :count] = inside if padding[b] is None else inside & ~padding[b]
+            inside_of.append(inside)
+        sigma = robust_sigma(y, x, use)  # (P,)
+        trends = [torch.ones_like(s) for s in scores]
+        for p, (b, segment) in enumerate(problems):
+            count = len(scores[b])
+            trend = torch.exp(sigma[p] * x[p, :count]).to(trends[b].dtype)
+            trends[b] = torch.where(inside_of[p], trend, trends[b])
+        return trends
 
 
 __all__ = ["Debias"]

@@ -4,7 +4,8 @@
   residuals.
 * `fit_robust`: a per-request fit used by `Debias(profile="auto")`: least squares in log space with Huber
   weights (iteratively reweighted), so that the few tokens that matter, whose scores sit far above the
-  trend, do not bend it.
+  trend, do not bend it. `robust_sigma` is the same fit in torch, on the scores' device, with no
+  host synchronisation (what debiasing runs per request).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 
 @dataclass(frozen=True)
@@ -100,3 +102,38 @@ def fit_robust(y, x=None, delta: float = 1.0, iterations: int = 20) -> ExpFit:
     total = float(((logy - logy.mean()) ** 2).sum())
     r2 = 1.0 - float((residual**2).sum()) / total if total > 0 else 1.0
     return ExpFit(mu=float(np.exp(log_mu)), sigma=sigma, r2=r2, residuals=residual)
+
+
+def robust_sigma(y: torch.Tensor, x: torch.Tensor, use: torch.Tensor, delta: float = 1.0, iterations: int = 20) -> torch.Tensor:
+    """`fit_robust`'s sigma, in torch on y's device, without a host synchronisation; batched over leading dims.
+
+    y (..., R) scores, x (..., R) relative positions, use (..., R) bool: which points to fit (non-positive or
+    non-finite y are skipped too). Returns sigma (...,) float64; fewer than 2 usable points give 0. The IRLS runs
+    a fixed number of iterations (once the weights have converged further iterations leave them unchanged)."""
+    y, x = y.double(), x.double()
+    use = use & torch.isfinite(y) & (y > 0)
+    logy = torch.where(use, torch.log(torch.where(use, y, 1.0)), 0.0)
+    count = use.sum(dim=-1, keepdim=True)
+
+    def solve(w):
+        s0, s1, s2 = w.sum(-1), (w * x).sum(-1), (w * x * x).sum(-1)
+        t0, t1 = (w * logy).sum(-1), (w * x * logy).sum(-1)
+        det = s0 * s2 - s1 * s1
+        ok = det.abs() > 1e-300
+        safe = torch.where(ok, det, 1.0)
+        return torch.where(ok, (s2 * t0 - s1 * t1) / safe, 0.0), torch.where(ok, (s0 * t1 - s1 * t0) / safe, 0.0)
+
+    def median(values):  # numpy's median over the used points (mean of the two middle ones)
+        ordered = torch.sort(torch.where(use, values, float("inf")), dim=-1).values
+        low = torch.gather(ordered, -1, ((count - 1) // 2).clamp(min=0))
+        high = torch.gather(ordered, -1, (count // 2).clamp(min=0))
+        return (low + high) / 2
+
+    log_mu, sigma = solve(use.double())
+    for _ in range(iterations):
+        residual = logy - (log_mu[..., None] + sigma[..., None] * x)
+        centre = median(residual)
+        scale = 1.4826 * median((residual - centre).abs()) + 1e-12
+        u = residual.abs() / (delta * scale)
+        log_mu, sigma = solve(torch.where(use, torch.where(u <= 1.0, 1.0, 1.0 / u), 0.0))
+    return torch.where(count[..., 0] >= 2, sigma, torch.zeros_like(sigma))

@@ -27,7 +27,7 @@ from typing import ClassVar, Sequence
 
 import torch
 
-from ..context import StageContext
+from ..context import StageContext, rows_where
 from ..debias import Debias
 from ..press import REFERENCE_LAYERS, REFERENCE_TOKENS, Press, budget_fraction, layer_list, scale_layers, schedule_for_budget
 from ..stages import Kept, Positions, Stage, as_list, resolve_keep, top_k
@@ -88,19 +88,20 @@ class SparseVLM(Press):
 
     # --- scoring -------------------------------------------------------------------------------------------
     def raters(self, ctx: StageContext) -> list[torch.Tensor]:
-        """Per sample, (T_b,) slots of the rater tokens (chosen at the first stage, kept in `ctx.state`)."""
+        """Per sample, (T_b,) slots of the rater tokens (chosen at the first stage, kept in `ctx.state` as
+        prompt positions: text is never cut, so they stay findable)."""
         if "raters" not in ctx.state:
             embeds = ctx.hidden_states(0)
             chosen = []
             for b, (visual, text) in enumerate(zip(ctx.tokens("visual"), ctx.tokens("instruction"))):
                 relevance = torch.softmax(embeds[b, visual].float() @ embeds[b, text].float().T, dim=1).mean(dim=0)
                 above = relevance > relevance.mean()
-                rows = text[above] if bool(above.any()) else text  # all equal (e.g. one text token): every one
-                chosen.append(ctx.slot_prompt_position[b, rows])
-            ctx.state["raters"] = chosen  # prompt positions: text is never cut, so they stay findable
-        return [torch.nonzero(torch.isin(ctx.slot_prompt_position[b], positions) & ctx.slot_valid[b]
-                              & (ctx.slot_visual_rank[b] < 0)).flatten()
-                for b, positions in enumerate(ctx.state["raters"])]
+                above = above | ~above.any()  # all equal (e.g. one text token): every one rates
+                chosen.append(torch.where(above, ctx.slot_prompt_position[b, text], -1))
+            ctx.state["raters"] = chosen
+        mask = torch.stack([torch.isin(ctx.slot_prompt_position[b], positions) for b, positions in
+                            enumerate(ctx.state["raters"])]) & ctx.slot_valid & (ctx.slot_visual_rank < 0)
+        return rows_where(mask)
 
     def score(self, ctx: StageContext) -> list[torch.Tensor]:
         return [rows.mean(dim=0) for rows in ctx.attention(self.raters(ctx))]
@@ -114,15 +115,18 @@ class SparseVLM(Press):
             count = ctx.keep_count(b)
             padding = ctx.padding[b] if ctx.debias_padding else None
             kept = top_k(ranked[b], ranks, count, padding)
-            pruned = torch.nonzero(~torch.isin(ranks, kept)).flatten()
-            if not self.recycle or pruned.numel() == 0:
+            num_pruned = len(ranks) - count
+            if not self.recycle or num_pruned == 0:
                 decisions.append(Kept(ranks=kept))
                 continue
-            order = torch.argsort(raw[b][pruned], descending=True, stable=True)
-            candidates = pruned[order[: min(len(pruned), int(len(pruned) * RECYCLE_SHARE) + 1)]]
+            # the best pruned tokens by raw score (pruned tokens sort first, best first; no host sync)
+            pruned = ~torch.isin(ranks, kept)
+            order = torch.argsort(torch.where(pruned, raw[b].double(), float("-inf")), descending=True, stable=True)
+            candidates = order[: min(num_pruned, int(num_pruned * RECYCLE_SHARE) + 1)]
             features = hidden[b, ctx.visual_slots[b][candidates]]
             centres, assignment = density_peak_clusters(features.float(), len(candidates) // 10 + 1)
-            merged = torch.stack([features[assignment == c].float().mean(dim=0) for c in range(len(centres))])
+            members = torch.nn.functional.one_hot(assignment, len(centres)).float()  # (n, m)
+            merged = (members.T @ features.float()) / members.sum(dim=0)[:, None]
             decisions.append(Kept(ranks=kept, extra=merged.to(features.dtype),
                                   extra_positions=ranks[candidates[centres]]))
         return decisions

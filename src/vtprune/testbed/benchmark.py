@@ -1,9 +1,14 @@
 """End-to-end accuracy of pruning and debiasing on the testbed model (`vtprune testbed eval`).
 
-Greedy exact-match accuracy on the test split for each keep ratio x setting, with Wilson 95% intervals, the
-paired difference to plain FastV at the same keep (mean of per-question differences +- 1.96 standard
-errors), and the bias the model shows: the fitted sigma of the mean last-token attention vs position and the
-share of padding tokens in FastV's top-k before and after debiasing.
+Greedy exact-match accuracy on the test split for each budget x setting, with Wilson 95% intervals, the
+paired difference to the setting's baseline at the same budget (mean of per-question differences +- 1.96
+standard errors; a debiased method against the same method without debiasing, the other position numbering
+against the method's own), and the bias each method shows: the fitted sigma of its mean first-stage score vs
+position and the share of padding tokens in its top-k before and after debiasing.
+
+Settings come from the method registry (`vtprune.methods.METHODS`): every attention-based method plain and
+debiased (padding + its calibrated testbed profile), FastV's ablations, each method with the other position
+numbering, and Random. Budgets use each method's `budget=` (its published schedule, scaled; see README).
 """
 
 from __future__ import annotations
@@ -18,27 +23,58 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..debias import Debias
-from ..methods import FastV, Random
+from ..methods import METHODS, attention_methods
 from ..runner import run_examples
 from .data import accuracy
 
-#: keep ratios of the benchmark (None: no pruning); 0.0625 * 144 = 9 tokens ("6%")
+#: budgets of the benchmark (None: no pruning); 0.0625 = 9 of the testbed's 144 tokens ("6%")
 KEEPS: tuple[float | None, ...] = (None, 0.5, 0.25, 0.125, 0.0625)
-LAYER = 2
-DEFAULT_PROFILE = "testbed/fastv"
+DEBIAS = {  # setting suffix -> Debias factory given the method's calibrated profile name
+    "debias": lambda profile: Debias(profile=profile, padding=True),
+    "positional": lambda profile: Debias(profile=profile, padding=False),
+    "padding": lambda profile: Debias(padding=True),
+    "auto+padding": lambda profile: Debias(profile="auto", padding=True),
+}
 
 
-def settings(profile: str = DEFAULT_PROFILE) -> dict[str, Callable[[float], object]]:
-    """Setting name -> press factory for a keep ratio. "positional" uses the calibrated `profile`."""
-    return {
-        "FastV": lambda keep: FastV(keep=keep, layer=LAYER),
-        "FastV+positional": lambda keep: FastV(keep=keep, layer=LAYER, debias=Debias(profile=profile, padding=False)),
-        "FastV+padding": lambda keep: FastV(keep=keep, layer=LAYER, debias=Debias(padding=True)),
-        "FastV+both": lambda keep: FastV(keep=keep, layer=LAYER, debias=Debias(profile=profile, padding=True)),
-        "FastV+auto": lambda keep: FastV(keep=keep, layer=LAYER, debias=Debias(profile="auto", padding=False)),
-        "FastV+auto+padding": lambda keep: FastV(keep=keep, layer=LAYER, debias=Debias(profile="auto", padding=True)),
-        "Random": lambda keep: Random(keep=keep, layer=LAYER, seed=0),
-    }
+@dataclass(frozen=True)
+class Setting:
+    """One row of the benchmark: a registered method, how it is debiased, its position numbering, and the
+    row its paired difference is taken against."""
+
+    name: str
+    method: str
+    debias: str | None = None  # a key of DEBIAS
+    positions: str | None = None  # None: the method's official numbering
+    baseline: str | None = None
+
+    def press(self, budget: float):
+        cls = METHODS[self.method]
+        debias = None if self.debias is None else DEBIAS[self.debias](f"testbed/{self.method}")
+        return cls.create(budget=budget, debias=debias, positions=self.positions)
+
+
+def label(method: str) -> str:
+    return METHODS[method].__name__
+
+
+def default_settings() -> list[Setting]:
+    """Every attention method plain and debiased, FastV's ablations, the other position numbering per method,
+    and Random."""
+    out = []
+    for name in attention_methods():
+        out += [Setting(label(name), name), Setting(f"{label(name)}+debias", name, "debias", baseline=label(name))]
+    out += [Setting(f"FastV+{kind}", "fastv", kind, baseline="FastV") for kind in ("positional", "padding", "auto+padding")]
+    for name in attention_methods():
+        official = METHODS[name]().positions
+        other = "compact" if official == "original" else "original"
+        out.append(Setting(f"{label(name)}@{other}", name, positions=other, baseline=label(name)))
+    out.append(Setting("Random", "random"))
+    return out
+
+
+def settings() -> dict[str, Setting]:
+    return {s.name: s for s in default_settings()}
 
 
 def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -61,13 +97,16 @@ class Cell:
     tokens_kept: float  # mean visual tokens kept per question
     by_half: dict[str, float]  # accuracy by where the evidence lies: top, bottom, none
     by_kind: dict[str, float] = field(default_factory=dict)  # accuracy by question kind (data.QUESTION_KINDS)
-    delta_vs_fastv: tuple[float, float, float] | None = None  # (mean, low, high) paired difference
+    delta: tuple[float, float, float] | None = None  # (mean, low, high) paired difference to the baseline
+    baseline: str | None = None
+    equivalent: float | None = None  # visual tokens per decoder layer, averaged (the model's own depth)
     seconds: float = 0.0
     correct: list[int] = field(default_factory=list, repr=False)
 
 
 @dataclass
 class BiasSummary:
+    method: str
     keep: float
     sigma_attn: float | None
     r2_attn: float | None
@@ -108,42 +147,45 @@ def run_benchmark(
     *,
     keeps: Sequence[float | None] = KEEPS,
     names: Sequence[str] | None = None,
-    profile: str = DEFAULT_PROFILE,
     batch_size: int = 50,
     log: Callable[[str], None] | None = None,
 ) -> tuple[list[Cell], list[BiasSummary]]:
-    """Every (keep, setting) cell, and the bias measured from the "FastV+both" runs."""
+    """Every (budget, setting) cell, and the bias measured from each method's debiased runs."""
+    from ..adapters import adapter_for
     from ..analysis import bias_report
 
-    factories = settings(profile)
-    names = list(names or factories)
-    unknown = [n for n in names if n not in factories]
+    table = settings()
+    names = list(names or table)
+    unknown = [n for n in names if n not in table]
     if unknown:
-        raise ValueError(f"unknown settings {unknown}; choose from {list(factories)}")
-    visual = None
+        raise ValueError(f"unknown settings {unknown}; choose from {list(table)}")
+    num_layers = len(adapter_for(model).decoder_layers)
+    visual = _visual_tokens(model)
     cells: list[Cell] = []
     bias: list[BiasSummary] = []
     for keep in keeps:
-        baseline = None
+        done: dict[str, Cell] = {}
         for name in (["unpruned"] if keep is None else names):
-            press = None if keep is None else factories[name](keep)
+            setting = table.get(name)
+            press = None if keep is None else setting.press(keep)
             start = time.perf_counter()
             result = evaluate(model, processor, samples, press, batch_size=batch_size)
             seconds = time.perf_counter() - start
-            if visual is None:
-                visual = _visual_tokens(model)
             cell = _cell(name, keep, samples, result.answers, result.records, seconds, visual)
-            if name == "FastV":
-                baseline = cell
-            elif baseline is not None:
-                cell.delta_vs_fastv = paired_delta(cell.correct, baseline.correct)
+            if press is not None:
+                cell.equivalent = press.equivalent_tokens(visual, num_layers)
+                cell.tokens_kept = float(np.mean(result.final_tokens))
+            if setting is not None and setting.baseline in done:
+                cell.baseline = setting.baseline
+                cell.delta = paired_delta(cell.correct, done[setting.baseline].correct)
+            done[name] = cell
             cells.append(cell)
             if log:
-                log(f"keep {keep if keep is not None else 'all'} {name}: {cell.accuracy:.3f} ({seconds:.0f}s)")
-            if name == "FastV+both" and result.records:
+                log(f"budget {keep if keep is not None else 'all'} {name}: {cell.accuracy:.3f} ({seconds:.0f}s)")
+            if setting is not None and setting.debias == "debias" and result.records:
                 report = bias_report(result.records)
                 bias.append(BiasSummary(
-                    keep=keep, sigma_attn=report.sigma_attn.before, r2_attn=report.r2_attn.before,
+                    method=setting.method, keep=keep, sigma_attn=report.sigma_attn.before, r2_attn=report.r2_attn.before,
                     sigma_freq_before=report.sigma_freq.before, sigma_freq_after=report.sigma_freq.after,
                     padding_in_topk_before=report.padding_kept_share.before,
                     padding_in_topk_after=report.padding_kept_share.after,
@@ -160,20 +202,20 @@ def keep_label(keep: float | None) -> str:
     return "all" if keep is None else f"{100 * keep:g}%"
 
 
-def markdown_tables(cells: Sequence[Cell], bias: Sequence[BiasSummary], n: int, profile: str) -> str:
-    """The accuracy and bias tables as Markdown (README, closing notes)."""
+def markdown_tables(cells: Sequence[Cell], bias: Sequence[BiasSummary], n: int) -> str:
+    """The accuracy, tokens and bias tables as Markdown (README, closing notes)."""
     keeps = [k for k in dict.fromkeys(c.keep for c in cells) if k is not None]
     names = list(dict.fromkeys(c.setting for c in cells if c.keep is not None))
     by = {(c.setting, c.keep): c for c in cells}
     unpruned = by.get(("unpruned", None))
-    lines = [f"Accuracy (%) on {n} test questions, 95% Wilson interval; in brackets below it, the paired "
-             "difference to FastV at the same budget (points, 95% interval).", ""]
-    header = "| setting | " + " | ".join(f"keep {keep_label(k)} ({_tokens(by, names, k)} tok)" for k in keeps) + " |"
-    lines += [header, "|---" * (len(keeps) + 1) + "|"]
+    lines = [f"Accuracy (%) on {n} test questions, 95% Wilson interval; below it, in brackets, the paired "
+             "difference to the row's baseline at the same budget (points, 95% interval): a debiased method "
+             "against the same method undebiased, `@original`/`@compact` against the method's own numbering.", ""]
+    lines += ["| setting | " + " | ".join(f"budget {keep_label(k)}" for k in keeps) + " |", "|---" * (len(keeps) + 1) + "|"]
     if unpruned:
         lo, hi = unpruned.ci
-        lines.append(f"| unpruned (144 tok) | {100 * unpruned.accuracy:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] |"
-                     + " |" * (len(keeps) - 1))
+        lines.append(f"| unpruned ({unpruned.tokens_kept:.0f} tok) | {100 * unpruned.accuracy:.1f} [{100 * lo:.1f}, "
+                     f"{100 * hi:.1f}] |" + " |" * (len(keeps) - 1))
     for name in names:
         row = [name]
         for keep in keeps:
@@ -183,42 +225,45 @@ def markdown_tables(cells: Sequence[Cell], bias: Sequence[BiasSummary], n: int, 
                 continue
             lo, hi = cell.ci
             text = f"{100 * cell.accuracy:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
-            if cell.delta_vs_fastv is not None:
-                d, dlo, dhi = (100 * v for v in cell.delta_vs_fastv)
+            if cell.delta is not None:
+                d, dlo, dhi = (100 * v for v in cell.delta)
                 text += f"<br>({d:+.1f} [{dlo:+.1f}, {dhi:+.1f}])"
             row.append(text)
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", f"Positional profile: `{profile}`; tokens kept are means (padding debiasing lowers the count for "
-              "images with fewer real tokens).", ""]
-    lines += ["Accuracy (%) by where the evidence lies (questions about one object; 'none': counting, 'no' answers):", ""]
-    lines += ["| setting | keep | top | bottom | none |", "|---|---|---|---|---|"]
+    lines += ["", "Visual tokens after the last stage (mean) / per decoder layer averaged over the model's layers:", ""]
+    lines += ["| setting | " + " | ".join(f"budget {keep_label(k)}" for k in keeps) + " |", "|---" * (len(keeps) + 1) + "|"]
+    for name in names:
+        if "@" in name or "+" in name:
+            continue  # same schedule as the method's row
+        row = [name] + [f"{by[(name, k)].tokens_kept:.1f} / {by[(name, k)].equivalent:.1f}" if (name, k) in by else ""
+                        for k in keeps]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "Accuracy (%) by where the evidence lies (questions about one object; 'none': counting, 'no' answers):", ""]
+    lines += ["| setting | budget | top | bottom | none |", "|---|---|---|---|---|"]
     for cell in cells:
-        if cell.setting in ("unpruned", "FastV", "FastV+positional", "FastV+both", "FastV+auto+padding", "Random"):
+        if "@" not in cell.setting and not cell.setting.startswith("FastV+") or cell.setting == "FastV+debias":
             halves = " | ".join(f"{100 * cell.by_half.get(h, float('nan')):.1f}" for h in ("top", "bottom", "none"))
             lines.append(f"| {cell.setting} | {keep_label(cell.keep)} | {halves} |")
     kinds = list(dict.fromkeys(k for c in cells for k in c.by_kind))
     if kinds:
         lines += ["", "Accuracy (%) by question kind:", ""]
-        lines += ["| setting | keep | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]
+        lines += ["| setting | budget | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]
         for cell in cells:
-            if cell.setting in ("unpruned", "FastV", "FastV+both", "Random"):
+            if cell.setting in ("unpruned", "Random") or (cell.setting in names and "+" not in cell.setting and "@" not in cell.setting):
                 values = " | ".join(f"{100 * cell.by_kind.get(k, float('nan')):.1f}" for k in kinds)
                 lines.append(f"| {cell.setting} | {keep_label(cell.keep)} | {values} |")
     if bias:
-        lines += ["", "Bias on the testbed (FastV scores, layer 1's last-token attention; from the FastV+both runs):", ""]
-        lines += ["| keep | sigma_attn (R^2) | sigma_freq before -> after | padding in top-k before -> after |",
-                  "|---|---|---|---|"]
+        lines += ["", "Bias on the testbed (each method's first-stage scores, from its +debias runs; profile "
+                  "`testbed/<method>`):", ""]
+        lines += ["| method | budget | sigma_attn (R^2) | sigma_freq before -> after | padding in top-k before -> after |",
+                  "|---|---|---|---|---|"]
         for b in bias:
             lines.append(
-                f"| {keep_label(b.keep)} | {_f(b.sigma_attn)} ({_f(b.r2_attn, '.2f')}) | {_f(b.sigma_freq_before)} -> "
-                f"{_f(b.sigma_freq_after)} | {_pct(b.padding_in_topk_before)} -> {_pct(b.padding_in_topk_after)} |"
+                f"| {label(b.method)} | {keep_label(b.keep)} | {_f(b.sigma_attn)} ({_f(b.r2_attn, '.2f')}) | "
+                f"{_f(b.sigma_freq_before)} -> {_f(b.sigma_freq_after)} | {_pct(b.padding_in_topk_before)} -> "
+                f"{_pct(b.padding_in_topk_after)} |"
             )
     return "\n".join(lines)
-
-
-def _tokens(by, names, keep) -> str:
-    cell = by.get((names[0], keep)) if names else None
-    return f"{cell.tokens_kept:.0f}" if cell else "?"
 
 
 def _f(value, spec: str = "+.2f") -> str:
@@ -236,4 +281,4 @@ def save_results(path: str | Path, cells: Sequence[Cell], bias: Sequence[BiasSum
     return path
 
 
-__all__ = ["KEEPS", "settings", "wilson", "paired_delta", "evaluate", "run_benchmark", "markdown_tables", "save_results"]
+__all__ = ["KEEPS", "Setting", "default_settings", "settings", "wilson", "paired_delta", "evaluate", "run_benchmark", "markdown_tables", "save_results"]

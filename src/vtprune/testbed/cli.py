@@ -55,20 +55,41 @@ def train_cmd(
 def eval_cmd(
     n: int = typer.Option(1000, help="Test questions (the first N of the test split)."),
     path: Path = typer.Option(CHECKPOINT_DIR, help="Checkpoint directory."),
-    keeps: str = typer.Option("all,0.5,0.25,0.125,0.0625", help="Comma-separated keep ratios ('all' = unpruned)."),
-    settings: str = typer.Option("", help="Comma-separated settings (default: all; see vtprune.testbed.benchmark)."),
-    profile: str = typer.Option("testbed/fastv", help="Positional profile for the +positional/+both settings."),
+    keeps: str = typer.Option("all,0.5,0.25,0.125,0.0625", help="Comma-separated budgets ('all' = unpruned)."),
+    settings: str = typer.Option("", help="Comma-separated settings (default: all; `--list` shows them)."),
+    methods: str = typer.Option("", help="Only the settings of these methods (comma-separated registry names)."),
+    list_settings: bool = typer.Option(False, "--list", help="List the settings and exit."),
     batch_size: int = typer.Option(50, help="Questions per batch."),
     out: Path = typer.Option(None, help="Also write the results as JSON here."),
     markdown: Path = typer.Option(None, help="Also write the tables as Markdown here."),
     blind: bool = typer.Option(False, help="Only the unpruned model with every image replaced by flat grey (text prior)."),
 ) -> None:
-    """Accuracy on the test split for each keep ratio x {FastV, +positional, +padding, +both, +auto, Random},
-    with 95% intervals, and the bias the model shows."""
+    """Accuracy on the test split for each budget x setting (every registered method with and without
+    debiasing, FastV's ablations, the other position numbering, Random), with 95% intervals, paired
+    differences, and the bias each method shows."""
     import torch
     from PIL import Image
 
-    from vtprune.testbed.benchmark import KEEPS, keep_label, markdown_tables, run_benchmark, save_results, wilson
+    from vtprune.testbed.benchmark import KEEPS, default_settings, keep_label, markdown_tables, run_benchmark, save_results, wilson
+
+    all_settings = default_settings()
+    if list_settings:
+        for setting in all_settings:
+            extra = f" (paired with {setting.baseline})" if setting.baseline else ""
+            console.print(f"{setting.name}: method {setting.method}, debias {setting.debias or 'off'}, "
+                          f"positions {setting.positions or 'official'}{extra}")
+        return
+    names = [s.strip() for s in settings.split(",") if s.strip()]
+    chosen_methods = [m.strip() for m in methods.split(",") if m.strip()]
+    known = {s.name for s in all_settings}
+    if set(names) - known:
+        raise typer.BadParameter(f"unknown settings {sorted(set(names) - known)}; see --list", param_hint="--settings")
+    if chosen_methods:
+        unknown = set(chosen_methods) - {s.method for s in all_settings}
+        if unknown:
+            raise typer.BadParameter(f"unknown methods {sorted(unknown)}", param_hint="--methods")
+        names = [s.name for s in all_settings if s.method in chosen_methods and (not names or s.name in names)]
+
     from vtprune.testbed.data import Sample, make_split
     from vtprune.testbed.model import load_testbed
 
@@ -82,14 +103,13 @@ def eval_cmd(
         console.print(f"blind (grey images) accuracy {cells[0].accuracy:.3f} [{lo:.3f}, {hi:.3f}] on {n} questions")
         return
     keep_values = [None if k.strip() == "all" else float(k) for k in keeps.split(",")] if keeps else list(KEEPS)
-    names = [s.strip() for s in settings.split(",") if s.strip()] or None
-    cells, bias = run_benchmark(model, processor, test, keeps=keep_values, names=names, profile=profile,
+    cells, bias = run_benchmark(model, processor, test, keeps=keep_values, names=names or None,
                                 batch_size=batch_size, log=console.print)
-    table = Table(title=f"testbed accuracy, {n} test questions (95% Wilson interval)")
+    table = Table(title=f"testbed accuracy, {n} test questions (95% Wilson interval; paired difference to the baseline)")
     table.add_column("setting")
     keep_columns = [k for k in dict.fromkeys(c.keep for c in cells) if k is not None]
     for keep in keep_columns:
-        table.add_column(f"keep {keep_label(keep)}", justify="right")
+        table.add_column(f"budget {keep_label(keep)}", justify="right")
     for cell in cells:
         if cell.keep is None:
             table.add_row("unpruned", f"{100 * cell.accuracy:.1f} [{100 * cell.ci[0]:.1f}, {100 * cell.ci[1]:.1f}]")
@@ -101,15 +121,15 @@ def eval_cmd(
                 row.append("")
                 continue
             text = f"{100 * cell.accuracy:.1f} [{100 * cell.ci[0]:.1f}, {100 * cell.ci[1]:.1f}]"
-            if cell.delta_vs_fastv is not None:
-                text += f" ({100 * cell.delta_vs_fastv[0]:+.1f})"
+            if cell.delta is not None:
+                text += f" ({100 * cell.delta[0]:+.1f})"
             row.append(text)
         table.add_row(*row)
     console.print(table)
-    text = markdown_tables(cells, bias, n, profile)
+    text = markdown_tables(cells, bias, n)
     if bias:
         console.print(text[text.index("Bias on the testbed"):])
-    meta = {"n": n, "checkpoint": str(path), "profile": profile, "keeps": keep_values}
+    meta = {"n": n, "checkpoint": str(path), "keeps": keep_values}
     if out:
         save_results(out, cells, bias, meta)
     if markdown:

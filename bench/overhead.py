@@ -23,8 +23,11 @@ from prefill import NUM_VISUAL, build_model, prompt_ids
 from vtprune.methods import METHODS
 
 
-def count_syncs(fn) -> int:
-    """Host-device synchronisations during fn() (CUDA only), counted through torch's sync debug mode."""
+def count_syncs(fn) -> tuple[int, list[tuple[str, int]]]:
+    """Host-device synchronisations during fn() (CUDA only), counted through torch's sync debug mode, and the
+    source lines that caused the most of them."""
+    from collections import Counter
+
     torch.cuda.set_sync_debug_mode("warn")
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -32,7 +35,9 @@ def count_syncs(fn) -> int:
             fn()
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    return sum("synchroniz" in str(w.message) for w in caught)
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    sites = Counter(f"{w.filename.split('site-packages/')[-1].split('src/')[-1]}:{w.lineno}" for w in syncs)
+    return len(syncs), sites.most_common(6)
 
 
 def main() -> None:
@@ -43,6 +48,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--methods", default="fastv,pdrop,himap,sparsevlm,random")
     parser.add_argument("--trace", action="store_true", help="print the profiler's top CPU ops at batch 1")
+    parser.add_argument("--where", action="store_true", help="print the source lines that synchronise most")
     args = parser.parse_args()
     on_gpu = args.device.startswith("cuda")
     dtype = torch.bfloat16 if on_gpu else torch.float32
@@ -76,7 +82,9 @@ def main() -> None:
                 if round_index:
                     times[label].append(time.perf_counter() - start)
         for label, press in configs:
-            syncs = count_syncs(lambda: prefill(press)) if on_gpu else None
+            syncs, sites = count_syncs(lambda: prefill(press)) if on_gpu else (None, [])
+            if args.where and sites:
+                print(f"batch {batch} {label}: {syncs} syncs, most at {sites}")
             rows.append((batch, label, statistics.median(times[label]) * 1e3, syncs))
         if args.trace and batch == 1:
             from torch.profiler import ProfilerActivity, profile

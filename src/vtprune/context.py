@@ -68,8 +68,7 @@ class StageContext:
     slot_prompt_position: torch.Tensor
     num_visual: list[int]
     segments: list[list[VisualSegment]]
-    first_visual_position: list[int]  # per sample, prompt position of its first visual token
-    last_visual_position: list[int]  # per sample, prompt position of its last visual token
+    image_span: torch.Tensor  # (B, 2) prompt positions of each sample's first and last visual token
     inputs: dict[int, LayerInput]
     state: dict
     debias_config: "Debias | None" = None
@@ -83,6 +82,7 @@ class StageContext:
     _keys: dict = field(default_factory=dict)
     _tokens: dict = field(default_factory=dict)
     _real: list[int] | None = None
+    _padding: list | None = None
 
     # --- tokens ----------------------------------------------------------------------------------------
     @property
@@ -109,11 +109,9 @@ class StageContext:
             elif kind == "text":
                 mask = valid & ~visual
             elif kind == "system":
-                first = torch.tensor(self.first_visual_position, device=valid.device)
-                mask = valid & ~visual & (position < first[:, None])
+                mask = valid & ~visual & (position < self.image_span[:, :1])
             elif kind == "instruction":
-                last = torch.tensor(self.last_visual_position, device=valid.device)
-                mask = valid & ~visual & (position > last[:, None])
+                mask = valid & ~visual & (position > self.image_span[:, 1:])
             else:
                 raise ValueError(f"unknown token kind {kind!r}: use visual, text, system, instruction or last")
             out = rows_where(mask)
@@ -199,6 +197,8 @@ class StageContext:
     def padding(self) -> list[torch.Tensor | None]:
         """Per sample, (R_b,) bool: which visual tokens present are padding (None when unknown; inserted tokens
         are not padding)."""
+        if self._padding is not None:
+            return self._padding
         out = []
         for marks, ranks in zip(self.padding_marks, self.visual_ranks):
             if marks is None:
@@ -206,6 +206,7 @@ class StageContext:
                 continue
             original = ranks < marks.numel()
             out.append(torch.where(original, marks[ranks.clamp(max=marks.numel() - 1)], False))
+        self._padding = out
         return out
 
     @property

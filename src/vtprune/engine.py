@@ -37,7 +37,7 @@ from torch import nn
 from .adapters import adapter_for
 from .adapters.base import VisualLayout
 from .context import LayerInput, StageContext, rows_where
-from .stages import Kept, Stage, StageSelection, resolve_keep, validate_stages
+from .stages import Kept, Stage, StageSelection, member, resolve_keep, validate_stages
 
 if TYPE_CHECKING:
     from .debias import Debias
@@ -100,8 +100,7 @@ class _Request:
     base_len: int
     slots: torch.Tensor  # (B, N_cur) id of each slot, -1 = engine padding
     next_rank: list[int]  # per sample, the rank the next inserted token gets
-    first_visual: list[int] = field(default_factory=list)  # per sample, prompt position of its first visual token
-    last_visual: list[int] = field(default_factory=list)
+    image_span: torch.Tensor | None = None  # (B, 2) prompt positions of each sample's first and last visual token
     state: dict = field(default_factory=dict)  # the press's per-request state
     inputs: dict[int, LayerInput] = field(default_factory=dict)  # recorded layer inputs (prefill)
     selections: list[StageSelection] = field(default_factory=list)
@@ -254,8 +253,7 @@ class PruningSession:
             base_len=length,
             slots=prompt.clone(),
             next_rank=list(layout.num_visual),
-            first_visual=torch.stack([p[0] for p in layout.positions]).tolist(),
-            last_visual=torch.stack([p[-1] for p in layout.positions]).tolist(),
+            image_span=torch.stack([torch.stack([p[0], p[-1]]) for p in layout.positions]),
         )
 
     def _padding_marks(self, layout: VisualLayout, device) -> list[torch.Tensor | None]:
@@ -409,8 +407,7 @@ class PruningSession:
             slot_prompt_position=ids.at("prompt", slots, -1),
             num_visual=list(request.layout.num_visual),
             segments=request.layout.segments,
-            first_visual_position=request.first_visual,
-            last_visual_position=request.last_visual,
+            image_span=request.image_span,
             inputs=inputs,
             state=request.state,
             debias_config=self.debias,
@@ -436,7 +433,7 @@ class PruningSession:
         request.selections.append(
             StageSelection(
                 layer=self.stages[stage_index].layer,
-                kept=[d.ranks[d.ranks < num_visual[b]] for b, d in enumerate(decisions)],
+                kept=_original_ranks(decisions, num_visual, request.next_rank),
                 num_visual=list(num_visual),
                 keep=[resolve_keep(ctx.stage.keep, num_visual[b], len(ctx.visual_ranks[b]), warn=False)
                       for b in range(ctx.num_samples)],
@@ -464,7 +461,7 @@ class PruningSession:
         rank = ids.at("rank", slots, -1)
         kept_table = torch.zeros(batch, max(request.next_rank) + 1, dtype=torch.bool, device=device)
         for b, decision in enumerate(decisions):
-            kept_table[b, decision.ranks] = True
+            kept_table[b].scatter_(0, decision.ranks, True)
         keep = (slots >= 0) & ((rank < 0) | torch.gather(kept_table, 1, rank.clamp(min=0)))
         extra = [d.num_extra for d in decisions]
         position = torch.arange(length, device=device, dtype=torch.float64).expand(batch, length)
@@ -628,18 +625,27 @@ def _check_decisions(decisions: list[Kept], present: list[torch.Tensor], width: 
             raise RuntimeError(f"{owner}: sample {b} keeps no visual token")
         if decision.values is not None and tuple(decision.values.shape) != (ranks.numel(), width):
             raise RuntimeError(f"{owner}: values of sample {b} must have shape ({ranks.numel()}, {width})")
-        checks += [(ranks[1:] > ranks[:-1]).all(), torch.isin(ranks, present[b]).all()]
+        checks += [(ranks[1:] > ranks[:-1]).all(), member(ranks, present[b]).all()]
         messages += [f"kept ranks of sample {b} must be sorted and unique",
                      f"sample {b} keeps visual ranks that are not present at this stage"]
         if decision.extra is not None:
             if decision.extra.dim() != 2 or decision.extra.shape[1] != width:
                 raise RuntimeError(f"{owner}: extra tokens of sample {b} must have shape (m, {width})")
-            checks += [torch.isin(decision.anchors(), ranks).all(), torch.isin(decision.position_sources(), present[b]).all()]
+            checks += [member(decision.anchors(), ranks).all(), member(decision.position_sources(), present[b]).all()]
             messages += [f"extra tokens of sample {b} must follow kept visual tokens",
                          f"extra tokens of sample {b} take positions of tokens not present"]
     for ok, message in zip(torch.stack(checks).tolist(), messages):  # the one synchronisation
         if not ok:
             raise RuntimeError(f"{owner}: {message}")
+
+
+def _original_ranks(decisions: list[Kept], num_visual: list[int], next_rank: list[int]) -> list[torch.Tensor]:
+    """Per sample, the kept ranks that are original visual tokens (inserted tokens have ranks >= V_b and sort
+    last); one synchronisation, only when some sample has inserted tokens."""
+    if next_rank == list(num_visual):
+        return [d.ranks for d in decisions]
+    counts = torch.stack([(d.ranks < v).sum() for d, v in zip(decisions, num_visual)]).tolist()
+    return [d.ranks[:count] for d, count in zip(decisions, counts)]
 
 
 def _slots_of_ranks(slot_rank: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
@@ -731,8 +737,8 @@ def _select_mask(mask0, rows: torch.Tensor, row_sub: torch.Tensor, cols: torch.T
     any_row_pad, any_col_pad, inserted = torch.stack(
         [row_pad.any(), col_pad.any(), (row_sub != 0).any() | (col_sub != 0).any()]
     ).tolist()  # one synchronisation
-    if mask0 is None and not any_col_pad and not inserted:
-        return None  # still plain causal over increasing positions: let the kernel do it
+    if mask0 is None and not any_col_pad:
+        return None  # plain causal over the current order (inserted tokens sit in order): let the kernel do it
     if mask0 is not None and not isinstance(mask0, torch.Tensor):
         raise ValueError(
             f"vtprune cannot cut an attention mask of type {type(mask0).__name__} (flex attention); "

@@ -175,6 +175,12 @@ def rank_order(scores: torch.Tensor, padding: torch.Tensor | None = None) -> tor
     return torch.argsort(scores, descending=True, stable=True)
 
 
+def member(elements: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
+    """`torch.isin` for the small index sets of token selection, without a host synchronisation (torch.isin
+    synchronises on CUDA)."""
+    return (elements[..., None] == test).any(dim=-1)
+
+
 def top_k(scores: torch.Tensor, ranks: torch.Tensor, count: int, padding: torch.Tensor | None = None) -> torch.Tensor:
     """The `count` best of `ranks` (R,) by `scores` (R,), padding last; sorted visual ranks (count,)."""
     order = rank_order(scores, padding)
@@ -195,5 +201,5 @@ def equivalent_tokens(stages: Sequence[Stage], num_visual: int, num_layers: int)
 
 __all__ = [
     "Positions", "Stage", "Kept", "StageSelection", "resolve_keep", "validate_keep", "as_list", "validate_stages",
-    "rank_order", "top_k", "equivalent_tokens",
+    "rank_order", "member", "top_k", "equivalent_tokens",
 ]

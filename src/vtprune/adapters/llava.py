@@ -46,11 +46,11 @@ class LlavaAdapter(ModelAdapter):
 
     def visual_layout(self, input_ids: torch.Tensor) -> VisualLayout:
         is_image = input_ids == self.image_token_id  # (B, N)
+        counts = is_image.sum(dim=1).tolist()  # one synchronisation for the batch
+        order = torch.argsort((~is_image).to(torch.int8), dim=1, stable=True)  # image positions first, in order
         positions, segments = [], []
         image_index = 0
-        for b in range(input_ids.shape[0]):
-            pos = torch.nonzero(is_image[b], as_tuple=False).flatten()
-            count = int(pos.numel())
+        for b, count in enumerate(counts):
             if count % self.tokens_per_image:
                 raise ValueError(
                     f"sample {b} has {count} image tokens (id {self.image_token_id}), not a multiple of "
@@ -68,7 +68,7 @@ class LlavaAdapter(ModelAdapter):
                     )
                 )
                 image_index += 1
-            positions.append(pos)
+            positions.append(order[b, :count])
             segments.append(sample_segments)
         return VisualLayout(positions=positions, segments=segments)
 

@@ -47,10 +47,11 @@ class Random(Press):
 
     def score(self, ctx: StageContext) -> list[torch.Tensor]:
         scores = []
-        for ranks in ctx.visual_ranks:
-            generator = torch.Generator().manual_seed(self.seed + 7919 * ctx.stage_index)
-            draw = torch.rand(int(ranks.max()) + 1, generator=generator)  # one value per rank: batch-independent
-            scores.append(draw[ranks.cpu()].to(ranks.device))
+        for b, ranks in enumerate(ctx.visual_ranks):
+            generator = torch.Generator(device=ranks.device).manual_seed(self.seed + 7919 * ctx.stage_index)
+            # one value per rank, drawn on the device: batch-independent, no host round trip
+            draw = torch.rand(ctx.num_visual[b] + len(ranks), generator=generator, device=ranks.device)
+            scores.append(draw[ranks])
         return scores
 
     def select(self, ctx: StageContext):

@@ -30,7 +30,7 @@ import torch
 from ..context import StageContext, rows_where
 from ..debias import Debias
 from ..press import REFERENCE_LAYERS, REFERENCE_TOKENS, Press, budget_fraction, layer_list, scale_layers, schedule_for_budget
-from ..stages import Kept, Positions, Stage, as_list, resolve_keep, top_k
+from ..stages import Kept, Positions, Stage, as_list, member, resolve_keep, top_k
 
 #: published keep table: budget -> top-k size at each stage (of 576)
 SCHEDULES = {192: (300, 200, 110), 128: (303, 110, 36), 64: (66, 30, 17)}
@@ -99,7 +99,7 @@ class SparseVLM(Press):
                 above = above | ~above.any()  # all equal (e.g. one text token): every one rates
                 chosen.append(torch.where(above, ctx.slot_prompt_position[b, text], -1))
             ctx.state["raters"] = chosen
-        mask = torch.stack([torch.isin(ctx.slot_prompt_position[b], positions) for b, positions in
+        mask = torch.stack([member(ctx.slot_prompt_position[b], positions) for b, positions in
                             enumerate(ctx.state["raters"])]) & ctx.slot_valid & (ctx.slot_visual_rank < 0)
         return rows_where(mask)
 
@@ -120,12 +120,13 @@ class SparseVLM(Press):
                 decisions.append(Kept(ranks=kept))
                 continue
             # the best pruned tokens by raw score (pruned tokens sort first, best first; no host sync)
-            pruned = ~torch.isin(ranks, kept)
+            pruned = ~member(ranks, kept)
             order = torch.argsort(torch.where(pruned, raw[b].double(), float("-inf")), descending=True, stable=True)
             candidates = order[: min(num_pruned, int(num_pruned * RECYCLE_SHARE) + 1)]
             features = hidden[b, ctx.visual_slots[b][candidates]]
             centres, assignment = density_peak_clusters(features.float(), len(candidates) // 10 + 1)
-            members = torch.nn.functional.one_hot(assignment, len(centres)).float()  # (n, m)
+            members = torch.zeros(len(candidates), len(centres), device=features.device)
+            members.scatter_(1, assignment[:, None], 1.0)  # (n, m) one-hot
             merged = (members.T @ features.float()) / members.sum(dim=0)[:, None]
             decisions.append(Kept(ranks=kept, extra=merged.to(features.dtype),
                                   extra_positions=ranks[candidates[centres]]))

@@ -508,7 +508,7 @@ class PruningSession:
         ids.rank[b, new] = request.next_rank[b] + torch.arange(count, device=device)
         request.next_rank[b] += count
         ids.position_rank[b, new] = ids.position_rank[b, source_ids]
-        ids.valid[b, new] = True
+        ids.valid[b].index_fill_(0, new, True)  # (a Python-scalar index_put would synchronise)
         ids.anchor[b, new] = ids.anchor[b, anchor_ids]
         ids.sub[b, new] = ids.sub[b, anchor_ids] + within * _sub_gap(ids, b, anchor_ids)
         ids.position[b, new] = ids.position[b, source_ids]

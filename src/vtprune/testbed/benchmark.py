@@ -69,6 +69,9 @@ def default_settings() -> list[Setting]:
         official = METHODS[name]().positions
         other = "compact" if official == "original" else "original"
         out.append(Setting(f"{label(name)}@{other}", name, positions=other, baseline=label(name)))
+        if official == "compact":  # does debiasing help once the numbering is the model's own?
+            out.append(Setting(f"{label(name)}@{other}+debias", name, "debias", positions=other,
+                               baseline=f"{label(name)}@{other}"))
     out.append(Setting("Random", "random"))
     return out
 

@@ -254,3 +254,28 @@ def test_device_robust_fit_matches_the_numpy_fit():
     single = robust_sigma(torch.tensor(ys[0]), torch.tensor(xs[0]), torch.tensor(uses[0]))
     assert abs(float(single) - expected[0]) < 1e-5
     assert float(robust_sigma(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 0.5]), torch.tensor([True, False]))) == 0.0
+
+
+# SparseVLM's mean first-stage score per position on the testbed (64 images): Gauss-Newton from the
+# log-linear start once diverged on it (sigma -2e5, R^2 < 0); the fit must never end worse than its start.
+SPIKY_CURVE = np.array([
+    np.nan, 0.57, 0.151, 0.106, 0.083, 0.101, 0.12, 0.128, 0.11, 0.084, 0.17, np.nan, 0.203, 0.267, 0.183, 0.166,
+    0.164, 0.227, 0.289, 0.232, 0.152, 0.132, 0.2, 0.152, 0.102, 0.149, 0.145, 0.145, 0.122, 0.141, 0.1,
+    0.134, 0.192, 0.121, 0.107, 0.094, 0.096, 0.346, 0.638, 0.439, 0.275, 0.13, 0.117, 0.222, 0.096, 0.111,
+    0.174, 0.131, 0.121, 0.259, 0.412, 0.422, 0.621, 0.214, 0.278, 0.541, 0.702, 0.626, 0.433, 0.377, 0.245,
+    0.379, 0.563, 0.567, 0.638, 0.242, 0.283, 0.279, 0.288, 0.284, 0.247, 0.307, 0.309, 0.271, 0.429, 0.735,
+    1.105, 0.813, 0.648, 0.668, 0.448, 0.469, 0.636, 0.387, 0.368, 1.001, 1.36, 2.504, 3.453, 1.849, 1.802,
+    3.399, 3.118, 2.555, 2.821, 1.933, 1.058, 2.791, 2.511, 2.357, 2.323, 0.985, 0.782, 1.471, 2.239, 1.925,
+    2.181, 1.578, 0.68, 1.738, 1.325, 2.145, 2.231, 1.405, 2.154, 3.996, 4.126, 5.013, 4.27, 1.135, 0.121,
+    0.171, 1.052, 2.65, 3.538, 1.027, 1.615, 2.489, 1.457, 0.514, 0.319, 0.331, np.nan, 0.442, 0.822, 1.041,
+    0.96, 0.799, 0.762, 0.929, 0.936, 0.824, 0.609, np.nan
+])
+
+
+def test_exponential_fit_does_not_diverge_on_a_spiky_curve():
+    from vtprune.debias.fit import fit_exponential
+
+    nan = np.isnan(SPIKY_CURVE)
+    x = np.arange(144)[~nan] / 144
+    fit = fit_exponential(SPIKY_CURVE[~nan], x)
+    assert 1.0 < fit.sigma < 3.0 and fit.r2 > 0.2

@@ -58,15 +58,27 @@ def fit_exponential(y, x=None, iterations: int = 50) -> ExpFit:
         raise ValueError("the score curve has fewer than 2 positive values: nothing to fit")
     log_mu, sigma = _loglinear(x[positive], y[positive])
     mu = float(np.exp(log_mu))
-    for _ in range(iterations):
+
+    def sse(m, s):
+        with np.errstate(over="ignore", invalid="ignore"):
+            value = float(((y - m * np.exp(s * x)) ** 2).sum())
+        return value if np.isfinite(value) else float("inf")
+
+    current = sse(mu, sigma)
+    for _ in range(iterations):  # Gauss-Newton with backtracking: the error never grows (no divergence)
         f = mu * np.exp(sigma * x)
         jacobian = np.stack([f / mu, f * x], axis=1)
         step, *_ = np.linalg.lstsq(jacobian, y - f, rcond=None)
-        mu, sigma = mu + float(step[0]), sigma + float(step[1])
-        if mu <= 0:
-            mu = float(np.exp(log_mu))
-            break
-        if np.abs(step).max() < 1e-12 * max(1.0, abs(mu), abs(sigma)):
+        for scale in 0.5 ** np.arange(12):
+            new_mu, new_sigma = mu + scale * float(step[0]), sigma + scale * float(step[1])
+            candidate = sse(new_mu, new_sigma) if new_mu > 0 else float("inf")
+            if candidate < current:
+                break
+        else:
+            break  # no step improves the fit: converged
+        converged = np.abs(scale * step).max() < 1e-12 * max(1.0, abs(mu), abs(sigma))
+        mu, sigma, current = new_mu, new_sigma, candidate
+        if converged:
             break
     f = mu * np.exp(sigma * x)
     residuals = y - f

@@ -100,3 +100,29 @@ def test_invalid_profiles(kwargs, message):
 def test_missing_file():
     with pytest.raises(ValueError, match="does not exist"):
         load_profile("/nonexistent/profile.json")
+
+
+def test_default_profile_of_a_model_and_method():
+    from types import SimpleNamespace
+
+    from vtprune.debias.profiles import default_profile_name
+
+    testbed = SimpleNamespace(vtprune_model="testbed", _name_or_path="/somewhere/checkpoint")
+    llava = SimpleNamespace(_name_or_path="llava-hf/llava-1.5-7b-hf")
+    other = SimpleNamespace(_name_or_path="my-own-vlm")
+    assert default_profile_name(testbed, "pdrop", "pyramiddrop") == "testbed/pdrop"
+    assert default_profile_name(llava, "pdrop", "pyramiddrop") == "llava-1.5-7b/pyramiddrop"
+    assert load_profile(default_profile_name(llava, "sparsevlm")).method == "sparsevlm"
+    assert default_profile_name(other, "fastv") is None
+    assert default_profile_name(testbed, "random") is None
+
+
+def test_debias_default_profile_resolves_per_model(model):
+    from vtprune import Debias, FastV, PyramidDrop
+    from vtprune.testbed.model import load_testbed
+
+    testbed, _ = load_testbed()
+    with PyramidDrop(debias=Debias(profile="default", padding=False))(testbed) as session:
+        assert session.debias.loaded_profile.name == "testbed/pdrop"
+    with pytest.raises(ValueError, match="no built-in positional profile for fastv"):
+        FastV(debias=Debias(profile="default", padding=False))(model)

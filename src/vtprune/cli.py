@@ -19,19 +19,11 @@ console = Console()
 def default_profile(model_spec: str, model, method: str) -> str | None:
     """The built-in positional profile for this model and method, if there is one: the published LLaVA-1.5-7B
     profiles, or the testbed's calibrated ones."""
-    from .debias.profiles import builtin_aliases, builtin_profiles
+    from .debias.profiles import default_profile_name
     from .methods import method as method_class
 
     cls = method_class(method)
-    name = str(getattr(model.config, "_name_or_path", "")).lower()
-    if model_spec == "testbed":
-        candidate = f"testbed/{cls.name}"
-    elif "llava-1.5-7b" in name:
-        candidate = f"llava-1.5-7b/{cls.profile_name or cls.name}"
-    else:
-        return None
-    known = {p.name for p in builtin_profiles()} | set(builtin_aliases())
-    return candidate if candidate in known else None
+    return default_profile_name(model.config, cls.name, cls.profile_name)
 
 
 def number_option(text: str | None, option: str):

@@ -137,6 +137,8 @@ class PruningSession:
         if self.positions not in ("original", "compact"):
             raise ValueError(f"positions={self.positions!r}: use 'original' or 'compact'")
         self.debias: Debias | None = press.resolved_debias()
+        if self.debias is not None:
+            self.debias = self.debias.for_model(model.config, press.name, press.profile_name)
         _check_profile_method(self.debias, press)
         self.dry_run = bool(dry_run)
         self.processor = processor

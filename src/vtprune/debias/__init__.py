@@ -30,8 +30,9 @@ class Debias:
     """Debiasing switches for a press.
 
     profile: positional trend: a built-in name (see `vtprune profiles`), a path to a profile JSON, a
-        `Profile`, "auto" (fit the trend on each request's own scores, robustly: no calibration), or None
-        for no positional debiasing.
+        `Profile`, "auto" (fit the trend on each request's own scores, robustly: no calibration), "default"
+        (the built-in profile of the model and method: the published LLaVA-1.5-7B ones, the testbed's
+        calibrated ones; an error where there is none), or None for no positional debiasing.
     padding: zero the scores of padding tokens (needs `processor=` and `image_sizes=` on the press call).
     padding_threshold: a token is padding when more than this share of its pixels is padding; None: the
         method's published value (FastV, HiMAP, SparseVLM 0.5; PyramidDrop 0.01).
@@ -63,10 +64,26 @@ class Debias:
             raise TypeError(f"drop_padding={self.drop_padding!r} must be True, False or None")
         if self.stages not in ("first", "all"):
             raise ValueError(f"stages={self.stages!r}: use 'first' or 'all'")
-        if self.profile is not None and self.profile != "auto":
+        if self.profile is not None and self.profile not in ("auto", "default"):
             from .profiles import load_profile
 
             object.__setattr__(self, "_loaded", load_profile(self.profile))
+
+    def for_model(self, config, method: str, profile_name: str | None = None) -> "Debias":
+        """A copy with profile="default" resolved to the built-in profile of this model and method."""
+        if self.profile != "default":
+            return self
+        from .profiles import default_profile_name
+
+        name = default_profile_name(config, method, profile_name)
+        if name is None:
+            model = getattr(config, "_name_or_path", "") or "this model"
+            raise ValueError(
+                f"no built-in positional profile for {method} on {model}: calibrate one (`vtprune calibrate`) and "
+                "pass its path, or use Debias(profile='auto')."
+            )
+        resolved = replace(self, profile=name)
+        return resolved
 
     def with_defaults(self, padding_threshold: float, drop_padding: bool) -> "Debias":
         """A copy whose unset (None) fields take a method's published values."""

@@ -124,6 +124,19 @@ def builtin_aliases() -> dict[str, str]:
     return {name: p.name for name, p in _builtin_index().items() if name != p.name}
 
 
+def default_profile_name(config, method: str, profile_name: str | None = None) -> str | None:
+    """The built-in positional profile of a model (its config) and method, if vtprune ships one: the
+    testbed's calibrated `testbed/<method>`, or the published `llava-1.5-7b/<method>` for LLaVA-1.5-7B
+    checkpoints (recognised by name). `profile_name`: the method's name in the published profiles."""
+    if getattr(config, "vtprune_model", None) == "testbed":
+        candidate = f"testbed/{method}"
+    elif "llava-1.5-7b" in str(getattr(config, "_name_or_path", "")).lower():
+        candidate = f"llava-1.5-7b/{profile_name or method}"
+    else:
+        return None
+    return candidate if candidate in _builtin_index() else None
+
+
 def load_profile(spec: "str | os.PathLike | Profile") -> Profile:
     """A built-in name, a path to a profile JSON, or a `Profile` (returned as is)."""
     if isinstance(spec, Profile):

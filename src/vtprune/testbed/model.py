@@ -143,6 +143,7 @@ def build_model(
         projector_hidden_act="gelu",
         tie_word_embeddings=True,
     )
+    config.vtprune_model = "testbed"  # lets Debias(profile="default") pick the testbed's calibrated profiles
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
     model.generation_config = GenerationConfig(

@@ -25,7 +25,7 @@ from torch import nn
 from .context import StageContext
 from .debias import Debias
 from .engine import PruningSession
-from .stages import Kept, Stage, StageSelection, equivalent_tokens, validate_stages
+from .stages import Kept, Stage, StageSelection, as_list, equivalent_tokens, validate_stages
 
 if TYPE_CHECKING:
     from .stages import Positions
@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 #: the model the published schedules and layers refer to (LLaVA-1.5-7B: 32 decoder layers, 576 visual tokens)
 REFERENCE_LAYERS = 32
 REFERENCE_TOKENS = 576
+#: the budget of the debiasing paper's runs, the default of methods with published schedules
+DEFAULT_BUDGET = 128
 
 
 class Press:
@@ -119,6 +121,34 @@ class Press:
         """Visual tokens each decoder layer processes, averaged over the layers (the papers' "equivalent"
         budget), on a model with `num_layers` layers and `num_visual` visual tokens (default LLaVA-1.5-7B)."""
         return equivalent_tokens(self.stages(num_layers), num_visual, num_layers)
+
+    def _check_schedule(self) -> None:
+        """Validate the schedule fields (`keep`, `budget`, `layer`) of methods that have them."""
+        keep, budget, layer = getattr(self, "keep", None), getattr(self, "budget", None), getattr(self, "layer", None)
+        if keep is not None and budget is not None:
+            raise ValueError(f"{type(self).__name__}: give keep= or budget=, not both")
+        if budget is not None:
+            budget_fraction(budget)
+        if layer is not None:
+            layer_list(layer)
+
+    def _layers_and_keeps(self, num_layers: int, default_layers: Sequence[int], tables: dict | None = None,
+                          default_keep: int | float = 64) -> tuple[list[int], list]:
+        """The stage layers and keeps from the schedule fields: explicit `layer` or the published layers at the
+        model's depth; explicit `keep`, or the budget mapped through the published `tables` (None: the budget is
+        the count kept, as for FastV), or the defaults."""
+        layers = layer_list(self.layer) if self.layer is not None else scale_layers(default_layers, num_layers)
+        if self.keep is not None:
+            return layers, as_list(self.keep, len(layers), "keep")
+        if tables is None:
+            keep = default_keep if self.budget is None else budget_fraction(self.budget)
+            return layers, as_list(keep, len(layers), "keep")
+        keeps = schedule_for_budget(tables, DEFAULT_BUDGET if self.budget is None else self.budget)
+        if len(keeps) != len(layers):
+            raise ValueError(
+                f"{type(self).__name__}: the budget gives {len(keeps)} stages but layer= has {len(layers)}; pass keep= too"
+            )
+        return layers, keeps
 
     def _check_common(self) -> None:
         """Validate the fields every press has (call from `__post_init__`)."""

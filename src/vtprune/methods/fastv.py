@@ -15,8 +15,8 @@ import torch
 
 from ..context import StageContext
 from ..debias import Debias
-from ..press import REFERENCE_LAYERS, Press, budget_fraction, layer_list
-from ..stages import Positions, Stage, as_list
+from ..press import REFERENCE_LAYERS, Press
+from ..stages import Positions, Stage
 
 
 @dataclass
@@ -41,18 +41,10 @@ class FastV(Press):
 
     def __post_init__(self) -> None:
         self._check_common()
-        layer_list(self.layer)
-        if self.keep is not None and self.budget is not None:
-            raise ValueError("FastV: give keep= or budget=, not both")
-        if self.budget is not None:
-            budget_fraction(self.budget)
+        self._check_schedule()
 
     def stages(self, num_layers: int = REFERENCE_LAYERS) -> list[Stage]:
-        layers = layer_list(self.layer)
-        if self.budget is not None:
-            keeps = as_list(budget_fraction(self.budget), len(layers), "budget")
-        else:
-            keeps = as_list(64 if self.keep is None else self.keep, len(layers), "keep")
+        layers, keeps = self._layers_and_keeps(num_layers, [2])
         for layer in layers:
             if layer < 1:
                 raise ValueError(

@@ -22,7 +22,7 @@ import torch
 
 from ..context import StageContext
 from ..debias import Debias
-from ..press import REFERENCE_LAYERS, Press, budget_fraction, layer_list, scale_layers, schedule_for_budget
+from ..press import REFERENCE_LAYERS, Press, layer_list
 from ..stages import Positions, Stage, as_list
 
 #: published schedule (debias runs): budget -> visual tokens present after each stage (of 576)
@@ -51,21 +51,14 @@ class HiMAP(Press):
 
     def __post_init__(self) -> None:
         self._check_common()
-        if self.keep is not None and self.budget is not None:
-            raise ValueError("HiMAP: give budget= or keep=, not both")
-        if self.budget is not None:
-            budget_fraction(self.budget)
+        self._check_schedule()
         if self.layer is not None and len(layer_list(self.layer)) != 2:
             raise ValueError(f"HiMAP: layer= takes the two stage layers [shallow, deep], got {self.layer!r}")
         if self.keep is not None and len(as_list(self.keep, 2, "keep")) != 2:
             raise ValueError(f"HiMAP: keep= takes two counts [shallow, deep], got {self.keep!r}")
 
     def stages(self, num_layers: int = REFERENCE_LAYERS) -> list[Stage]:
-        layers = layer_list(self.layer) if self.layer is not None else scale_layers(LAYERS, num_layers)
-        if self.keep is not None:
-            keeps = as_list(self.keep, 2, "keep")
-        else:
-            keeps = schedule_for_budget(SCHEDULES, 128 if self.budget is None else self.budget)
+        layers, keeps = self._layers_and_keeps(num_layers, LAYERS, SCHEDULES)
         for layer in layers:
             if layer < 1:
                 raise ValueError(f"HiMAP: layer={layer} is out of range; it scores with the layer before, so layers must be >= 1")

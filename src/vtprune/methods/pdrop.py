@@ -20,8 +20,8 @@ import torch
 
 from ..context import StageContext
 from ..debias import Debias
-from ..press import REFERENCE_LAYERS, Press, budget_fraction, layer_list, scale_layers, schedule_for_budget
-from ..stages import Positions, Stage, as_list
+from ..press import REFERENCE_LAYERS, Press
+from ..stages import Positions, Stage
 
 #: published schedule (debias runs): equivalent budget -> visual tokens kept (of 576) after each stage
 SCHEDULES = {128: (184, 92, 46)}
@@ -50,21 +50,10 @@ class PyramidDrop(Press):
 
     def __post_init__(self) -> None:
         self._check_common()
-        if self.keep is not None and self.budget is not None:
-            raise ValueError("PyramidDrop: give budget= or keep=, not both")
-        if self.budget is not None:
-            budget_fraction(self.budget)
-        if self.layer is not None:
-            layer_list(self.layer)
+        self._check_schedule()
 
     def stages(self, num_layers: int = REFERENCE_LAYERS) -> list[Stage]:
-        layers = layer_list(self.layer) if self.layer is not None else scale_layers(LAYERS, num_layers)
-        if self.keep is not None:
-            keeps = as_list(self.keep, len(layers), "keep")
-        else:
-            keeps = schedule_for_budget(SCHEDULES, 128 if self.budget is None else self.budget)
-            if len(keeps) != len(layers):
-                raise ValueError(f"PyramidDrop: the budget gives {len(keeps)} stages but layer= has {len(layers)}; pass keep= too")
+        layers, keeps = self._layers_and_keeps(num_layers, LAYERS, SCHEDULES)
         return [Stage(layer=layer, keep=keep, score_layer=layer) for layer, keep in zip(layers, keeps)]
 
     def score(self, ctx: StageContext) -> list[torch.Tensor]:

@@ -9,8 +9,8 @@ from typing import ClassVar, Sequence
 import torch
 
 from ..context import StageContext
-from ..press import REFERENCE_LAYERS, Press, budget_fraction, layer_list
-from ..stages import Positions, Stage, as_list
+from ..press import REFERENCE_LAYERS, Press
+from ..stages import Positions, Stage
 
 
 @dataclass
@@ -31,18 +31,12 @@ class Random(Press):
 
     def __post_init__(self) -> None:
         self._check_common()
-        layer_list(self.layer)
-        if self.keep is not None and self.budget is not None:
-            raise ValueError("Random: give keep= or budget=, not both")
+        self._check_schedule()
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {self.seed!r}")
 
     def stages(self, num_layers: int = REFERENCE_LAYERS) -> list[Stage]:
-        layers = layer_list(self.layer)
-        if self.budget is not None:
-            keeps = as_list(budget_fraction(self.budget), len(layers), "budget")
-        else:
-            keeps = as_list(64 if self.keep is None else self.keep, len(layers), "keep")
+        layers, keeps = self._layers_and_keeps(num_layers, [2])
         return [Stage(layer=layer, keep=keep, score_layer=None) for layer, keep in zip(layers, keeps)]
 
     def score(self, ctx: StageContext) -> list[torch.Tensor]:

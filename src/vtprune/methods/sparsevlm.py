@@ -29,8 +29,8 @@ import torch
 
 from ..context import StageContext, rows_where
 from ..debias import Debias
-from ..press import REFERENCE_LAYERS, REFERENCE_TOKENS, Press, budget_fraction, layer_list, scale_layers, schedule_for_budget
-from ..stages import Kept, Positions, Stage, as_list, member, resolve_keep, top_k
+from ..press import REFERENCE_LAYERS, REFERENCE_TOKENS, Press
+from ..stages import Kept, Positions, Stage, member, resolve_keep, top_k
 
 #: published keep table: budget -> top-k size at each stage (of 576)
 SCHEDULES = {192: (300, 200, 110), 128: (303, 110, 36), 64: (66, 30, 17)}
@@ -61,23 +61,12 @@ class SparseVLM(Press):
 
     def __post_init__(self) -> None:
         self._check_common()
-        if self.keep is not None and self.budget is not None:
-            raise ValueError("SparseVLM: give budget= or keep=, not both")
-        if self.budget is not None:
-            budget_fraction(self.budget)
-        if self.layer is not None:
-            layer_list(self.layer)
+        self._check_schedule()
         if not isinstance(self.recycle, bool):
             raise TypeError(f"recycle={self.recycle!r} must be True or False")
 
     def stages(self, num_layers: int = REFERENCE_LAYERS) -> list[Stage]:
-        layers = layer_list(self.layer) if self.layer is not None else scale_layers(LAYERS, num_layers)
-        if self.keep is not None:
-            keeps = as_list(self.keep, len(layers), "keep")
-        else:
-            keeps = schedule_for_budget(SCHEDULES, 128 if self.budget is None else self.budget)
-            if len(keeps) != len(layers):
-                raise ValueError(f"SparseVLM: the budget gives {len(keeps)} stages but layer= has {len(layers)}; pass keep= too")
+        layers, keeps = self._layers_and_keeps(num_layers, LAYERS, SCHEDULES)
         for layer in layers:
             if layer < 1:
                 raise ValueError(f"SparseVLM: layer={layer} is out of range; it scores with the layer before, so layers must be >= 1")

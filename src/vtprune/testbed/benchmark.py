@@ -185,7 +185,7 @@ def run_benchmark(
             cells.append(cell)
             if log:
                 log(f"budget {keep if keep is not None else 'all'} {name}: {cell.accuracy:.3f} ({seconds:.0f}s)")
-            if setting is not None and setting.debias == "debias" and result.records:
+            if setting is not None and setting.debias == "debias" and setting.positions is None and result.records:
                 report = bias_report(result.records)
                 bias.append(BiasSummary(
                     method=setting.method, keep=keep, sigma_attn=report.sigma_attn.before, r2_attn=report.r2_attn.before,

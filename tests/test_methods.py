@@ -138,3 +138,49 @@ def test_batch_equals_single_runs(processor, model6, press):
         assert torch.equal(batch.sequences[b, width:], single.sequences[0, n:])
         for x, y in zip(batch.logits, single.logits):
             torch.testing.assert_close(x[b], y[0], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda: PyramidDrop(keep=[10, 20, 5], layer=[2, 3, 4]), ValueError, "must not grow"),
+    (lambda: PyramidDrop(keep=[10, 5], layer=[2, 3, 4]), ValueError, "2 entries but there are 3 stages"),
+    (lambda: PyramidDrop(budget=0), ValueError, "budget"),
+    (lambda: PyramidDrop(budget=700), ValueError, "1..576"),
+    (lambda: PyramidDrop(budget=1.5), ValueError, r"\(0, 1\]"),
+    (lambda: PyramidDrop(budget=64, keep=[8, 4, 2]), ValueError, "not both"),
+    (lambda: HiMAP(layer=[2]), ValueError, "two stage layers"),
+    (lambda: HiMAP(layer=[0, 4], keep=[10, 5]), ValueError, "layers must be >= 1"),
+    (lambda: SparseVLM(layer=[3, 2, 5], keep=[10, 5, 2]), ValueError, "increase"),
+    (lambda: SparseVLM(recycle="yes"), TypeError, "recycle"),
+    (lambda: SparseVLM(layer=[3.0, 7, 16]), TypeError, "layer"),
+    (lambda: HiMAP(positions="shuffled"), ValueError, "positions"),
+])
+def test_bad_schedules_and_options_are_clear_errors(make, error, message):
+    with pytest.raises(error, match=message):
+        make()
+
+
+def test_default_schedules_out_of_range_for_a_small_model(model6):
+    with pytest.raises(ValueError, match="out of range; the model has 6 decoder layers"):
+        PyramidDrop(layer=[2, 10, 20], keep=[20, 10, 5])(model6)
+    # the default layers move to the same relative depth instead
+    assert [s.layer for s in PyramidDrop().stages(LAYERS)] == [2, 3, 4]
+    assert [s.layer for s in SparseVLM().stages(LAYERS)] == [3, 4, 5]
+    assert [s.layer for s in HiMAP().stages(LAYERS)] == [2, 3]
+
+
+def test_published_schedules_and_equivalent_tokens():
+    assert [round(s.keep * 576) for s in SparseVLM(budget=128).stages()] == [303, 110, 36]
+    assert [round(s.keep * 576) for s in SparseVLM(budget=192).stages()] == [300, 200, 110]
+    assert [round(s.keep * 576) for s in SparseVLM(budget=64).stages()] == [66, 30, 17]
+    assert [(s.layer, s.score_layer) for s in SparseVLM().stages()] == [(3, 2), (7, 6), (16, 15)]
+    assert [(s.layer, round(s.keep * 576), s.score_layer) for s in PyramidDrop().stages()] == [
+        (2, 184, 2), (10, 92, 10), (20, 46, 20)]
+    assert [(s.layer, round(s.keep * 576), s.score_layer) for s in HiMAP().stages()] == [(2, 115, 1), (8, 90, 7)]
+    assert PyramidDrop(budget=128).equivalent_tokens() == 128.0
+    assert abs(HiMAP().equivalent_tokens() - (2 * 576 + 6 * 115 + 24 * 90) / 32) < 1e-9
+    # SparseVLM counts its recycled clusters: 303+9, 110+7, 36+3 tokens after its stages
+    assert abs(SparseVLM().equivalent_tokens() - (3 * 576 + 4 * 312 + 9 * 117 + 16 * 39) / 32) < 1e-9
+    # between published budgets the schedule interpolates; budgets scale with the model's tokens
+    between = [s.keep * 576 for s in SparseVLM(budget=160).stages()]
+    assert 300 <= between[0] <= 303 and 110 < between[1] < 200
+    assert SparseVLM(budget=0.25).stages()[0].keep == SparseVLM(budget=144).stages()[0].keep

@@ -131,6 +131,9 @@ class Press:
             budget_fraction(budget)
         if layer is not None:
             layer_list(layer)
+        # structural mistakes (a keep list that does not match the layers, keeps that grow, layers that do not
+        # increase) fail here rather than at first use; the range of layers is checked against the model
+        validate_stages(self.stages(REFERENCE_LAYERS), 10**6, type(self).__name__)
 
     def _layers_and_keeps(self, num_layers: int, default_layers: Sequence[int], tables: dict | None = None,
                           default_keep: int | float = 64) -> tuple[list[int], list]:

@@ -23,7 +23,7 @@ import torch
 from ..context import StageContext
 from ..debias import Debias
 from ..press import REFERENCE_LAYERS, Press, layer_list
-from ..stages import Positions, Stage, as_list
+from ..stages import Positions, Stage
 
 #: published schedule (debias runs): budget -> visual tokens present after each stage (of 576)
 SCHEDULES = {128: (115, 90)}
@@ -51,11 +51,11 @@ class HiMAP(Press):
 
     def __post_init__(self) -> None:
         self._check_common()
-        self._check_schedule()
         if self.layer is not None and len(layer_list(self.layer)) != 2:
             raise ValueError(f"HiMAP: layer= takes the two stage layers [shallow, deep], got {self.layer!r}")
-        if self.keep is not None and len(as_list(self.keep, 2, "keep")) != 2:
+        if isinstance(self.keep, (list, tuple)) and len(self.keep) != 2:
             raise ValueError(f"HiMAP: keep= takes two counts [shallow, deep], got {self.keep!r}")
+        self._check_schedule()
 
     def stages(self, num_layers: int = REFERENCE_LAYERS) -> list[Stage]:
         layers, keeps = self._layers_and_keeps(num_layers, LAYERS, SCHEDULES)

@@ -61,9 +61,9 @@ class SparseVLM(Press):
 
     def __post_init__(self) -> None:
         self._check_common()
-        self._check_schedule()
         if not isinstance(self.recycle, bool):
             raise TypeError(f"recycle={self.recycle!r} must be True or False")
+        self._check_schedule()
 
     def stages(self, num_layers: int = REFERENCE_LAYERS) -> list[Stage]:
         layers, keeps = self._layers_and_keeps(num_layers, LAYERS, SCHEDULES)

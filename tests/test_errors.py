@@ -47,10 +47,15 @@ def test_curve_profile_length_mismatch(processor, model):
         model(**inputs)
 
 
-@pytest.mark.parametrize("layer", [0, 4, 99])
+@pytest.mark.parametrize("layer", [4, 99])
 def test_layer_out_of_range(model, layer):
     with pytest.raises(ValueError, match="out of range; the model has 4 decoder layers"):
         FastV(layer=layer)(model)
+
+
+def test_fastv_cannot_prune_before_layer_0():
+    with pytest.raises(ValueError, match="layer=0 is out of range: FastV scores with the attention inside layer K-1"):
+        FastV(layer=0)
 
 
 def test_stage_layers_must_increase(model):

@@ -48,8 +48,8 @@ class FastV(Press):
         for layer in layers:
             if layer < 1:
                 raise ValueError(
-                    f"FastV: layer={layer} is out of range; the model has {num_layers} decoder layers, and FastV "
-                    f"scores with the attention inside layer K-1, so it prunes before layers 1..{num_layers - 1}."
+                    f"FastV: layer={layer} is out of range: FastV scores with the attention inside layer K-1, so it "
+                    "prunes before layer 1 or later (Random(layer=0) prunes the language model's input)."
                 )
         return [Stage(layer=layer, keep=keep, score_layer=layer - 1) for layer, keep in zip(layers, keeps)]
 

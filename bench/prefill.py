@@ -4,8 +4,10 @@ debias on/off, and FastV with its scoring keys recomputed instead of reused.
 Random weights (timing does not depend on them). On CPU the decoder is truncated in depth (default 4 layers,
 full width; a 7B model does not fit in fp32 here) and multi-stage schedules move to the same relative depth
 (`Press.stages(num_layers)`), so CPU rows measure per-layer costs; with --device cuda the model runs at full
-depth (32 layers) with the published schedules. Image features are computed once and passed as
-`mm_encoder_outputs`, so the timing covers the language model's prefill, which is what pruning changes.
+depth (32 layers) with the published schedules. Rows of methods that prune in the language model get the image
+features precomputed (`mm_encoder_outputs`): their timing covers the language model, which is what they
+change. Methods that read the vision tower (VisionZip, FasterVLM) need it to run: with `--with-vision` every
+row includes the vision tower (2 layers on CPU, CLIP-L's 24 on a GPU), so all rows stay comparable.
 Prints measured time ratios next to FLOP-predicted ones (from the tokens each layer really processed) and the
 overhead of debiasing.
 
@@ -33,11 +35,11 @@ IMAGE_TOKEN = 32000
 NUM_VISUAL = 576
 
 
-def build_model(layers: int, dtype: torch.dtype, device: str) -> LlavaForConditionalGeneration:
+def build_model(layers: int, dtype: torch.dtype, device: str, vision_layers: int = 2) -> LlavaForConditionalGeneration:
     vision = CLIPVisionConfig(
         image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096,
-        num_hidden_layers=2, num_attention_heads=16, projection_dim=768,
-    )  # the vision tower is outside the timed region; 2 layers keep set-up fast
+        num_hidden_layers=vision_layers, num_attention_heads=16, projection_dim=768,
+    )
     text = LlamaConfig(
         vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
         num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
@@ -96,6 +98,8 @@ def main() -> None:
     parser.add_argument("--markdown", default=None, help="also write the table as Markdown to this file")
     parser.add_argument("--methods", default=",".join(attention_methods()), help="registered methods to time")
     parser.add_argument("--budgets", default="192,128,64", help="budgets (visual tokens of 576, as the papers count)")
+    parser.add_argument("--with-vision", action="store_true",
+                        help="time the vision tower too in every row (needed for vision-side methods)")
     args = parser.parse_args()
     on_gpu = args.device.startswith("cuda")
     depth = args.layers or (32 if on_gpu else 4)
@@ -103,14 +107,19 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model = build_model(depth, dtype, args.device)
+    needs_vision = any(METHODS[name]().vision_layers() for name in args.methods.split(","))
+    with_vision = args.with_vision or needs_vision
+    model = build_model(depth, dtype, args.device, vision_layers=(24 if on_gpu else 2) if with_vision else 2)
     ids = prompt_ids().to(args.device).expand(args.batch, -1).contiguous()
     pixel_values = torch.randn(args.batch, 3, 336, 336, dtype=dtype, device=args.device)
     processor = LlavaImageProcessorPil(do_pad=True, size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
     image_size = (640, 427)  # a typical landscape photo: 4 of 24 rows at the top and bottom are padding
-    with torch.no_grad():
-        features = model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
-    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), mm_encoder_outputs={"image": features})
+    if with_vision:  # every row runs the vision tower (vision-side methods read it)
+        inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixel_values)
+    else:
+        with torch.no_grad():
+            features = model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
+        inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), mm_encoder_outputs={"image": features})
 
     def run_once(press=None, **press_kwargs) -> float:
         with torch.no_grad():
@@ -160,7 +169,8 @@ def main() -> None:
         rows.append((label, kept, equivalent, median[label], overhead, median[label] / base, predicted))
 
     device_name = torch.cuda.get_device_name() if on_gpu else f"CPU, {torch.get_num_threads()} threads"
-    title = (f"Prefill, LLaVA-1.5-7B shape, {depth} decoder layers, {str(dtype).split('.')[-1]}, batch {args.batch} x {total} tokens, "
+    vision_note = f", vision tower included ({len(model.model.vision_tower.encoder.layers)} layers)" if with_vision else ""
+    title = (f"Prefill, LLaVA-1.5-7B shape{vision_note}, {depth} decoder layers, {str(dtype).split('.')[-1]}, batch {args.batch} x {total} tokens, "
              f"{device_name}, median of {args.repeats} interleaved rounds")
     columns = ("config", "visual kept (last stage)", "visual per layer", "prefill ms", "time ratio", "FLOP ratio",
                "overhead vs plain")

@@ -71,6 +71,7 @@ class StageContext:
     image_span: torch.Tensor  # (B, 2) prompt positions of each sample's first and last visual token
     inputs: dict[int, LayerInput]
     state: dict
+    vision_inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # vision layer -> (N_img, T, D) input
     debias_config: "Debias | None" = None
     debias_active: bool = False
     padding_marks: list[torch.Tensor | None] = field(default_factory=list)  # per sample (V_b,) bool, or None
@@ -191,6 +192,48 @@ class StageContext:
                 raise ValueError(f"keys={keys!r}: use 'visual' or 'all'")
             out.append(rows)
         return out
+
+    # --- vision tower ------------------------------------------------------------------------------------
+    def vision_hidden_states(self, layer: int) -> torch.Tensor:
+        """(N_img, T, D) input of vision-tower `layer` (as declared by the press's `vision_layers`), every
+        image of the batch in prompt order; T = the [CLS] token (if any) plus the patches."""
+        index = self._vision_index(layer)
+        if index not in self.vision_inputs:
+            raise ValueError(
+                f"the vision tower's layer {layer} was not recorded: declare it in the press's vision_layers(), and "
+                "run the model on pixel_values (precomputed image features skip the vision tower)."
+            )
+        return self.vision_inputs[index]
+
+    def vision_attention(self, layer: int, heads: Literal["mean", "all"] = "mean") -> list[torch.Tensor]:
+        """The vision tower's [CLS] attention to each visual token present, inside vision `layer`: per sample
+        (R_b,) (mean over heads) or (H, R_b), its images' patches in order (`visual_ranks[b]`)."""
+        if self.adapter.vision_cls_index is None:
+            raise ValueError(
+                f"{type(self.adapter).__name__}'s vision tower has no [CLS] token: [CLS]-attention methods "
+                "(VisionZip, FasterVLM) do not apply; use one that scores without it (e.g. divprune, dart)."
+            )
+        hidden = self.vision_hidden_states(layer)
+        rows = torch.tensor([self.adapter.vision_cls_index], device=hidden.device)
+        probs = self.adapter.vision_attention(self._vision_layer(layer), hidden, rows)[:, :, 0]  # (N, H, T)
+        patches = probs[:, :, self.adapter.vision_first_patch:]  # (N, H, P)
+        if heads == "mean":
+            patches = patches.mean(dim=1, keepdim=True)
+        elif heads != "all":
+            raise ValueError(f"heads={heads!r}: use 'mean' or 'all'")
+        out = []
+        for b, segments in enumerate(self.segments):
+            full = torch.cat([patches[segment.image_index, :, : segment.length] for segment in segments], dim=-1)
+            present = full[:, self.visual_ranks[b].clamp(max=full.shape[-1] - 1)]
+            out.append(present[0] if heads == "mean" else present)
+        return out
+
+    def _vision_index(self, layer: int) -> int:
+        count = len(self.adapter.vision_layers)
+        return layer + count if layer < 0 else layer
+
+    def _vision_layer(self, layer: int):
+        return self.adapter.vision_layers[self._vision_index(layer)]
 
     # --- debiasing ---------------------------------------------------------------------------------------
     @property

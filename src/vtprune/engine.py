@@ -103,6 +103,7 @@ class _Request:
     image_span: torch.Tensor | None = None  # (B, 2) prompt positions of each sample's first and last visual token
     state: dict = field(default_factory=dict)  # the press's per-request state
     inputs: dict[int, LayerInput] = field(default_factory=dict)  # recorded layer inputs (prefill)
+    vision_inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # recorded vision-layer inputs
     selections: list[StageSelection] = field(default_factory=list)
     segments: list[dict] = field(default_factory=list)  # after each decoder-layer cut: layer, slots, masks, shift
     cache: object = None
@@ -171,6 +172,13 @@ class PruningSession:
         if self.stages[0].layer == 0:
             lm = self.adapter.language_model
             self._handles.append(lm.register_forward_pre_hook(self._on_language_model_input, with_kwargs=True))
+        vision = self.press.vision_layers()
+        if vision:
+            layers = self.adapter.vision_layers
+            for index in sorted({i + len(layers) if i < 0 else i for i in vision}):
+                if not 0 <= index < len(layers):
+                    raise ValueError(f"{type(self.press).__name__}: the vision tower has {len(layers)} layers, no layer {index}")
+                self._handles.append(layers[index].register_forward_pre_hook(self._make_vision_hook(index), with_kwargs=True))
         for index, layer in enumerate(self.adapter.decoder_layers):
             self._handles.append(layer.register_forward_pre_hook(self._make_layer_hook(index), with_kwargs=True))
             if index in self.key_layers:
@@ -348,6 +356,15 @@ class PruningSession:
 
         return hook
 
+    def _make_vision_hook(self, index: int):
+        def hook(module, args, kwargs):
+            request = self._request
+            if request is not None and request.phase == "prefill":
+                request.vision_inputs[index] = args[0] if args else kwargs["hidden_states"]
+            return None
+
+        return hook
+
     def _make_key_hook(self, index: int):
         def hook(module, args, output):
             request = self._request
@@ -377,7 +394,7 @@ class PruningSession:
             embeddings = (request.current or kwargs)["position_embeddings"]
             request.inputs[index] = LayerInput(index, layer, hidden, embeddings)
         if index == self.stages[-1].layer:
-            request.inputs = {}  # the last stage has decided: free the recorded activations
+            request.inputs, request.vision_inputs = {}, {}  # the last stage has decided: free the activations
         if request.current is None:
             return None
         new_kwargs = dict(kwargs, **request.current)
@@ -412,6 +429,7 @@ class PruningSession:
             image_span=request.image_span,
             inputs=inputs,
             state=request.state,
+            vision_inputs=request.vision_inputs,
             debias_config=self.debias,
             debias_active=self.debias is not None and (self.debias.stages == "all" or stage_index == 0),
             padding_marks=list(request.padding),

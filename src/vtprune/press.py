@@ -72,6 +72,11 @@ class Press:
         Default: the top-k of the debiased scores."""
         return ctx.top_k(ctx.debias(self.score(ctx)))
 
+    def vision_layers(self) -> tuple[int, ...]:
+        """Vision-tower layers whose input the method reads (negative: from the end), e.g. (-2,) for the
+        [CLS] attention of the second-to-last layer."""
+        return ()
+
     def input_layers(self) -> tuple[int, ...]:
         """Decoder layers (besides the stages' score layers) whose input the method reads, e.g. (0,) for the
         language model's input embeddings."""

@@ -44,6 +44,14 @@ class LlavaAdapter(ModelAdapter):
     def language_model(self) -> nn.Module:
         return self.base.language_model
 
+    @property
+    def vision_layers(self) -> nn.ModuleList:
+        tower = self.base.vision_tower
+        encoder = getattr(tower, "encoder", None) or getattr(getattr(tower, "vision_model", None), "encoder", None)
+        if encoder is None or not hasattr(encoder, "layers"):
+            raise ValueError(f"cannot find the encoder layers of the vision tower {type(tower).__name__}")
+        return encoder.layers
+
     def visual_layout(self, input_ids: torch.Tensor) -> VisualLayout:
         is_image = input_ids == self.image_token_id  # (B, N)
         counts = is_image.sum(dim=1).tolist()  # one synchronisation for the batch

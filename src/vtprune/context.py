@@ -72,6 +72,7 @@ class StageContext:
     inputs: dict[int, LayerInput]
     state: dict
     vision_inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # vision layer -> (N_img, T, D) input
+    vision_outputs: dict[int, torch.Tensor] = field(default_factory=dict)  # vision layer -> (N_img, T, D) output
     debias_config: "Debias | None" = None
     debias_active: bool = False
     padding_marks: list[torch.Tensor | None] = field(default_factory=list)  # per sample (V_b,) bool, or None
@@ -194,16 +195,17 @@ class StageContext:
         return out
 
     # --- vision tower ------------------------------------------------------------------------------------
-    def vision_hidden_states(self, layer: int) -> torch.Tensor:
-        """(N_img, T, D) input of vision-tower `layer` (as declared by the press's `vision_layers`), every
-        image of the batch in prompt order; T = the [CLS] token (if any) plus the patches."""
+    def vision_hidden_states(self, layer: int, output: bool = False) -> torch.Tensor:
+        """(N_img, T, D) input (or, with output=True, output) of vision-tower `layer` (declared by the press's
+        `vision_layers`), every image of the batch in prompt order; T = the [CLS] token (if any) + patches."""
         index = self._vision_index(layer)
-        if index not in self.vision_inputs:
+        recorded = self.vision_outputs if output else self.vision_inputs
+        if index not in recorded:
             raise ValueError(
                 f"the vision tower's layer {layer} was not recorded: declare it in the press's vision_layers(), and "
                 "run the model on pixel_values (precomputed image features skip the vision tower)."
             )
-        return self.vision_inputs[index]
+        return recorded[index]
 
     def vision_attention(self, layer: int, heads: Literal["mean", "all"] = "mean") -> list[torch.Tensor]:
         """The vision tower's [CLS] attention to each visual token present, inside vision `layer`: per sample
@@ -298,6 +300,40 @@ class StageContext:
             padding = self.padding[b] if self.debias_padding else None
             kept.append(top_k(values, self.visual_ranks[b], self.keep_count(b, keep), padding))
         return kept
+
+    def top_k_per_image(self, scores: Sequence[torch.Tensor], keep: int | float | None = None) -> list[torch.Tensor]:
+        """`top_k` with the budget applied to each image of a sample on its own (a count per image, or a fraction
+        of each image's tokens), as the vision-side methods do; padding rules as in `top_k`."""
+        scores = [s.float() for s in scores]
+        self._check_shapes(scores)
+        if self.recorded_scores is None:
+            self.recorded_scores = scores
+        keep = self.stage.keep if keep is None else keep
+        kept = []
+        for b, values in enumerate(scores):
+            ranks, padding = self.visual_ranks[b], (self.padding[b] if self.debias_padding else None)
+            all_present = len(ranks) == self.num_visual[b]
+            parts = []
+            for segment in self.segments[b]:
+                if all_present:  # ranks 0..V-1 in order: the image is a slice
+                    inside = torch.arange(segment.offset, segment.offset + segment.length, device=ranks.device)
+                else:
+                    inside = torch.nonzero((ranks >= segment.offset) & (ranks < segment.offset + segment.length)).flatten()
+                count = resolve_keep(keep, segment.length, len(inside), warn=not self.dry_run)
+                part_padding = None if padding is None else padding[inside]
+                if part_padding is not None and self.debias_config.drop_padding:
+                    count = max(1, min(count, int((~part_padding).sum())))
+                parts.append(top_k(values[inside], ranks[inside], count, part_padding))
+            kept.append(torch.sort(torch.cat(parts)).values)
+        return kept
+
+    def vision_keys(self, layer: int) -> torch.Tensor:
+        """(N_img, H, T, d) keys of vision-tower `layer` (its k projection of its normed input, bias included)."""
+        hidden = self.vision_hidden_states(layer)
+        vision_layer = self._vision_layer(layer)
+        attn = vision_layer.self_attn
+        keys = attn.k_proj(vision_layer.layer_norm1(hidden))
+        return keys.view(*hidden.shape[:2], -1, attn.head_dim).transpose(1, 2)
 
     def _check_shapes(self, scores: Sequence[torch.Tensor]) -> None:
         if len(scores) != self.num_samples:

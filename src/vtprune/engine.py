@@ -104,10 +104,12 @@ class _Request:
     state: dict = field(default_factory=dict)  # the press's per-request state
     inputs: dict[int, LayerInput] = field(default_factory=dict)  # recorded layer inputs (prefill)
     vision_inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # recorded vision-layer inputs
+    vision_outputs: dict[int, torch.Tensor] = field(default_factory=dict)  # and outputs
     selections: list[StageSelection] = field(default_factory=list)
     segments: list[dict] = field(default_factory=list)  # after each decoder-layer cut: layer, slots, masks, shift
     cache: object = None
     phase: str = "prefill"
+    decided: bool = False  # every stage has decided
     # the language model's input after a layer-0 cut: prompt column of each base token, and tokens dropped
     base_prompt_columns: torch.Tensor | None = None
     base_shift: torch.Tensor | None = None
@@ -159,6 +161,7 @@ class PruningSession:
         self.first_active = min([s.layer for s in self.stages] + list(self.record_layers))
         self._handles: list = []
         self._request: _Request | None = None
+        self._pending_vision: dict = {}
 
     # --- context manager -----------------------------------------------------------------------------
     def __enter__(self) -> "PruningSession":
@@ -179,6 +182,7 @@ class PruningSession:
                 if not 0 <= index < len(layers):
                     raise ValueError(f"{type(self.press).__name__}: the vision tower has {len(layers)} layers, no layer {index}")
                 self._handles.append(layers[index].register_forward_pre_hook(self._make_vision_hook(index), with_kwargs=True))
+                self._handles.append(layers[index].register_forward_hook(self._make_vision_output_hook(index)))
         for index, layer in enumerate(self.adapter.decoder_layers):
             self._handles.append(layer.register_forward_pre_hook(self._make_layer_hook(index), with_kwargs=True))
             if index in self.key_layers:
@@ -191,6 +195,7 @@ class PruningSession:
             handle.remove()
         self._handles.clear()
         self._request = None
+        self._pending_vision = {}
 
     # --- input hooks ---------------------------------------------------------------------------------
     def _on_outer_input(self, module, args, kwargs):
@@ -241,6 +246,11 @@ class PruningSession:
                 )
         self._request = self._new_request(input_ids, kwargs.get("attention_mask"), layout)
         self._request.cache = cache
+        for (kind, index), hidden in self._pending_vision.items():  # the images of this request's vision pass
+            if hidden.shape[0] != layout.num_images:
+                continue  # from another call; not these images
+            (self._request.vision_inputs if kind == "input" else self._request.vision_outputs)[index] = hidden
+        self._pending_vision = {}
         return None
 
     def _new_request(self, input_ids: torch.Tensor, attention_mask, layout: VisualLayout) -> _Request:
@@ -357,10 +367,26 @@ class PruningSession:
         return hook
 
     def _make_vision_hook(self, index: int):
+        # generate() encodes the images before the first forward (mm_encoder_outputs): the vision tower may run
+        # before the request exists, so its activations wait in `_pending_vision` for the next prefill
         def hook(module, args, kwargs):
-            request = self._request
-            if request is not None and request.phase == "prefill":
-                request.vision_inputs[index] = args[0] if args else kwargs["hidden_states"]
+            self._record_vision("input", index, args[0] if args else kwargs["hidden_states"])
+            return None
+
+        return hook
+
+    def _record_vision(self, kind: str, index: int, hidden: torch.Tensor) -> None:
+        """Into the request being prefilled (the vision tower ran inside its forward), or else kept for the next
+        request (generate() encodes the images before its first forward)."""
+        request = self._request
+        if request is not None and request.phase == "prefill" and not request.decided:
+            (request.vision_inputs if kind == "input" else request.vision_outputs)[index] = hidden
+        else:
+            self._pending_vision[(kind, index)] = hidden
+
+    def _make_vision_output_hook(self, index: int):
+        def hook(module, args, output):
+            self._record_vision("output", index, output[0] if isinstance(output, tuple) else output)
             return None
 
         return hook
@@ -394,7 +420,7 @@ class PruningSession:
             embeddings = (request.current or kwargs)["position_embeddings"]
             request.inputs[index] = LayerInput(index, layer, hidden, embeddings)
         if index == self.stages[-1].layer:
-            request.inputs, request.vision_inputs = {}, {}  # the last stage has decided: free the activations
+            request.inputs, request.vision_inputs, request.vision_outputs = {}, {}, {}  # decided: free them
         if request.current is None:
             return None
         new_kwargs = dict(kwargs, **request.current)
@@ -430,6 +456,7 @@ class PruningSession:
             inputs=inputs,
             state=request.state,
             vision_inputs=request.vision_inputs,
+            vision_outputs=request.vision_outputs,
             debias_config=self.debias,
             debias_active=self.debias is not None and (self.debias.stages == "all" or stage_index == 0),
             padding_marks=list(request.padding),
@@ -467,6 +494,7 @@ class PruningSession:
         )
         if stage_index == len(self.stages) - 1:
             self.press.last_selection = request.selections
+            request.decided = True
         return decisions
 
     # --- cutting -------------------------------------------------------------------------------------
@@ -519,10 +547,11 @@ class PruningSession:
         anchor_slots = _slots_of_ranks(slot_rank, decision.anchors())
         source_slots = _slots_of_ranks(slot_rank, decision.position_sources())
         anchor_ids, source_ids = slots[b, anchor_slots], slots[b, source_slots]
-        # tokens after the same anchor keep their order: fractions (j + 1) / (n + 1) within the anchor's group
-        same = anchor_slots[None, :] == anchor_slots[:, None]
-        before = torch.tril(same, diagonal=-1).sum(dim=1).double()
-        within = (before + 1) / (same.sum(dim=1).double() + 1)
+        # tokens on the same side of the same anchor keep their order: fractions (j + 1) / (n + 1) in their group
+        before = decision.before()
+        same = (anchor_slots[None, :] == anchor_slots[:, None]) & (before[None, :] == before[:, None])
+        earlier = torch.tril(same, diagonal=-1).sum(dim=1).double()
+        within = (earlier + 1) / (same.sum(dim=1).double() + 1)
         new = first_new + torch.arange(count, device=device)
         ids.prompt[b, new] = ids.prompt[b, anchor_ids]
         ids.rank[b, new] = request.next_rank[b] + torch.arange(count, device=device)
@@ -530,9 +559,11 @@ class PruningSession:
         ids.position_rank[b, new] = ids.position_rank[b, source_ids]
         ids.valid[b].index_fill_(0, new, True)  # (a Python-scalar index_put would synchronise)
         ids.anchor[b, new] = ids.anchor[b, anchor_ids]
-        ids.sub[b, new] = ids.sub[b, anchor_ids] + within * _sub_gap(ids, b, anchor_ids)
+        after_sub = ids.sub[b, anchor_ids] + within * _sub_gap(ids, b, anchor_ids, above=True)
+        before_sub = ids.sub[b, anchor_ids] - (1 - within) * _sub_gap(ids, b, anchor_ids, above=False)
+        ids.sub[b, new] = torch.where(before, before_sub, after_sub)
         ids.position[b, new] = ids.position[b, source_ids]
-        return anchor_slots.double() + within
+        return torch.where(before, anchor_slots.double() - 1 + within, anchor_slots.double() + within)
 
     def _cut(self, stage_index: int, hidden: torch.Tensor, decisions: list[Kept], request: _Request) -> torch.Tensor:
         """Apply this stage's decisions to `hidden` (B, N_cur, D) and rebuild what later layers receive."""
@@ -674,12 +705,17 @@ def _slots_of_ranks(slot_rank: torch.Tensor, ranks: torch.Tensor) -> torch.Tenso
     return match.long().argmax(dim=1)
 
 
-def _sub_gap(ids: _Ids, b: int, anchor_ids: torch.Tensor) -> torch.Tensor:
-    """(m,) room between each anchor token's sub order and the next sub order among tokens of its anchor."""
+def _sub_gap(ids: _Ids, b: int, anchor_ids: torch.Tensor, above: bool = True) -> torch.Tensor:
+    """(m,) room between each anchor token's sub order and the next sub order among tokens of its anchor, above
+    it (tokens inserted after) or below it (before)."""
     base, own = ids.anchor[b, anchor_ids], ids.sub[b, anchor_ids]  # (m,)
-    later = (ids.anchor[b][None, :] == base[:, None]) & (ids.sub[b][None, :] > own[:, None]) & ids.valid[b][None, :]
-    following = torch.where(later, ids.sub[b][None, :], float("inf")).min(dim=1).values
-    return torch.where(torch.isinf(following), 1.0, following - own)
+    subs = ids.sub[b][None, :]
+    same = (ids.anchor[b][None, :] == base[:, None]) & ids.valid[b][None, :]
+    if above:
+        nearest = torch.where(same & (subs > own[:, None]), subs, float("inf")).min(dim=1).values
+        return torch.where(torch.isinf(nearest), 1.0, nearest - own)
+    nearest = torch.where(same & (subs < own[:, None]), subs, float("-inf")).max(dim=1).values
+    return torch.where(torch.isinf(nearest), 1.0, own - nearest)
 
 
 def _assemble(hidden: torch.Tensor, source: torch.Tensor, new_slots: torch.Tensor, decisions: list[Kept], ids: _Ids) -> torch.Tensor:

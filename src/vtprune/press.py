@@ -207,27 +207,29 @@ def budget_fraction(budget: int | float, name: str = "budget") -> float:
     return budget / REFERENCE_TOKENS
 
 
-def schedule_for_budget(tables: dict[int, Sequence[float]], budget: int | float) -> list[float]:
-    """Keep fractions per stage for `budget`, from published schedules {budget (of 576): kept counts}:
-    a published budget gives its schedule exactly; between two, each stage interpolates linearly; outside,
-    the nearest schedule scales in proportion. Fractions are capped at 1 and never grow across stages."""
-    fraction = budget_fraction(budget)
+def interpolate_table(tables: dict[int, Sequence[float]], budget: int | float) -> list[float]:
+    """Values for `budget` from published ones {budget (of 576): values}: a published budget gives its values
+    exactly; between two, each value interpolates linearly; outside, the nearest scales in proportion."""
     points = sorted(tables)
-    target = fraction * REFERENCE_TOKENS
+    target = budget_fraction(budget) * REFERENCE_TOKENS
     if target <= points[0] or target >= points[-1]:
         edge = points[0] if target <= points[0] else points[-1]
-        keeps = [k * target / edge for k in tables[edge]]
-    else:
-        high = next(p for p in points if p >= target)
-        low = max(p for p in points if p <= target)
-        weight = 0.0 if high == low else (target - low) / (high - low)
-        keeps = [a + weight * (b - a) for a, b in zip(tables[low], tables[high])]
+        return [value * target / edge for value in tables[edge]]
+    high = next(p for p in points if p >= target)
+    low = max(p for p in points if p <= target)
+    weight = 0.0 if high == low else (target - low) / (high - low)
+    return [a + weight * (b - a) for a, b in zip(tables[low], tables[high])]
+
+
+def schedule_for_budget(tables: dict[int, Sequence[float]], budget: int | float) -> list[float]:
+    """Keep fractions per stage for `budget`, from published schedules {budget (of 576): kept counts}
+    (`interpolate_table`); fractions are capped at 1 and never grow across stages."""
     out, previous = [], 1.0
-    for keep in keeps:
+    for keep in interpolate_table(tables, budget):
         previous = min(previous, keep / REFERENCE_TOKENS)
         out.append(previous)
     return out
 
 
 __all__ = ["Press", "REFERENCE_LAYERS", "REFERENCE_TOKENS", "layer_list", "scale_layers", "budget_fraction",
-           "schedule_for_budget"]
+           "interpolate_table", "schedule_for_budget"]

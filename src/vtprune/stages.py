@@ -50,6 +50,8 @@ class Kept:
         tokens count as visual tokens at later stages, with new ranks V_b, V_b + 1, ... in insertion order.
     extra_after: (m,) kept rank each inserted token follows in the sequence (several after one rank keep their
         order); default: the last kept rank.
+    extra_before: (m,) bool, True where the token goes right *before* its `extra_after` rank instead (e.g.
+        VisionZip's [CLS] token ahead of the image's patches); default: all after.
     extra_positions: (m,) rank whose position (RoPE, and the positional trend) each inserted token takes when
         positions are "original"; default: `extra_after`. With "compact" positions tokens are renumbered in
         sequence order.
@@ -59,6 +61,7 @@ class Kept:
     values: torch.Tensor | None = None
     extra: torch.Tensor | None = None
     extra_after: torch.Tensor | None = None
+    extra_before: torch.Tensor | None = None
     extra_positions: torch.Tensor | None = None
 
     @property
@@ -70,6 +73,12 @@ class Kept:
         if self.extra_after is not None:
             return self.extra_after
         return self.ranks[-1:].expand(self.num_extra)
+
+    def before(self) -> torch.Tensor:
+        """(m,) bool: which inserted tokens go before their anchor."""
+        if self.extra_before is not None:
+            return self.extra_before.bool()
+        return torch.zeros(self.num_extra, dtype=torch.bool, device=self.ranks.device)
 
     def position_sources(self) -> torch.Tensor:
         """(m,) the rank whose position each inserted token takes (original positions)."""

@@ -92,6 +92,10 @@ class ModelAdapter:
         """The vision tower's encoder layers (vision-side scores read their inputs)."""
         raise ValueError(f"{type(self).__name__} gives no access to its vision tower's layers")
 
+    def project_visual(self, features: torch.Tensor) -> torch.Tensor:
+        """The family's projector from vision-tower features (..., D_vision) to language-model embeddings."""
+        raise ValueError(f"{type(self).__name__} does not expose its projector")
+
     #: where the patch tokens sit in the vision tower's sequence: (index of the [CLS] token or None, first patch)
     vision_cls_index: int | None = 0
     vision_first_patch: int = 1
@@ -120,6 +124,10 @@ class ModelAdapter:
     def position_embeddings(self, hidden_states: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) the decoder layers receive for `position_ids` (as the language model computes them)."""
         return self.language_model.rotary_emb(hidden_states, position_ids)
+
+    def final_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The language model's final norm (the one before the LM head) applied to hidden states."""
+        return self.language_model.norm(hidden_states)
 
     def project_queries(self, layer: nn.Module, normed: torch.Tensor) -> torch.Tensor:
         """(B, H, Q, d) queries of `layer` for normed input rows (B, Q, D), before RoPE (with the family's

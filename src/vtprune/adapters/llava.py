@@ -44,6 +44,9 @@ class LlavaAdapter(ModelAdapter):
     def language_model(self) -> nn.Module:
         return self.base.language_model
 
+    def project_visual(self, features: torch.Tensor) -> torch.Tensor:
+        return self.base.multi_modal_projector(features)
+
     @property
     def vision_layers(self) -> nn.ModuleList:
         tower = self.base.vision_tower

@@ -4,13 +4,19 @@ name (CLI `--method`) to its press class."""
 from __future__ import annotations
 
 from ..press import Press
+from .dart import DART
+from .divprune import DivPrune
+from .fastervlm import FasterVLM
 from .fastv import FastV
 from .himap import HiMAP
 from .pdrop import PyramidDrop
 from .random import Random
 from .sparsevlm import SparseVLM
+from .visionzip import VisionZip
 
-METHODS: dict[str, type[Press]] = {cls.name: cls for cls in (FastV, PyramidDrop, HiMAP, SparseVLM, Random)}
+METHODS: dict[str, type[Press]] = {
+    cls.name: cls for cls in (FastV, PyramidDrop, HiMAP, SparseVLM, VisionZip, FasterVLM, DART, DivPrune, Random)
+}
 
 
 def method(name: str) -> type[Press]:
@@ -25,4 +31,4 @@ def attention_methods() -> list[str]:
     return [name for name, cls in METHODS.items() if cls.query is not None]
 
 
-__all__ = ["FastV", "PyramidDrop", "HiMAP", "SparseVLM", "Random", "METHODS", "method", "attention_methods"]
+__all__ = ["FastV", "PyramidDrop", "HiMAP", "SparseVLM", "VisionZip", "FasterVLM", "DART", "DivPrune", "Random", "METHODS", "method", "attention_methods"]

@@ -1,0 +1,75 @@
+"""DivPrune (Alvar et al., "DivPrune: Diversity-based Visual Token Pruning for Large Multimodal Models", CVPR
+2025; github.com/vbdi/divprune).
+
+Before the language model: each image keeps a maximally diverse subset of its projected visual features,
+chosen greedily by max-min cosine distance: first the token whose nearest neighbour is farthest, then
+repeatedly the token farthest from everything chosen (ties: the earlier token). No attention is used, so there
+is nothing to debias. The language model runs on the shorter input (positions renumbered, as published).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from ..context import StageContext
+from ..press import REFERENCE_LAYERS, Press, budget_fraction
+from ..stages import Positions, Stage, resolve_keep, validate_keep
+
+
+@dataclass
+class DivPrune(Press):
+    """budget: visual tokens kept per image as the papers count them (a count of 576 or a fraction; default
+        128; the paper's main setting is 0.098 = 56 of 576); or keep: a count per image or a fraction.
+    positions: "compact" (official) or "original"."""
+
+    budget: int | float | None = None
+    keep: int | float | None = None
+    positions: Positions = "compact"
+    debias: None = field(default=None, init=False)
+
+    name: ClassVar[str] = "divprune"
+    summary: ClassVar[str] = "max-min cosine diversity of the projected visual features, per image, before the LLM"
+
+    def __post_init__(self) -> None:
+        self._check_common()
+        if self.keep is not None and self.budget is not None:
+            raise ValueError("DivPrune: give keep= or budget=, not both")
+        if self.keep is not None:
+            validate_keep(self.keep)
+        if self.budget is not None:
+            budget_fraction(self.budget)
+
+    def stages(self, num_layers: int = REFERENCE_LAYERS) -> list[Stage]:
+        keep = self.keep if self.keep is not None else budget_fraction(128 if self.budget is None else self.budget)
+        return [Stage(layer=0, keep=keep, score_layer=None)]
+
+    def select(self, ctx: StageContext) -> list[torch.Tensor]:
+        embeds = ctx.hidden_states(0)  # the language model's input: projected features at the visual slots
+        kept = []
+        for b, ranks in enumerate(ctx.visual_ranks):
+            parts = []
+            for segment in ctx.segments[b]:  # at the language model's input every token is present, in order
+                features = embeds[b, ctx.visual_slots[b][segment.offset : segment.offset + segment.length]]
+                count = resolve_keep(ctx.stage.keep, segment.length, segment.length, warn=not ctx.dry_run)
+                parts.append(ranks[segment.offset + max_min_diverse(features, count)])
+            kept.append(torch.sort(torch.cat(parts)).values)
+        return kept
+
+
+def max_min_diverse(features: torch.Tensor, count: int) -> torch.Tensor:
+    """Greedy max-min diversity (`count` of the n rows of `features`), with distance 1 - cosine similarity:
+    first the row whose nearest other row is farthest, then the row farthest from the chosen set. Returns the
+    chosen row indices (count,) in pick order; no host synchronisation. A chosen row is never chosen again (the
+    official code can re-pick one when all that remain duplicate the chosen ones, keeping fewer tokens)."""
+    unit = features.float() / features.float().norm(dim=1, keepdim=True)
+    distance = 1 - unit @ unit.T  # (n, n)
+    nearest = torch.topk(distance, min(2, len(features)), dim=0, largest=False).values[-1]  # nearest other row
+    picks = [torch.argmax(nearest)]
+    gap = distance[picks[0]].clone().index_fill_(0, picks[0].view(1), -1.0)  # below any distance (1 - cos >= 0)
+    for _ in range(count - 1):
+        picks.append(torch.argmax(gap))
+        gap = torch.minimum(gap, distance[picks[-1]]).index_fill_(0, picks[-1].view(1), -1.0)
+    return torch.stack(picks)

@@ -172,9 +172,11 @@ class PruningSession:
         self._handles.append(hook)
         if self.model is not self.adapter.input_module:
             self._handles.append(self.model.register_forward_pre_hook(self._on_outer_input, with_kwargs=True))
-        if self.stages[0].layer == 0:
-            lm = self.adapter.language_model
+        lm = self.adapter.language_model
+        if self.stages[0].layer == 0 or self.stages[0].trim_cache:
             self._handles.append(lm.register_forward_pre_hook(self._on_language_model_input, with_kwargs=True))
+        if self.stages[0].trim_cache and not self.dry_run:
+            self._handles.append(lm.register_forward_hook(self._on_language_model_output))
         vision = self.press.vision_layers()
         if vision:
             layers = self.adapter.vision_layers
@@ -304,7 +306,11 @@ class PruningSession:
         if request is None:
             return None
         if request.phase == "decode":
+            if request.base_prompt_columns is None:
+                return None  # no cut at the language model's input and no trimmed cache
             return self._decode_language_model_input(request, kwargs)
+        if self.stages[0].layer != 0:
+            return None
         embeds = kwargs.get("inputs_embeds")
         if embeds is None or args:
             raise RuntimeError("vtprune expected the language model to be called with inputs_embeds= keywords")
@@ -334,6 +340,39 @@ class PruningSession:
         request.base_len = new_len
         new_kwargs = dict(kwargs, inputs_embeds=hidden, attention_mask=valid.long(), position_ids=new_positions)
         return args, new_kwargs
+
+    def _on_language_model_output(self, module, args, output):
+        """After a prefill whose first stage trims the cache: the layers before that stage keep only the tokens
+        it kept, and decoding treats the cut sequence as the language model's input (as after a layer-0 cut)."""
+        request = self._request
+        if request is None or request.phase != "prefill" or not request.segments or request.cache is None:
+            return None
+        segment = request.segments[0]
+        slots, ids = segment["slots"], request.ids
+        if bool((slots >= request.base_len).any()):
+            raise ValueError("a stage that trims the cache cannot insert tokens (they have no keys in earlier layers)")
+        index = slots.clamp(min=0)
+        for layer in range(self.stages[0].layer):  # their cache still holds the base sequence, in order
+            cached = request.cache.layers[layer]
+            columns = index[:, None, :, None].expand(-1, cached.keys.shape[1], -1, cached.keys.shape[-1])
+            cached.keys = torch.gather(cached.keys, 2, columns)
+            cached.values = torch.gather(cached.values, 2, columns.expand(-1, -1, -1, cached.values.shape[-1]))
+        valid = ids.at("valid", slots, False)
+        batch, length = slots.shape
+        previous = request.base_shift if request.base_shift is not None else torch.zeros(batch, dtype=torch.long, device=slots.device)
+        request.base_prompt_columns = ids.at("prompt", slots, -1)
+        request.base_shift = request.valid0.sum(1) - valid.sum(1)
+        inverse = torch.full((batch, ids.size), -1, dtype=torch.long, device=slots.device)
+        inverse.scatter_(1, index, torch.arange(length, device=slots.device).expand(batch, length).clone())
+        later = []
+        for other in request.segments[1:]:  # re-expressed over the trimmed sequence
+            anchor = torch.where(other["anchor"] >= 0, torch.gather(inverse, 1, other["anchor"].clamp(min=0)), -1)
+            shift = None if other["shift"] is None else other["shift"] - (request.base_shift - previous)
+            later.append(dict(other, anchor=anchor, shift=shift))
+        request.segments = later
+        request.ids = _Ids.base(request.base_prompt_columns, ids.at("rank", slots, -1), valid)
+        request.base_len = length
+        return None
 
     def _decode_language_model_input(self, request: _Request, kwargs):
         """A decode step after a layer-0 cut: the 2-D mask and positions over what the cache holds."""

@@ -33,11 +33,15 @@ class Stage:
     score_layer: the decoder layer whose *input* the method's attention is computed from (FastV: layer - 1,
         i.e. the attention inside the previous layer; PyramidDrop: layer itself, with that layer's weights);
         None when the method needs no attention (Random, diversity-based methods).
+    trim_cache: after the prefill, also remove the tokens this stage removed from the KV cache of the layers
+        before it, so that decoding sees only kept tokens in every layer (TokenCarve's official behaviour);
+        first stage only, without inserted tokens.
     """
 
     layer: int
     keep: int | float
     score_layer: int | None
+    trim_cache: bool = False
 
 
 @dataclass
@@ -169,6 +173,8 @@ def validate_stages(stages: Sequence[Stage], num_layers: int, owner: str) -> lis
                     f"{owner}: the stage at layer {stage.layer} scores at layer {stage.score_layer}, before the "
                     f"previous stage has cut (layer {previous.layer})"
                 )
+            if stage.trim_cache:
+                raise ValueError(f"{owner}: only the first stage can trim the cache of the layers before it")
             if type(stage.keep) is type(previous.keep) and stage.keep > previous.keep:
                 raise ValueError(f"{owner}: keep must not grow from one stage to the next, got {[s.keep for s in stages]}")
         previous = stage

@@ -12,10 +12,11 @@ from .himap import HiMAP
 from .pdrop import PyramidDrop
 from .random import Random
 from .sparsevlm import SparseVLM
+from .tokencarve import TokenCarve
 from .visionzip import VisionZip
 
 METHODS: dict[str, type[Press]] = {
-    cls.name: cls for cls in (FastV, PyramidDrop, HiMAP, SparseVLM, VisionZip, FasterVLM, DART, DivPrune, Random)
+    cls.name: cls for cls in (FastV, PyramidDrop, HiMAP, SparseVLM, TokenCarve, VisionZip, FasterVLM, DART, DivPrune, Random)
 }
 
 
@@ -31,4 +32,4 @@ def attention_methods() -> list[str]:
     return [name for name, cls in METHODS.items() if cls.query is not None]
 
 
-__all__ = ["FastV", "PyramidDrop", "HiMAP", "SparseVLM", "VisionZip", "FasterVLM", "DART", "DivPrune", "Random", "METHODS", "method", "attention_methods"]
+__all__ = ["FastV", "PyramidDrop", "HiMAP", "SparseVLM", "TokenCarve", "VisionZip", "FasterVLM", "DART", "DivPrune", "Random", "METHODS", "method", "attention_methods"]

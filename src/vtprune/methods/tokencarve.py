@@ -1,0 +1,118 @@
+"""TokenCarve (Tan et al., "TokenCarve: Information-Preserving Visual Token Compression in Multimodal Large
+Language Models", arXiv 2503.10501; github.com/ShawnTan86/TokenCarve).
+
+Before decoder layer 2, two rankings of the visual tokens are fused (Borda: a token ranked r-th of V gets
+w (V - r) points from one and (1 - w) (V - r) from the other, w = 0.5):
+* AV: the last token's attention inside layer 1 (head mean);
+* SV: an information-preservation score of layer 1's output: the L1 norm of each visual token's row of U S,
+  from the SVD of the visual tokens' hidden states.
+The best 1.5 k become candidates; the first half (A) stays, and of the second half (B) the k/2 tokens most
+similar to an A token (cosine) are merged into it (plain mean), the others stay: k tokens remain. Kept tokens
+keep their positions, and the KV cache of layers 0-1 is trimmed to them (decoding sees only kept tokens), as
+in the official code. Debiasing (the paper's patch): AV only, before ranking, counts not lowered;
+`debias_target="fused"` debiases the fused score instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+
+from ..context import StageContext
+from ..debias import Debias
+from ..press import REFERENCE_LAYERS, Press, budget_fraction, layer_list
+from ..stages import Kept, Positions, Stage, validate_keep
+
+
+@dataclass
+class TokenCarve(Press):
+    """budget: visual tokens kept, as the papers count them (a count of 576 or a fraction; default 128; the
+        published scripts use 64); or keep: a count or a fraction of the image's tokens.
+    layer: the decoder layer before which tokens are cut (AV from the layer before, SV from its output).
+    av_weight: the AV share of the Borda points (0.5).
+    debias_target: "attention" (the paper: AV only) or "fused" (the fused score).
+    trim_cache: trim the cache of the layers before the cut to the kept tokens (official).
+    positions: "original" (official) or "compact"."""
+
+    budget: int | float | None = None
+    keep: int | float | None = None
+    layer: int = 2
+    av_weight: float = 0.5
+    debias_target: Literal["attention", "fused"] = "attention"
+    trim_cache: bool = True
+    debias: Debias | None = None
+    positions: Positions = "original"
+
+    name: ClassVar[str] = "tokencarve"
+    summary: ClassVar[str] = "Borda fusion of last-token attention and an SVD information score; similar tokens merged"
+    query: ClassVar[str] = "last"
+
+    def __post_init__(self) -> None:
+        self._check_common()
+        if self.keep is not None and self.budget is not None:
+            raise ValueError("TokenCarve: give keep= or budget=, not both")
+        if self.keep is not None:
+            validate_keep(self.keep)
+        if self.budget is not None:
+            budget_fraction(self.budget)
+        layer_list(self.layer)
+        if self.layer < 1:
+            raise ValueError(f"TokenCarve: layer={self.layer} is out of range: it uses layer K-1's attention, so K >= 1")
+        if not 0.0 <= self.av_weight <= 1.0:
+            raise ValueError(f"TokenCarve: av_weight={self.av_weight} must lie in [0, 1]")
+        if self.debias_target not in ("attention", "fused"):
+            raise ValueError(f"TokenCarve: debias_target={self.debias_target!r}: use 'attention' or 'fused'")
+
+    def stages(self, num_layers: int = REFERENCE_LAYERS) -> list[Stage]:
+        keep = self.keep if self.keep is not None else budget_fraction(128 if self.budget is None else self.budget)
+        return [Stage(layer=self.layer, keep=keep, score_layer=self.layer - 1, trim_cache=self.trim_cache)]
+
+    def select(self, ctx: StageContext) -> list[Kept]:
+        attention = [rows[0] for rows in ctx.attention("last")]
+        if self.debias_target == "attention":
+            attention = ctx.debias(attention)
+        hidden = ctx.hidden_states(ctx.stage.layer)  # layer K-1's output
+        states = [hidden[b, slots].float() for b, slots in enumerate(ctx.visual_slots)]  # (R, D) per sample
+        fused = []
+        for b, values in enumerate(states):
+            u, singular, _ = torch.linalg.svd(values, full_matrices=False)
+            information = (u * singular).abs().sum(dim=1)  # L1 norm of each row of U S
+            fused.append(self._borda(attention[b].float(), information))
+        if self.debias_target == "fused":
+            fused = ctx.debias(fused)
+        decisions = []
+        for b, ranks in enumerate(ctx.visual_ranks):
+            keep = ctx.keep_count(b)
+            count = min(len(ranks), max(keep, int(keep / 2 * 3)))  # 1.5 k candidates
+            candidates = torch.argsort(fused[b], descending=True, stable=True)[:count]
+            decisions.append(self._merge(states[b], ranks, candidates, keep, hidden.dtype))
+        return decisions
+
+    def _borda(self, attention: torch.Tensor, information: torch.Tensor) -> torch.Tensor:
+        """Borda points: the r-th of V by attention gets av_weight (V - r), by information (1 - av_weight) (V - r)."""
+        count = len(attention)
+        points = torch.arange(count, 0, -1, dtype=torch.float32, device=attention.device)
+        fused = torch.zeros(count, device=attention.device)
+        fused.index_add_(0, torch.argsort(attention, descending=True, stable=True), points * self.av_weight)
+        fused.index_add_(0, torch.argsort(information, descending=True, stable=True), points * (1 - self.av_weight))
+        return fused
+
+    @staticmethod
+    def _merge(states, ranks, candidates, keep, dtype) -> Kept:
+        """A = the first half of the candidates, B = the rest; the (len(candidates) - keep) B tokens most similar
+        to an A token are averaged into it (plain mean, the A token included); the others stay."""
+        half = len(candidates) // 2
+        a, b = candidates[:half], candidates[half:]
+        merged_away = min(len(candidates) - keep, half)
+        unit = torch.nn.functional.normalize(states, dim=-1)
+        best, target = (unit[b] @ unit[a].T).max(dim=1)  # (|B|,) best A for each B token
+        order = torch.argsort(best, descending=True, stable=True)
+        merging, staying = order[:merged_away], order[merged_away:]
+        totals = states[a].clone().index_add_(0, target[merging], states[b[merging]])
+        counts = torch.ones(len(a), device=states.device).index_add_(0, target[merging], torch.ones(len(merging), device=states.device))
+        kept = torch.cat([a, b[staying]])
+        values = torch.cat([totals / counts[:, None], states[b[staying]]])
+        order_kept = torch.argsort(ranks[kept])
+        return Kept(ranks=ranks[kept][order_kept], values=values[order_kept].to(dtype))

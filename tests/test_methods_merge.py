@@ -122,3 +122,61 @@ def test_tokencarve_batch_equals_single_runs(processor, model6, trim):
 def test_tokencarve_bad_options(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+from oracles.illava import oracle_illava  # noqa: E402
+
+from vtprune import ILLaVA  # noqa: E402
+
+
+@pytest.mark.parametrize("press", [ILLaVA(keep=12), ILLaVA(keep=[14, 6], layer=[2, 4]),
+                                   ILLaVA(keep=10, layer=3, positions="compact")], ids=["default", "two-stage", "compact"])
+def test_illava_equals_oracle(processor, model6, press):
+    inputs = inputs_for(processor, [make_image(90, 140, seed=1)], [prompt("what shape is at the top left ?")])
+    stages = press.stages(6)
+    layers, keeps = [s.layer for s in stages], [s.keep for s in stages]
+    with torch.no_grad(), press(model6):
+        logits = model6(**inputs).logits
+        kept = [s.kept[0] for s in press.last_selection]
+        generated = model6.generate(**inputs, **GEN)
+    with torch.no_grad():
+        expected = oracle_illava(model6, inputs, layer=layers, keep=keeps, positions=press.positions)
+    assert all(torch.equal(a, b) for a, b in zip(kept, expected.kept))
+    torch.testing.assert_close(logits, expected.logits, atol=1e-4, rtol=0)
+    if press.positions == "compact":
+        return  # the oracle numbers decoded tokens from the prompt length; vtprune's compact decode continues each segment
+    new_tokens = generated.sequences[:, inputs["input_ids"].shape[1]:]
+    for step, step_logits in enumerate(generated.logits):
+        with torch.no_grad():
+            reference = oracle_illava(model6, inputs, layer=layers, keep=keeps, positions=press.positions,
+                                      new_tokens=new_tokens[:, :step])
+        torch.testing.assert_close(step_logits, reference.logits[:, -1], atol=1e-4, rtol=0)
+
+
+def test_debiased_illava_ranks_like_the_oracle(processor, model6):
+    image = make_image(150, 60, seed=4)
+    inputs = inputs_for(processor, [image], [prompt("what is the colour of the circle ?")])
+    profile = Profile(name="test", kind="exp", length=36, sigma=1.7, mu=0.3)
+    press = ILLaVA(keep=12, debias=Debias(profile=profile, padding=False))
+    with torch.no_grad(), press(model6):
+        logits = model6(**inputs).logits
+        kept = press.last_selection[0].kept[0]
+    with torch.no_grad():
+        expected = oracle_illava(model6, inputs, layer=[2], keep=[12], weights=profile.weights(36))
+    assert torch.equal(kept, expected.kept[0])
+    torch.testing.assert_close(logits, expected.logits, atol=1e-4, rtol=0)
+    # with padding debiasing, padding tokens leave without being merged into the destination
+    press = ILLaVA(keep=12, debias=Debias(profile=profile, padding=True))
+    with torch.no_grad(), press(model6, processor=processor, image_sizes=[image.size]):
+        model6(**inputs)
+    selection = press.last_selection[0]
+    assert not selection.padding[0][selection.kept[0]].any()
+
+
+def test_illava_keep_everything_equals_vanilla(processor, model6):
+    inputs = inputs_for(processor, [make_image(120, 60, seed=2)], [prompt()])
+    with torch.no_grad():
+        vanilla = model6(**inputs).logits
+        with ILLaVA(keep=1.0)(model6):
+            pruned = model6(**inputs).logits
+    torch.testing.assert_close(pruned, vanilla, atol=1e-5, rtol=0)

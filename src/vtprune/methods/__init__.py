@@ -9,6 +9,7 @@ from .divprune import DivPrune
 from .fastervlm import FasterVLM
 from .fastv import FastV
 from .himap import HiMAP
+from .illava import ILLaVA
 from .pdrop import PyramidDrop
 from .random import Random
 from .sparsevlm import SparseVLM
@@ -16,7 +17,7 @@ from .tokencarve import TokenCarve
 from .visionzip import VisionZip
 
 METHODS: dict[str, type[Press]] = {
-    cls.name: cls for cls in (FastV, PyramidDrop, HiMAP, SparseVLM, TokenCarve, VisionZip, FasterVLM, DART, DivPrune, Random)
+    cls.name: cls for cls in (FastV, PyramidDrop, HiMAP, SparseVLM, TokenCarve, ILLaVA, VisionZip, FasterVLM, DART, DivPrune, Random)
 }
 
 
@@ -32,4 +33,4 @@ def attention_methods() -> list[str]:
     return [name for name, cls in METHODS.items() if cls.query is not None]
 
 
-__all__ = ["FastV", "PyramidDrop", "HiMAP", "SparseVLM", "TokenCarve", "VisionZip", "FasterVLM", "DART", "DivPrune", "Random", "METHODS", "method", "attention_methods"]
+__all__ = ["FastV", "PyramidDrop", "HiMAP", "SparseVLM", "TokenCarve", "ILLaVA", "VisionZip", "FasterVLM", "DART", "DivPrune", "Random", "METHODS", "method", "attention_methods"]

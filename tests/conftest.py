@@ -48,13 +48,13 @@ def build_processor(do_pad: bool = True):
     )
 
 
-def build_model(processor, attn: str = "sdpa", layers: int = 4, seed: int = 0):
+def build_model(processor, attn: str = "sdpa", layers: int = 4, seed: int = 0, vision_layers: int = 2):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     tokenizer = processor.tokenizer
     vision = CLIPVisionConfig(
         image_size=IMAGE_PX, patch_size=14, hidden_size=32, intermediate_size=64,
-        num_hidden_layers=2, num_attention_heads=4, projection_dim=32,
+        num_hidden_layers=vision_layers, num_attention_heads=4, projection_dim=32,
     )
     text = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,

@@ -180,3 +180,52 @@ def test_illava_keep_everything_equals_vanilla(processor, model6):
         with ILLaVA(keep=1.0)(model6):
             pruned = model6(**inputs).logits
     torch.testing.assert_close(pruned, vanilla, atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module", params=["sdpa", "eager"])
+def model_vit(request, processor):
+    return build_model(processor, attn=request.param, layers=6, seed=6, vision_layers=6)
+
+
+@pytest.mark.parametrize("vit_layers, vit_merge, keep", [((1, 2, 3), 4, 12), ((0, 4), 6, 10)])
+def test_illava_vision_stage_equals_oracle(processor, model_vit, vit_layers, vit_merge, keep):
+    """Merging inside the vision tower's layers (after their attention) and then in the language model."""
+    inputs = inputs_for(processor, [make_image(90, 140, seed=1)], [prompt("what shape is at the top left ?")])
+    press = ILLaVA(keep=keep, layer=3, vit_layers=vit_layers, vit_merge=vit_merge)
+    with torch.no_grad(), press(model_vit):
+        logits = model_vit(**inputs).logits
+        kept = [s.kept[0] for s in press.last_selection]
+        generated = model_vit.generate(**inputs, **GEN)
+    with torch.no_grad():
+        expected = oracle_illava(model_vit, inputs, layer=3, keep=keep, vit_layers=list(vit_layers),
+                                 vit_merge=vit_merge, decode_positions="lm_input")
+    assert torch.equal(kept[0], expected.kept[len(vit_layers) - 1])  # what reaches the language model
+    assert torch.equal(kept[1], expected.kept[-1])
+    assert len(kept[0]) == 36 - len(vit_layers) * vit_merge
+    torch.testing.assert_close(logits, expected.logits, atol=1e-4, rtol=0)
+    new_tokens = generated.sequences[:, inputs["input_ids"].shape[1]:]
+    for step, step_logits in enumerate(generated.logits):
+        with torch.no_grad():
+            reference = oracle_illava(model_vit, inputs, layer=3, keep=keep, vit_layers=list(vit_layers),
+                                      vit_merge=vit_merge, decode_positions="lm_input", new_tokens=new_tokens[:, :step])
+        torch.testing.assert_close(step_logits, reference.logits[:, -1], atol=1e-4, rtol=0)
+
+
+def test_illava_vision_stage_batch_equals_singles(processor, model_vit):
+    images = [make_image(200, 60, seed=5), make_image(84, 84, seed=6)]
+    texts = [prompt("what is the colour of the circle ?"), prompt("what shape is in the bottom right ?")]
+    press = ILLaVA(keep=10, layer=3, vit_layers=(1, 2), vit_merge=5)
+    inputs = inputs_for(processor, images, texts)
+    with torch.no_grad(), press(model_vit):
+        batch = model_vit.generate(**inputs, **GEN)
+        batch_kept = [press.last_selection[-1].kept[b] for b in range(2)]
+    width = inputs["input_ids"].shape[1]
+    for b, (image, text) in enumerate(zip(images, texts)):
+        single_inputs = inputs_for(processor, [image], [text])
+        with torch.no_grad(), press(model_vit):
+            single = model_vit.generate(**single_inputs, **GEN)
+        assert torch.equal(batch_kept[b], press.last_selection[-1].kept[0])
+        n = single_inputs["input_ids"].shape[1]
+        assert torch.equal(batch.sequences[b, width:], single.sequences[0, n:])
+        for x, y in zip(batch.logits, single.logits):
+            torch.testing.assert_close(x[b], y[0], atol=1e-4, rtol=0)

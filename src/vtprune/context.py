@@ -44,6 +44,38 @@ class LayerInput:
 
 
 @dataclass
+class VisionStageContext:
+    """One vision stage (inside the vision tower), as a method sees it. Tensors run over the images of the
+    batch (N) and the tokens still in the vision tower's sequence (T).
+
+    tokens: (N, T) each token's index in the full vision sequence (the [CLS] token, if any, is 0 and stays).
+    """
+
+    adapter: ModelAdapter
+    stage_index: int
+    layer: nn.Module
+    merge: int  # tokens of each image that leave at this stage
+    tokens: torch.Tensor
+    input: torch.Tensor  # (N, T, D) the layer's input
+    attention_output: torch.Tensor  # (N, T, D) its attention block's output (before the residual)
+    output: torch.Tensor  # (N, T, D) the layer's output
+
+    def attention(self, heads: Literal["mean", "all"] = "mean") -> torch.Tensor:
+        """(N, T, T) (or (N, H, T, T)) attention probabilities inside the layer, every query row."""
+        rows = torch.arange(self.tokens.shape[1], device=self.tokens.device)
+        probs = self.adapter.vision_attention(self.layer, self.input, rows)
+        return probs.mean(dim=1) if heads == "mean" else probs
+
+    def post_attention(self) -> torch.Tensor:
+        """(N, T, D) the residual stream after the attention block (where the official merges happen)."""
+        return self.input + self.attention_output
+
+    def finish(self, residual: torch.Tensor) -> torch.Tensor:
+        """The layer's output for residual-stream values (..., D): the block's MLP half applied to them."""
+        return self.adapter.vision_block_tail(self.layer, residual)
+
+
+@dataclass
 class StageContext:
     """One stage of one request, as a method sees it.
 
@@ -73,6 +105,7 @@ class StageContext:
     state: dict
     vision_inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # vision layer -> (N_img, T, D) input
     vision_outputs: dict[int, torch.Tensor] = field(default_factory=dict)  # vision layer -> (N_img, T, D) output
+    vision_tokens: torch.Tensor | None = None  # (N_img, T') vision tokens left by the press's vision stages
     debias_config: "Debias | None" = None
     debias_active: bool = False
     padding_marks: list[torch.Tensor | None] = field(default_factory=list)  # per sample (V_b,) bool, or None
@@ -327,6 +360,18 @@ class StageContext:
             kept.append(torch.sort(torch.cat(parts)).values)
         return kept
 
+    def vision_survivors(self) -> list[torch.Tensor]:
+        """Per sample, the visual ranks whose patches are still in the vision tower's output after the press's
+        vision stages (sorted): what a stage at layer 0 keeps to remove the others from the language model."""
+        if self.vision_tokens is None:
+            raise ValueError("no vision stage ran: declare vision_stages() and run the model on pixel_values")
+        patches = self.vision_tokens - self.adapter.vision_first_patch  # (N, T'), -1 for [CLS]
+        out = []
+        for segments in self.segments:
+            parts = [segment.offset + patches[segment.image_index][patches[segment.image_index] >= 0] for segment in segments]
+            out.append(torch.sort(torch.cat(parts)).values)
+        return out
+
     def vision_keys(self, layer: int) -> torch.Tensor:
         """(N_img, H, T, d) keys of vision-tower `layer` (its k projection of its normed input, bias included)."""
         hidden = self.vision_hidden_states(layer)
@@ -353,4 +398,4 @@ def rows_where(mask: torch.Tensor) -> list[torch.Tensor]:
     return [order[b, :count] for b, count in enumerate(counts)]
 
 
-__all__ = ["StageContext", "LayerInput", "TokenKind", "rows_where"]
+__all__ = ["StageContext", "VisionStageContext", "LayerInput", "TokenKind", "rows_where"]

@@ -36,8 +36,8 @@ from torch import nn
 
 from .adapters import adapter_for
 from .adapters.base import VisualLayout
-from .context import LayerInput, StageContext, rows_where
-from .stages import Kept, Stage, StageSelection, member, resolve_keep, validate_stages
+from .context import LayerInput, StageContext, VisionStageContext, rows_where
+from .stages import Kept, Stage, StageSelection, VisionStage, member, resolve_keep, validate_stages
 
 if TYPE_CHECKING:
     from .debias import Debias
@@ -105,6 +105,7 @@ class _Request:
     inputs: dict[int, LayerInput] = field(default_factory=dict)  # recorded layer inputs (prefill)
     vision_inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # recorded vision-layer inputs
     vision_outputs: dict[int, torch.Tensor] = field(default_factory=dict)  # and outputs
+    vision_tokens: torch.Tensor | None = None  # (N_img, T') vision tokens left by the vision stages
     selections: list[StageSelection] = field(default_factory=list)
     segments: list[dict] = field(default_factory=list)  # after each decoder-layer cut: layer, slots, masks, shift
     cache: object = None
@@ -113,6 +114,7 @@ class _Request:
     # the language model's input after a layer-0 cut: prompt column of each base token, and tokens dropped
     base_prompt_columns: torch.Tensor | None = None
     base_shift: torch.Tensor | None = None
+    base_shift_applies: bool = False  # decode positions continue the cut input's numbering (compact)
     # the model's inputs for the base sequence, captured at decoder layer 0
     mask0: object = None
     position_embeddings0: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -159,9 +161,41 @@ class PruningSession:
         self.record_layers |= set(press.input_layers())
         self.key_layers = {s.score_layer for s in self.stages if s.score_layer is not None and s.score_layer < s.layer}
         self.first_active = min([s.layer for s in self.stages] + list(self.record_layers))
+        self.vision_stages = self._vision_stages()
         self._handles: list = []
         self._request: _Request | None = None
         self._pending_vision: dict = {}
+        self._vision_pass: dict = {}
+
+    def _positions(self, stage_index: int) -> str:
+        """The position numbering of a stage's cut: its own, or the press's."""
+        return self.stages[stage_index].positions or self.positions
+
+    def _vision_stages(self) -> list:
+        """The press's vision stages, with layer indices >= 0, checked against the vision tower."""
+        try:
+            count = len(self.adapter.vision_layers)
+        except ValueError:
+            count = 0
+        declared = self.press.vision_stages(count)
+        if declared and not count:
+            raise ValueError(f"{type(self.press).__name__} has vision stages but {type(self.adapter).__name__} gives no vision layers")
+        stages = [VisionStage(layer=s.layer + count if s.layer < 0 else s.layer, merge=s.merge) for s in declared]
+        feature = self.adapter.vision_feature_layer
+        for previous, stage in zip([None] + stages[:-1], stages):
+            if not 0 <= stage.layer <= feature:
+                raise ValueError(
+                    f"{type(self.press).__name__}: vision stage at layer {stage.layer}: only layers up to the one the "
+                    f"language model's features come from (0..{feature}) reach the language model"
+                )
+            if previous is not None and stage.layer <= previous.layer:
+                raise ValueError(f"{type(self.press).__name__}: vision stage layers must increase")
+        if stages and self.stages[0].layer != 0:
+            raise ValueError(
+                f"{type(self.press).__name__}: with vision stages, the first stage must be at layer 0 (it removes the "
+                "tokens the vision tower dropped from the language model's input)"
+            )
+        return stages
 
     # --- context manager -----------------------------------------------------------------------------
     def __enter__(self) -> "PruningSession":
@@ -185,6 +219,16 @@ class PruningSession:
                     raise ValueError(f"{type(self.press).__name__}: the vision tower has {len(layers)} layers, no layer {index}")
                 self._handles.append(layers[index].register_forward_pre_hook(self._make_vision_hook(index), with_kwargs=True))
                 self._handles.append(layers[index].register_forward_hook(self._make_vision_output_hook(index)))
+        if self.vision_stages and not self.dry_run:
+            layers = self.adapter.vision_layers
+            tower = self.adapter.vision_tower
+            self._handles.append(tower.register_forward_pre_hook(self._on_vision_tower_input))
+            self._handles.append(tower.register_forward_hook(self._on_vision_tower_output))
+            for stage_index, stage in enumerate(self.vision_stages):
+                layer = layers[stage.layer]
+                self._handles.append(layer.register_forward_pre_hook(self._make_vision_stage_input(stage.layer), with_kwargs=True))
+                self._handles.append(layer.self_attn.register_forward_hook(self._make_vision_attention_hook(stage.layer)))
+                self._handles.append(layer.register_forward_hook(self._make_vision_stage(stage_index, stage)))
         for index, layer in enumerate(self.adapter.decoder_layers):
             self._handles.append(layer.register_forward_pre_hook(self._make_layer_hook(index), with_kwargs=True))
             if index in self.key_layers:
@@ -251,7 +295,10 @@ class PruningSession:
         for (kind, index), hidden in self._pending_vision.items():  # the images of this request's vision pass
             if hidden.shape[0] != layout.num_images:
                 continue  # from another call; not these images
-            (self._request.vision_inputs if kind == "input" else self._request.vision_outputs)[index] = hidden
+            if kind == "tokens":
+                self._request.vision_tokens = hidden
+            else:
+                (self._request.vision_inputs if kind == "input" else self._request.vision_outputs)[index] = hidden
         self._pending_vision = {}
         return None
 
@@ -326,13 +373,14 @@ class PruningSession:
         hidden = _assemble(embeds, source, new_slots, decisions, request.ids)
         ids = request.ids
         valid = ids.at("valid", new_slots, False)
-        if self.positions == "compact":
+        if self._positions(0) == "compact":
             new_positions = _compact_positions(position_ids, request.valid0, valid)
         else:
             new_positions = _gather_seq(position_ids, ids.at("position", new_slots, 0))
         # the cut sequence becomes the base sequence of every decoder layer
         request.base_prompt_columns = ids.at("prompt", new_slots, -1)
         request.base_shift = request.valid0.sum(1) - valid.sum(1)
+        request.base_shift_applies = self._positions(0) == "compact"
         new_len = new_slots.shape[1]
         request.ids = _Ids.base(request.base_prompt_columns, ids.at("rank", new_slots, -1), valid)
         request.ids.position_rank = ids.at("position_rank", new_slots, -1)
@@ -362,12 +410,14 @@ class PruningSession:
         previous = request.base_shift if request.base_shift is not None else torch.zeros(batch, dtype=torch.long, device=slots.device)
         request.base_prompt_columns = ids.at("prompt", slots, -1)
         request.base_shift = request.valid0.sum(1) - valid.sum(1)
+        request.base_shift_applies = self._positions(0) == "compact"
         inverse = torch.full((batch, ids.size), -1, dtype=torch.long, device=slots.device)
         inverse.scatter_(1, index, torch.arange(length, device=slots.device).expand(batch, length).clone())
         later = []
         for other in request.segments[1:]:  # re-expressed over the trimmed sequence
             anchor = torch.where(other["anchor"] >= 0, torch.gather(inverse, 1, other["anchor"].clamp(min=0)), -1)
-            shift = None if other["shift"] is None else other["shift"] - (request.base_shift - previous)
+            dropped = (request.base_shift - previous) if request.base_shift_applies else 0
+            shift = None if other["shift"] is None else other["shift"] - dropped
             later.append(dict(other, anchor=anchor, shift=shift))
         request.segments = later
         request.ids = _Ids.base(request.base_prompt_columns, ids.at("rank", slots, -1), valid)
@@ -389,7 +439,7 @@ class PruningSession:
         position_ids = kwargs.get("position_ids")
         if position_ids is None:  # what the unpruned model would have used
             position_ids = (request.prompt_len + generated + torch.arange(query_len, device=device)).expand(batch, -1)
-        if self.positions == "compact":
+        if request.base_shift_applies:
             position_ids = position_ids - request.base_shift[:, None]
         return (), dict(kwargs, attention_mask=mask, position_ids=position_ids)
 
@@ -414,12 +464,91 @@ class PruningSession:
 
         return hook
 
+    # --- vision stages (inside the vision tower) -----------------------------------------------------------
+    def _on_vision_tower_input(self, module, args):
+        self._vision_pass = {"tokens": None, "input": {}, "attention": {}, "outputs": {}, "length": None}
+        return None
+
+    def _make_vision_stage_input(self, index: int):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            state = self._vision_pass
+            if state["tokens"] is None:
+                images, length = hidden.shape[:2]
+                state["tokens"] = torch.arange(length, device=hidden.device).expand(images, length)
+                state["length"] = length
+            state["input"][index] = hidden
+            return None
+
+        return hook
+
+    def _make_vision_attention_hook(self, index: int):
+        def hook(module, args, output):
+            self._vision_pass["attention"][index] = output[0] if isinstance(output, tuple) else output
+            return None
+
+        return hook
+
+    def _make_vision_stage(self, stage_index: int, stage):
+        def hook(module, args, output):
+            state = self._vision_pass
+            hidden = output[0] if isinstance(output, tuple) else output
+            tokens = state["tokens"]
+            patches = tokens.shape[1] - int(self.adapter.vision_cls_index is not None)
+            merge = round(stage.merge * patches) if isinstance(stage.merge, float) else int(stage.merge)
+            if not 0 <= merge < patches:
+                raise ValueError(f"vision stage {stage_index}: cannot merge {merge} of {patches} patches")
+            vctx = VisionStageContext(
+                adapter=self.adapter, stage_index=stage_index, layer=module, merge=merge, tokens=tokens,
+                input=state["input"][stage.layer], attention_output=state["attention"][stage.layer], output=hidden,
+            )
+            keep, values = self.press.select_vision(vctx)
+            images, width = hidden.shape[0], hidden.shape[-1]
+            if keep.dim() != 2 or keep.shape[0] != images or keep.dtype != torch.long:
+                raise RuntimeError(f"{type(self.press).__name__}.select_vision must return (N, T') long token indices")
+            new = torch.gather(hidden, 1, keep[:, :, None].expand(-1, -1, width)) if values is None else values.to(hidden.dtype)
+            state["tokens"] = torch.gather(tokens, 1, keep)
+            state["outputs"][stage.layer] = new  # the model's own output capture may have seen the unmerged one
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+
+        return hook
+
+    def _on_vision_tower_output(self, module, args, output):
+        """Restore every hidden state of the vision tower to the full token count (zeros where tokens left), so the
+        model's own feature selection and projector work unchanged; the language model's input loses those
+        tokens at the press's layer-0 stage."""
+        state = self._vision_pass
+        tokens = state.get("tokens") if state else None
+        if tokens is None:
+            return None
+
+        def restore(hidden):
+            if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[1] == state["length"]:
+                return hidden
+            full = hidden.new_zeros(hidden.shape[0], state["length"], hidden.shape[-1])
+            return full.scatter(1, tokens[:, :, None].expand(-1, -1, hidden.shape[-1]), hidden)
+
+        if getattr(output, "hidden_states", None) is not None:
+            captured = list(output.hidden_states)
+            for layer, merged in state["outputs"].items():  # hidden_states[i + 1] is layer i's output
+                if layer + 1 < len(captured) and captured[layer + 1] is not None:
+                    captured[layer + 1] = merged
+            output.hidden_states = tuple(restore(h) for h in captured)
+        if getattr(output, "last_hidden_state", None) is not None:
+            output.last_hidden_state = restore(output.last_hidden_state)
+        self._record_vision("tokens", -1, tokens)
+        self._vision_pass = {}
+        return output
+
     def _record_vision(self, kind: str, index: int, hidden: torch.Tensor) -> None:
         """Into the request being prefilled (the vision tower ran inside its forward), or else kept for the next
         request (generate() encodes the images before its first forward)."""
         request = self._request
         if request is not None and request.phase == "prefill" and not request.decided:
-            (request.vision_inputs if kind == "input" else request.vision_outputs)[index] = hidden
+            if kind == "tokens":
+                request.vision_tokens = hidden
+            else:
+                (request.vision_inputs if kind == "input" else request.vision_outputs)[index] = hidden
         else:
             self._pending_vision[(kind, index)] = hidden
 
@@ -496,6 +625,7 @@ class PruningSession:
             state=request.state,
             vision_inputs=request.vision_inputs,
             vision_outputs=request.vision_outputs,
+            vision_tokens=request.vision_tokens,
             debias_config=self.debias,
             debias_active=self.debias is not None and (self.debias.stages == "all" or stage_index == 0),
             padding_marks=list(request.padding),
@@ -613,7 +743,7 @@ class PruningSession:
         anchor, sub = ids.at("anchor", new_slots, -1), ids.at("sub", new_slots, 0.0)
         valid = ids.at("valid", new_slots, False)
         shift = None
-        if self.positions == "compact":
+        if self._positions(stage_index) == "compact":
             base_valid = ids.valid[:, : request.base_len]
             position_ids = _compact_positions(request.position_ids0, base_valid, valid)
             position_embeddings = self.adapter.position_embeddings(hidden, position_ids)

@@ -77,6 +77,15 @@ class Press:
         [CLS] attention of the second-to-last layer."""
         return ()
 
+    def vision_stages(self, num_vision_layers: int) -> list:
+        """`VisionStage`s inside the vision tower (default none), for a tower of `num_vision_layers` layers."""
+        return []
+
+    def select_vision(self, vctx) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """At a vision stage: (N, T') long, sorted, the tokens of each image that stay (same count per image), and
+        (N, T', D) their new output values, or None to keep the layer's own."""
+        raise NotImplementedError(f"{type(self).__name__} declares vision stages but no select_vision")
+
     def input_layers(self) -> tuple[int, ...]:
         """Decoder layers (besides the stages' score layers) whose input the method reads, e.g. (0,) for the
         language model's input embeddings."""

@@ -36,12 +36,25 @@ class Stage:
     trim_cache: after the prefill, also remove the tokens this stage removed from the KV cache of the layers
         before it, so that decoding sees only kept tokens in every layer (TokenCarve's official behaviour);
         first stage only, without inserted tokens.
+    positions: "original" or "compact" for this stage's cut; None: the press's `positions`.
     """
 
     layer: int
     keep: int | float
     score_layer: int | None
     trim_cache: bool = False
+    positions: Positions | None = None
+
+
+@dataclass(frozen=True)
+class VisionStage:
+    """A stage inside the vision tower: after vision layer `layer`'s attention, `merge` tokens of each image
+    (a count, or a fraction of the patches present) leave the vision tower's sequence; later vision layers run
+    on fewer tokens, and the language model's input loses the same tokens (a stage at layer 0 of the press
+    keeps `StageContext.vision_survivors`)."""
+
+    layer: int
+    merge: int | float
 
 
 @dataclass
@@ -215,6 +228,6 @@ def equivalent_tokens(stages: Sequence[Stage], num_visual: int, num_layers: int)
 
 
 __all__ = [
-    "Positions", "Stage", "Kept", "StageSelection", "resolve_keep", "validate_keep", "as_list", "validate_stages",
+    "Positions", "Stage", "VisionStage", "Kept", "StageSelection", "resolve_keep", "validate_keep", "as_list", "validate_stages",
     "rank_order", "member", "top_k", "equivalent_tokens",
 ]

@@ -92,6 +92,19 @@ class ModelAdapter:
         """The vision tower's encoder layers (vision-side scores read their inputs)."""
         raise ValueError(f"{type(self).__name__} gives no access to its vision tower's layers")
 
+    @property
+    def vision_tower(self) -> nn.Module:
+        raise ValueError(f"{type(self).__name__} gives no access to its vision tower")
+
+    @property
+    def vision_feature_layer(self) -> int:
+        """Index (>= 0) of the vision layer whose output the language model's visual tokens come from."""
+        raise ValueError(f"{type(self).__name__} does not say which vision layer feeds the language model")
+
+    def vision_block_tail(self, layer: nn.Module, residual: torch.Tensor) -> torch.Tensor:
+        """The rest of a pre-norm vision block after its attention: residual + MLP(norm2(residual))."""
+        return residual + layer.mlp(layer.layer_norm2(residual))
+
     def project_visual(self, features: torch.Tensor) -> torch.Tensor:
         """The family's projector from vision-tower features (..., D_vision) to language-model embeddings."""
         raise ValueError(f"{type(self).__name__} does not expose its projector")

@@ -48,6 +48,18 @@ class LlavaAdapter(ModelAdapter):
         return self.base.multi_modal_projector(features)
 
     @property
+    def vision_tower(self) -> nn.Module:
+        return self.base.vision_tower
+
+    @property
+    def vision_feature_layer(self) -> int:
+        layer = self.base.config.vision_feature_layer
+        if not isinstance(layer, int):
+            raise ValueError("the model concatenates several vision layers' features: vision stages do not apply")
+        # hidden_states[i] is the output of layer i - 1 (index 0: the embeddings)
+        return (layer + len(self.vision_layers) + 1 if layer < 0 else layer) - 1
+
+    @property
     def vision_layers(self) -> nn.ModuleList:
         tower = self.base.vision_tower
         encoder = getattr(tower, "encoder", None) or getattr(getattr(tower, "vision_model", None), "encoder", None)

@@ -6,10 +6,14 @@ mean). Instead of dropping the r least important tokens, iLLaVA merges them: of 
 the best one stays and becomes their rank-weighted mean (weights 1 for itself, 2, ..., r + 1 for the lower
 ones, the lowest weighing most, as in the official code); the other r leave. Kept tokens keep their positions.
 
-iLLaVA publishes settings for LLaVA-OneVision and Qwen2-VL only (language-model stage at K = 8 for images,
-K = 2 for video, keep ratio 0.7; plus merging inside vision-tower layers, which vtprune does not do: it would
-need to change the vision tower's layers themselves). For LLaVA-1.5 vtprune defaults to K = 2 (where the
-debiasing paper prunes every method) and the budget's token count. Debiasing: the language-model stage's
+The vision-tower stage (`vit_layers`): inside each of those vision layers, after its attention, the patches
+are ranked by the attention they receive (mean over heads and all query rows) and the same rule merges
+`vit_merge` of them (the [CLS] token is never merged); later vision layers run on fewer tokens and the language
+model's input loses them (renumbered, as in the official code). iLLaVA publishes settings for LLaVA-OneVision
+(SigLIP) and Qwen2-VL only: vision layers 5-8 merging 92 each, language-model stage at K = 8 (K = 2 for video)
+with keep ratio 0.7. For LLaVA-1.5 vtprune defaults to the language-model stage alone at K = 2 (where the
+debiasing paper prunes every method) keeping the budget's token count; `vit_layers=(5, 6, 7, 8), vit_merge=92`
+transfers the published image setting (576 -> 208 patches before the language model). Debiasing: the language-model stage's
 attention, first stage only (the paper gives no code for it); padding tokens are dropped, not merged.
 """
 
@@ -20,10 +24,10 @@ from typing import ClassVar, Sequence
 
 import torch
 
-from ..context import StageContext
+from ..context import StageContext, VisionStageContext
 from ..debias import Debias
-from ..press import REFERENCE_LAYERS, Press, budget_fraction
-from ..stages import Kept, Positions, Stage
+from ..press import REFERENCE_LAYERS, Press, budget_fraction, layer_list
+from ..stages import Kept, Positions, Stage, VisionStage
 
 
 @dataclass
@@ -31,11 +35,15 @@ class ILLaVA(Press):
     """budget: visual tokens kept (a count of 576 or a fraction; default 128), or keep: per stage, a count or a
         fraction of the image's tokens.
     layer: the decoder layer(s) K before which tokens are merged away (default 2).
-    positions: "original" (official) or "compact"."""
+    vit_layers: vision-tower layers that merge inside themselves (default none); vit_merge: patches of each
+        image merged away in each of them (a count, or a fraction of the patches present).
+    positions: "original" (official) or "compact", for the language-model stages."""
 
     budget: int | float | None = None
     keep: int | float | Sequence[int | float] | None = None
     layer: int | Sequence[int] = 2
+    vit_layers: Sequence[int] = ()
+    vit_merge: int | float = 92
     debias: Debias | None = None
     positions: Positions = "original"
 
@@ -46,15 +54,43 @@ class ILLaVA(Press):
     def __post_init__(self) -> None:
         self._check_common()
         self._check_schedule()
+        layer_list(list(self.vit_layers), "vit_layers")
+        if isinstance(self.vit_merge, bool) or not isinstance(self.vit_merge, (int, float)) or self.vit_merge < 0:
+            raise ValueError(f"iLLaVA: vit_merge={self.vit_merge!r} must be a count >= 0 or a fraction")
 
     def stages(self, num_layers: int = REFERENCE_LAYERS) -> list[Stage]:
         layers, keeps = self._layers_and_keeps(num_layers, [2], default_keep=budget_fraction(128))
         for layer in layers:
             if layer < 1:
                 raise ValueError(f"iLLaVA: layer={layer} is out of range: it uses layer K-1's attention, so K >= 1")
-        return [Stage(layer=layer, keep=keep, score_layer=layer - 1) for layer, keep in zip(layers, keeps)]
+        stages = [Stage(layer=layer, keep=keep, score_layer=layer - 1) for layer, keep in zip(layers, keeps)]
+        if self.vit_layers:  # the language model's input loses what the vision tower merged away (renumbered)
+            stages.insert(0, Stage(layer=0, keep=1.0, score_layer=None, positions="compact"))
+        return stages
+
+    def vision_stages(self, num_vision_layers: int) -> list[VisionStage]:
+        return [VisionStage(layer=layer, merge=self.vit_merge) for layer in self.vit_layers]
+
+    def select_vision(self, vctx: VisionStageContext) -> tuple[torch.Tensor, torch.Tensor]:
+        received = vctx.attention().mean(dim=1)  # (N, T): attention each token receives, mean over heads and rows
+        if vctx.adapter.vision_cls_index is not None:  # the [CLS] token is never merged
+            received = received.index_fill(1, torch.tensor([vctx.adapter.vision_cls_index], device=received.device), float("inf"))
+        order = torch.argsort(received, dim=1, descending=True, stable=True)
+        length, merge = received.shape[1], vctx.merge
+        keep = torch.sort(order[:, : length - merge], dim=1).values
+        values = torch.gather(vctx.output, 1, keep[:, :, None].expand(-1, -1, vctx.output.shape[-1])).clone()
+        if merge:
+            group = order[:, length - merge - 1 :]  # (N, merge + 1): the destination, then the lower ones
+            weights = torch.arange(1, merge + 2, device=group.device, dtype=torch.float32)
+            residual = torch.gather(vctx.post_attention(), 1, group[:, :, None].expand(-1, -1, values.shape[-1])).float()
+            merged = (weights[None, :, None] * residual).sum(dim=1) / weights.sum()  # (N, D)
+            destination = (keep == group[:, :1]).float().argmax(dim=1)  # where the destination sits in `keep`
+            values[torch.arange(len(keep), device=keep.device), destination] = vctx.finish(merged.to(values.dtype))
+        return keep, values
 
     def select(self, ctx: StageContext) -> list[Kept]:
+        if ctx.stage.layer == 0:  # after the vision stages
+            return ctx.vision_survivors()
         ranked = ctx.debias([rows[0] for rows in ctx.attention("last")])
         hidden = ctx.hidden_states(ctx.stage.layer)  # what enters layer K
         decisions = []

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..debias import Debias
-from ..methods import METHODS, attention_methods
+from ..methods import METHODS
 from ..runner import run_examples
 from .data import accuracy
 
@@ -59,17 +59,23 @@ def label(method: str) -> str:
 
 
 def default_settings() -> list[Setting]:
-    """Every attention method plain and debiased, FastV's ablations, the other position numbering per method,
-    and Random."""
+    """Every registered method plain, the attention-based ones also debiased, FastV's ablations, the other
+    position numbering per method (debiased too where the official numbering is compact), and Random."""
     out = []
-    for name in attention_methods():
-        out += [Setting(label(name), name), Setting(f"{label(name)}+debias", name, "debias", baseline=label(name))]
+    for name, cls in METHODS.items():
+        if name == "random":
+            continue
+        out.append(Setting(label(name), name))
+        if cls.query is not None:
+            out.append(Setting(f"{label(name)}+debias", name, "debias", baseline=label(name)))
     out += [Setting(f"FastV+{kind}", "fastv", kind, baseline="FastV") for kind in ("positional", "padding", "auto+padding")]
-    for name in attention_methods():
-        official = METHODS[name]().positions
+    for name, cls in METHODS.items():
+        if name == "random":
+            continue
+        official = cls().positions
         other = "compact" if official == "original" else "original"
         out.append(Setting(f"{label(name)}@{other}", name, positions=other, baseline=label(name)))
-        if official == "compact":  # does debiasing help once the numbering is the model's own?
+        if official == "compact" and cls.query is not None:  # does debiasing help with the model's own numbering?
             out.append(Setting(f"{label(name)}@{other}+debias", name, "debias", positions=other,
                                baseline=f"{label(name)}@{other}"))
     out.append(Setting("Random", "random"))

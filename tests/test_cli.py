@@ -116,9 +116,14 @@ def test_demo_runs_offline_on_the_shipped_testbed(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["example_1.png", "example_2.png"]
 
 
-@pytest.mark.parametrize("method", ["pdrop", "himap", "sparsevlm"])
+@pytest.mark.parametrize("method", ["pdrop", "himap", "sparsevlm", "tokencarve", "illava", "visionzip", "fastervlm",
+                                    "dart", "divprune"])
 @pytest.mark.parametrize("debias", [True, False], ids=["debias", "no-debias"])
 def test_run_each_method_on_the_testbed(tmp_path, method, debias):
+    from vtprune.methods import METHODS
+
+    if debias and METHODS[method].query is None:
+        pytest.skip(f"{method} ranks without attention: no debiasing")
     from vtprune.testbed.data import make_sample
 
     image = tmp_path / "image.png"

@@ -29,6 +29,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
 from vtprune import Debias, FastV
+from vtprune.debias.profiles import builtin_aliases, builtin_profiles
 from vtprune.methods import METHODS, attention_methods
 
 IMAGE_TOKEN = 32000
@@ -96,7 +97,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help="identical prompts per prefill")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--markdown", default=None, help="also write the table as Markdown to this file")
-    parser.add_argument("--methods", default=",".join(attention_methods()), help="registered methods to time")
+    parser.add_argument("--methods", default=",".join(m for m in METHODS if m != "random"), help="registered methods to time")
     parser.add_argument("--budgets", default="192,128,64", help="budgets (visual tokens of 576, as the papers count)")
     parser.add_argument("--with-vision", action="store_true",
                         help="time the vision tower too in every row (needed for vision-side methods)")
@@ -141,7 +142,11 @@ def main() -> None:
             cls = METHODS[name]
             label = f"{cls.__name__} {budget}"
             configs.append((label, cls(budget=budget), {}, None))
+            if cls.query is None:
+                continue  # ranks without attention: nothing to debias
             profile = f"llava-1.5-7b/{cls.profile_name or cls.name}"
+            if profile not in {p.name for p in builtin_profiles()} | set(builtin_aliases()):
+                profile = None  # no published profile (iLLaVA, the vision-side methods): padding only
             configs.append((f"{label} + debias", cls(budget=budget, debias=Debias(profile=profile, padding=True)),
                             geometry, label))
             if name == "fastv":
@@ -186,7 +191,7 @@ def main() -> None:
         table.add_row(*row)
     Console(width=max(120, Console().width)).print(table)
     note = ("debias: padding (image 640x427, pad-to-square: 192 of 576 tokens are padding) + the method's published "
-            "positional profile (llava-1.5-7b/<method>); auto debias: padding + the per-request robust fit. FastV's "
+            "positional profile (llava-1.5-7b/<method>; padding only for methods without one); auto debias: padding + the per-request robust fit. FastV's "
             "padding debiasing lowers its kept count to the real tokens when fewer; FLOP ratios use the tokens each "
             "layer really processed. Overhead: against the same method and budget without debiasing (or, for "
             "'keys recomputed', against FastV reusing the scoring layer's keys). Visual per layer: visual tokens "

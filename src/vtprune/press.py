@@ -195,7 +195,7 @@ def scale_layers(layers: Sequence[int], num_layers: int) -> list[int]:
     stays where it is (a shallow layer), later ones move to the same relative depth, strictly increasing."""
     if num_layers == REFERENCE_LAYERS:
         return list(layers)
-    out = [min(layers[0], num_layers - len(layers))]
+    out = [max(min(layers[0], 1), min(layers[0], num_layers - len(layers)))]  # a layer >= 1 stays >= 1
     for layer in layers[1:]:
         out.append(max(out[-1] + 1, round(layer * num_layers / REFERENCE_LAYERS)))
     if out[-1] >= num_layers:

@@ -19,7 +19,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from prefill import NUM_VISUAL, build_model, prompt_ids
+from prefill import build_model, prompt_ids
 from vtprune.methods import METHODS
 
 

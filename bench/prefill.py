@@ -30,7 +30,7 @@ from transformers.models.llava.image_processing_pil_llava import LlavaImageProce
 
 from vtprune import Debias, FastV
 from vtprune.debias.profiles import builtin_aliases, builtin_profiles
-from vtprune.methods import METHODS, attention_methods
+from vtprune.methods import METHODS
 
 IMAGE_TOKEN = 32000
 NUM_VISUAL = 576

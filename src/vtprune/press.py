@@ -149,6 +149,13 @@ class Press:
         # increase) fail here rather than at first use; the range of layers is checked against the model
         validate_stages(self.stages(REFERENCE_LAYERS), 10**6, type(self).__name__)
 
+    def _single_keep(self) -> int | float:
+        """A one-stage method's keep: `keep`, or the budget (default 128 of 576) as a fraction of the tokens."""
+        if getattr(self, "keep", None) is not None:
+            return self.keep
+        budget = getattr(self, "budget", None)
+        return budget_fraction(DEFAULT_BUDGET if budget is None else budget)
+
     def _layers_and_keeps(self, num_layers: int, default_layers: Sequence[int], tables: dict | None = None,
                           default_keep: int | float = 64) -> tuple[list[int], list]:
         """The stage layers and keeps from the schedule fields: explicit `layer` or the published layers at the

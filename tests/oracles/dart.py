@@ -23,22 +23,12 @@ Deliberate generalisations / choices (the official code has no equivalent):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-try:  # shared result type, if a colleague created tests/oracles/common.py
-    from .common import OracleResult
-except ImportError:
-
-    @dataclass
-    class OracleResult:
-        kept: list[torch.Tensor]  # per stage: sorted long visual indices (0..V-1) still present after the stage
-        scores: list[torch.Tensor]  # per stage: (V,) float32 raw score of tokens present before it; nan otherwise
-        logits: torch.Tensor  # (1, N_final, vocab) float logits of every position of the final sequence
-        extra: dict = field(default_factory=dict)
+from .common import OracleResult
 
 
 def _post_rope_keys(layer, hidden_in, positions, rotary_emb):

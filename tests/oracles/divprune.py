@@ -23,20 +23,10 @@ Deliberate choices (the official code has no equivalent):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 
 import torch
 
-try:  # shared result type, if a colleague created tests/oracles/common.py
-    from .common import OracleResult
-except ImportError:
-
-    @dataclass
-    class OracleResult:
-        kept: list[torch.Tensor]  # per stage: sorted long visual indices (0..V-1) still present after the stage
-        scores: list[torch.Tensor]  # per stage: (V,) float32 raw score of tokens present before it; nan otherwise
-        logits: torch.Tensor  # (1, N_final, vocab) float logits of every position of the final sequence
-        extra: dict = field(default_factory=dict)
+from .common import OracleResult
 
 
 def divprune_select(features, keep):

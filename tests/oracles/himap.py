@@ -26,24 +26,11 @@ HiMAP on one sample, as the official loop does it (layer indices are 0-based dec
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-try:  # a colleague may provide the shared dataclass
-    from .common import OracleResult  # type: ignore[import-not-found]
-except ImportError:
-    try:
-        from oracles.common import OracleResult  # type: ignore[import-not-found,no-redef]
-    except ImportError:
-
-        @dataclass
-        class OracleResult:  # type: ignore[no-redef]
-            kept: list[torch.Tensor]  # per stage: sorted visual indices (0..V-1) still present after the stage
-            scores: list[torch.Tensor]  # per stage: (V,) float32 raw score; nan for tokens already gone
-            logits: torch.Tensor  # (1, N_final, vocab) logits of every position of the final sequence
-            extra: dict = field(default_factory=dict)
+from .common import OracleResult
 
 
 def _attention_probs(layer, hidden, rotary_emb, positions):

@@ -60,24 +60,11 @@ N-2 of an N-layer tower when ``vision_feature_layer=-2``, so merging layers must
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-try:  # a colleague may provide the shared dataclass
-    from .common import OracleResult  # type: ignore[import-not-found]
-except ImportError:
-    try:
-        from oracles.common import OracleResult  # type: ignore[import-not-found,no-redef]
-    except ImportError:
-
-        @dataclass
-        class OracleResult:  # type: ignore[no-redef]
-            kept: list[torch.Tensor]  # per stage: sorted visual indices (0..V-1) still present after the stage
-            scores: list[torch.Tensor]  # per stage: (V,) float32 raw score; nan for tokens already gone
-            logits: torch.Tensor  # (1, N_final, vocab) logits of every position of the final sequence
-            extra: dict = field(default_factory=dict)
+from .common import OracleResult
 
 
 def _as_list(value, n, name):

@@ -33,24 +33,11 @@ Deliberate choices where the official code has no equivalent or is nondeterminis
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-try:  # shared result type, if a colleague created tests/oracles/common.py
-    from .common import OracleResult  # type: ignore[import-not-found]
-except ImportError:
-    try:
-        from oracles.common import OracleResult  # type: ignore[import-not-found,no-redef]
-    except ImportError:
-
-        @dataclass
-        class OracleResult:  # type: ignore[no-redef]
-            kept: list[torch.Tensor]  # per stage: sorted long visual indices (0..V-1) still present after it
-            scores: list[torch.Tensor]  # per stage: (V,) float32 raw score of tokens present before it; nan else
-            logits: torch.Tensor  # (1, N_final, vocab) float logits of every position of the final sequence
-            extra: dict = field(default_factory=dict)
+from .common import OracleResult
 
 
 # score.py: layer_dict = {2:0,6:1,15:2} (scoring layers) -> cut before 3, 7, 16 in this file's convention

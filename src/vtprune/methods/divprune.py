@@ -15,8 +15,8 @@ from typing import ClassVar
 import torch
 
 from ..context import StageContext
-from ..press import REFERENCE_LAYERS, Press, budget_fraction
-from ..stages import Positions, Stage, resolve_keep, validate_keep
+from ..press import REFERENCE_LAYERS, Press
+from ..stages import Positions, Stage, resolve_keep
 
 
 @dataclass
@@ -35,16 +35,10 @@ class DivPrune(Press):
 
     def __post_init__(self) -> None:
         self._check_common()
-        if self.keep is not None and self.budget is not None:
-            raise ValueError("DivPrune: give keep= or budget=, not both")
-        if self.keep is not None:
-            validate_keep(self.keep)
-        if self.budget is not None:
-            budget_fraction(self.budget)
+        self._check_schedule()
 
     def stages(self, num_layers: int = REFERENCE_LAYERS) -> list[Stage]:
-        keep = self.keep if self.keep is not None else budget_fraction(128 if self.budget is None else self.budget)
-        return [Stage(layer=0, keep=keep, score_layer=None)]
+        return [Stage(layer=0, keep=self._single_keep(), score_layer=None)]
 
     def select(self, ctx: StageContext) -> list[torch.Tensor]:
         embeds = ctx.hidden_states(0)  # the language model's input: projected features at the visual slots

@@ -17,8 +17,8 @@ import torch
 
 from ..context import StageContext
 from ..debias import Debias
-from ..press import REFERENCE_LAYERS, Press, budget_fraction
-from ..stages import Positions, Stage, validate_keep
+from ..press import REFERENCE_LAYERS, Press
+from ..stages import Positions, Stage
 
 
 @dataclass
@@ -41,18 +41,12 @@ class FasterVLM(Press):
 
     def __post_init__(self) -> None:
         self._check_common()
-        if self.keep is not None and self.budget is not None:
-            raise ValueError("FasterVLM: give keep= or budget=, not both")
-        if self.keep is not None:
-            validate_keep(self.keep)
-        if self.budget is not None:
-            budget_fraction(self.budget)
         if isinstance(self.vision_layer, bool) or not isinstance(self.vision_layer, int):
             raise TypeError(f"vision_layer must be an int, got {self.vision_layer!r}")
+        self._check_schedule()
 
     def stages(self, num_layers: int = REFERENCE_LAYERS) -> list[Stage]:
-        keep = self.keep if self.keep is not None else budget_fraction(128 if self.budget is None else self.budget)
-        return [Stage(layer=0, keep=keep, score_layer=None)]
+        return [Stage(layer=0, keep=self._single_keep(), score_layer=None)]
 
     def vision_layers(self) -> tuple[int, ...]:
         return (self.vision_layer,)

@@ -22,8 +22,8 @@ import torch
 
 from ..context import StageContext
 from ..debias import Debias
-from ..press import REFERENCE_LAYERS, Press, budget_fraction, layer_list
-from ..stages import Kept, Positions, Stage, validate_keep
+from ..press import REFERENCE_LAYERS, Press, layer_list
+from ..stages import Kept, Positions, Stage
 
 
 @dataclass
@@ -51,12 +51,6 @@ class TokenCarve(Press):
 
     def __post_init__(self) -> None:
         self._check_common()
-        if self.keep is not None and self.budget is not None:
-            raise ValueError("TokenCarve: give keep= or budget=, not both")
-        if self.keep is not None:
-            validate_keep(self.keep)
-        if self.budget is not None:
-            budget_fraction(self.budget)
         layer_list(self.layer)
         if self.layer < 1:
             raise ValueError(f"TokenCarve: layer={self.layer} is out of range: it uses layer K-1's attention, so K >= 1")
@@ -64,10 +58,10 @@ class TokenCarve(Press):
             raise ValueError(f"TokenCarve: av_weight={self.av_weight} must lie in [0, 1]")
         if self.debias_target not in ("attention", "fused"):
             raise ValueError(f"TokenCarve: debias_target={self.debias_target!r}: use 'attention' or 'fused'")
+        self._check_schedule()
 
     def stages(self, num_layers: int = REFERENCE_LAYERS) -> list[Stage]:
-        keep = self.keep if self.keep is not None else budget_fraction(128 if self.budget is None else self.budget)
-        return [Stage(layer=self.layer, keep=keep, score_layer=self.layer - 1, trim_cache=self.trim_cache)]
+        return [Stage(layer=self.layer, keep=self._single_keep(), score_layer=self.layer - 1, trim_cache=self.trim_cache)]
 
     def select(self, ctx: StageContext) -> list[Kept]:
         attention = [rows[0] for rows in ctx.attention("last")]

@@ -22,12 +22,13 @@ from vtprune.stages import equivalent_tokens
 GEN = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True, suppress_tokens=[4])
 
 
-def run_by_hand(model, inputs, edits, new_tokens=None):
+def run_by_hand(model, inputs, edits, new_tokens=None, hidden_from=None):
     """Logits of a single sample whose sequence is edited by hand before some decoder layers.
 
     edits: {layer: fn(hidden (1, N, D), ids (N,) prompt position or -1, positions (N,)) -> (hidden, ids, positions)}
     Causal attention over the edited sequence in order; RoPE at `positions`; appended tokens continue at the
-    prompt length (original numbering)."""
+    prompt length (original numbering). hidden_from: {layer: fn(ids) -> (N,) bool}, prompt tokens that the
+    appended tokens may not see in that layer (a trimmed KV cache)."""
     base, lm = model.model, model.model.language_model
     ids = inputs["input_ids"]
     if new_tokens is not None:
@@ -42,8 +43,13 @@ def run_by_hand(model, inputs, edits, new_tokens=None):
             hidden, tokens, positions = edits[index](hidden, tokens, positions)
         cos, sin = lm.rotary_emb(hidden, positions[None])
         n = hidden.shape[1]
-        mask = torch.where(torch.ones(n, n, dtype=torch.bool).tril(), 0.0, torch.finfo(hidden.dtype).min)[None, None]
-        hidden = layer(hidden, attention_mask=mask if eager else None, position_embeddings=(cos, sin),
+        allowed = torch.ones(n, n, dtype=torch.bool).tril()
+        if hidden_from and index in hidden_from:
+            appended = tokens >= inputs["input_ids"].shape[1]
+            allowed &= ~(appended[:, None] & hidden_from[index](tokens)[None, :])
+        mask = torch.where(allowed, 0.0, torch.finfo(hidden.dtype).min)[None, None]
+        custom = hidden_from and index in hidden_from
+        hidden = layer(hidden, attention_mask=mask if eager or custom else None, position_embeddings=(cos, sin),
                        position_ids=positions[None])
     return model.lm_head(lm.norm(hidden))
 
@@ -202,6 +208,52 @@ def test_compact_positions_renumber_and_decode_continues_each_segment(processor,
         new_tokens = generated.sequences[:, n:]
         for step, step_logits in enumerate(generated.logits):
             reference = run_by_hand(model5, inputs, {2: cut()}, new_tokens[:, :step])[:, -1]
+            torch.testing.assert_close(step_logits, reference, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("positions", ["original", "compact"])
+def test_trimmed_cache_decode_equals_hand_built(processor, model5, positions):
+    """A first stage with trim_cache: in decoding, the layers before the cut see only the kept prompt tokens (at
+    their prompt positions); from the cut on, positions are original or renumbered as the stage says."""
+    inputs = sample_inputs(processor)
+    is_visual = visual_mask(inputs, model5)
+    n = inputs["input_ids"].shape[1]
+    rank = torch.cumsum(is_visual.long(), 0) - 1
+    kept = torch.tensor([1, 4, 5, 9, 17, 20, 30, 33])
+
+    @dataclass
+    class Trim(Press):
+        positions: str = "original"
+        name: ClassVar[str] = "trim"
+
+        def stages(self, num_layers=32):
+            return [Stage(layer=2, keep=len(kept), score_layer=None, trim_cache=True)]
+
+        def select(self, ctx):
+            return [kept]
+
+    def dropped(tokens):
+        prompt = tokens < n
+        return prompt & is_visual[tokens.clamp(max=n - 1)] & ~torch.isin(rank[tokens.clamp(max=n - 1)], kept)
+
+    def cut(hidden, tokens, old_positions):
+        keep = ~dropped(tokens)
+        new_positions = old_positions[keep]
+        if positions == "compact":
+            count = int((keep & (tokens < n)).sum())
+            new_positions = torch.where(tokens[keep] < n, torch.arange(int(keep.sum())), old_positions[keep] - (n - count))
+        return hidden[:, keep], tokens[keep], new_positions
+
+    press = Trim(positions=positions)
+    with torch.no_grad(), press(model5):
+        logits = model5(**inputs).logits
+        generated = model5.generate(**inputs, **GEN)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, run_by_hand(model5, inputs, {2: cut}), atol=1e-4, rtol=0)
+        new_tokens = generated.sequences[:, n:]
+        for step, step_logits in enumerate(generated.logits):
+            reference = run_by_hand(model5, inputs, {2: cut}, new_tokens[:, :step],
+                                    hidden_from={0: dropped, 1: dropped})[:, -1]
             torch.testing.assert_close(step_logits, reference, atol=1e-4, rtol=0)
 
 

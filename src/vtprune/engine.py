@@ -407,18 +407,20 @@ class PruningSession:
             cached.values = torch.gather(cached.values, 2, columns.expand(-1, -1, -1, cached.values.shape[-1]))
         valid = ids.at("valid", slots, False)
         batch, length = slots.shape
-        previous = request.base_shift if request.base_shift is not None else torch.zeros(batch, dtype=torch.long, device=slots.device)
         request.base_prompt_columns = ids.at("prompt", slots, -1)
-        request.base_shift = request.valid0.sum(1) - valid.sum(1)
-        request.base_shift_applies = self._positions(0) == "compact"
+        # the trimmed layers cached their keys at the prompt's own positions: decode continues those there (no
+        # base shift); with compact numbering the layers from the cut on continue the renumbered sequence
+        dropped = request.valid0.sum(1) - valid.sum(1)
         inverse = torch.full((batch, ids.size), -1, dtype=torch.long, device=slots.device)
         inverse.scatter_(1, index, torch.arange(length, device=slots.device).expand(batch, length).clone())
+        identity = torch.arange(length, device=slots.device).expand(batch, length).clone()
         later = []
+        if segment["shift"] is not None:
+            later.append(dict(segment, slots=identity, anchor=torch.where(valid, identity, -1),
+                              sub=torch.zeros(batch, length, dtype=torch.float64, device=slots.device), shift=dropped))
         for other in request.segments[1:]:  # re-expressed over the trimmed sequence
             anchor = torch.where(other["anchor"] >= 0, torch.gather(inverse, 1, other["anchor"].clamp(min=0)), -1)
-            dropped = (request.base_shift - previous) if request.base_shift_applies else 0
-            shift = None if other["shift"] is None else other["shift"] - dropped
-            later.append(dict(other, anchor=anchor, shift=shift))
+            later.append(dict(other, anchor=anchor))
         request.segments = later
         request.ids = _Ids.base(request.base_prompt_columns, ids.at("rank", slots, -1), valid)
         request.base_len = length

@@ -131,9 +131,17 @@ class Press:
             budget_fraction(budget)
         if layer is not None:
             layer_list(layer)
-        # structural mistakes (a keep list that does not match the layers, keeps that grow, layers that do not
-        # increase) fail here rather than at first use; the range of layers is checked against the model
-        validate_stages(self.stages(REFERENCE_LAYERS), 10**6, type(self).__name__)
+        # structural mistakes (a keep list that does not match the layers, keeps that grow or mix counts and
+        # fractions, layers that do not increase) fail here rather than at first use; the range of layers is
+        # checked against the model
+        owner = type(self).__name__
+        try:
+            stages = self.stages(REFERENCE_LAYERS)
+        except ValueError as error:
+            if str(error).startswith(owner):
+                raise
+            raise ValueError(f"{owner}: {error}") from None
+        validate_stages(stages, 10**6, owner)
 
     def _layers_and_keeps(self, num_layers: int, default_layers: Sequence[int], tables: dict | None = None,
                           default_keep: int | float = 64) -> tuple[list[int], list]:

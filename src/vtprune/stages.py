@@ -128,7 +128,10 @@ def validate_keep(keep, name: str = "keep") -> None:
 def as_list(value, n: int, name: str) -> list:
     values = list(value) if isinstance(value, (list, tuple)) else [value] * n
     if len(values) != n:
-        raise ValueError(f"{name} has {len(values)} entries but there are {n} stages")
+        raise ValueError(
+            f"{name}={values} has {len(values)} entries but there are {n} stages (one per layer): give one "
+            f"{name} per layer (e.g. layer=[2, 8] for two) or a single {name}"
+        )
     return values
 
 
@@ -140,6 +143,14 @@ def validate_stages(stages: Sequence[Stage], num_layers: int, owner: str) -> lis
     previous: Stage | None = None
     for stage in stages:
         validate_keep(stage.keep)
+    kinds = {isinstance(stage.keep, float) for stage in stages}
+    if len(kinds) > 1:
+        keeps = [stage.keep for stage in stages]
+        raise ValueError(
+            f"{owner}: keep={keeps} mixes fractions (floats) and token counts (ints): give every stage a count "
+            "(e.g. [144, 30]) or every stage a fraction of the image's visual tokens (e.g. [0.25, 0.05])"
+        )
+    for stage in stages:
         if isinstance(stage.layer, bool) or not isinstance(stage.layer, int):
             raise TypeError(f"{owner}: layer must be an int, got {stage.layer!r}")
         if not (0 <= stage.layer < num_layers):
@@ -167,9 +178,16 @@ def validate_stages(stages: Sequence[Stage], num_layers: int, owner: str) -> lis
 
 
 # --- the shared selection rule -----------------------------------------------------------------------------
-def rank_order(scores: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
+def rank_order(scores: torch.Tensor, padding: torch.Tensor | None = None,
+               padding_fraction: torch.Tensor | None = None) -> torch.Tensor:
     """Indices of `scores` (R,) from best to worst (stable: ties keep prompt order); padding tokens (R,) bool,
-    when given, always come after every real token."""
+    when given, always come after every real token. With `padding_fraction` (R,), the padded share of each
+    token's pixels, padding tokens rank among themselves from the least padded to the most (ties by score), so
+    an image with few or no real tokens keeps the tokens closest to its content, not a padding corner."""
+    if padding is not None and padding_fraction is not None:
+        order = torch.argsort(scores, descending=True, stable=True)
+        key = torch.where(padding, padding_fraction.to(torch.float32), -1.0)[order]  # real tokens first
+        return order[torch.argsort(key, stable=True)]
     if padding is not None:
         scores = torch.where(padding, float("-inf"), scores)
     return torch.argsort(scores, descending=True, stable=True)
@@ -181,9 +199,11 @@ def member(elements: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
     return (elements[..., None] == test).any(dim=-1)
 
 
-def top_k(scores: torch.Tensor, ranks: torch.Tensor, count: int, padding: torch.Tensor | None = None) -> torch.Tensor:
-    """The `count` best of `ranks` (R,) by `scores` (R,), padding last; sorted visual ranks (count,)."""
-    order = rank_order(scores, padding)
+def top_k(scores: torch.Tensor, ranks: torch.Tensor, count: int, padding: torch.Tensor | None = None,
+          padding_fraction: torch.Tensor | None = None) -> torch.Tensor:
+    """The `count` best of `ranks` (R,) by `scores` (R,), padding last (the least padded first, when
+    `padding_fraction` is given); sorted visual ranks (count,)."""
+    order = rank_order(scores, padding, padding_fraction)
     return torch.sort(ranks[order[:count]]).values
 
 

@@ -72,7 +72,7 @@ class _Group(TyperGroup):
         if not debug:
             warnings.showwarning = _show_warning
         try:
-            code = super().main(args=args, prog_name=prog_name or "vtprune", complete_var=complete_var,
+            code = super().main(args=args, prog_name="vtprune", complete_var=complete_var,
                                 standalone_mode=False, **extra)
             code = code if isinstance(code, int) else 0
             if code == 130:
@@ -443,19 +443,25 @@ def demo(
 @app.command()
 def methods() -> None:
     """List the pruning methods (the registry every command uses) with their defaults."""
+    from rich import box
+
     from .methods import METHODS
     from .press import REFERENCE_LAYERS, REFERENCE_TOKENS
 
-    table = Table(title="pruning methods (defaults for LLaVA-1.5-7B: 32 layers, 576 visual tokens)")
-    for column in ("--method", "class", "what it ranks by", "stages (layer: kept)", "positions", "debiasable"):
-        table.add_column(column, no_wrap=column in ("--method", "class"))
+    table = Table(title="pruning methods (defaults for LLaVA-1.5-7B: 32 layers, 576 visual tokens)",
+                  box=box.SIMPLE_HEAD, title_justify="left")
+    table.add_column("--method", no_wrap=True)
+    table.add_column("class and defaults; what it ranks by")
     for name, cls in METHODS.items():
         press = cls()
         stages = ", ".join(
             f"{s.layer}: {round(s.keep * REFERENCE_TOKENS) if isinstance(s.keep, float) else s.keep}"
             for s in press.stages(REFERENCE_LAYERS)
         )
-        table.add_row(name, cls.__name__, cls.summary, stages, press.positions, "yes" if cls.query else "no")
+        debias = "debiasable" if cls.query else "no attention, nothing to debias"
+        table.add_row(name, f"[bold]{cls.__name__}[/bold]; stages (before layer: kept) {stages}; positions "
+                            f"{press.positions}; {debias}\n[dim]{cls.summary}[/dim]",
+                      end_section=True)
     console.print(table)
 
 
@@ -502,33 +508,37 @@ def profiles(
             for model, _, registry, default, members in groups for p in members
         ])
         return
+    from rich import box
+
     shipped = [g for g in groups if g[2] is not None]
     other = [g for g in groups if g[2] is None]
     if not show_all:
-        table = Table(title="built-in positional profiles (--all: every benchmark's)", title_justify="left")
-        for column in ("model", "--method", "default profile", "sigma", "more"):
-            table.add_column(column, no_wrap=column != "more", justify="right" if column == "sigma" else "left")
+        table = Table(title="built-in positional profiles (--all lists the per-benchmark ones)", title_justify="left",
+                      box=box.SIMPLE_HEAD)
+        for column in ("model", "--method", "default profile", "sigma", "benchmarks"):
+            table.add_column(column, no_wrap=True, justify="right" if column in ("sigma", "benchmarks") else "left")
         for model, _, registry, default, members in shipped:
             chosen = next((p for p in members if p.name == builtin_aliases().get(default, default)), members[0])
             sigma = f"{chosen.sigma:+.3f}" if chosen.kind == "exp" else "curve"
-            more = f"{len(members) - 1} per benchmark" if len(members) > 1 else ""
-            table.add_row(model, registry, default, sigma, more)
+            table.add_row(model, registry, default, sigma, str(len(members) - 1) if len(members) > 1 else "")
         console.print(table)
         if other:
             count = sum(len(g[4]) for g in other)
             names = ", ".join(sorted({g[1] for g in other}))
-            console.print(f"also built in: {count} profiles of methods vtprune does not ship yet ({names}); --all lists them")
-        console.print("use one with `--profile NAME` (run, analyze) or Debias(profile=NAME); sources: arXiv 2508.17807 "
-                      "(llava-1.5-7b), vtprune calibrate (testbed)")
+            console.print(f"Also built in: {count} profiles of methods vtprune does not ship yet ({names}); --all lists them.")
+        console.print("Pass a name to --profile (run, analyze) or to Debias(profile=...). Sources: arXiv 2508.17807 "
+                      "(llava-1.5-7b), `vtprune calibrate` (testbed).")
         return
     for model, label, registry, default, members in shipped + other:
+        first = members[0]
         what = f"--method {registry}" if registry else "not a vtprune method yet"
-        table = Table(title=f"{model}/{label} ({what}; default {default})", title_justify="left")
-        for column in ("name", "kind", "L", "sigma", "layer", "query"):
-            table.add_column(column, no_wrap=column == "name", justify="right" if column in ("L", "sigma", "layer") else "left")
+        console.print(f"[bold]{model}/{label}[/bold]: {what}; default {default}; scores of layer {first.layer}, "
+                      f"query {first.query}")
+        table = Table(box=box.SIMPLE_HEAD)
+        for column in ("name", "kind", "L", "sigma"):
+            table.add_column(column, no_wrap=True, justify="right" if column in ("L", "sigma") else "left")
         for p in members:
-            table.add_row(p.name, p.kind, str(p.length), "-" if p.sigma is None or p.kind == "curve" else f"{p.sigma:+.3f}",
-                          str(p.layer), str(p.query))
+            table.add_row(p.name, p.kind, str(p.length), "" if p.kind == "curve" else f"{p.sigma:+.3f}")
         console.print(table)
 
 

@@ -173,7 +173,37 @@ def load_model(
         )
     except OSError as error:
         raise ValueError(f"cannot load the model weights of {spec}: {' '.join(str(error).split())}") from None
+    check_pair(model, processor, spec)
     return model.to(device).eval(), processor
+
+
+def check_pair(model, processor, spec: str = "the model") -> None:
+    """Fail now, not in the first forward, when `processor` does not belong to `model`: one small image and a
+    prompt must give the vision tower's input size and as many image tokens as the model has per image."""
+    from PIL import Image
+
+    vision = getattr(model.config, "vision_config", None)
+    if vision is None or not hasattr(vision, "image_size"):
+        return
+    try:
+        inputs = processor(images=[Image.new("RGB", (32, 24))], text=[build_prompt(processor, "what is this?")],
+                           return_tensors="pt")
+    except Exception as error:  # a processor that cannot prepare an image and a prompt at all
+        raise ValueError(f"the processor of {spec} cannot prepare an image and a prompt ({' '.join(str(error).split())})") from None
+    side = tuple(inputs["pixel_values"].shape[-2:])
+    if side != (vision.image_size, vision.image_size):
+        raise ValueError(
+            f"the processor of {spec} makes {side[0]}x{side[1]} images but the model's vision tower takes "
+            f"{vision.image_size}x{vision.image_size}: the processor belongs to another model"
+        )
+    token = getattr(model.config, "image_token_id", None)
+    expected = (vision.image_size // vision.patch_size) ** 2
+    count = int((inputs["input_ids"] == token).sum()) if token is not None else expected
+    if count != expected:
+        raise ValueError(
+            f"the processor of {spec} expands an image into {count} tokens of id {token}, but the model has "
+            f"{expected} visual tokens per image: the processor belongs to another model"
+        )
 
 
 def _resolve_dtype(dtype: str, device: str) -> torch.dtype:

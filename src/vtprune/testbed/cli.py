@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 #: the checkpoint shipped inside the package (`vtprune.testbed.model.CHECKPOINT_DIR`, without importing torch)
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parent / "checkpoint"
 
-testbed_app = typer.Typer(help="The built-in testbed LLaVA: a small model trained on synthetic spatial VQA.")
+testbed_app = typer.Typer(help="The built-in testbed LLaVA: a small model trained on synthetic spatial VQA.", no_args_is_help=True)
 console = Console()
 status = Console(stderr=True)
 

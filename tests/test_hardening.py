@@ -415,3 +415,56 @@ def test_analyze_report_records_its_settings(checkpoint, tmp_path):
     assert settings["model"] == str(checkpoint) and settings["method"] == "fastv" and settings["layers"] == [2]
     assert settings["keep"] == [8] and settings["budget"] is None and settings["profile_name"] == "auto"
     assert settings["padding"] is True and settings["samples"] == 3
+
+
+def test_analyze_resumes_after_an_interruption(checkpoint, tmp_path, monkeypatch):
+    import vtprune.runner
+
+    for i in range(10):
+        make_image(60 + 7 * i, 90, seed=i).save(tmp_path / f"{i}.png")
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps({"image": f"{i}.png", "text": "what colour ?"}) for i in range(10)))
+    args = ["analyze", "--model", str(checkpoint), "--data", str(tmp_path / "data.jsonl"), "--samples", "10",
+            "--keep", "8", "--layer", "2", "--out-dir", str(tmp_path / "out"), "--batch-size", "1", "--json"]
+    real = vtprune.runner.run_examples
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vtprune.runner, "run_examples", interrupted)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 130 and "interrupted: progress is saved in" in result.stderr
+    assert (tmp_path / "out" / "report.partial.json").is_file()
+    monkeypatch.setattr(vtprune.runner, "run_examples", real)
+    resumed = runner.invoke(app, args)
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming: 8 of 10 examples were done" in resumed.stderr
+    assert not (tmp_path / "out" / "report.partial.json").exists()
+    fresh = runner.invoke(app, args)  # the same analysis in one go gives the same report
+    assert json.loads(fresh.stdout)["sigma_attn"] == json.loads(resumed.stdout)["sigma_attn"]
+
+
+def test_testbed_eval_resumes_finished_cells(tmp_path):
+    from vtprune.testbed.benchmark import run_benchmark
+    from vtprune.testbed.data import make_split
+    from vtprune.testbed.model import load_testbed
+
+    model, processor = load_testbed()
+    questions = make_split("test", 4)
+    state = tmp_path / "eval.partial.json"
+    plan = dict(keeps=[None, 0.25], names=["FastV", "FastV+debias"], batch_size=4, state_path=state)
+
+    def stop_at_third(done, total, name):
+        if done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark(model, processor, questions, progress=stop_at_third, **plan)
+    messages = []
+    cells, bias = run_benchmark(model, processor, questions, log=messages.append, **plan)
+    assert messages[0].startswith("resuming: 2 of 3 cells were done")
+    assert [c.setting for c in cells] == ["unpruned", "FastV", "FastV+debias"] and cells[2].delta is not None
+    assert len(bias) == 1

@@ -709,14 +709,9 @@ def analyze(
     from .adapters import adapter_for
     from .analysis import bias_report
     from .plots import plot_keep_frequency, plot_score_heatmap, plot_score_vs_position, plot_selection
-    from .runner import run_examples
-
     model, processor = _load(info, device, dtype)
-    with _progress("analyze") as bar:
-        task = bar.add_task("analyze", total=len(examples))
-        result = run_examples(model, processor, examples, press, generate=False, batch_size=batch_size,
-                              dry_run=True, progress=lambda n: bar.advance(task, n))
-    report = bias_report(result.records)
+    records = _analyze_records(model, processor, examples, press, batch_size, out_dir / "report.partial.json")
+    report = bias_report(records)
     stages = _stages(press, info.num_layers)
     from . import __version__
 
@@ -738,7 +733,7 @@ def analyze(
     plot_score_heatmap(report.curves["score_before"], out_dir / "score_heatmap.png", "Mean raw score per patch")
     plot_keep_frequency(report.curves["freq_before"], report.curves.get("freq_after"), out_dir / "keep_frequency.png",
                         f"Keep frequency ({label})")
-    record = result.records[example]
+    record = records[example]
     segment = record.segments[0]
     part = slice(segment.offset, segment.offset + segment.length)
     inside = lambda kept: kept[(kept >= segment.offset) & (kept < segment.offset + segment.length)] - segment.offset  # noqa: E731
@@ -758,6 +753,42 @@ def analyze(
         table.add_row(*row)
     console.print(table)
     console.print(f"wrote {out_dir / 'report.json'} and 4 plots in {out_dir}")
+
+
+def _analyze_records(model, processor, examples, press, batch_size: int, state: Path) -> list:
+    """The first-stage records of `examples` (dry run), saved to `state` every few batches so that an
+    interrupted analysis resumes (and says so); `state` is removed at the end."""
+    from .calibration import data_fingerprint, model_fingerprint
+    from .runner import record_from_json, record_to_json, run_examples
+
+    key = {"model": model_fingerprint(model), "data": data_fingerprint(examples), "press": repr(press)}
+    records: list = []
+    if state.is_file():
+        try:
+            saved = json.loads(state.read_text())
+        except ValueError:
+            saved = {}
+        if isinstance(saved, dict) and saved.get("key") == key:
+            records = [record_from_json(r) for r in saved["records"]][: len(examples)]
+            status.print(f"resuming: {len(records)} of {len(examples)} examples were done in an earlier run ({state})")
+        else:
+            status.print(f"not resuming: {state} holds progress of another analysis; starting over")
+    chunk = 8 * batch_size
+    try:
+        with _progress("analyze") as bar:
+            task = bar.add_task("analyze", total=len(examples), completed=len(records))
+            for start in range(len(records), len(examples), chunk):
+                records += run_examples(model, processor, examples[start:start + chunk], press, generate=False,
+                                        batch_size=batch_size, dry_run=True, progress=lambda n: bar.advance(task, n)).records
+                if len(records) < len(examples):
+                    state.parent.mkdir(parents=True, exist_ok=True)
+                    state.write_text(json.dumps({"key": key, "records": [record_to_json(r) for r in records]}))
+    except KeyboardInterrupt:
+        if state.is_file():
+            status.print(f"interrupted: progress is saved in {state}; rerun the same command to resume")
+        raise
+    state.unlink(missing_ok=True)
+    return records
 
 
 def _mount_testbed() -> None:

@@ -209,6 +209,33 @@ def compare_one(model: nn.Module, processor, image, question: str, press: Press,
     )
 
 
+def record_to_json(record: ScoreRecord) -> dict:
+    """A `ScoreRecord` as JSON-able data (nan as None), for saved progress."""
+    def floats(values):
+        return None if values is None else [None if not np.isfinite(v) else float(v) for v in values]
+
+    return {
+        "raw": floats(record.raw), "debiased": floats(record.debiased),
+        "padding": None if record.padding is None else record.padding.astype(int).tolist(),
+        "kept": record.kept.tolist(), "kept_raw": record.kept_raw.tolist(), "keep": int(record.keep),
+        "segments": [[s.offset, s.length, list(s.grid), s.image_index] for s in record.segments],
+    }
+
+
+def record_from_json(data: dict) -> ScoreRecord:
+    """The inverse of `record_to_json`."""
+    def floats(values):
+        return None if values is None else np.array([np.nan if v is None else v for v in values], dtype=np.float32)
+
+    return ScoreRecord(
+        raw=floats(data["raw"]), debiased=floats(data["debiased"]),
+        padding=None if data["padding"] is None else np.array(data["padding"], dtype=bool),
+        kept=np.array(data["kept"], dtype=np.int64), kept_raw=np.array(data["kept_raw"], dtype=np.int64),
+        keep=int(data["keep"]),
+        segments=[VisualSegment(offset=o, length=n, grid=tuple(g), image_index=i) for o, n, g, i in data["segments"]],
+    )
+
+
 def records_from_selection(press: Press) -> list[ScoreRecord]:
     """One `ScoreRecord` per sample of the press's last request (its first stage)."""
     first = press.last_selection[0]
@@ -231,4 +258,4 @@ def records_from_selection(press: Press) -> list[ScoreRecord]:
 
 
 __all__ = ["Example", "ScoreRecord", "RunResult", "Answer", "Comparison", "run_examples", "answer_one", "compare_one",
-           "records_from_selection"]
+           "records_from_selection", "record_to_json", "record_from_json"]

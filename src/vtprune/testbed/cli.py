@@ -100,6 +100,10 @@ def eval_cmd(
     out: Path = typer.Option(None, help="Also write the results as JSON here."),
     markdown: Path = typer.Option(None, help="Also write the tables as Markdown here."),
     blind: bool = typer.Option(False, help="Only the unpruned model with every image replaced by flat grey (text prior)."),
+    state: Optional[Path] = typer.Option(
+        None, help="Finished cells are saved here so that an interrupted run resumes (default OUT.partial.json, or "
+        "runs/testbed-eval.partial.json without --out); removed when the run completes."
+    ),
 ) -> None:
     """Accuracy on the test split for each budget x setting (every registered method with and without
     debiasing, FastV's ablations, the other position numbering, Random), with 95% intervals, paired
@@ -149,8 +153,21 @@ def eval_cmd(
         lo, hi = wilson(round(cells[0].accuracy * n), n)
         console.print(f"blind (grey images) accuracy {cells[0].accuracy:.3f} [{lo:.3f}, {hi:.3f}] on {n} questions")
         return
-    cells, bias = run_benchmark(model, processor, test, keeps=keep_values, names=names or None,
-                                batch_size=batch_size, log=console.print)
+    state = state or (Path(str(out) + ".partial.json") if out else Path("runs/testbed-eval.partial.json"))
+    with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[cell]}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=status) as bar:
+        task = bar.add_task("eval", total=None, cell="")
+
+        def progress(done: int, total: int, name: str) -> None:
+            bar.update(task, completed=done, total=total, cell=name)
+
+        try:
+            cells, bias = run_benchmark(model, processor, test, keeps=keep_values, names=names or None,
+                                        batch_size=batch_size, log=bar.console.print, state_path=state, progress=progress)
+        except KeyboardInterrupt:
+            bar.console.print(f"interrupted: finished cells are saved in {state}; rerun the same command to resume")
+            raise
+    state.unlink(missing_ok=True)
     table = Table(title=f"testbed accuracy, {n} test questions (95% Wilson interval; paired difference to the baseline)")
     table.add_column("setting")
     keep_columns = [k for k in dict.fromkeys(c.keep for c in cells) if k is not None]
@@ -177,8 +194,10 @@ def eval_cmd(
         console.print(text[text.index("Bias on the testbed"):])
     meta = {"n": n, "checkpoint": str(path), "keeps": keep_values}
     if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
         save_results(out, cells, bias, meta)
     if markdown:
+        markdown.parent.mkdir(parents=True, exist_ok=True)
         markdown.write_text(text + "\n")
 
 

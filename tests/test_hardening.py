@@ -97,6 +97,7 @@ RUN_CASES = [
     (["--max-new-tokens", "0"], ["--max-new-tokens 0: must be >= 1"]),
     (["--repeats", "0"], ["--repeats 0"]),
     (["--prompt", " "], ["--prompt is empty"]),
+    (["--prompt", "<image> what colour ?"], ["contains the image placeholder"]),
 ]
 
 
@@ -159,6 +160,13 @@ OTHER_CASES = [
 def test_other_usage_errors_are_one_line_before_loading(no_loading, files, args, fragments):
     args = fill(args, files)
     one_line_usage_error(runner.invoke(app, args), *fragments)
+
+
+def test_dtype_applies_to_the_testbed():
+    model, _ = vtprune.loading.load_model("testbed", dtype="bfloat16")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    model, _ = vtprune.loading.load_model("testbed")  # auto: the testbed stays float32
+    assert next(model.parameters()).dtype == torch.float32
 
 
 def test_train_refuses_the_installed_package(no_loading):

@@ -340,6 +340,8 @@ def run(
     _positive(repeats, "--repeats")
     if not prompt.strip():
         raise UsageError("--prompt is empty: ask a question about the image")
+    if "<image>" in prompt:
+        raise UsageError("--prompt contains the image placeholder <image>: vtprune adds it; give only the question")
     options = dict(budget=budget_option(budget), keep=number_option(keep, "--keep"), layer=layer_option(layer),
                    positions=positions, seed=seed)
     press = make_press(method, **options)

@@ -131,10 +131,16 @@ class Press:
             budget_fraction(budget)
         if layer is not None:
             layer_list(layer)
-        # structural mistakes (a keep list that does not match the layers, keeps that grow or mix counts and
-        # fractions, layers that do not increase) fail here rather than at first use; the range of layers is
-        # checked against the model
         owner = type(self).__name__
+        if isinstance(keep, (list, tuple)):
+            kinds = {type(k) for k in keep if isinstance(k, (int, float)) and not isinstance(k, bool)}
+            if kinds == {int, float}:
+                raise ValueError(
+                    f"{owner}: keep={list(keep)} mixes fractions (floats) and token counts (ints): give every stage a "
+                    "count (e.g. [144, 30]) or every stage a fraction of the image's visual tokens (e.g. [0.25, 0.05])"
+                )
+        # structural mistakes (a keep list that does not match the layers, keeps that grow, layers that do not
+        # increase) fail here rather than at first use; the range of layers is checked against the model
         try:
             stages = self.stages(REFERENCE_LAYERS)
         except ValueError as error:

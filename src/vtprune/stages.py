@@ -143,14 +143,6 @@ def validate_stages(stages: Sequence[Stage], num_layers: int, owner: str) -> lis
     previous: Stage | None = None
     for stage in stages:
         validate_keep(stage.keep)
-    kinds = {isinstance(stage.keep, float) for stage in stages}
-    if len(kinds) > 1:
-        keeps = [stage.keep for stage in stages]
-        raise ValueError(
-            f"{owner}: keep={keeps} mixes fractions (floats) and token counts (ints): give every stage a count "
-            "(e.g. [144, 30]) or every stage a fraction of the image's visual tokens (e.g. [0.25, 0.05])"
-        )
-    for stage in stages:
         if isinstance(stage.layer, bool) or not isinstance(stage.layer, int):
             raise TypeError(f"{owner}: layer must be an int, got {stage.layer!r}")
         if not (0 <= stage.layer < num_layers):

@@ -1,6 +1,6 @@
 """How long the command line takes: `vtprune --help`, `--version` and `vtprune run`, cold and warm.
 
-    python bench/cli_timing.py [--repeats 5] [--model testbed] [--image PATH --prompt TEXT] [--markdown]
+    python bench/cli_timing.py [--repeats 5] [--model testbed] [--image PATH --prompt TEXT] [--threads 1,2] [--markdown]
 
 Each command runs `--repeats` + 1 times in a fresh process. "cold" is the first process of the series (nothing
 of vtprune imported yet in this series; the OS file cache is left as it is, this script does not drop it),
@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--image", type=Path, help="default: a testbed test image")
     parser.add_argument("--prompt", default=None)
     parser.add_argument("--method", default="fastv")
+    parser.add_argument("--threads", default="", help="comma-separated torch thread counts for `run` (default: torch's)")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     args = parser.parse_args()
     vtprune = vtprune_command()
@@ -81,15 +82,19 @@ def main() -> None:
         for label, extra in (("vtprune --help", ["--help"]), ("vtprune --version", ["--version"])):
             cold, warm, _ = series(vtprune + extra, args.repeats)
             rows.append((label, f"{cold:.2f}", f"{warm:.2f}", ""))
-        run = vtprune + ["run", "--model", args.model, "--image", str(image), "--prompt", prompt, "--method", args.method,
-                         "--json", "--max-new-tokens", "8"]
-        cold, warm, outputs = series(run, args.repeats)
-        results = [json.loads(out) for out in outputs]
-        inside = (f"first forward {statistics.median(r['warmup_ms']['unpruned'] for r in results):.0f} ms; then prefill "
-                  f"unpruned {statistics.median(r['unpruned']['prefill_ms'] for r in results):.1f} ms, pruned "
-                  f"{statistics.median(r['pruned']['prefill_ms'] for r in results):.1f} ms, speed-up "
-                  f"{statistics.median(r['speedup'] for r in results):.2f}x (medians over the runs)")
-        rows.append((f"vtprune run --model {args.model} --method {args.method}", f"{cold:.2f}", f"{warm:.2f}", inside))
+        for threads in [int(t) for t in args.threads.split(",") if t.strip()] or [None]:
+            run = vtprune + ["run", "--model", args.model, "--image", str(image), "--prompt", prompt, "--method",
+                             args.method, "--json", "--max-new-tokens", "8"]
+            run += [] if threads is None else ["--threads", str(threads)]
+            cold, warm, outputs = series(run, args.repeats)
+            results = [json.loads(out) for out in outputs]
+            inside = (f"{results[0]['threads']} thread(s): first forward "
+                      f"{statistics.median(r['warmup_ms']['unpruned'] for r in results):.0f} ms; then prefill unpruned "
+                      f"{statistics.median(r['unpruned']['prefill_ms'] for r in results):.1f} ms, pruned "
+                      f"{statistics.median(r['pruned']['prefill_ms'] for r in results):.1f} ms, speed-up "
+                      f"{statistics.median(r['speedup'] for r in results):.2f}x (medians over the runs)")
+            label = f"vtprune run --model {args.model} --method {args.method}" + ("" if threads is None else f" --threads {threads}")
+            rows.append((label, f"{cold:.2f}", f"{warm:.2f}", inside))
     title = f"vtprune command line, wall time of a process in seconds; {machine()}"
     if args.markdown:
         print(title + "\n")

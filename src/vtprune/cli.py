@@ -333,11 +333,14 @@ def run(
     repeats: int = typer.Option(5, "--repeats", help="timed prefills of each (unpruned, pruned), after a warm-up"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or mps"),
     dtype: str = typer.Option("auto", "--dtype", help="auto (fp32 on CPU, bf16 on GPU; the testbed: fp32), float32, bfloat16, float16"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads of torch (default: torch's; 1 is fastest for small models on a busy CPU)"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Answer a question about an image unpruned and pruned: answers, tokens, prefill times and the speed-up."""
     _positive(max_new_tokens, "--max-new-tokens")
     _positive(repeats, "--repeats")
+    if threads is not None:
+        _positive(threads, "--threads")
     if not prompt.strip():
         raise UsageError("--prompt is empty: ask a question about the image")
     if "<image>" in prompt:
@@ -356,8 +359,12 @@ def run(
     if debias is not None:
         press = make_press(method, debias=debias, **options)
 
+    import torch
+
     from .runner import compare_one
 
+    if threads is not None:
+        torch.set_num_threads(threads)
     model, processor = _load(info, device, dtype)
     result = compare_one(model, processor, picture, prompt, press, repeats=repeats, max_new_tokens=max_new_tokens)
     selection = result.pruned.selection
@@ -370,6 +377,7 @@ def run(
             "model": info.name, "method": press.name, "stages": stages, "positions": press.positions,
             "debias": None if debias is None else debias.describe(), "image": str(image), "image_size": list(picture.size),
             "prompt": prompt, "device": device, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "threads": torch.get_num_threads(),
             "repeats": repeats, "warmup_ms": {"unpruned": result.warmup_ms[0], "pruned": result.warmup_ms[1]},
             "unpruned": {"answer": result.unpruned.text, "prefill_ms": result.unpruned_median,
                          "prefill_ms_runs": result.unpruned_ms, "visual_tokens": visual,

@@ -27,7 +27,7 @@ def checkpoint(tmp_path_factory, processor):
 def test_run(checkpoint, extra):
     path, image = checkpoint
     args = ["run", "--model", str(path), "--image", str(image), "--prompt", "what is the colour ?",
-            "--keep", "8", "--max-new-tokens", "3", *extra]
+            "--keep", "8", "--max-new-tokens", "3", "--repeats", "1", *extra]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "visual tokens" in result.output and "prefill" in result.output
@@ -38,7 +38,7 @@ def test_run(checkpoint, extra):
 def test_run_reports_padding_cap(checkpoint):
     path, image = checkpoint  # 120x60: a third of the 6x6 grid is padding, 24 real tokens
     result = runner.invoke(app, ["run", "--model", str(path), "--image", str(image), "--prompt", "x",
-                                 "--keep", "30", "--max-new-tokens", "1"])
+                                 "--keep", "30", "--max-new-tokens", "1", "--repeats", "1"])
     assert result.exit_code == 0, result.output
     assert "36 -> 24" in result.output
 
@@ -83,7 +83,7 @@ def test_calibrate_writes_a_profile_that_run_accepts(checkpoint, calibration_dat
     assert profile["extra"]["data_fingerprint"] and profile["extra"]["vtprune_version"]
     assert not (tmp_path / "profile.json.partial.json").exists()
     result = runner.invoke(app, ["run", "--model", str(path), "--image", str(image), "--prompt", "x", "--keep", "8",
-                                 "--max-new-tokens", "1", "--profile", str(out)])
+                                 "--max-new-tokens", "1", "--repeats", "1", "--profile", str(out)])
     assert result.exit_code == 0, result.output
     assert "positional" in result.output
 
@@ -130,7 +130,7 @@ def test_run_each_method_on_the_testbed(tmp_path, method, debias):
     sample = make_sample("test", 0, 3)
     sample.image.save(image)
     args = ["run", "--model", "testbed", "--image", str(image), "--prompt", sample.question, "--method", method,
-            "--budget", "0.25", "--max-new-tokens", "2", *([] if debias else ["--no-debias"])]
+            "--budget", "0.25", "--max-new-tokens", "2", "--repeats", "1", *([] if debias else ["--no-debias"])]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert ("testbed/" + method in result.output) == debias  # its calibrated profile, when debiasing

@@ -203,12 +203,60 @@ def profile_from_records(
 
 @dataclass
 class Calibration:
-    """The result of `calibrate`: the profile, the mean score curve it was fitted on, and the fit."""
+    """The result of `calibrate`: the profile, the mean score curve it was fitted on, and the fit; `resumed`:
+    how many examples came from saved progress instead of being run."""
 
     profile: Profile
     curve: PositionCurve
     fit: ExpFit
     records: list
+    resumed: int = 0
+
+
+def model_label(model) -> str:
+    """How records name a model: "testbed" for vtprune's testbed (not its install path), else the name or
+    path it was loaded from."""
+    config = model.config
+    if getattr(config, "vtprune_model", None) == "testbed":
+        return "testbed"
+    return str(getattr(config, "_name_or_path", "") or type(model).__name__)
+
+
+def calibration_settings(model, examples: Sequence, press, *, padding: bool = True) -> dict:
+    """What a calibration's records depend on (model weights, data, method, layer, padding): saved progress is
+    resumed, and a written profile reused, only when these match."""
+    from .adapters import adapter_for
+
+    stage = press.validate(len(adapter_for(model).decoder_layers))[0]
+    method = getattr(press, "name", "") or type(press).__name__.lower()
+    return {"fingerprint": data_fingerprint(examples), "model": model_fingerprint(model), "method": method,
+            "layer": stage.layer, "score_layer": stage.score_layer, "padding": padding,
+            "padding_threshold": press.padding_threshold(), "samples": len(examples)}
+
+
+def saved_progress(state_path, settings: dict) -> int | None:
+    """How many examples the progress saved in `state_path` holds for exactly `settings` (0: saved with other
+    settings, so it will be replaced; None: no saved progress)."""
+    import json
+    from pathlib import Path
+
+    state = Path(state_path)
+    if not state.is_file():
+        return None
+    try:
+        saved = json.loads(state.read_text())
+    except (OSError, ValueError):
+        return 0
+    if not isinstance(saved, dict) or saved.get("settings") != settings or not isinstance(saved.get("records"), list):
+        return 0
+    return len(saved["records"])
+
+
+def reusable(profile: Profile, settings: dict, *, curve: bool, name: str | None) -> bool:
+    """Whether `profile` (read back from a calibration's output) was calibrated with exactly `settings`, as
+    a profile of the requested kind and name."""
+    return (profile.extra.get("calibration") == settings and profile.kind == ("curve" if curve else "exp")
+            and (name is None or profile.name == name))
 
 
 def check_calibratable(press) -> None:
@@ -233,6 +281,7 @@ def calibrate(
     method: str | None = None,
     state_path=None,
     progress=None,
+    model_name: str | None = None,
 ) -> Calibration:
     """Fit the positional trend of `press`'s first-stage scores on `examples` (see the module docstring).
 
@@ -243,6 +292,8 @@ def calibrate(
         interrupted calibration resumes (only if it was started on the same model, data and settings).
     progress(n): called after each batch with the number of examples it finished (once first with the count
         resumed from `state_path`, if any).
+    model_name: how the profile names the model (default `model_label`: "testbed", or the path or hub id it
+        was loaded from); the default profile name is `<last part of it>/<method>/calibrated`.
     """
     import json
     from pathlib import Path
@@ -255,17 +306,15 @@ def calibrate(
         raise ValueError("no calibration examples")
     check_calibratable(press)
     stage = press.validate(len(adapter_for(model).decoder_layers))[0]
-    method = method or getattr(press, "name", "") or type(press).__name__.lower()
-    fingerprint = data_fingerprint(examples)
-    settings = {"fingerprint": fingerprint, "model": model_fingerprint(model), "method": method,
-                "layer": stage.layer, "score_layer": stage.score_layer, "padding": padding,
-                "padding_threshold": press.padding_threshold(), "samples": len(examples)}
+    settings = calibration_settings(model, examples, press, padding=padding)
+    method = method or settings["method"]
+    fingerprint = settings["fingerprint"]
     records: list = []
     state = Path(state_path) if state_path is not None else None
-    if state is not None and state.is_file():
+    if state is not None and saved_progress(state, settings):
         saved = json.loads(state.read_text())
-        if saved.get("settings") == settings:
-            records = [_record_from_json(r) for r in saved["records"]]
+        records = [_record_from_json(r) for r in saved["records"]][: len(examples)]
+    resumed = len(records)
     if progress is not None and records:
         progress(len(records))
     chunk = max(batch_size, 8 * batch_size)
@@ -281,7 +330,7 @@ def calibrate(
         if state is not None:
             state.write_text(json.dumps({"settings": settings, "records": [_record_to_json(r) for r in records]}))
     config = model.config
-    model_name = str(getattr(config, "_name_or_path", "") or type(model).__name__)
+    model_name = model_name or model_label(model)
     profile, mean, fit = profile_from_records(
         records,
         name=name or f"{Path(model_name).name or 'model'}/{method}/calibrated",
@@ -296,9 +345,10 @@ def calibrate(
             "padding_excluded": padding,
             "data_fingerprint": fingerprint,
             "vtprune_version": __version__,
+            "calibration": settings,
         },
     )
-    return Calibration(profile=profile, curve=mean, fit=fit, records=records)
+    return Calibration(profile=profile, curve=mean, fit=fit, records=records, resumed=resumed)
 
 
 def _record_to_json(record) -> dict:
@@ -327,6 +377,6 @@ def _record_from_json(data: dict):
 
 
 __all__ = [
-    "PositionCurve", "Calibration", "calibrate", "check_calibratable", "mean_score_curve", "keep_frequency",
+    "PositionCurve", "Calibration", "calibrate", "calibration_settings", "saved_progress", "reusable", "model_label", "check_calibratable", "mean_score_curve", "keep_frequency",
     "smooth_curve", "data_fingerprint", "model_fingerprint", "profile_from_records",
 ]

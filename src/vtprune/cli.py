@@ -1,44 +1,160 @@
-"""Command line: `vtprune run`, `vtprune profiles` (and the testbed commands)."""
+"""Command line: `vtprune run`, `demo`, `methods`, `profiles`, `calibrate`, `analyze` (and the testbed commands).
+
+Errors: a mistake in a command line, or in a file it names, ends in one line on stderr and exit code 2, found
+before any model loads wherever it can be (options, files, device, the model's config: its class and depth);
+any other failure ends in one line and exit code 1. `--debug` (anywhere on the line) shows the traceback
+instead. torch and transformers are imported inside the commands that need them, so `--help` and `--version`
+answer at once.
+"""
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Visual-token pruning with debiased attention.")
-console = Console()
+console = Console()  # tables and results: stdout
+status = Console(stderr=True)  # progress bars and status lines: stderr (stdout stays clean for --json)
 
 
-def default_profile(model_spec: str, model, method: str) -> str | None:
-    """The built-in positional profile for this model and method, if there is one: the published LLaVA-1.5-7B
-    profiles, or the testbed's calibrated ones."""
-    from .debias.profiles import default_profile_name
-    from .methods import method as method_class
+class UsageError(Exception):
+    """A mistake in the command line or in a file it names: one line on stderr, exit code 2."""
 
-    cls = method_class(method)
-    return default_profile_name(model.config, cls.name, cls.profile_name)
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _report(error: BaseException) -> int:
+    """Print `error` as one line on stderr; return the exit code."""
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+    from typer._click.exceptions import UsageError as ClickUsageError
+
+    if isinstance(error, NoArgsIsHelpError):  # a bare `vtprune` (or `vtprune testbed`): the help, not an error
+        typer.echo(error.format_message())
+        return 0
+    if isinstance(error, UsageError):
+        message, code = str(error), 2
+    elif isinstance(error, ClickException):
+        message, code = error.format_message(), error.exit_code
+        if isinstance(error, ClickUsageError) and error.ctx is not None:
+            message = f"{_one_line(message).rstrip('.')} (see `{error.ctx.command_path} --help`)"
+    elif isinstance(error, ValueError):  # vtprune's own checks of arguments and inputs
+        message, code = str(error), 2
+    else:
+        message, code = f"{type(error).__name__}: {error} (rerun with --debug for the traceback)", 1
+    sys.stderr.write(f"vtprune: error: {_one_line(message)}\n")
+    return code
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    sys.stderr.write(f"vtprune: warning: {_one_line(message)}\n")
+
+
+class _Group(TyperGroup):
+    """The root command: every error as one line (see the module docstring)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        args = list(sys.argv[1:] if args is None else args)
+        debug = "--debug" in args
+        args = [arg for arg in args if arg != "--debug"]
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        shown = warnings.showwarning
+        if not debug:
+            warnings.showwarning = _show_warning
+        try:
+            code = super().main(args=args, prog_name="vtprune", complete_var=complete_var,
+                                standalone_mode=False, **extra)
+            code = code if isinstance(code, int) else 0
+            if code == 130:
+                sys.stderr.write("vtprune: interrupted\n")
+        except Exception as error:
+            if debug:
+                raise
+            code = _report(error)
+        finally:
+            warnings.showwarning = shown
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        typer.echo(f"vtprune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="print the version and exit"),
+    debug: bool = typer.Option(False, "--debug", help="show the traceback of an error (accepted anywhere on the line)"),
+) -> None:
+    """Visual-token pruning with debiased attention."""
+
+
+# --- options -------------------------------------------------------------------------------------------------
+AMOUNT_FORMS = "a token count (64) or a fraction of the visual tokens (0.25)"
+
+
+def _amount(part: str, option: str) -> int | float:
+    """One count or fraction: whole numbers >= 1 are token counts (`64`, also `64.0`), values in (0, 1]
+    fractions (`0.25`; `1.0` keeps everything)."""
+    text = part.strip()
+    try:
+        value: int | float = int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            raise UsageError(f"{option} {text!r} is not a number: give {AMOUNT_FORMS}") from None
+        if not math.isfinite(value) or value <= 0:
+            raise UsageError(f"{option} {text}: give {AMOUNT_FORMS}")
+        if value <= 1:
+            return value
+        if value.is_integer():
+            return int(value)
+        raise UsageError(f"{option} {text}: a count must be a whole number and a fraction must lie in (0, 1]")
+    if value < 1:
+        raise UsageError(
+            f"{option} {text}: a count must be >= 1 (to keep a share of the visual tokens, give a fraction in "
+            "(0, 1], e.g. 0.25)"
+        )
+    return value
 
 
 def number_option(text: str | None, option: str):
-    """A count or fraction (`8`, `0.25`), or a comma-separated schedule of them (`192,64`); None stays None.
-    Whole numbers >= 1 are token counts, values in (0, 1) fractions."""
+    """A count or fraction (`8`, `0.25`), or a comma-separated schedule of them (`192,64`); None stays None."""
     if text is None:
         return None
-    values = []
-    for part in str(text).split(","):
-        try:
-            value = float(part)
-        except ValueError:
-            raise typer.BadParameter(f"{part!r} is not a number", param_hint=option) from None
-        values.append(int(value) if value.is_integer() and value >= 1 else value)
+    parts = str(text).split(",")
+    if any(not part.strip() for part in parts):
+        raise UsageError(f"{option} {text!r}: give {AMOUNT_FORMS}, or one per stage separated by commas (192,64)")
+    values = [_amount(part, option) for part in parts]
     return values[0] if len(values) == 1 else values
+
+
+def budget_option(text: str | None, option: str = "--budget"):
+    """One count of 576 or fraction; None stays None."""
+    if text is None:
+        return None
+    if "," in str(text):
+        raise UsageError(f"{option} {text!r}: a budget is one number ({AMOUNT_FORMS}); per-stage values go in --keep")
+    return _amount(str(text), option)
 
 
 def layer_option(text: str | None):
@@ -48,44 +164,159 @@ def layer_option(text: str | None):
     try:
         values = [int(part) for part in str(text).split(",")]
     except ValueError:
-        raise typer.BadParameter(f"{text!r}: give a layer index or a comma-separated list of them", param_hint="--layer") from None
+        raise UsageError(f"--layer {text!r}: give a layer index (an integer) or a comma-separated list of them (2,10,20)") from None
     return values[0] if len(values) == 1 else values
 
 
-def keep_option(keep: float) -> int | float:
-    """--keep as the press takes it: whole numbers >= 1 are token counts, values in (0, 1) fractions."""
-    return int(keep) if float(keep).is_integer() and keep >= 1 else float(keep)
+def keep_option(keep) -> int | float:
+    """A number as the press takes it: whole numbers >= 1 are token counts, values in (0, 1] fractions."""
+    return _amount(str(keep), "--keep")
+
+
+def _positive(value: int, option: str, minimum: int = 1) -> int:
+    if value < minimum:
+        raise UsageError(f"{option} {value}: must be >= {minimum}")
+    return value
 
 
 def make_press(method: str, *, debias=None, **options):
-    """The registered method `method` built from the generic options (None: the method's default)."""
+    """The registered method `method` built from the generic options (None: the method's default); its own
+    checks become usage errors."""
+    from .methods import METHODS
     from .methods import method as method_class
 
     try:
         cls = method_class(method)
-    except ValueError as error:
-        raise typer.BadParameter(str(error), param_hint="--method") from None
+    except ValueError:
+        raise UsageError(f"--method {method!r}: unknown method; choose from {', '.join(METHODS)} (`vtprune methods`)") from None
     if cls.query is None:
         debias = None  # nothing to debias
+    from dataclasses import fields
+
+    accepted = {f.name for f in fields(cls) if f.init} - {"debias"}
+    for option, value in options.items():
+        if value is not None and option not in accepted:
+            takes = ", ".join(f"--{name}" for name in sorted(accepted))
+            raise UsageError(f"--{option}: {method} takes no {option} (its options: {takes})")
     try:
         return cls.create(debias=debias, **options)
     except (TypeError, ValueError) as error:
-        raise typer.BadParameter(str(error)) from None
+        raise UsageError(str(error)) from None
 
 
-def _methods_help() -> str:
-    from .methods import METHODS
+def _check_profile_choice(press, profile: str | None, no_debias: bool) -> None:
+    if profile is None:
+        return
+    if press.query is None:
+        raise UsageError(
+            f"--profile {profile}: {press.name} ranks without attention, so there is nothing to debias; drop --profile"
+        )
+    if no_debias:
+        raise UsageError("--profile and --no-debias contradict each other: drop one")
 
-    return ", ".join(METHODS)
+
+def _debias(profile: str | None, padding: bool = True):
+    """A `Debias` from --profile (None: none; 'none': no positional debiasing); bad profiles are usage errors."""
+    from .debias import Debias
+
+    try:
+        return Debias(profile=None if profile in (None, "none") else profile, padding=padding)
+    except (TypeError, ValueError) as error:
+        raise UsageError(f"--profile: {error}") from None
 
 
+def _open_image(path: Path):
+    from PIL import Image
+
+    if path.is_dir():
+        raise UsageError(f"--image {path} is a directory: give an image file")
+    try:
+        with Image.open(path) as opened:
+            return opened.convert("RGB")
+    except Exception as error:  # PIL raises many kinds (UnidentifiedImageError, OSError, SyntaxError, ...)
+        raise UsageError(f"--image {path}: not an image vtprune can read ({type(error).__name__}: {error})") from None
+
+
+def _check_runtime(device: str, dtype: str) -> None:
+    from .loading import check_device, check_dtype
+
+    try:
+        check_dtype(dtype)
+    except ValueError as error:
+        raise UsageError(f"--dtype: {error}") from None
+    try:
+        check_device(device)
+    except ValueError as error:
+        raise UsageError(f"--device {error}") from None
+
+
+def _inspect_model(spec: str, press=None):
+    """The model's config, checked (and the press's schedule against its depth) before any weights load."""
+    from .loading import inspect_model
+
+    try:
+        info = inspect_model(spec)
+    except ValueError as error:
+        raise UsageError(f"--model {error}") from None
+    if press is not None:
+        try:
+            press.validate(info.num_layers)
+        except (TypeError, ValueError) as error:
+            raise UsageError(str(error)) from None
+    return info
+
+
+def _load(info, device: str, dtype: str):
+    from transformers.utils import logging as hf_logging
+
+    from .loading import load_model
+
+    hf_logging.disable_progress_bar()  # the weights of these models load in seconds; keep stderr for what matters
+    return load_model(info.spec, device=device, dtype=dtype)
+
+
+def default_profile(config, method: str) -> str | None:
+    """The built-in positional profile for a model (its config) and method, if there is one: the published
+    LLaVA-1.5-7B profiles, or the testbed's calibrated ones."""
+    from .debias.profiles import default_profile_name
+    from .methods import method as method_class
+
+    cls = method_class(method)
+    return default_profile_name(config, cls.name, cls.profile_name)
+
+
+def _check_output_file(path: Path, option: str) -> None:
+    if path.is_dir():
+        raise UsageError(f"{option} {path} is a directory: give a file name")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UsageError(f"{option} {path}: cannot write under {parent}")
+
+
+def _check_output_dir(path: Path, option: str) -> None:
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{option} {path} is a file: give a directory")
+    _check_output_file(path / "x", option)
+
+
+def _print_json(data) -> None:
+    typer.echo(json.dumps(data, indent=1))
+
+
+def _stages(press, num_layers: int) -> list[dict]:
+    return [{"layer": s.layer, "keep": s.keep, "score_layer": s.score_layer} for s in press.validate(num_layers)]
+
+
+# --- commands --------------------------------------------------------------------------------------------------
 @app.command()
 def run(
     model_path: str = typer.Option(..., "--model", help="local model directory, hub id, or 'testbed'"),
-    image: Path = typer.Option(..., "--image", exists=True, dir_okay=False, help="image file"),
+    image: Path = typer.Option(..., "--image", exists=True, help="image file"),
     prompt: str = typer.Option(..., "--prompt", help="question about the image"),
     method: str = typer.Option("fastv", "--method", help="pruning method (see `vtprune methods`)"),
-    budget: Optional[float] = typer.Option(
+    budget: Optional[str] = typer.Option(
         None, "--budget", help="token budget as the papers label it: a count of 576 or a fraction (e.g. 0.25)"
     ),
     keep: Optional[str] = typer.Option(
@@ -95,41 +326,83 @@ def run(
     positions: Optional[str] = typer.Option(None, "--positions", help="original or compact (default: the method's)"),
     no_debias: bool = typer.Option(False, "--no-debias", help="rank by raw attention scores"),
     profile: Optional[str] = typer.Option(
-        None, "--profile", help="positional profile: built-in name (see `vtprune profiles`), JSON path or 'auto'"
+        None, "--profile", help="positional profile: built-in name (see `vtprune profiles`), JSON path, 'auto' or 'none'"
     ),
     seed: Optional[int] = typer.Option(None, "--seed", help="seed of the random method"),
-    max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
-    device: str = typer.Option("cpu", "--device"),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16"),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="answer length limit (>= 1)"),
+    repeats: int = typer.Option(5, "--repeats", help="timed prefills of each (unpruned, pruned), after a warm-up"),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or mps"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (fp32 on CPU, bf16 on GPU; the testbed: fp32), float32, bfloat16, float16"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads of torch (default: torch's; 1 is fastest for small models on a busy CPU)"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
-    """Answer a question about an image with a pruned model; print the answer, tokens and prefill time."""
-    from PIL import Image
-
-    from .debias import Debias
-    from .loading import load_model
-    from .runner import answer_one
-
-    options = dict(budget=keep_option(budget) if budget is not None else None, keep=number_option(keep, "--keep"),
-                   layer=layer_option(layer), positions=positions, seed=seed)
-    press = make_press(method, **options)  # checks the options before the model loads
-    model, processor = load_model(model_path, device=device, dtype=dtype)
-    picture = Image.open(image).convert("RGB")
-    debias = None
-    if not no_debias and press.query is not None:
-        profile = profile or default_profile(model_path, model, method)
-        debias = Debias(profile=profile, padding=True)
+    """Answer a question about an image unpruned and pruned: answers, tokens, prefill times and the speed-up."""
+    _positive(max_new_tokens, "--max-new-tokens")
+    _positive(repeats, "--repeats")
+    if threads is not None:
+        _positive(threads, "--threads")
+    if not prompt.strip():
+        raise UsageError("--prompt is empty: ask a question about the image")
+    if "<image>" in prompt:
+        raise UsageError("--prompt contains the image placeholder <image>: vtprune adds it; give only the question")
+    options = dict(budget=budget_option(budget), keep=number_option(keep, "--keep"), layer=layer_option(layer),
+                   positions=positions, seed=seed)
+    press = make_press(method, **options)
+    _check_profile_choice(press, profile, no_debias)
+    debias_wanted = not no_debias and press.query is not None
+    debias = _debias(profile) if debias_wanted and profile is not None else None  # a bad --profile fails here
+    picture = _open_image(image)
+    _check_runtime(device, dtype)
+    info = _inspect_model(model_path, press)
+    if debias_wanted and debias is None:  # the model's built-in profile, else padding debiasing only
+        debias = _debias(default_profile(info.config, press.name))
+    if debias is not None:
         press = make_press(method, debias=debias, **options)
-    result = answer_one(model, processor, picture, prompt, press, max_new_tokens=max_new_tokens)
-    selection = result.selection
-    stages = ", ".join(f"{s.layer}" for s in selection)
-    table = Table(show_header=False)
-    table.add_row("answer", result.text)
-    table.add_row("method", f"{press.name} (layers {stages}, positions {press.positions})")
-    table.add_row("debias", "off" if debias is None else debias.describe())
-    final = selection[-1]
-    table.add_row("visual tokens", f"{selection[0].num_visual[0]} -> {len(final.kept[0]) + final.extra[0]}")
-    table.add_row("prefill", f"{result.prefill_ms:.1f} ms")
+
+    import torch
+
+    from .runner import compare_one
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    model, processor = _load(info, device, dtype)
+    result = compare_one(model, processor, picture, prompt, press, repeats=repeats, max_new_tokens=max_new_tokens)
+    selection = result.pruned.selection
+    first, final = selection[0], selection[-1]
+    visual, kept = first.num_visual[0], len(final.kept[0]) + final.extra[0]
+    notes = [note for stage in selection for note in stage.notes]
+    stages = _stages(press, info.num_layers)
+    if as_json:
+        _print_json({
+            "model": info.name, "method": press.name, "stages": stages, "positions": press.positions,
+            "debias": None if debias is None else debias.describe(), "image": str(image), "image_size": list(picture.size),
+            "prompt": prompt, "device": device, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "threads": torch.get_num_threads(),
+            "repeats": repeats, "warmup_ms": {"unpruned": result.warmup_ms[0], "pruned": result.warmup_ms[1]},
+            "unpruned": {"answer": result.unpruned.text, "prefill_ms": result.unpruned_median,
+                         "prefill_ms_runs": result.unpruned_ms, "visual_tokens": visual,
+                         "sequence_tokens": result.sequence_tokens[0]},
+            "pruned": {"answer": result.pruned.text, "prefill_ms": result.pruned_median, "prefill_ms_runs": result.pruned_ms,
+                       "visual_tokens": kept, "sequence_tokens": result.sequence_tokens[1],
+                       "kept": [int(i) for i in final.kept[0].tolist()]},
+            "speedup": result.speedup, "notes": notes,
+        })
+        return
+    layers = ", ".join(str(s["layer"]) for s in stages)
+    table = Table(title=f"{info.name}: {type(press).__name__} (layers {layers}, positions {press.positions})")
+    for column in ("run", "answer", "visual tokens", "sequence tokens", "prefill ms"):
+        table.add_column(column, justify="right" if column.endswith(("tokens", "ms")) else "left")
+    table.add_row("unpruned", result.unpruned.text, str(visual), str(result.sequence_tokens[0]), f"{result.unpruned_median:.1f}")
+    table.add_row(press.name, result.pruned.text, f"{visual} -> {kept}", f"{result.sequence_tokens[0]} -> {result.sequence_tokens[1]}",
+                  f"{result.pruned_median:.1f}")
     console.print(table)
+    console.print(
+        f"prefill speed-up {result.speedup:.2f}x (median of {repeats} interleaved runs each, after a warm-up whose "
+        f"first, cold forward took {result.warmup_ms[0]:.0f} ms)"
+    )
+    console.print(f"debias: {'off' if debias is None else debias.describe()}")
+    for note in notes:
+        console.print(f"note: {note}")
 
 
 def result_tokens(model) -> int:
@@ -140,13 +413,20 @@ def result_tokens(model) -> int:
 
 @app.command()
 def demo(
-    keep: float = typer.Option(0.125, "--keep", help="visual tokens kept: a fraction (0.125 = 18 of 144) or a count"),
+    keep: str = typer.Option("0.125", "--keep", help="visual tokens kept: a fraction (0.125 = 18 of 144) or a count"),
     out_dir: Path = typer.Option(Path("vtprune-demo"), "--out-dir", help="where the PNGs go"),
     profile: Optional[str] = typer.Option(None, "--profile", help="positional profile (default: the testbed's calibrated one)"),
-    count: int = typer.Option(4, "--count", help="number of bundled questions"),
+    count: int = typer.Option(4, "--count", help="number of bundled questions (1-20)"),
 ) -> None:
     """The main job, offline: the shipped testbed model answers bundled questions unpruned, with FastV and with
     debiased FastV; prints a table and writes a PNG per example with the kept tokens."""
+    amount = budget_option(keep, "--keep")
+    if not 1 <= count <= 20:
+        raise UsageError(f"--count {count}: give 1 to 20 questions")
+    _check_output_dir(out_dir, "--out-dir")
+    if profile is not None:
+        _debias(profile)
+    make_press("fastv", keep=amount)
     import torch
 
     from .demo import run_demo
@@ -154,9 +434,9 @@ def demo(
 
     torch.set_num_threads(min(4, torch.get_num_threads()))
     model, processor = load_model("testbed")
-    profile = profile or default_profile("testbed", model, "fastv") or "auto"
-    rows = run_demo(model, processor, keep=keep_option(keep), profile=profile, out_dir=out_dir, count=count)
-    table = Table(title=f"vtprune demo: testbed LLaVA, FastV at layer 2, keep {keep:g}, debias = padding + {profile}")
+    profile = profile or default_profile(model.config, "fastv") or "auto"
+    rows = run_demo(model, processor, keep=amount, profile=profile, out_dir=out_dir, count=count)
+    table = Table(title=f"vtprune demo: testbed LLaVA, FastV at layer 2, keep {amount:g}, debias = padding + {profile}")
     for column in ("#", "question (answer)", "setting", "answer", "tokens", "prefill ms"):
         table.add_column(column, justify="right" if column in ("#", "tokens", "prefill ms") else "left")
     for number, row in enumerate(rows, start=1):
@@ -173,58 +453,132 @@ def demo(
 @app.command()
 def methods() -> None:
     """List the pruning methods (the registry every command uses) with their defaults."""
+    from rich import box
+
     from .methods import METHODS
     from .press import REFERENCE_LAYERS, REFERENCE_TOKENS
 
-    table = Table(title="pruning methods (defaults for LLaVA-1.5-7B: 32 layers, 576 visual tokens)")
-    for column in ("--method", "class", "what it ranks by", "stages (layer: kept)", "positions", "debiasable"):
-        table.add_column(column, no_wrap=column in ("--method", "class"))
+    table = Table(title="pruning methods (defaults for LLaVA-1.5-7B: 32 layers, 576 visual tokens)",
+                  box=box.SIMPLE_HEAD, title_justify="left")
+    table.add_column("--method", no_wrap=True)
+    table.add_column("class and defaults; what it ranks by")
     for name, cls in METHODS.items():
         press = cls()
         stages = ", ".join(
             f"{s.layer}: {round(s.keep * REFERENCE_TOKENS) if isinstance(s.keep, float) else s.keep}"
             for s in press.stages(REFERENCE_LAYERS)
         )
-        table.add_row(name, cls.__name__, cls.summary, stages, press.positions, "yes" if cls.query else "no")
+        debias = "debiasable" if cls.query else "no attention, nothing to debias"
+        table.add_row(name, f"[bold]{cls.__name__}[/bold]; stages (before layer: kept) {stages}; positions "
+                            f"{press.positions}; {debias}\n[dim]{cls.summary}[/dim]",
+                      end_section=True)
     console.print(table)
+
+
+def _profile_groups():
+    """Built-in profiles grouped by (model, method): [(model, method label, registry name or None, default
+    profile name, [profiles])], in name order."""
+    from .debias.profiles import builtin_aliases, builtin_profiles
+    from .methods import METHODS
+
+    by_profile_name = {(cls.profile_name or name): name for name, cls in METHODS.items()} | {name: name for name in METHODS}
+    aliases = builtin_aliases()
+    groups: dict[tuple[str, str], list] = {}
+    for p in builtin_profiles():
+        model, method = p.name.split("/")[:2] if p.name.count("/") >= 1 else ("", p.name)
+        groups.setdefault((model, method), []).append(p)
+    out = []
+    for (model, method), members in groups.items():
+        base = f"{model}/{method}"
+        default = base if base in aliases or any(p.name == base for p in members) else members[0].name
+        out.append((model, method, by_profile_name.get(method), default, members))
+    return out
 
 
 @app.command()
-def profiles() -> None:
-    """List the built-in positional debiasing profiles."""
-    from .debias.profiles import builtin_profiles
+def profiles(
+    show_all: bool = typer.Option(False, "--all", help="list every profile (one per benchmark), also those of methods vtprune does not ship"),
+    method: Optional[str] = typer.Option(None, "--method", help="only this method's profiles (a `vtprune methods` name)"),
+    as_json: bool = typer.Option(False, "--json", help="print every profile as JSON"),
+) -> None:
+    """List the built-in positional debiasing profiles: by default one line per model and method (its default
+    profile and how many per-benchmark ones exist); --all lists them all."""
+    from .debias.profiles import builtin_aliases
+    from .methods import METHODS
 
-    table = Table(title="built-in positional profiles")
-    table.add_column("name", no_wrap=True)  # names are copied into --profile: never break them
-    for column in ("kind", "L", "sigma", "layer", "query", "source"):
-        table.add_column(column)
-    for p in builtin_profiles():
-        sigma = f"{p.sigma:.3f}" if p.sigma is not None else "-"
-        source = "arXiv 2508.17807" if "2508.17807" in p.source else p.source
-        table.add_row(p.name, p.kind, str(p.length), sigma, str(p.layer), str(p.query), source)
-    console.print(table)
+    if method is not None and method not in METHODS:
+        raise UsageError(f"--method {method!r}: unknown method; choose from {', '.join(METHODS)}")
+    groups = [g for g in _profile_groups() if method is None or g[2] == method]
+    if as_json:
+        aliases = builtin_aliases()
+        _print_json([
+            {"name": p.name, "aliases": sorted(a for a, target in aliases.items() if target == p.name),
+             "model": model, "method": registry, "kind": p.kind, "length": p.length, "sigma": p.sigma, "mu": p.mu,
+             "layer": p.layer, "query": p.query, "source": p.source, "default": p.name == default or aliases.get(default) == p.name}
+            for model, _, registry, default, members in groups for p in members
+        ])
+        return
+    from rich import box
+
+    shipped = [g for g in groups if g[2] is not None]
+    other = [g for g in groups if g[2] is None]
+    if not show_all:
+        table = Table(title="built-in positional profiles (--all lists the per-benchmark ones)", title_justify="left",
+                      box=box.SIMPLE_HEAD)
+        for column in ("model", "--method", "default profile", "sigma", "benchmarks"):
+            table.add_column(column, no_wrap=True, justify="right" if column in ("sigma", "benchmarks") else "left")
+        for model, _, registry, default, members in shipped:
+            chosen = next((p for p in members if p.name == builtin_aliases().get(default, default)), members[0])
+            sigma = f"{chosen.sigma:+.3f}" if chosen.kind == "exp" else "curve"
+            table.add_row(model, registry, default, sigma, str(len(members) - 1) if len(members) > 1 else "")
+        console.print(table)
+        if other:
+            count = sum(len(g[4]) for g in other)
+            names = ", ".join(sorted({g[1] for g in other}))
+            console.print(f"Also built in: {count} profiles of methods vtprune does not ship yet ({names}); --all lists them.")
+        console.print("Pass a name to --profile (run, analyze) or to Debias(profile=...). Sources: arXiv 2508.17807 "
+                      "(llava-1.5-7b), `vtprune calibrate` (testbed).")
+        return
+    for model, label, registry, default, members in shipped + other:
+        first = members[0]
+        what = f"--method {registry}" if registry else "not a vtprune method yet"
+        console.print(f"[bold]{model}/{label}[/bold]: {what}; default {default}; scores of layer {first.layer}, "
+                      f"query {first.query}")
+        table = Table(box=box.SIMPLE_HEAD)
+        for column in ("name", "kind", "L", "sigma"):
+            table.add_column(column, no_wrap=True, justify="right" if column in ("L", "sigma") else "left")
+        for p in members:
+            table.add_row(p.name, p.kind, str(p.length), "" if p.kind == "curve" else f"{p.sigma:+.3f}")
+        console.print(table)
 
 
-def _progress(total: int, label: str):
+def _progress(label: str):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     return Progress(
         TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=console,
+        console=status,
     )
+
+
+SPLITS = ("train", "val", "test")
 
 
 def _load_data(data: str, images: Optional[Path], samples: int, split: str):
     from .datasets import load_examples
 
+    if split not in SPLITS:
+        raise UsageError(f"--split {split!r}: use {', '.join(SPLITS)} (for --data testbed)")
+    if data != "testbed" and images is not None and not images.is_dir():
+        raise UsageError(f"--images {images} is not a directory: give the folder the jsonl's image paths are relative to")
     try:
         with warnings.catch_warnings():  # reported below, once
             warnings.simplefilter("ignore", UserWarning)
             examples, report = load_examples(data, images, samples, split=split)
     except ValueError as error:
-        raise typer.BadParameter(str(error), param_hint="--data/--images/--samples") from None
+        raise UsageError(f"--data: {error}") from None
     if report.unreadable:
-        console.print(f"[yellow]skipped {len(report.unreadable)} unreadable image(s)[/yellow], e.g. {report.unreadable[0][0]}")
+        status.print(f"[yellow]skipped {len(report.unreadable)} unreadable image(s)[/yellow], e.g. {report.unreadable[0][0]}")
     return examples
 
 
@@ -244,40 +598,83 @@ def calibrate(
     curve: bool = typer.Option(False, "--curve", help="store a smoothed per-position curve (used instead of the exp fit)"),
     name: Optional[str] = typer.Option(None, "--name", help="profile name (default MODEL/METHOD/calibrated)"),
     no_padding: bool = typer.Option(False, "--no-padding", help="do not exclude padding tokens from the fit"),
+    force: bool = typer.Option(False, "--force", help="recompute even if OUT already holds this calibration"),
     batch_size: int = typer.Option(8, "--batch-size"),
-    device: str = typer.Option("cpu", "--device"),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or mps"),
     dtype: str = typer.Option("auto", "--dtype"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Fit the positional trend f(x)=mu*exp(sigma*x) of a method's scores on data; write a profile JSON.
 
-    Progress is saved beside OUT (OUT.partial.json): rerunning the same command resumes."""
+    Progress is saved beside OUT (OUT.partial.json): rerunning the same command resumes (and says so); if OUT
+    already holds the same calibration it is reused, not recomputed (--force recomputes)."""
     from .calibration import calibrate as run_calibration
-    from .loading import load_model
+    from .calibration import calibration_settings, reusable, saved_progress
+    from .debias.profiles import load_profile
 
+    _positive(samples, "--samples")
+    _positive(batch_size, "--batch-size")
     press = make_press(method, layer=layer_option(layer))
     if press.query is None:
-        raise typer.BadParameter(f"{method} ranks without attention: nothing to calibrate", param_hint="--method")
+        raise UsageError(f"--method {method}: it ranks without attention, so there is nothing to calibrate; pick an attention method (`vtprune methods`)")
+    _check_output_file(out, "--out")
     examples = _load_data(data, images, samples, split)
-    model, processor = load_model(model_path, device=device, dtype=dtype)
+    _check_runtime(device, dtype)
+    info = _inspect_model(model_path, press)
+    model, processor = _load(info, device, dtype)
     state = out.with_name(out.name + ".partial.json")
-    with _progress(len(examples), "calibrate") as bar:
-        task = bar.add_task("calibrate", total=len(examples))
-        result = run_calibration(
-            model, processor, examples, press, batch_size=batch_size, curve=curve, padding=not no_padding,
-            name=name, method=method, state_path=state, progress=lambda n: bar.advance(task, n),
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result.profile.save(out)
-    state.unlink(missing_ok=True)
-    table = Table(title=f"calibrated profile {result.profile.name}", show_header=False)
+    settings = calibration_settings(model, examples, press, padding=not no_padding)
+    result, previous, outcome = None, None, "computed"
+    if out.is_file() and not force:
+        try:
+            previous = load_profile(out)
+        except (TypeError, ValueError):
+            previous = None
+        if previous is not None and reusable(previous, settings, curve=curve, name=name):
+            outcome = "reused"
+            status.print(f"reused: {out} already holds this calibration (same model, data, method, layer and "
+                         "settings); nothing recomputed (--force recomputes)")
+    if outcome != "reused":
+        done = saved_progress(state, settings)
+        if done:
+            status.print(f"resuming: {done} of {len(examples)} samples were done in an earlier run ({state})")
+        elif done == 0:
+            status.print(f"not resuming: {state} holds progress made with other settings; starting over")
+        try:
+            with _progress("calibrate") as bar:
+                task = bar.add_task("calibrate", total=len(examples))
+                result = run_calibration(
+                    model, processor, examples, press, batch_size=batch_size, curve=curve, padding=not no_padding,
+                    name=name, method=method, state_path=state, progress=lambda n: bar.advance(task, n),
+                    model_name=info.name,
+                )
+        except KeyboardInterrupt:
+            if state.is_file():
+                status.print(f"interrupted: progress is saved in {state}; rerun the same command to resume")
+            raise
+        outcome = "resumed" if result.resumed else "computed"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        result.profile.save(out)
+        state.unlink(missing_ok=True)
+    profile = result.profile if result is not None else previous
+    extra = profile.extra
+    fit = {"mu": profile.mu, "sigma": profile.sigma, "r2": extra.get("r2")}
+    if as_json:
+        _print_json({"outcome": outcome, "resumed_samples": result.resumed if result is not None else None,
+                     "out": str(out), "profile": profile.name, "model": profile.model, "method": profile.method,
+                     "layer": profile.layer, "query": profile.query, "kind": profile.kind, "length": profile.length,
+                     "samples": extra.get("samples"), "fit": fit})
+        return
+    residuals = extra.get("residuals") or [0.0]
+    table = Table(title=f"calibrated profile {profile.name} ({outcome})", show_header=False)
     for key, value in (
-        ("method / layer / query", f"{method} / {result.profile.layer} / {result.profile.query}"),
-        ("samples", str(len(result.records))),
-        ("visual tokens per image (L)", str(result.profile.length)),
-        ("fit", f"mu={result.fit.mu:.4g}  sigma={result.fit.sigma:+.4f}  R^2={result.fit.r2:.3f}"),
-        ("residual RMS", f"{float(np.sqrt(np.mean(result.fit.residuals ** 2))):.4f}"),
-        ("kind", result.profile.kind),
-        ("written", str(out)),
+        ("method / layer / query", f"{profile.method} / {profile.layer} / {profile.query}"),
+        ("samples", str(extra.get("samples"))),
+        ("visual tokens per image (L)", str(profile.length)),
+        ("fit", f"mu={profile.mu:.4g}  sigma={profile.sigma:+.4f}  R^2={extra.get('r2', float('nan')):.3f}"),
+        ("residual RMS", f"{math.sqrt(sum(r * r for r in residuals) / len(residuals)):.4f}"),
+        ("kind", profile.kind),
+        ("written" if outcome != "reused" else "file", str(out)),
     ):
         table.add_row(key, value)
     console.print(table)
@@ -288,7 +685,7 @@ def analyze(
     model_path: str = typer.Option(..., "--model", help="local model directory, hub id, or 'testbed'"),
     method: str = typer.Option("fastv", "--method"),
     layer: Optional[str] = typer.Option(None, "--layer", help="pruning layer(s) (default: the method's)"),
-    budget: Optional[float] = typer.Option(None, "--budget", help="token budget (count of 576 or fraction); default 0.25 unless --keep"),
+    budget: Optional[str] = typer.Option(None, "--budget", help="token budget (count of 576 or fraction); default 0.25 unless --keep"),
     keep: Optional[str] = typer.Option(None, "--keep", help="visual tokens kept per stage: a count or a fraction, or a list"),
     data: str = typer.Option(..., "--data", help=DATA_HELP),
     images: Optional[Path] = typer.Option(None, "--images"),
@@ -299,42 +696,54 @@ def analyze(
     out_dir: Path = typer.Option(Path("analysis"), "--out-dir", help="where report.json and the PNGs go"),
     example: int = typer.Option(0, "--example", help="index of the example drawn in selection.png"),
     batch_size: int = typer.Option(8, "--batch-size"),
-    device: str = typer.Option("cpu", "--device"),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or mps"),
     dtype: str = typer.Option("auto", "--dtype"),
+    as_json: bool = typer.Option(False, "--json", help="print report.json to stdout too"),
 ) -> None:
     """Measure a method's positional and padding bias before/after debiasing; write report.json and plots."""
-    from .adapters import adapter_for
-    from .analysis import bias_report
-    from .debias import Debias
-    from .loading import load_model
-    from .plots import plot_keep_frequency, plot_score_heatmap, plot_score_vs_position, plot_selection
-    from .runner import run_examples
-
+    _positive(samples, "--samples")
+    _positive(batch_size, "--batch-size")
     if make_press(method).query is None:
-        raise typer.BadParameter(f"{method} uses no attention scores: nothing to analyse", param_hint="--method")
-    debias = Debias(profile=None if profile == "none" else profile, padding=not no_padding)
+        raise UsageError(f"--method {method}: it uses no attention scores, so there is nothing to analyse; pick an attention method")
+    debias = _debias(profile, padding=not no_padding)
     keep_value = number_option(keep, "--keep")
-    budget_value = keep_option(budget) if budget is not None else (0.25 if keep_value is None else None)
+    budget_value = budget_option(budget) if budget is not None else (0.25 if keep_value is None else None)
     press = make_press(method, debias=debias, layer=layer_option(layer), keep=keep_value, budget=budget_value)
+    _check_output_dir(out_dir, "--out-dir")
     examples = _load_data(data, images, samples, split)
     if not 0 <= example < len(examples):
-        raise typer.BadParameter(f"--example {example} is outside the {len(examples)} examples", param_hint="--example")
-    model, processor = load_model(model_path, device=device, dtype=dtype)
-    with _progress(len(examples), "analyze") as bar:
-        task = bar.add_task("analyze", total=len(examples))
-        result = run_examples(model, processor, examples, press, generate=False, batch_size=batch_size,
-                              dry_run=True, progress=lambda n: bar.advance(task, n))
-    report = bias_report(result.records)
+        raise UsageError(f"--example {example} is outside the {len(examples)} examples (0..{len(examples) - 1})")
+    _check_runtime(device, dtype)
+    info = _inspect_model(model_path, press)
+
+    from .adapters import adapter_for
+    from .analysis import bias_report
+    from .plots import plot_keep_frequency, plot_score_heatmap, plot_score_vs_position, plot_selection
+    model, processor = _load(info, device, dtype)
+    records = _analyze_records(model, processor, examples, press, batch_size, out_dir / "report.partial.json")
+    report = bias_report(records)
+    stages = _stages(press, info.num_layers)
+    from . import __version__
+
+    settings = {
+        "model": info.name, "method": press.name, "layers": [s["layer"] for s in stages],
+        "keep": [s["keep"] for s in stages], "budget": budget_value, "keep_option": keep_value,
+        "positions": press.positions, "profile": debias.describe(),
+        "profile_name": None if debias.profile is None else ("auto" if debias.profile == "auto" else debias.loaded_profile.name),
+        "padding": not no_padding, "data": data, "split": split if data == "testbed" else None,
+        "samples": len(examples), "device": device, "dtype": dtype, "vtprune_version": __version__,
+    }
+    data_out = {"settings": settings, **report.to_dict()}
     out_dir.mkdir(parents=True, exist_ok=True)
-    report.save(out_dir / "report.json")
-    first = press.validate(len(adapter_for(model).decoder_layers))[0]
+    (out_dir / "report.json").write_text(json.dumps(data_out, indent=1))
+    first = stages[0]
     amount = f"budget {budget_value:g}" if budget_value is not None else f"keep {keep}"
-    label = f"{method}, first stage at layer {first.layer}, {amount}, {debias.describe()}, {len(examples)} samples"
+    label = f"{method}, first stage at layer {first['layer']}, {amount}, {debias.describe()}, {len(examples)} samples"
     plot_score_vs_position(report.curves, report.fits, out_dir / "score_vs_position.png", f"Mean score vs position ({label})")
     plot_score_heatmap(report.curves["score_before"], out_dir / "score_heatmap.png", "Mean raw score per patch")
     plot_keep_frequency(report.curves["freq_before"], report.curves.get("freq_after"), out_dir / "keep_frequency.png",
                         f"Keep frequency ({label})")
-    record = result.records[example]
+    record = records[example]
     segment = record.segments[0]
     part = slice(segment.offset, segment.offset + segment.length)
     inside = lambda kept: kept[(kept >= segment.offset) & (kept < segment.offset + segment.length)] - segment.offset  # noqa: E731
@@ -344,6 +753,9 @@ def analyze(
         None if record.padding is None else record.padding[part], out_dir / "selection.png",
         f"{examples[example].question}",
     )
+    if as_json:
+        _print_json(data_out)
+        return
     table = Table(title=f"bias of {label}")
     for column in ("metric", "before", "after"):
         table.add_column(column, justify="right" if column != "metric" else "left")
@@ -351,6 +763,42 @@ def analyze(
         table.add_row(*row)
     console.print(table)
     console.print(f"wrote {out_dir / 'report.json'} and 4 plots in {out_dir}")
+
+
+def _analyze_records(model, processor, examples, press, batch_size: int, state: Path) -> list:
+    """The first-stage records of `examples` (dry run), saved to `state` every few batches so that an
+    interrupted analysis resumes (and says so); `state` is removed at the end."""
+    from .calibration import data_fingerprint, model_fingerprint
+    from .runner import record_from_json, record_to_json, run_examples
+
+    key = {"model": model_fingerprint(model), "data": data_fingerprint(examples), "press": repr(press)}
+    records: list = []
+    if state.is_file():
+        try:
+            saved = json.loads(state.read_text())
+        except ValueError:
+            saved = {}
+        if isinstance(saved, dict) and saved.get("key") == key:
+            records = [record_from_json(r) for r in saved["records"]][: len(examples)]
+            status.print(f"resuming: {len(records)} of {len(examples)} examples were done in an earlier run ({state})")
+        else:
+            status.print(f"not resuming: {state} holds progress of another analysis; starting over")
+    chunk = 8 * batch_size
+    try:
+        with _progress("analyze") as bar:
+            task = bar.add_task("analyze", total=len(examples), completed=len(records))
+            for start in range(len(records), len(examples), chunk):
+                records += run_examples(model, processor, examples[start:start + chunk], press, generate=False,
+                                        batch_size=batch_size, dry_run=True, progress=lambda n: bar.advance(task, n)).records
+                if len(records) < len(examples):
+                    state.parent.mkdir(parents=True, exist_ok=True)
+                    state.write_text(json.dumps({"key": key, "records": [record_to_json(r) for r in records]}))
+    except KeyboardInterrupt:
+        if state.is_file():
+            status.print(f"interrupted: progress is saved in {state}; rerun the same command to resume")
+        raise
+    state.unlink(missing_ok=True)
+    return records
 
 
 def _mount_testbed() -> None:
@@ -365,7 +813,6 @@ _mount_testbed()
 
 
 def main() -> None:  # pragma: no cover
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app()
 
 

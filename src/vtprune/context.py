@@ -109,6 +109,7 @@ class StageContext:
     debias_config: "Debias | None" = None
     debias_active: bool = False
     padding_marks: list[torch.Tensor | None] = field(default_factory=list)  # per sample (V_b,) bool, or None
+    padding_fractions: list[torch.Tensor | None] = field(default_factory=list)  # per sample (V_b,) padded share
     dry_run: bool = False  # nothing will be cut (calibration, analysis): keep counts are not warned about
     # what the stage recorded for its StageSelection
     recorded_scores: list[torch.Tensor] | None = None
@@ -118,6 +119,7 @@ class StageContext:
     _tokens: dict = field(default_factory=dict)
     _real: list[int] | None = None
     _padding: list | None = None
+    _padding_share: list | None = None
 
     # --- tokens ----------------------------------------------------------------------------------------
     @property
@@ -288,6 +290,23 @@ class StageContext:
         return out
 
     @property
+    def padding_share(self) -> list[torch.Tensor | None]:
+        """Per sample, (R_b,) float: the padded share of the pixels of each visual token present (None when
+        unknown; inserted tokens 0)."""
+        if self._padding_share is not None:
+            return self._padding_share
+        out = []
+        fractions = self.padding_fractions or [None] * self.num_samples
+        for share, ranks in zip(fractions, self.visual_ranks):
+            if share is None:
+                out.append(None)
+                continue
+            original = ranks < share.numel()
+            out.append(torch.where(original, share[ranks.clamp(max=share.numel() - 1)].float(), 0.0))
+        self._padding_share = out
+        return out
+
+    @property
     def debias_padding(self) -> bool:
         """Whether padding debiasing applies at this stage."""
         return self.debias_active and self.debias_config.padding
@@ -315,15 +334,21 @@ class StageContext:
         count = resolve_keep(self.stage.keep if keep is None else keep, self.num_visual[b], len(self.visual_ranks[b]),
                              warn=not self.dry_run)
         if self.debias_padding and self.debias_config.drop_padding and self.padding[b] is not None:
-            if self._real is None:  # real tokens present per sample, with one synchronisation for the batch
-                counts = [(~p).sum() if p is not None else torch.tensor(0) for p in self.padding]
-                self._real = torch.stack([c.to(self.slot_valid.device) for c in counts]).tolist()
-            count = max(1, min(count, self._real[b]))
+            count = max(1, min(count, self._real_counts()[b]))
         return count
+
+    def _real_counts(self) -> list[int]:
+        """Per sample, the real (non-padding) visual tokens present; one synchronisation for the batch."""
+        if self._real is None:
+            counts = [(~p).sum() if p is not None else torch.tensor(0) for p in self.padding]
+            self._real = torch.stack([c.to(self.slot_valid.device) for c in counts]).tolist()
+        return self._real
 
     def top_k(self, scores: Sequence[torch.Tensor], keep: int | float | None = None) -> list[torch.Tensor]:
         """The shared selection rule: per sample, the `keep_count` best visual ranks by `scores` (R_b,), sorted;
-        ties keep sequence order; when padding debiasing applies, padding tokens rank after every real token."""
+        ties keep sequence order; when padding debiasing applies, padding tokens rank after every real token,
+        and an image with no real token at all keeps its least-padded tokens (the ones nearest its content, not
+        a padding corner). The stage's notes say when padding tokens had to be kept."""
         scores = [s.float() for s in scores]
         self._check_shapes(scores)
         if self.recorded_scores is None:
@@ -331,7 +356,22 @@ class StageContext:
         kept = []
         for b, values in enumerate(scores):
             padding = self.padding[b] if self.debias_padding else None
-            kept.append(top_k(values, self.visual_ranks[b], self.keep_count(b, keep), padding))
+            count = self.keep_count(b, keep)
+            real = self._real_counts()[b] if padding is not None else None
+            share = self.padding_share[b] if real == 0 and self.padding_fractions else None
+            kept.append(top_k(values, self.visual_ranks[b], count, padding, share))
+            if real is not None and count > real:
+                present = len(self.visual_ranks[b])
+                if real == 0:
+                    self.notes.append(
+                        f"sample {b}: every one of its {present} visual tokens is mostly padding (the image has "
+                        f"almost no content on the model's grid): kept the {count} least-padded"
+                    )
+                else:
+                    self.notes.append(
+                        f"sample {b}: only {real} of its {present} visual tokens are real: {count - real} padding "
+                        f"token(s) fill the {count} kept"
+                    )
         return kept
 
     def top_k_per_image(self, scores: Sequence[torch.Tensor], keep: int | float | None = None) -> list[torch.Tensor]:

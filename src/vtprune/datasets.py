@@ -49,6 +49,8 @@ def load_jsonl(path: str | Path, images: str | Path | None, samples: int | None 
             row = json.loads(line)
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}:{number} is not valid JSON ({error.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f'{path}:{number} holds a JSON {type(row).__name__}; each line must be an object like {{"image": "a.jpg", "text": "question"}}')
         text = next((row[k] for k in ("text", "question", "prompt") if isinstance(row.get(k), str)), None)
         if not isinstance(row.get("image"), str) or text is None:
             raise ValueError(f'{path}:{number} needs "image" (a path) and "text" (the question), got keys {sorted(row)}')

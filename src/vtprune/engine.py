@@ -28,6 +28,7 @@ slot to its id (-1: padding inserted by the engine).
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
@@ -41,6 +42,9 @@ from .stages import Kept, Stage, StageSelection, VisionStage, member, resolve_ke
 
 if TYPE_CHECKING:
     from .debias import Debias
+
+#: the session active on each model (its input module), so that a second press on the same model is refused
+_ACTIVE: "weakref.WeakKeyDictionary[nn.Module, PruningSession]" = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -96,6 +100,7 @@ class _Request:
     layout: VisualLayout
     valid0: torch.Tensor  # (B, N0) bool: from the 2-D attention mask
     padding: list[torch.Tensor | None]  # per sample (V_b,) bool padding marks, or None
+    padding_fractions: list[torch.Tensor | None]  # per sample (V_b,) padded share of each token's pixels, or None
     ids: _Ids
     base_len: int
     slots: torch.Tensor  # (B, N_cur) id of each slot, -1 = engine padding
@@ -138,6 +143,13 @@ class PruningSession:
         self.adapter = adapter_for(model)
         self.num_layers = len(self.adapter.decoder_layers)
         self.stages: list[Stage] = validate_stages(press.stages(self.num_layers), self.num_layers, type(press).__name__)
+        attention = getattr(self.adapter.language_model.config, "_attn_implementation", None)
+        if attention == "flex_attention" and any(stage.layer > 0 for stage in self.stages):
+            raise ValueError(
+                "vtprune cannot prune inside a model that runs flex attention (its BlockMask cannot be cut): load "
+                "the model with attn_implementation='sdpa' (the default) or 'eager', or call "
+                "model.set_attn_implementation('sdpa')."
+            )
         self.positions = press.positions
         if self.positions not in ("original", "compact"):
             raise ValueError(f"positions={self.positions!r}: use 'original' or 'compact'")
@@ -149,7 +161,7 @@ class PruningSession:
         self.processor = processor
         self.image_sizes = None
         if image_sizes is not None:
-            self.image_sizes = [_image_size(size, i) for i, size in enumerate(image_sizes)]
+            self.image_sizes = [_image_size(size, i) for i, size in enumerate(_size_list(image_sizes))]
         if self.debias is not None and self.debias.padding and (processor is None or image_sizes is None):
             raise ValueError(
                 "padding debiasing needs the image geometry: call press(model, processor=processor, "
@@ -201,6 +213,14 @@ class PruningSession:
     def __enter__(self) -> "PruningSession":
         if self._handles:
             raise RuntimeError("this pruning session is already active")
+        active = _ACTIVE.get(self.adapter.input_module)
+        if active is not None:
+            raise RuntimeError(
+                f"a press ({type(active.press).__name__}) is already active on this model: presses do not nest. "
+                "Leave the first `with` block before entering another, or give one press several stages "
+                "(e.g. FastV(layer=[2, 8], keep=[144, 64]))."
+            )
+        _ACTIVE[self.adapter.input_module] = self
         self.press.last_selection = []
         hook = self.adapter.input_module.register_forward_pre_hook(self._on_input, with_kwargs=True)
         self._handles.append(hook)
@@ -242,6 +262,8 @@ class PruningSession:
         self._handles.clear()
         self._request = None
         self._pending_vision = {}
+        if _ACTIVE.get(self.adapter.input_module) is self:
+            del _ACTIVE[self.adapter.input_module]
 
     # --- input hooks ---------------------------------------------------------------------------------
     def _on_outer_input(self, module, args, kwargs):
@@ -313,11 +335,14 @@ class PruningSession:
         else:
             valid0 = torch.ones(batch, length, dtype=torch.bool, device=device)
         prompt = torch.arange(length, device=device).expand(batch, length).clone()
+        fractions = self._padding_fractions(layout, device)
+        threshold = self.press.padding_threshold()
         return _Request(
             prompt_len=length,
             layout=layout,
             valid0=valid0,
-            padding=self._padding_marks(layout, device),
+            padding=[None if f is None else f > threshold for f in fractions],
+            padding_fractions=fractions,
             ids=_Ids.base(prompt, rank, valid0.clone()),
             base_len=length,
             slots=prompt.clone(),
@@ -325,8 +350,9 @@ class PruningSession:
             image_span=torch.stack([torch.stack([p[0], p[-1]]) for p in layout.positions]),
         )
 
-    def _padding_marks(self, layout: VisualLayout, device) -> list[torch.Tensor | None]:
-        """Per sample (V_b,) bool padding marks, when the geometry is known (processor and image sizes)."""
+    def _padding_fractions(self, layout: VisualLayout, device) -> list[torch.Tensor | None]:
+        """Per sample (V_b,) padded share of each token's pixels, when the geometry is known (processor and image
+        sizes); tokens above the press's padding threshold are padding."""
         batch = len(layout.positions)
         if self.image_sizes is None or self.processor is None:
             return [None] * batch
@@ -344,8 +370,7 @@ class PruningSession:
             if needed:
                 raise
             return [None] * batch  # geometry unknown for this processor; only the record would have used it
-        threshold = self.press.padding_threshold()
-        return [f.to(device) > threshold for f in fractions]
+        return [f.to(device) for f in fractions]
 
     # --- stage at the language model's input ---------------------------------------------------------
     def _on_language_model_input(self, module, args, kwargs):
@@ -631,6 +656,7 @@ class PruningSession:
             debias_config=self.debias,
             debias_active=self.debias is not None and (self.debias.stages == "all" or stage_index == 0),
             padding_marks=list(request.padding),
+            padding_fractions=list(request.padding_fractions),
             dry_run=self.dry_run,
         )
 
@@ -804,6 +830,20 @@ class PruningSession:
 
 
 # --- helpers -----------------------------------------------------------------------------------------
+def _size_list(image_sizes) -> list:
+    """`image_sizes` as a list of per-image sizes; a bare (width, height) or a number is a clear error."""
+    example = "e.g. image_sizes=[image.size] for one image, [a.size, b.size] for two"
+    try:
+        sizes = list(image_sizes)
+    except TypeError:
+        raise ValueError(f"image_sizes={image_sizes!r}: give a list with one (width, height) per image, {example}") from None
+    if sizes and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in sizes):
+        raise ValueError(
+            f"image_sizes={image_sizes!r} is a list of numbers: give one (width, height) pair per image, {example}"
+        )
+    return sizes
+
+
 def _image_size(size, index: int) -> tuple[int, int]:
     try:
         width, height = (int(v) for v in size)

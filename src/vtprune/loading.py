@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import re
 import warnings
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -10,6 +14,123 @@ from torch import nn
 
 #: LLaVA-1.5's conversation format, used when a processor has no chat template
 LLAVA15_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
+#: the dtypes `load_model` takes ("auto": float32 on CPU, bfloat16 on GPUs)
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
+
+
+@dataclass
+class ModelInfo:
+    """What `inspect_model` learns about a model without loading its weights.
+
+    spec: as given; source: "testbed", "local" or "hub"; path: what `from_pretrained` receives; name: how
+    records name it ("testbed", the hub id, or the directory as given); config: its `PretrainedConfig`."""
+
+    spec: str
+    source: str
+    path: str
+    name: str
+    config: object
+
+    @property
+    def num_layers(self) -> int:
+        """Decoder layers of the language model."""
+        return int(self.config.get_text_config().num_hidden_layers)
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def offline() -> bool:
+    """Whether the Hugging Face hub may not be contacted (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE)."""
+    return _env_flag("HF_HUB_OFFLINE") or _env_flag("TRANSFORMERS_OFFLINE")
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith(("/", "./", "../", "~", ".\\")) or "\\" in spec or spec.count("/") > 1 or spec in (".", "..")
+
+
+def inspect_model(spec: str) -> ModelInfo:
+    """Check a model spec cheaply, before any weights load: "testbed", a local model directory or a hub id
+    (offline: it must be in the local cache). Reads only the config; every problem is a ValueError saying what
+    to pass instead, including model classes vtprune does not support."""
+    from transformers import AutoConfig
+
+    from .adapters import supported_model_classes
+
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError("no model given: pass a local model directory, a hub id (org/name) or 'testbed'")
+    if spec == "testbed":
+        from .testbed.model import CHECKPOINT_DIR
+
+        if not (CHECKPOINT_DIR / "config.json").is_file():
+            raise ValueError(f"the testbed checkpoint is missing from the installed package ({CHECKPOINT_DIR}): reinstall vtprune")
+        source, path, name = "testbed", str(CHECKPOINT_DIR), "testbed"
+    else:
+        local = Path(spec).expanduser()
+        if local.exists():
+            if not local.is_dir():
+                raise ValueError(f"{spec} is a file: pass the model's directory (the one holding config.json)")
+            if not (local / "config.json").is_file():
+                raise ValueError(
+                    f"{spec} has no config.json, so it is not a saved Hugging Face model: pass the directory that "
+                    "model.save_pretrained() and processor.save_pretrained() wrote"
+                )
+            source, path, name = "local", str(local), spec
+        elif _looks_like_path(spec):
+            raise ValueError(f"{spec}: no such directory; pass a local model directory, a hub id (org/name) or 'testbed'")
+        elif not _HUB_ID.match(spec):
+            raise ValueError(f"{spec!r} is neither a local directory nor a hub id (org/name, e.g. llava-hf/llava-1.5-7b-hf)")
+        else:
+            if offline():
+                from huggingface_hub import constants, try_to_load_from_cache
+
+                if not isinstance(try_to_load_from_cache(spec, "config.json"), str):
+                    raise ValueError(
+                        f"{spec} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE "
+                        "forbids downloading it: download it once with network access (unset HF_HUB_OFFLINE), or "
+                        "pass a local model directory"
+                    )
+            source, path, name = "hub", spec, spec
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as error:
+        first = " ".join(str(error).split())
+        raise ValueError(f"cannot read the config of {spec}: {first}") from None
+    supported = supported_model_classes()
+    architectures = list(getattr(config, "architectures", None) or [])
+    if not set(architectures) & set(supported) and getattr(config, "model_type", None) != "llava":
+        kind = ", ".join(architectures) or getattr(config, "model_type", None) or type(config).__name__
+        raise ValueError(f"{spec} is a {kind} model; vtprune supports {', '.join(supported)} (LLaVA-1.5-style models)")
+    return ModelInfo(spec=spec, source=source, path=path, name=name, config=config)
+
+
+def check_device(device: str) -> torch.device:
+    """`device` as a torch.device that exists here, or a ValueError saying what to use instead."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"{device!r} is not a device: use cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this PyTorch build has no CUDA support" if torch.version.cuda is None else "no GPU is visible"
+            raise ValueError(f"{device}: CUDA is not available ({why}, torch {torch.__version__}); use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"{device}: there are only {torch.cuda.device_count()} CUDA device(s) (cuda:0..)")
+    elif parsed.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"{device}: Apple's MPS is not available here; use --device cpu")
+    elif parsed.type != "cpu":
+        raise ValueError(f"{device}: vtprune runs on cpu, cuda or mps")
+    return parsed
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: use {', '.join(DTYPES)}")
 
 
 def load_model(
@@ -21,33 +142,75 @@ def load_model(
 ) -> tuple[nn.Module, object]:
     """Load (model, processor) from a local directory or hub id with `from_pretrained`.
 
-    spec "testbed" loads the small model shipped with vtprune. Offline, a hub id fails with transformers'
-    own error. dtype: "auto" picks float32 on CPU and bfloat16 on GPUs, or a torch dtype name.
+    spec "testbed" loads the small model shipped with vtprune (in `dtype`; "auto" keeps its float32).
+    A spec that is neither (a missing directory, a hub id not cached while offline, another model class) fails
+    with a ValueError from `inspect_model` before any weights load. dtype: "auto" picks float32 on CPU and
+    bfloat16 on GPUs, or a torch dtype name.
     """
+    torch_dtype = _resolve_dtype(dtype, device)
     if spec == "testbed":
         from .testbed.model import load_testbed
 
         model, processor = load_testbed()
+        if dtype != "auto":  # the testbed is float32 everywhere unless asked otherwise
+            model = model.to(dtype=torch_dtype)
         return model.to(device).eval(), processor
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    torch_dtype = _resolve_dtype(dtype, device)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torchvision.*")
-        processor = AutoProcessor.from_pretrained(spec)
-    model = AutoModelForImageTextToText.from_pretrained(
-        spec, dtype=torch_dtype, attn_implementation=attn_implementation
-    )
+    inspect_model(spec)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torchvision.*")
+            processor = AutoProcessor.from_pretrained(spec)
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise ValueError(
+            f"cannot load the processor of {spec} ({' '.join(str(error).split())}): the model directory needs the "
+            "processor's files too (processor.save_pretrained)"
+        ) from None
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(
+            spec, dtype=torch_dtype, attn_implementation=attn_implementation
+        )
+    except OSError as error:
+        raise ValueError(f"cannot load the model weights of {spec}: {' '.join(str(error).split())}") from None
+    check_pair(model, processor, spec)
     return model.to(device).eval(), processor
+
+
+def check_pair(model, processor, spec: str = "the model") -> None:
+    """Fail now, not in the first forward, when `processor` does not belong to `model`: one small image and a
+    prompt must give the vision tower's input size and as many image tokens as the model has per image."""
+    from PIL import Image
+
+    vision = getattr(model.config, "vision_config", None)
+    if vision is None or not hasattr(vision, "image_size"):
+        return
+    try:
+        inputs = processor(images=[Image.new("RGB", (32, 24))], text=[build_prompt(processor, "what is this?")],
+                           return_tensors="pt")
+    except Exception as error:  # a processor that cannot prepare an image and a prompt at all
+        raise ValueError(f"the processor of {spec} cannot prepare an image and a prompt ({' '.join(str(error).split())})") from None
+    side = tuple(inputs["pixel_values"].shape[-2:])
+    if side != (vision.image_size, vision.image_size):
+        raise ValueError(
+            f"the processor of {spec} makes {side[0]}x{side[1]} images but the model's vision tower takes "
+            f"{vision.image_size}x{vision.image_size}: the processor belongs to another model"
+        )
+    token = getattr(model.config, "image_token_id", None)
+    expected = (vision.image_size // vision.patch_size) ** 2
+    count = int((inputs["input_ids"] == token).sum()) if token is not None else expected
+    if count != expected:
+        raise ValueError(
+            f"the processor of {spec} expands an image into {count} tokens of id {token}, but the model has "
+            f"{expected} visual tokens per image: the processor belongs to another model"
+        )
 
 
 def _resolve_dtype(dtype: str, device: str) -> torch.dtype:
     if dtype == "auto":
         return torch.float32 if device == "cpu" else torch.bfloat16
-    resolved = getattr(torch, dtype, None)
-    if not isinstance(resolved, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}: use auto, float32, float16 or bfloat16")
-    return resolved
+    check_dtype(dtype)
+    return getattr(torch, dtype)
 
 
 def build_prompt(processor, prompt: str) -> str:

@@ -145,9 +145,23 @@ class Press:
             budget_fraction(budget)
         if layer is not None:
             layer_list(layer)
+        owner = type(self).__name__
+        if isinstance(keep, (list, tuple)):
+            kinds = {type(k) for k in keep if isinstance(k, (int, float)) and not isinstance(k, bool)}
+            if kinds == {int, float}:
+                raise ValueError(
+                    f"{owner}: keep={list(keep)} mixes fractions (floats) and token counts (ints): give every stage a "
+                    "count (e.g. [144, 30]) or every stage a fraction of the image's visual tokens (e.g. [0.25, 0.05])"
+                )
         # structural mistakes (a keep list that does not match the layers, keeps that grow, layers that do not
         # increase) fail here rather than at first use; the range of layers is checked against the model
-        validate_stages(self.stages(REFERENCE_LAYERS), 10**6, type(self).__name__)
+        try:
+            stages = self.stages(REFERENCE_LAYERS)
+        except ValueError as error:
+            if str(error).startswith(owner):
+                raise
+            raise ValueError(f"{owner}: {error}") from None
+        validate_stages(stages, 10**6, owner)
 
     def _single_keep(self) -> int | float:
         """A one-stage method's keep: `keep`, or the budget (default 128 of 576) as a fraction of the tokens."""

@@ -135,6 +135,107 @@ def answer_one(model: nn.Module, processor, image, question: str, press: Press |
     return Answer(text=text, prefill_ms=prefill_ms, selection=list(press.last_selection) if press is not None else [])
 
 
+@dataclass
+class Comparison:
+    """One question answered unpruned and with a press (`compare_one`), with prefill timings.
+
+    warmup_ms: the first (cold) unpruned and pruned forwards, not counted; unpruned_ms / pruned_ms: every timed
+    prefill (interleaved rounds); sequence_tokens: the prompt's tokens, and after the press's last cut."""
+
+    unpruned: Answer
+    pruned: Answer
+    warmup_ms: tuple[float, float]
+    unpruned_ms: list[float]
+    pruned_ms: list[float]
+    sequence_tokens: tuple[int, int]
+
+    @property
+    def unpruned_median(self) -> float:
+        return float(np.median(self.unpruned_ms))
+
+    @property
+    def pruned_median(self) -> float:
+        return float(np.median(self.pruned_ms))
+
+    @property
+    def speedup(self) -> float:
+        """Median unpruned prefill time over median pruned prefill time (> 1: the press is faster)."""
+        return self.unpruned_median / self.pruned_median
+
+
+@torch.no_grad()
+def compare_one(model: nn.Module, processor, image, question: str, press: Press, *, repeats: int = 5,
+                max_new_tokens: int = 32) -> Comparison:
+    """Answer `question` about `image` unpruned and with `press`; time the prefill of each after a warm-up (one
+    forward of each, reported apart: the first forward of a process is slow), then `repeats` interleaved
+    rounds, so that both see the same machine state."""
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats}: time at least one prefill")
+    device = next(model.parameters()).device
+    inputs = build_inputs(processor, [image], [question], device=str(device))
+    inputs = {k: v.to(model.dtype) if torch.is_floating_point(v) else v for k, v in inputs.items()}
+
+    def session(pruned: bool):
+        return press(model, processor=processor, image_sizes=[image.size]) if pruned else nullcontext()
+
+    def prefill(pruned: bool) -> float:
+        with session(pruned):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(**inputs, logits_to_keep=1)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return (time.perf_counter() - start) * 1e3
+
+    warmup = (prefill(False), prefill(True))
+    unpruned_ms, pruned_ms = [], []
+    for _ in range(repeats):
+        unpruned_ms.append(prefill(False))
+        pruned_ms.append(prefill(True))
+    selection = list(press.last_selection)
+    answers = []
+    for pruned in (False, True):
+        with session(pruned):
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        answers.append(processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip())
+    length = int(inputs["input_ids"].shape[1])
+    final = selection[-1]
+    after = length - final.num_visual[0] + len(final.kept[0]) + final.extra[0]
+    return Comparison(
+        unpruned=Answer(answers[0], float(np.median(unpruned_ms)), []),
+        pruned=Answer(answers[1], float(np.median(pruned_ms)), selection),
+        warmup_ms=warmup, unpruned_ms=unpruned_ms, pruned_ms=pruned_ms, sequence_tokens=(length, after),
+    )
+
+
+def record_to_json(record: ScoreRecord) -> dict:
+    """A `ScoreRecord` as JSON-able data (nan as None), for saved progress."""
+    def floats(values):
+        return None if values is None else [None if not np.isfinite(v) else float(v) for v in values]
+
+    return {
+        "raw": floats(record.raw), "debiased": floats(record.debiased),
+        "padding": None if record.padding is None else record.padding.astype(int).tolist(),
+        "kept": record.kept.tolist(), "kept_raw": record.kept_raw.tolist(), "keep": int(record.keep),
+        "segments": [[s.offset, s.length, list(s.grid), s.image_index] for s in record.segments],
+    }
+
+
+def record_from_json(data: dict) -> ScoreRecord:
+    """The inverse of `record_to_json`."""
+    def floats(values):
+        return None if values is None else np.array([np.nan if v is None else v for v in values], dtype=np.float32)
+
+    return ScoreRecord(
+        raw=floats(data["raw"]), debiased=floats(data["debiased"]),
+        padding=None if data["padding"] is None else np.array(data["padding"], dtype=bool),
+        kept=np.array(data["kept"], dtype=np.int64), kept_raw=np.array(data["kept_raw"], dtype=np.int64),
+        keep=int(data["keep"]),
+        segments=[VisualSegment(offset=o, length=n, grid=tuple(g), image_index=i) for o, n, g, i in data["segments"]],
+    )
+
+
 def records_from_selection(press: Press) -> list[ScoreRecord]:
     """One `ScoreRecord` per sample of the press's last request (its first stage)."""
     first = press.last_selection[0]
@@ -156,4 +257,5 @@ def records_from_selection(press: Press) -> list[ScoreRecord]:
     return out
 
 
-__all__ = ["Example", "ScoreRecord", "RunResult", "Answer", "run_examples", "answer_one", "records_from_selection"]
+__all__ = ["Example", "ScoreRecord", "RunResult", "Answer", "Comparison", "run_examples", "answer_one", "compare_one",
+           "records_from_selection", "record_to_json", "record_from_json"]

@@ -154,7 +154,10 @@ def validate_keep(keep, name: str = "keep") -> None:
 def as_list(value, n: int, name: str) -> list:
     values = list(value) if isinstance(value, (list, tuple)) else [value] * n
     if len(values) != n:
-        raise ValueError(f"{name} has {len(values)} entries but there are {n} stages")
+        raise ValueError(
+            f"{name}={values} has {len(values)} entries but there are {n} stages (one per layer): give one "
+            f"{name} per layer (e.g. layer=[2, 8] for two) or a single {name}"
+        )
     return values
 
 
@@ -195,9 +198,16 @@ def validate_stages(stages: Sequence[Stage], num_layers: int, owner: str) -> lis
 
 
 # --- the shared selection rule -----------------------------------------------------------------------------
-def rank_order(scores: torch.Tensor, padding: torch.Tensor | None = None) -> torch.Tensor:
+def rank_order(scores: torch.Tensor, padding: torch.Tensor | None = None,
+               padding_fraction: torch.Tensor | None = None) -> torch.Tensor:
     """Indices of `scores` (R,) from best to worst (stable: ties keep prompt order); padding tokens (R,) bool,
-    when given, always come after every real token."""
+    when given, always come after every real token. With `padding_fraction` (R,), the padded share of each
+    token's pixels, padding tokens rank among themselves from the least padded to the most (ties by score), so
+    an image with few or no real tokens keeps the tokens closest to its content, not a padding corner."""
+    if padding is not None and padding_fraction is not None:
+        order = torch.argsort(scores, descending=True, stable=True)
+        key = torch.where(padding, padding_fraction.to(torch.float32), -1.0)[order]  # real tokens first
+        return order[torch.argsort(key, stable=True)]
     if padding is not None:
         scores = torch.where(padding, float("-inf"), scores)
     return torch.argsort(scores, descending=True, stable=True)
@@ -209,9 +219,11 @@ def member(elements: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
     return (elements[..., None] == test).any(dim=-1)
 
 
-def top_k(scores: torch.Tensor, ranks: torch.Tensor, count: int, padding: torch.Tensor | None = None) -> torch.Tensor:
-    """The `count` best of `ranks` (R,) by `scores` (R,), padding last; sorted visual ranks (count,)."""
-    order = rank_order(scores, padding)
+def top_k(scores: torch.Tensor, ranks: torch.Tensor, count: int, padding: torch.Tensor | None = None,
+          padding_fraction: torch.Tensor | None = None) -> torch.Tensor:
+    """The `count` best of `ranks` (R,) by `scores` (R,), padding last (the least padded first, when
+    `padding_fraction` is given); sorted visual ranks (count,)."""
+    order = rank_order(scores, padding, padding_fraction)
     return torch.sort(ranks[order[:count]]).values
 
 

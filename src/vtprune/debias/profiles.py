@@ -87,10 +87,19 @@ class Profile:
         extra = dict(values.pop("extra", None) or {})
         extra.update({k: v for k, v in data.items() if k not in known and k != "format"})
         if values.get("curve") is not None:
-            values["curve"] = tuple(float(v) for v in values["curve"])
+            try:
+                values["curve"] = tuple(float(v) for v in values["curve"])
+            except (TypeError, ValueError):
+                raise ValueError("curve must be a list of numbers") from None
         missing = {"name", "kind", "length"} - set(values)
         if missing:
             raise ValueError(f"profile data lacks {sorted(missing)}")
+        for key in ("sigma", "mu"):
+            value = values.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"{key}={value!r} must be a number")
+        if not isinstance(values["name"], str):
+            raise ValueError(f"name={values['name']!r} must be a string")
         return cls(**values, extra=extra)
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -141,23 +150,53 @@ def load_profile(spec: "str | os.PathLike | Profile") -> Profile:
     """A built-in name, a path to a profile JSON, or a `Profile` (returned as is)."""
     if isinstance(spec, Profile):
         return spec
+    if not isinstance(spec, (str, os.PathLike)):
+        raise TypeError(
+            f"profile={spec!r}: give a built-in profile name (`vtprune profiles`), a path to a profile JSON, a "
+            "Profile, 'auto', 'default' or None"
+        )
     index = _builtin_index()
     if isinstance(spec, str) and spec in index:
         return index[spec]
     path = Path(spec)
     if path.suffix == ".json" or path.exists():
-        if not path.is_file():
-            raise ValueError(f"profile file {path} does not exist")
-        data = json.loads(path.read_text())
-        if "profiles" in data:
-            names = [p["name"] for p in data["profiles"]]
-            if len(names) != 1:
-                raise ValueError(f"{path} holds {len(names)} profiles ({', '.join(names)}); give a file with one")
-            data = data["profiles"][0]
-        return Profile.from_dict(data)
+        return _read_profile_file(path)
     close = difflib.get_close_matches(str(spec), list(index), n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise ValueError(
         f"unknown profile {str(spec)!r}.{hint} `vtprune profiles` lists the built-in names; a path to a "
         "profile JSON works too."
     )
+
+
+def _read_profile_file(path: Path) -> Profile:
+    """The one profile in a profile JSON; every problem is a ValueError naming the file."""
+    if path.is_dir():
+        raise ValueError(f"profile file {path} is a directory: give the profile JSON inside it")
+    if not path.is_file():
+        raise ValueError(f"profile file {path} does not exist: check the path, or write one with `vtprune calibrate`")
+    try:
+        data = json.loads(path.read_text())
+    except UnicodeDecodeError:
+        raise ValueError(f"profile file {path} is not a text (JSON) file") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"profile file {path} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})"
+        ) from None
+    except OSError as error:
+        raise ValueError(f"cannot read profile file {path}: {error.strerror or error}") from None
+    expected = 'a JSON object such as {"name": ..., "kind": "exp", "length": 576, "sigma": 1.2} (`vtprune calibrate` writes one)'
+    if not isinstance(data, dict):
+        raise ValueError(f"profile file {path} holds a JSON {type(data).__name__}, not a profile: expected {expected}")
+    if "profiles" in data:
+        items = data["profiles"]
+        if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+            raise ValueError(f'profile file {path}: "profiles" must be a list of profile objects')
+        names = [str(item.get("name", "?")) for item in items]
+        if len(names) != 1:
+            raise ValueError(f"{path} holds {len(names)} profiles ({', '.join(names)}); give a file with one")
+        data = items[0]
+    try:
+        return Profile.from_dict(data)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"profile file {path} is not a valid vtprune profile: {error}") from None

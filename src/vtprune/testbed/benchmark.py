@@ -158,10 +158,17 @@ def run_benchmark(
     names: Sequence[str] | None = None,
     batch_size: int = 50,
     log: Callable[[str], None] | None = None,
+    state_path: str | Path | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> tuple[list[Cell], list[BiasSummary]]:
-    """Every (budget, setting) cell, and the bias measured from each method's debiased runs."""
+    """Every (budget, setting) cell, and the bias measured from each method's debiased runs.
+
+    state_path: a JSON file where every finished cell is saved, so that an interrupted benchmark resumes (only
+    cells of the same model and questions are reused; `log` says how many). progress(done, total, name) is
+    called before each cell and at the end."""
     from ..adapters import adapter_for
     from ..analysis import bias_report
+    from ..calibration import data_fingerprint, model_fingerprint
 
     table = settings()
     names = list(names or table)
@@ -172,9 +179,25 @@ def run_benchmark(
     visual = _visual_tokens(model)
     cells: list[Cell] = []
     bias: list[BiasSummary] = []
+    plan = [(keep, name) for keep in keeps for name in (["unpruned"] if keep is None else names)]
+    key = {"model": model_fingerprint(model), "data": data_fingerprint(samples)} if state_path is not None else None
+    saved = _load_state(state_path, key)
+    resumed = [item for item in plan if _cell_key(*item) in saved]
+    if resumed and log:
+        log(f"resuming: {len(resumed)} of {len(plan)} cells were done in an earlier run ({state_path})")
+    finished = 0
     for keep in keeps:
         done: dict[str, Cell] = {}
         for name in (["unpruned"] if keep is None else names):
+            if progress is not None:
+                progress(finished, len(plan), f"{name} {keep_label(keep)}")
+            finished += 1
+            if _cell_key(keep, name) in saved:
+                cell, summary = saved[_cell_key(keep, name)]
+                done[name] = cell
+                cells.append(cell)
+                bias += [summary] if summary is not None else []
+                continue
             setting = table.get(name)
             press = None if keep is None else setting.press(keep)
             start = time.perf_counter()
@@ -191,15 +214,54 @@ def run_benchmark(
             cells.append(cell)
             if log:
                 log(f"budget {keep if keep is not None else 'all'} {name}: {cell.accuracy:.3f} ({seconds:.0f}s)")
+            summary = None
             if setting is not None and setting.debias == "debias" and setting.positions is None and result.records:
                 report = bias_report(result.records)
-                bias.append(BiasSummary(
+                summary = BiasSummary(
                     method=setting.method, keep=keep, sigma_attn=report.sigma_attn.before, r2_attn=report.r2_attn.before,
                     sigma_freq_before=report.sigma_freq.before, sigma_freq_after=report.sigma_freq.after,
                     padding_in_topk_before=report.padding_kept_share.before,
                     padding_in_topk_after=report.padding_kept_share.after,
-                ))
+                )
+                bias.append(summary)
+            if state_path is not None:
+                saved[_cell_key(keep, name)] = (cell, summary)
+                _save_state(state_path, key, saved)
+    if progress is not None:
+        progress(finished, len(plan), "done")
     return cells, bias
+
+
+def _cell_key(keep: float | None, name: str) -> str:
+    return f"{name}@{keep}"
+
+
+def _load_state(path, key) -> dict:
+    """Cells saved by an earlier run with the same `key` (model and questions), by `_cell_key`."""
+    if path is None or not Path(path).is_file():
+        return {}
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("key") != key:
+        return {}
+    out = {}
+    for name, item in data.get("cells", {}).items():
+        cell = Cell(**item["cell"])
+        cell.ci = tuple(cell.ci)
+        cell.delta = None if cell.delta is None else tuple(cell.delta)
+        out[name] = (cell, None if item["bias"] is None else BiasSummary(**item["bias"]))
+    return out
+
+
+def _save_state(path, key, saved: dict) -> None:
+    cells = {name: {"cell": asdict(cell), "bias": None if summary is None else asdict(summary)}
+             for name, (cell, summary) in saved.items()}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(str(path) + ".tmp")
+    temporary.write_text(json.dumps({"key": key, "cells": cells}))
+    temporary.replace(path)
 
 
 def _visual_tokens(model) -> int:

@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from vtprune.testbed.model import CHECKPOINT_DIR
+#: the checkpoint shipped inside the package (`vtprune.testbed.model.CHECKPOINT_DIR`, without importing torch)
+SHIPPED_CHECKPOINT = Path(__file__).resolve().parent / "checkpoint"
 
-testbed_app = typer.Typer(help="The built-in testbed LLaVA: a small model trained on synthetic spatial VQA.")
+testbed_app = typer.Typer(help="The built-in testbed LLaVA: a small model trained on synthetic spatial VQA.", no_args_is_help=True)
 console = Console()
+status = Console(stderr=True)
+
+
+def _usage(message: str):
+    from vtprune.cli import UsageError
+
+    return UsageError(message)
 
 
 @testbed_app.command("train")
@@ -25,11 +34,27 @@ def train_cmd(
     val_size: int = typer.Option(300, help="Validation questions."),
     workers: int = typer.Option(0, help="Data-generation worker processes (0: in the main process; fastest on 2 cores)."),
     work_dir: Path = typer.Option(Path("runs/testbed"), help="Resumable state (optimizer, step)."),
-    out: Path = typer.Option(CHECKPOINT_DIR, help="Where the best model and processor are saved."),
+    out: Optional[Path] = typer.Option(
+        None, help="Where the best model and processor are saved (default WORK_DIR/checkpoint; never inside the package)."
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace a checkpoint at OUT even with a worse model."),
 ) -> None:
-    """Train the testbed model from scratch (or resume from WORK_DIR)."""
-    from vtprune.testbed.train import TrainConfig, train
+    """Train the testbed model from scratch (or resume from WORK_DIR). The shipped checkpoint is never
+    touched; OUT is replaced only by a model with a better validation accuracy (unless --force)."""
+    for option, value, minimum in (("--steps", steps, 1), ("--batch-size", batch_size, 1), ("--eval-every", eval_every, 1),
+                                   ("--val-size", val_size, 1), ("--workers", workers, 0)):
+        if value < minimum:
+            raise _usage(f"{option} {value}: must be >= {minimum}")
+    if not lr > 0:
+        raise _usage(f"--lr {lr}: must be > 0")
+    out = out if out is not None else work_dir / "checkpoint"
+    from vtprune.testbed.train import TrainConfig, check_output, check_work_dir, train
 
+    try:
+        check_work_dir(work_dir)
+        check_output(out, "--out")
+    except ValueError as error:
+        raise _usage(str(error)) from None
     cfg = TrainConfig(
         steps=steps, batch_size=batch_size, lr=lr, seed=seed, eval_every=eval_every, val_size=val_size, workers=workers
     )
@@ -40,21 +65,33 @@ def train_cmd(
         TextColumn("loss {task.fields[loss]:.4f}"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
-        console=console,
+        console=status,
     ) as bar:
         task = bar.add_task("train", total=steps, loss=float("nan"))
 
         def progress(step: int, total: int, loss: float) -> None:
             bar.update(task, completed=step, total=total, loss=loss)
 
-        best = train(cfg, work_dir=work_dir, out=out, log=bar.console.print, progress=progress)
-    console.print(f"best validation accuracy {best['all']:.3f}; model saved to {out}")
+        try:
+            result = train(cfg, work_dir=work_dir, out=out, log=bar.console.print, progress=progress, force=force)
+        except KeyboardInterrupt:
+            bar.console.print(f"interrupted: rerun the same command to resume from the last validation saved in {work_dir}")
+            raise
+    if result.saved:
+        console.print(f"best validation accuracy {result.best['all']:.3f}; model saved to {out}")
+    elif result.existing is not None:
+        console.print(
+            f"best validation accuracy {result.best['all']:.3f}, not better than the checkpoint already at {out} "
+            f"({result.existing:.3f}): kept it (--force replaces it)"
+        )
+    else:
+        console.print(f"best validation accuracy {result.best['all']:.3f}; nothing saved")
 
 
 @testbed_app.command("eval")
 def eval_cmd(
     n: int = typer.Option(1000, help="Test questions (the first N of the test split)."),
-    path: Path = typer.Option(CHECKPOINT_DIR, help="Checkpoint directory."),
+    path: Path = typer.Option(SHIPPED_CHECKPOINT, help="Checkpoint directory (default: the shipped one)."),
     keeps: str = typer.Option("all,0.5,0.25,0.125,0.0625", help="Comma-separated budgets ('all' = unpruned)."),
     settings: str = typer.Option("", help="Comma-separated settings (default: all; `--list` shows them)."),
     methods: str = typer.Option("", help="Only the settings of these methods (comma-separated registry names)."),
@@ -63,14 +100,28 @@ def eval_cmd(
     out: Path = typer.Option(None, help="Also write the results as JSON here."),
     markdown: Path = typer.Option(None, help="Also write the tables as Markdown here."),
     blind: bool = typer.Option(False, help="Only the unpruned model with every image replaced by flat grey (text prior)."),
+    state: Optional[Path] = typer.Option(
+        None, help="Finished cells are saved here so that an interrupted run resumes (default OUT.partial.json, or "
+        "runs/testbed-eval.partial.json without --out); removed when the run completes."
+    ),
 ) -> None:
     """Accuracy on the test split for each budget x setting (every registered method with and without
     debiasing, FastV's ablations, the other position numbering, Random), with 95% intervals, paired
     differences, and the bias each method shows."""
+    if n < 1:
+        raise _usage(f"--n {n}: evaluate at least one question")
+    if batch_size < 1:
+        raise _usage(f"--batch-size {batch_size}: must be >= 1")
+    if not (path / "config.json").is_file():
+        raise _usage(f"--path {path} holds no testbed checkpoint (no config.json): train one with `vtprune testbed train`")
+    keep_values = _keeps(keeps)
+    for option, file in (("--out", out), ("--markdown", markdown)):
+        if file is not None and (file.is_dir() or not _writable_parent(file)):
+            raise _usage(f"{option} {file}: cannot write that file")
     import torch
     from PIL import Image
 
-    from vtprune.testbed.benchmark import KEEPS, default_settings, keep_label, markdown_tables, run_benchmark, save_results, wilson
+    from vtprune.testbed.benchmark import default_settings, keep_label, markdown_tables, run_benchmark, save_results, wilson
 
     all_settings = default_settings()
     if list_settings:
@@ -83,11 +134,11 @@ def eval_cmd(
     chosen_methods = [m.strip() for m in methods.split(",") if m.strip()]
     known = {s.name for s in all_settings}
     if set(names) - known:
-        raise typer.BadParameter(f"unknown settings {sorted(set(names) - known)}; see --list", param_hint="--settings")
+        raise _usage(f"--settings: unknown {', '.join(sorted(set(names) - known))}; `vtprune testbed eval --list` shows them")
     if chosen_methods:
         unknown = set(chosen_methods) - {s.method for s in all_settings}
         if unknown:
-            raise typer.BadParameter(f"unknown methods {sorted(unknown)}", param_hint="--methods")
+            raise _usage(f"--methods: unknown {', '.join(sorted(unknown))}; choose from {', '.join(sorted({s.method for s in all_settings}))}")
         names = [s.name for s in all_settings if s.method in chosen_methods and (not names or s.name in names)]
 
     from vtprune.testbed.data import Sample, make_split
@@ -102,9 +153,21 @@ def eval_cmd(
         lo, hi = wilson(round(cells[0].accuracy * n), n)
         console.print(f"blind (grey images) accuracy {cells[0].accuracy:.3f} [{lo:.3f}, {hi:.3f}] on {n} questions")
         return
-    keep_values = [None if k.strip() == "all" else float(k) for k in keeps.split(",")] if keeps else list(KEEPS)
-    cells, bias = run_benchmark(model, processor, test, keeps=keep_values, names=names or None,
-                                batch_size=batch_size, log=console.print)
+    state = state or (Path(str(out) + ".partial.json") if out else Path("runs/testbed-eval.partial.json"))
+    with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[cell]}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=status) as bar:
+        task = bar.add_task("eval", total=None, cell="")
+
+        def progress(done: int, total: int, name: str) -> None:
+            bar.update(task, completed=done, total=total, cell=name)
+
+        try:
+            cells, bias = run_benchmark(model, processor, test, keeps=keep_values, names=names or None,
+                                        batch_size=batch_size, log=bar.console.print, state_path=state, progress=progress)
+        except KeyboardInterrupt:
+            bar.console.print(f"interrupted: finished cells are saved in {state}; rerun the same command to resume")
+            raise
+    state.unlink(missing_ok=True)
     table = Table(title=f"testbed accuracy, {n} test questions (95% Wilson interval; paired difference to the baseline)")
     table.add_column("setting")
     keep_columns = [k for k in dict.fromkeys(c.keep for c in cells) if k is not None]
@@ -131,6 +194,39 @@ def eval_cmd(
         console.print(text[text.index("Bias on the testbed"):])
     meta = {"n": n, "checkpoint": str(path), "keeps": keep_values}
     if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
         save_results(out, cells, bias, meta)
     if markdown:
+        markdown.parent.mkdir(parents=True, exist_ok=True)
         markdown.write_text(text + "\n")
+
+
+def _keeps(text: str) -> list[float | None]:
+    """--keeps: 'all' (unpruned) or fractions in (0, 1], comma-separated; empty: the benchmark's."""
+    from vtprune.testbed.benchmark import KEEPS
+
+    if not text.strip():
+        return list(KEEPS)
+    values: list[float | None] = []
+    for part in text.split(","):
+        part = part.strip()
+        if part == "all":
+            values.append(None)
+            continue
+        try:
+            value = float(part)
+        except ValueError:
+            raise _usage(f"--keeps {part!r}: give 'all' or fractions of the visual tokens in (0, 1], e.g. all,0.5,0.25") from None
+        if not 0 < value <= 1:
+            raise _usage(f"--keeps {part}: a budget is a fraction of the visual tokens in (0, 1]")
+        values.append(value)
+    return values
+
+
+def _writable_parent(file: Path) -> bool:
+    import os
+
+    parent = file.parent
+    while not parent.exists():
+        parent = parent.parent
+    return parent.is_dir() and os.access(parent, os.W_OK)

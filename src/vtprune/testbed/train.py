@@ -4,6 +4,11 @@ Training is seeded and resumable: ``work_dir/state.pt`` holds model, optimizer a
 training stream is indexed by step, so a resumed run sees exactly the samples it would have seen.
 Whenever validation accuracy improves, the model and processor are written with ``save_pretrained``
 to ``out`` (atomically, via a temporary directory), so an interrupted run still leaves a usable model.
+
+``out`` is protected: it may not lie inside the installed package (the shipped checkpoint is never
+overwritten), an existing directory is replaced only if it is a checkpoint, and an existing checkpoint only
+by a model with a better validation accuracy (its accuracy is read from its ``training.json``, or measured
+on the run's validation set) unless ``force``.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import shutil
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +41,12 @@ from vtprune.testbed.data import (
     prompt_for,
     scene_questions,
 )
-from vtprune.testbed.model import CHECKPOINT_DIR, IMAGE_SIZE, PATCH_SIZE, build_model, build_processor
+from vtprune.testbed.model import IMAGE_SIZE, PATCH_SIZE, build_model, build_processor
+
+#: where `vtprune testbed train` writes by default: the current directory, never the installed package
+DEFAULT_WORK_DIR = Path("runs/testbed")
+DEFAULT_OUT = DEFAULT_WORK_DIR / "checkpoint"
+METRICS_FILE = "training.json"
 
 
 @dataclass
@@ -237,36 +247,126 @@ def text_prior_accuracy(train: Sequence[Sample], test: Sequence[Sample]) -> floa
     return sum(guess.get(s.question, overall) == s.answer for s in test) / len(test)
 
 
-def save_checkpoint(model, processor, out: Path) -> None:
-    """``save_pretrained`` model (float32 safetensors) and processor into ``out``, atomically."""
+def is_checkpoint(path: Path) -> bool:
+    """Whether `path` holds a saved model (a config.json)."""
+    return (Path(path) / "config.json").is_file()
+
+
+def package_dir() -> Path:
+    """The installed vtprune package (nothing may be written under it)."""
+    return Path(__file__).resolve().parents[1]
+
+
+def check_output(out: Path, name: str = "out") -> None:
+    """Refuse an output inside the installed package, or an existing path that is not a checkpoint directory
+    (it would be deleted to make room). ValueError saying what to pass instead."""
+    package = package_dir()
+    resolved = Path(out).expanduser().resolve()
+    if resolved == package or package in resolved.parents:
+        raise ValueError(
+            f"{name} {out} lies inside the installed vtprune package ({package}), which is never written to: "
+            f"train into a directory of your own (default {DEFAULT_OUT})"
+        )
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{name} {out} is a file: give a directory for the checkpoint")
+    if out.is_dir() and any(out.iterdir()) and not is_checkpoint(out):
+        raise ValueError(f"{name} {out} exists and is not a testbed checkpoint: choose a new or empty directory")
+
+
+def check_work_dir(work_dir: Path) -> None:
+    """Refuse a work dir inside the installed package, or one that is a file."""
+    package = package_dir()
+    resolved = Path(work_dir).expanduser().resolve()
+    if resolved == package or package in resolved.parents:
+        raise ValueError(f"work dir {work_dir} lies inside the installed vtprune package ({package}): use a directory of your own")
+    if work_dir.exists() and not work_dir.is_dir():
+        raise ValueError(f"work dir {work_dir} is a file: give a directory")
+
+
+def checkpoint_metrics(path: Path) -> dict | None:
+    """What `train` recorded beside a checkpoint it saved (validation metrics, step, config), or None."""
+    file = Path(path) / METRICS_FILE
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("metrics"), dict) else None
+
+
+def save_checkpoint(model, processor, out: Path, metrics: dict | None = None) -> None:
+    """``save_pretrained`` model (float32 safetensors) and processor into ``out``, atomically; `metrics` (what
+    `train` knows about the model) go into ``out/training.json``. Only a checkpoint directory is replaced."""
     out = Path(out)
+    check_output(out)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     model.save_pretrained(tmp, safe_serialization=True)
     processor.save_pretrained(tmp)
+    if metrics is not None:
+        (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=1))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
 
 
+@dataclass
+class TrainResult:
+    """best: this run's best validation metrics; saved: whether `out` now holds this run's model; existing:
+    the validation accuracy of the checkpoint that was at `out` before (None: there was none)."""
+
+    best: dict[str, float]
+    saved: bool
+    existing: float | None = None
+    log: list[str] = field(default_factory=list)
+
+
+def _existing_accuracy(out: Path, cfg: TrainConfig, val, log) -> float | None:
+    """The validation accuracy of the checkpoint at `out` (None: none there): recorded by `train` on the same
+    validation set, or measured now."""
+    if not is_checkpoint(out):
+        return None
+    recorded = checkpoint_metrics(out)
+    if recorded is not None and recorded.get("val_size") == cfg.val_size and recorded.get("seed") == cfg.seed:
+        return float(recorded["metrics"]["all"])
+    from vtprune.testbed.model import load_testbed
+
+    log(f"measuring the checkpoint already at {out} on the validation set")
+    model, processor = load_testbed(out)
+    return float(accuracy(val, predict(model, processor, val))["all"])
+
+
 def train(
     cfg: TrainConfig,
-    work_dir: Path = Path("runs/testbed"),
-    out: Path = CHECKPOINT_DIR,
+    work_dir: Path = DEFAULT_WORK_DIR,
+    out: Path = DEFAULT_OUT,
     log: Callable[[str], None] = print,
     progress: Callable[[int, int, float], None] | None = None,
-) -> dict[str, float]:
-    """Train (or resume) a testbed model; returns the best validation metrics."""
+    force: bool = False,
+) -> TrainResult:
+    """Train (or resume) a testbed model into `out` (see the module docstring for what protects it).
+
+    force: replace a checkpoint at `out` even with a worse model."""
+    work_dir, out = Path(work_dir), Path(out)
+    check_work_dir(work_dir)
+    check_output(out)
     torch.set_num_threads(2)
-    work_dir.mkdir(parents=True, exist_ok=True)
     state_path, cfg_path = work_dir / "state.pt", work_dir / "config.json"
     state = torch.load(state_path, weights_only=False) if state_path.exists() else None
     if state is not None:
-        cfg = TrainConfig(**json.loads(cfg_path.read_text()))
-        log(f"resuming from step {state['step']} in {work_dir}")
-    else:
-        cfg_path.write_text(json.dumps(asdict(cfg), indent=2))
+        saved_cfg = TrainConfig(**json.loads(cfg_path.read_text()))
+        changed = {k: (v, getattr(cfg, k)) for k, v in asdict(saved_cfg).items()
+                   if k not in ("steps", "workers", "eval_every", "log_every") and getattr(cfg, k) != v}
+        if changed:
+            detail = ", ".join(f"{k}={new} (saved run: {old})" for k, (old, new) in changed.items())
+            raise ValueError(
+                f"work dir {work_dir} holds a run with other settings ({detail}): rerun with the same settings to "
+                "resume it, or choose a new --work-dir"
+            )
+        cfg = TrainConfig(**{**asdict(saved_cfg), **{k: getattr(cfg, k) for k in ("steps", "workers", "eval_every", "log_every")}})
+        log(f"resuming from step {state['step']} of {cfg.steps} in {work_dir}")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    cfg_path.write_text(json.dumps(asdict(cfg), indent=2))
     torch.manual_seed(cfg.seed)
     processor = build_processor()
     model = build_model(
@@ -297,6 +397,12 @@ def train(
         step, best = state["step"], state["best"]
         torch.set_rng_state(state["torch_rng"])
     val = make_split("val", cfg.val_size, seed=cfg.seed)
+    existing = _existing_accuracy(out, cfg, val, log)
+    floor = float("-inf") if force or existing is None else existing
+    if existing is not None:
+        log(f"{out} holds a checkpoint with validation accuracy {existing:.3f}: "
+            + ("--force: this run replaces it" if force else "only a better model replaces it (--force: any)"))
+    saved = False
     loader = DataLoader(
         _Stream(processor, cfg.batch_size, cfg.seed, step, cfg.steps, cfg.extra_questions, cfg.caption),
         batch_size=None,
@@ -326,10 +432,14 @@ def train(
             log(f"step {step} lm loss {ema:.4f} aux loss {aux_ema:.4f} [{time.time() - t0:.0f}s]")
         if step % cfg.eval_every == 0 or step == cfg.steps:
             metrics = accuracy(val, predict(model, processor, val))
-            improved = metrics["all"] > best["all"]
+            improved = metrics["all"] > best["all"] and metrics["all"] > floor
             if improved:
                 best = metrics
-                save_checkpoint(model, processor, out)
+                save_checkpoint(model, processor, out, {"metrics": metrics, "step": step, "val_size": cfg.val_size,
+                                                        "seed": cfg.seed, "config": asdict(cfg)})
+                saved = True
+            elif metrics["all"] > best["all"]:
+                best = metrics
             torch.save(
                 {
                     "model": model.state_dict(),
@@ -346,4 +456,5 @@ def train(
                 f"step {step} loss {ema:.4f} val {metrics['all']:.3f} "
                 f"{'(saved) ' if improved else ''}[{time.time() - t0:.0f}s] {detail}"
             )
-    return best
+    saved = saved or (is_checkpoint(out) and (checkpoint_metrics(out) or {}).get("metrics") == best and best["all"] >= 0)
+    return TrainResult(best=best, saved=saved, existing=existing)

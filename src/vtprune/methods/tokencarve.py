@@ -71,9 +71,7 @@ class TokenCarve(Press):
         states = [hidden[b, slots].float() for b, slots in enumerate(ctx.visual_slots)]  # (R, D) per sample
         fused = []
         for b, values in enumerate(states):
-            u, singular, _ = torch.linalg.svd(values, full_matrices=False)
-            information = (u * singular).abs().sum(dim=1)  # L1 norm of each row of U S
-            fused.append(self._borda(attention[b].float(), information))
+            fused.append(self._borda(attention[b].float(), self.information(values)))
         if self.debias_target == "fused":
             fused = ctx.debias(fused)
         decisions = []
@@ -83,6 +81,21 @@ class TokenCarve(Press):
             candidates = torch.argsort(fused[b], descending=True, stable=True)[:count]
             decisions.append(self._merge(states[b], ranks, candidates, keep, hidden.dtype))
         return decisions
+
+    @staticmethod
+    def information(values: torch.Tensor) -> torch.Tensor:
+        """(R, D) hidden states -> (R,) L1 norm of each row of U S, where values = U S V^T.
+
+        U S comes from the eigendecomposition of the (R, R) Gram matrix values values^T = U S^2 U^T (in float64),
+        not from an SVD of the (R, D) matrix: the same numbers (signs of U's columns vanish in the norm), at a
+        fraction of the cost and in a time that does not depend on the data (LAPACK's SVD of a layer-1 hidden
+        state took from 0.3 s to over 4 s on CPU)."""
+        device = values.device
+        if device.type == "mps":  # no float64 on MPS
+            values = values.cpu()
+        values = values.double()
+        eigenvalues, vectors = torch.linalg.eigh(values @ values.T)
+        return (vectors * eigenvalues.clamp_min(0).sqrt()).abs().sum(dim=1).float().to(device)
 
     def _borda(self, attention: torch.Tensor, information: torch.Tensor) -> torch.Tensor:
         """Borda points: the r-th of V by attention gets av_weight (V - r), by information (1 - av_weight) (V - r)."""

@@ -315,6 +315,30 @@ def test_image_without_content_keeps_its_least_padded_tokens(processor, model):
         assert any("mostly padding" in note and "least-padded" in note for note in first.notes), first.notes
 
 
+@pytest.mark.parametrize("name", ["sparsevlm", "fastervlm", "visionzip", "illava"])
+def test_image_without_content_least_padded_rule_in_every_method(processor, model, name):
+    """The same rule in the methods that do not use the default selection: SparseVLM's stages, the per-image
+    budget of the vision-side methods (VisionZip's dominant tokens), iLLaVA's language-model stage."""
+    from vtprune.adapters import adapter_for
+    from vtprune.methods import METHODS
+
+    image = make_image(1, 400)
+    inputs = inputs_for(processor, [image], [prompt()])
+    adapter = adapter_for(model)
+    fractions = adapter.padding_fractions(adapter.visual_layout(inputs["input_ids"]), [image.size], processor)[0]
+    least = torch.sort(fractions).values
+    cls = METHODS[name]
+    press = cls(budget=0.25, vit_layers=[], debias=Debias(padding=True)) if name == "illava" else \
+        cls(budget=0.25, debias=Debias(padding=True))
+    with torch.no_grad(), press(model, processor=processor, image_sizes=[image.size]):
+        model(**inputs)
+    first = press.last_selection[0]
+    kept = first.kept[0]
+    if name == "visionzip":  # the dominant tokens are kept; the contextual ones are merged from the rest
+        kept = kept[torch.argsort(fractions[kept], stable=True)][: press.split(len(fractions))[0]]
+    assert torch.allclose(torch.sort(fractions[kept]).values, least[: len(kept)]), (kept.tolist(), fractions[kept].tolist())
+
+
 # --- the testbed checkpoint -----------------------------------------------------------------------------------------
 def test_train_never_replaces_a_better_checkpoint_unless_forced(tmp_path):
     from vtprune.testbed.train import TrainConfig, check_output, train

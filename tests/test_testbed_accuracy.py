@@ -52,3 +52,16 @@ def test_debiased_fastv_at_25_percent(testbed, questions):
     value = accuracy(testbed, questions, press)
     print(f"debiased FastV (25%) accuracy on 200 test questions: {value:.3f}")
     assert value >= MEASURED["fastv_debiased_25"] - MARGIN
+
+
+def test_every_benchmark_setting_builds_its_press():
+    """`vtprune testbed eval` must not fail late on a setting whose options a method does not take."""
+    from vtprune.testbed.benchmark import KEEPS, default_settings
+
+    for setting in default_settings():
+        for keep in KEEPS[1:]:
+            press = setting.press(keep)
+            if setting.options:
+                assert all(getattr(press, key) == value for key, value in setting.options)
+            if setting.positions:
+                assert press.positions == setting.positions

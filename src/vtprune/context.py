@@ -306,6 +306,13 @@ class StageContext:
         self._padding_share = out
         return out
 
+    def padding_share_or_none(self, b: int) -> torch.Tensor | None:
+        """Sample b's `padding_share` when padding debiasing applies and the geometry is known, else None (the
+        argument `stages.rank_order` takes to keep an image without content at its least-padded tokens)."""
+        if not self.debias_padding or not self.padding_fractions:
+            return None
+        return self.padding_share[b]
+
     @property
     def debias_padding(self) -> bool:
         """Whether padding debiasing applies at this stage."""
@@ -358,8 +365,7 @@ class StageContext:
             padding = self.padding[b] if self.debias_padding else None
             count = self.keep_count(b, keep)
             real = self._real_counts()[b] if padding is not None else None
-            share = self.padding_share[b] if real == 0 and self.padding_fractions else None
-            kept.append(top_k(values, self.visual_ranks[b], count, padding, share))
+            kept.append(top_k(values, self.visual_ranks[b], count, padding, self.padding_share_or_none(b)))
             if real is not None and count > real:
                 present = len(self.visual_ranks[b])
                 if real == 0:
@@ -394,9 +400,18 @@ class StageContext:
                     inside = torch.nonzero((ranks >= segment.offset) & (ranks < segment.offset + segment.length)).flatten()
                 count = resolve_keep(keep, segment.length, len(inside), warn=not self.dry_run)
                 part_padding = None if padding is None else padding[inside]
-                if part_padding is not None and self.debias_config.drop_padding:
-                    count = max(1, min(count, int((~part_padding).sum())))
-                parts.append(top_k(values[inside], ranks[inside], count, part_padding))
+                if part_padding is not None:
+                    real = int((~part_padding).sum())
+                    if self.debias_config.drop_padding:
+                        count = max(1, min(count, real))
+                    if real == 0 and self.padding_fractions:
+                        self.notes.append(
+                            f"sample {b}, image {segment.image_index}: every one of its {len(inside)} visual tokens "
+                            f"is mostly padding: kept the {count} least-padded"
+                        )
+                share = self.padding_share_or_none(b)
+                parts.append(top_k(values[inside], ranks[inside], count, part_padding,
+                                   None if share is None else share[inside]))
             kept.append(torch.sort(torch.cat(parts)).values)
         return kept
 

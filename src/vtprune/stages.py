@@ -201,16 +201,18 @@ def validate_stages(stages: Sequence[Stage], num_layers: int, owner: str) -> lis
 def rank_order(scores: torch.Tensor, padding: torch.Tensor | None = None,
                padding_fraction: torch.Tensor | None = None) -> torch.Tensor:
     """Indices of `scores` (R,) from best to worst (stable: ties keep prompt order); padding tokens (R,) bool,
-    when given, always come after every real token. With `padding_fraction` (R,), the padded share of each
-    token's pixels, padding tokens rank among themselves from the least padded to the most (ties by score), so
-    an image with few or no real tokens keeps the tokens closest to its content, not a padding corner."""
-    if padding is not None and padding_fraction is not None:
-        order = torch.argsort(scores, descending=True, stable=True)
-        key = torch.where(padding, padding_fraction.to(torch.float32), -1.0)[order]  # real tokens first
-        return order[torch.argsort(key, stable=True)]
-    if padding is not None:
-        scores = torch.where(padding, float("-inf"), scores)
-    return torch.argsort(scores, descending=True, stable=True)
+    when given, always come after every real token, in prompt order. When every token is padding and
+    `padding_fraction` (R,), the padded share of each token's pixels, is given, they rank from the least
+    padded to the most (ties in prompt order), so an image with no real token keeps the tokens closest to its
+    content, not a padding corner. No host synchronisation."""
+    if padding is None:
+        return torch.argsort(scores, descending=True, stable=True)
+    order = torch.argsort(torch.where(padding, float("-inf"), scores), descending=True, stable=True)
+    if padding_fraction is None:
+        return order
+    fraction = torch.where(padding.all(), padding_fraction.to(torch.float32), 0.0)  # 0: no reordering
+    key = torch.where(padding, fraction, -1.0)[order]  # real tokens first
+    return order[torch.argsort(key, stable=True)]
 
 
 def member(elements: torch.Tensor, test: torch.Tensor) -> torch.Tensor:

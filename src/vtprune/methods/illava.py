@@ -27,7 +27,7 @@ import torch
 from ..context import StageContext, VisionStageContext
 from ..debias import Debias
 from ..press import REFERENCE_LAYERS, Press, budget_fraction, layer_list
-from ..stages import Kept, Positions, Stage, VisionStage
+from ..stages import Kept, Positions, Stage, VisionStage, rank_order
 
 
 @dataclass
@@ -97,8 +97,7 @@ class ILLaVA(Press):
         for b, ranks in enumerate(ctx.visual_ranks):
             keep = ctx.keep_count(b)
             padding = ctx.padding[b] if ctx.debias_padding else None
-            scores = ranked[b] if padding is None else torch.where(padding, float("-inf"), ranked[b])
-            order = torch.argsort(scores, descending=True, stable=True)  # best first
+            order = rank_order(ranked[b], padding, ctx.padding_share_or_none(b))  # best first, padding last
             merged = len(ranks) - keep
             if merged == 0:
                 decisions.append(Kept(ranks=torch.sort(ranks).values))

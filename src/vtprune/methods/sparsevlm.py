@@ -30,7 +30,7 @@ import torch
 from ..context import StageContext, rows_where
 from ..debias import Debias
 from ..press import REFERENCE_LAYERS, REFERENCE_TOKENS, Press
-from ..stages import Kept, Positions, Stage, member, resolve_keep, top_k
+from ..stages import Kept, Positions, Stage, member, resolve_keep
 
 #: published keep table: budget -> top-k size at each stage (of 576)
 SCHEDULES = {192: (300, 200, 110), 128: (303, 110, 36), 64: (66, 30, 17)}
@@ -100,10 +100,8 @@ class SparseVLM(Press):
         ranked = ctx.debias(raw)
         hidden = ctx.hidden_states(ctx.stage.layer) if self.recycle else None  # the scoring layer's output
         decisions = []
-        for b, ranks in enumerate(ctx.visual_ranks):
+        for b, (ranks, kept) in enumerate(zip(ctx.visual_ranks, ctx.top_k(ranked))):  # the shared rule
             count = ctx.keep_count(b)
-            padding = ctx.padding[b] if ctx.debias_padding else None
-            kept = top_k(ranked[b], ranks, count, padding)
             num_pruned = len(ranks) - count
             if not self.recycle or num_pruned == 0:
                 decisions.append(Kept(ranks=kept))

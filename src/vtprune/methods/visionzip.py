@@ -23,7 +23,7 @@ import torch
 from ..context import StageContext
 from ..debias import Debias
 from ..press import REFERENCE_LAYERS, REFERENCE_TOKENS, Press, budget_fraction, interpolate_table
-from ..stages import Kept, Positions, Stage
+from ..stages import Kept, Positions, Stage, rank_order
 
 #: published split of each budget: (dominant tokens incl. [CLS], contextual tokens), of 576 patches
 SPLITS = {192: (162, 30), 128: (108, 20), 64: (54, 10)}
@@ -100,8 +100,9 @@ class VisionZip(Press):
             for segment in segments:  # at the language model's input every token is present, in order
                 span = slice(segment.offset, segment.offset + segment.length)
                 patches, contextual = self.split(segment.length)
-                order = torch.argsort(torch.where(padding[span], float("-inf"), ranked[b][span])
-                                      if padding is not None else ranked[b][span], descending=True, stable=True)
+                share = ctx.padding_share_or_none(b)
+                order = rank_order(ranked[b][span], None if padding is None else padding[span],
+                                   None if share is None else share[span])
                 dominant = torch.sort(order[:patches]).values  # patch indices in the image
                 kept_parts.append(ranks[span][dominant])
                 image = features[segment.image_index]

@@ -47,11 +47,12 @@ class Setting:
     debias: str | None = None  # a key of DEBIAS
     positions: str | None = None  # None: the method's official numbering
     baseline: str | None = None
+    options: tuple[tuple[str, object], ...] = ()  # further press options, e.g. (("debias_target", "fused"),)
 
     def press(self, budget: float):
         cls = METHODS[self.method]
         debias = None if self.debias is None else DEBIAS[self.debias](f"testbed/{self.method}")
-        return cls.create(budget=budget, debias=debias, positions=self.positions)
+        return cls.create(budget=budget, debias=debias, positions=self.positions, **dict(self.options))
 
 
 def label(method: str) -> str:
@@ -69,6 +70,9 @@ def default_settings() -> list[Setting]:
         if cls.query is not None:
             out.append(Setting(f"{label(name)}+debias", name, "debias", baseline=label(name)))
     out += [Setting(f"FastV+{kind}", "fastv", kind, baseline="FastV") for kind in ("positional", "padding", "auto+padding")]
+    # TokenCarve's paper debiases the attention ranking only; debiasing the fused ranking is the alternative
+    out.append(Setting("TokenCarve+debias(fused)", "tokencarve", "debias", baseline="TokenCarve",
+                       options=(("debias_target", "fused"),)))
     for name, cls in METHODS.items():
         if name == "random":
             continue

@@ -219,7 +219,8 @@ def run_benchmark(
             if log:
                 log(f"budget {keep if keep is not None else 'all'} {name}: {cell.accuracy:.3f} ({seconds:.0f}s)")
             summary = None
-            if setting is not None and setting.debias == "debias" and setting.positions is None and result.records:
+            if (setting is not None and setting.debias == "debias" and setting.positions is None and not setting.options
+                    and result.records):  # one summary per method: its plain debiased setting
                 report = bias_report(result.records)
                 summary = BiasSummary(
                     method=setting.method, keep=keep, sigma_attn=report.sigma_attn.before, r2_attn=report.r2_attn.before,

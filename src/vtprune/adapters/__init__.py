@@ -6,8 +6,9 @@ from torch import nn
 
 from .base import ModelAdapter, VisualLayout, VisualSegment
 from .llava import LlavaAdapter
+from .qwen2_5_vl import Qwen2_5_VLAdapter
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter,)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter, Qwen2_5_VLAdapter)
 
 
 def supported_model_classes() -> list[str]:
@@ -25,4 +26,4 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
     )
 
 
-__all__ = ["ModelAdapter", "VisualLayout", "VisualSegment", "LlavaAdapter", "adapter_for", "supported_model_classes"]
+__all__ = ["ModelAdapter", "VisualLayout", "VisualSegment", "LlavaAdapter", "Qwen2_5_VLAdapter", "adapter_for", "supported_model_classes"]

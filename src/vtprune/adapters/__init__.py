@@ -6,9 +6,10 @@ from torch import nn
 
 from .base import ModelAdapter, VisualLayout, VisualSegment
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
 from .qwen2_5_vl import Qwen2_5_VLAdapter
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter, Qwen2_5_VLAdapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter, LlavaNextAdapter, Qwen2_5_VLAdapter)
 
 
 def supported_model_classes() -> list[str]:
@@ -26,4 +27,4 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
     )
 
 
-__all__ = ["ModelAdapter", "VisualLayout", "VisualSegment", "LlavaAdapter", "Qwen2_5_VLAdapter", "adapter_for", "supported_model_classes"]
+__all__ = ["ModelAdapter", "VisualLayout", "VisualSegment", "LlavaAdapter", "LlavaNextAdapter", "Qwen2_5_VLAdapter", "adapter_for", "supported_model_classes"]

@@ -202,3 +202,50 @@ def build_llava_next(processor, attn: str = "sdpa", layers: int = 4, seed: int =
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = None
     return model.eval()
+
+
+# --- Video-LLaVA --------------------------------------------------------------------------------------------
+VL_PX = 56  # 4x4 patches per image or frame
+
+
+def build_video_llava(attn: str = "sdpa", layers: int = 4, seed: int = 0):
+    from transformers import CLIPVisionConfig, LlamaConfig, VideoLlavaConfig, VideoLlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(image_size=VL_PX, patch_size=14, hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=2, num_attention_heads=4, projection_dim=32)
+    text = LlamaConfig(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = VideoLlavaConfig(vision_config=vision, text_config=text, image_token_id=150, video_token_id=151,
+                              vision_feature_layer=-2, vision_feature_select_strategy="default")
+    torch.manual_seed(seed)
+    model = VideoLlavaForConditionalGeneration(config)
+    sharpen(model.model.language_model.layers)
+    model.set_attn_implementation(attn)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+def video_llava_inputs(samples, seed: int = 0) -> dict:
+    """samples: [(number of images, number of frames (0: no video), question ids)]; random pixels; left-padded.
+    As the processor does: each <image> is 16 tokens, a video of F frames F x 17 (the frame [CLS] kept)."""
+    generator = torch.Generator().manual_seed(seed)
+    rows, images, videos = [], [], []
+    for count, frames, question in samples:
+        row = [1, 30, 31]
+        for _ in range(count):
+            images.append(torch.randn(3, VL_PX, VL_PX, generator=generator))
+            row += [150] * 16 + [32]
+        if frames:
+            videos.append(torch.randn(frames, 3, VL_PX, VL_PX, generator=generator))
+            row += [151] * (17 * frames) + [33]
+        rows.append(row + list(question) + [40, 41])
+    width = max(len(r) for r in rows)
+    out = {"input_ids": torch.tensor([[0] * (width - len(r)) + r for r in rows]),
+           "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])}
+    if images:
+        out["pixel_values_images"] = torch.stack(images)
+    if videos:
+        out["pixel_values_videos"] = torch.stack(videos)
+    return out

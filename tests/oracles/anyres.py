@@ -24,9 +24,17 @@ def oracle_logits(model, inputs, stages, new_tokens=None, fastv=None):
     newline = (features == base.image_newline).all(dim=-1)
     visual = is_image.clone()
     visual[is_image] = ~newline
-    rank = torch.full_like(ids[0], -1)
+    logits, record = run_1d(model, hidden, visual, n_prompt, stages, fastv)
+    return logits, record, newline
+
+
+def run_1d(model, hidden, visual, n_prompt, stages, fastv=None):
+    """The decoder by hand on embeddings `hidden` (1, N, D) with 1-D positions; `visual` (N,) marks the prunable
+    visual tokens (ranked in order); stages [(layer, kept ranks)] or fastv=(layer, keep) chosen here."""
+    lm = model.model.language_model
+    rank = torch.full(visual.shape, -1, dtype=torch.long)
     rank[visual] = torch.arange(int(visual.sum()))
-    alive = torch.arange(ids.shape[1])
+    alive = torch.arange(hidden.shape[1])
     eager = model.config.text_config._attn_implementation == "eager"
     cuts, record = dict(stages), []
     for index, layer in enumerate(lm.layers):
@@ -45,4 +53,4 @@ def oracle_logits(model, inputs, stages, new_tokens=None, fastv=None):
         causal = torch.ones(n, n, dtype=torch.bool).tril()
         mask = torch.where(causal, 0.0, torch.finfo(hidden.dtype).min)[None, None] if eager else None
         hidden = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), position_ids=alive[None])
-    return model.lm_head(lm.norm(hidden)), record, newline
+    return model.lm_head(lm.norm(hidden)), record

@@ -162,7 +162,17 @@ class PruningSession:
         self.image_sizes = None
         if image_sizes is not None:
             self.image_sizes = [_image_size(size, i) for i, size in enumerate(_size_list(image_sizes))]
-        if self.debias is not None and self.debias.padding and (processor is None or image_sizes is None):
+        self.notes: list[str] = []  # what does not apply to this model family, added to every stage's record
+        if self.debias is not None and self.debias.padding and not self.adapter.pads_images:
+            self.notes.append(f"padding debiasing does not apply: {self.adapter.no_padding_reason}")
+            warnings.warn(self.notes[-1], UserWarning, stacklevel=3)
+        if not self.adapter.compact_positions and any(
+            (stage.positions or self.positions) == "compact" for stage in self.stages
+        ):
+            self.notes.append(f"positions='compact' does not apply: {self.adapter.compact_note}")
+            warnings.warn(self.notes[-1], UserWarning, stacklevel=3)
+        if (self.debias is not None and self.debias.padding and self.adapter.pads_images
+                and (processor is None or image_sizes is None)):
             raise ValueError(
                 "padding debiasing needs the image geometry: call press(model, processor=processor, "
                 "image_sizes=[image.size, ...]) with the original size of every image in the batch, "
@@ -180,7 +190,10 @@ class PruningSession:
         self._vision_pass: dict = {}
 
     def _positions(self, stage_index: int) -> str:
-        """The position numbering of a stage's cut: its own, or the press's."""
+        """The position numbering of a stage's cut: its own, or the press's ("original" on families whose
+        positions have several axes: there is no compact renumbering of them)."""
+        if not self.adapter.compact_positions:
+            return "original"
         return self.stages[stage_index].positions or self.positions
 
     def _vision_stages(self) -> list:
@@ -193,7 +206,7 @@ class PruningSession:
         if declared and not count:
             raise ValueError(f"{type(self.press).__name__} has vision stages but {type(self.adapter).__name__} gives no vision layers")
         stages = [VisionStage(layer=s.layer + count if s.layer < 0 else s.layer, merge=s.merge) for s in declared]
-        feature = self.adapter.vision_feature_layer
+        feature = self.adapter.vision_feature_layer if stages else 0
         for previous, stage in zip([None] + stages[:-1], stages):
             if not 0 <= stage.layer <= feature:
                 raise ValueError(
@@ -287,7 +300,7 @@ class PruningSession:
             request.phase = "decode"
             request.step = {"generated": past - request.base_len, "query_len": int(input_ids.shape[1])}
             return None
-        layout = self.adapter.visual_layout(input_ids)
+        layout = self.adapter.visual_layout(input_ids, kwargs)
         if past > 0:
             if sum(layout.num_visual) == 0:
                 self._request = None  # a cache we did not prune: nothing to do
@@ -357,6 +370,8 @@ class PruningSession:
         if self.image_sizes is None or self.processor is None:
             return [None] * batch
         needed = self.debias is not None and self.debias.padding
+        if not self.adapter.pads_images:
+            return [None] * batch
         if len(self.image_sizes) != layout.num_images:
             if not needed:
                 return [None] * batch
@@ -619,10 +634,23 @@ class PruningSession:
         if request.current is None:
             return None
         new_kwargs = dict(kwargs, **request.current)
+        own_mask = kwargs.get("attention_mask")
+        if own_mask is not request.mask0:  # a layer of another attention type (sliding window, ...): its own mask
+            new_kwargs["attention_mask"] = self._layer_mask(request, own_mask)
         if args:
             return (hidden, *args[1:]), new_kwargs
         new_kwargs["hidden_states"] = hidden
         return args, new_kwargs
+
+    def _layer_mask(self, request: _Request, mask):
+        """The model's mask for a layer whose attention type differs from decoder layer 0's (each type has its
+        own full-length mask), restricted to the tokens after the last cut; one selection per mask object."""
+        segment = request.segments[-1]
+        cached = segment.setdefault("masks", {})
+        if id(mask) not in cached:
+            anchor, sub = segment["anchor"], segment["sub"]
+            cached[id(mask)] = (mask, _select_mask(mask, anchor, sub, anchor, sub, prefill=True))
+        return cached[id(mask)][1]
 
     # --- deciding ------------------------------------------------------------------------------------
     def _context(self, stage_index: int, live: LayerInput | None, request: _Request) -> StageContext:
@@ -658,6 +686,7 @@ class PruningSession:
             padding_marks=list(request.padding),
             padding_fractions=list(request.padding_fractions),
             dry_run=self.dry_run,
+            notes=list(self.notes),
         )
 
     def _decide(self, stage_index: int, hidden: torch.Tensor, live: LayerInput | None, request: _Request) -> list[Kept]:
@@ -796,9 +825,11 @@ class PruningSession:
             return None
         segment_index = applicable[-1]
         hidden = args[0] if args else kwargs["hidden_states"]
-        if segment_index not in request.step:
-            request.step[segment_index] = self._decode_inputs(segment_index, index, request, kwargs, hidden)
-        return args, dict(kwargs, **request.step[segment_index])
+        mask = kwargs.get("attention_mask")
+        key = (segment_index, id(mask))  # layers of different attention types have different masks
+        if key not in request.step:
+            request.step[key] = self._decode_inputs(segment_index, index, request, kwargs, hidden)
+        return args, dict(kwargs, **request.step[key])
 
     def _decode_inputs(self, segment_index: int, index: int, request: _Request, kwargs, hidden) -> dict:
         """Mask (and, with compact positions, positions and RoPE tables) for the new queries of a decode step

@@ -104,7 +104,7 @@ def inspect_model(spec: str) -> ModelInfo:
     architectures = list(getattr(config, "architectures", None) or [])
     if not set(architectures) & set(supported) and getattr(config, "model_type", None) != "llava":
         kind = ", ".join(architectures) or getattr(config, "model_type", None) or type(config).__name__
-        raise ValueError(f"{spec} is a {kind} model; vtprune supports {', '.join(supported)} (LLaVA-1.5-style models)")
+        raise ValueError(f"{spec} is a {kind} model; vtprune supports {', '.join(supported)} (see the README's supported-models table)")
     return ModelInfo(spec=spec, source=source, path=path, name=name, config=config)
 
 
@@ -159,9 +159,7 @@ def load_model(
 
     inspect_model(spec)
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*torchvision.*")
-            processor = AutoProcessor.from_pretrained(spec)
+        processor = load_processor(spec)
     except (OSError, ValueError, TypeError, KeyError) as error:
         raise ValueError(
             f"cannot load the processor of {spec} ({' '.join(str(error).split())}): the model directory needs the "
@@ -175,6 +173,90 @@ def load_model(
         raise ValueError(f"cannot load the model weights of {spec}: {' '.join(str(error).split())}") from None
     check_pair(model, processor, spec)
     return model.to(device).eval(), processor
+
+
+def load_processor(path: str):
+    """`AutoProcessor.from_pretrained(path)`; where that fails only because torchvision is missing (processors with
+    a video slot cannot be built without it in transformers 5.x, even for images), the same processor class is
+    built from its image processor (PIL class) and tokenizer with no video processor: images work, videos need
+    torchvision."""
+    import json
+
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+    from transformers.processing_utils import ProcessorMixin
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torchvision.*")
+        try:
+            return AutoProcessor.from_pretrained(path)
+        except (AttributeError, ImportError) as error:
+            if "_extra_content" not in str(error) and "Torchvision" not in str(error):
+                raise
+        import transformers
+        from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+        options = {}
+        for name in ("processor_config.json", "preprocessor_config.json"):
+            try:
+                from transformers.utils import cached_file
+
+                found = cached_file(path, name, _raise_exceptions_for_missing_entries=False)
+            except OSError:
+                found = None
+            if found:
+                with open(found) as handle:
+                    data = json.load(handle)
+                options = {**data, **options} if name == "processor_config.json" else options
+                class_name = data.get("processor_class") or options.get("processor_class")
+                if class_name:
+                    break
+        else:
+            class_name = None
+        if not class_name:
+            from transformers import AutoConfig
+
+            class_name = PROCESSOR_MAPPING_NAMES.get(AutoConfig.from_pretrained(path).model_type)
+        cls = getattr(transformers, class_name or "", None)
+        if cls is None:
+            raise ValueError(f"cannot tell which processor class {path} uses (no processor_class in its files)")
+        image_processor = AutoImageProcessor.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        import inspect
+
+        accepted = set(inspect.signature(cls.__init__).parameters)
+        kwargs = {k: v for k, v in options.items() if k in accepted and k not in ("image_processor", "tokenizer", "video_processor")}
+        if "chat_template" in accepted and "chat_template" not in kwargs:
+            kwargs["chat_template"] = _chat_template(path) or getattr(tokenizer, "chat_template", None)
+        original = ProcessorMixin.check_argument_for_proper_class
+
+        def check(self, name, argument):  # the video slot stays empty; everything else is checked as usual
+            if name == "video_processor" and argument is None:
+                return None
+            return original(self, name, argument)
+
+        ProcessorMixin.check_argument_for_proper_class = check
+        try:
+            extra = {"video_processor": None} if "video_processor" in accepted else {}
+            return cls(image_processor=image_processor, tokenizer=tokenizer, **extra, **kwargs)
+        finally:
+            ProcessorMixin.check_argument_for_proper_class = original
+
+
+def _chat_template(path: str) -> str | None:
+    """The processor's chat template saved beside it (chat_template.jinja or chat_template.json), if any."""
+    import json
+
+    from transformers.utils import cached_file
+
+    for name in ("chat_template.jinja", "chat_template.json"):
+        try:
+            found = cached_file(path, name, _raise_exceptions_for_missing_entries=False)
+        except OSError:
+            found = None
+        if found:
+            text = Path(found).read_text()
+            return json.loads(text).get("chat_template") if name.endswith(".json") else text
+    return None
 
 
 def check_pair(model, processor, spec: str = "the model") -> None:
@@ -196,6 +278,15 @@ def check_pair(model, processor, spec: str = "the model") -> None:
             f"the processor of {spec} makes {side[0]}x{side[1]} images but the model's vision tower takes "
             f"{vision.image_size}x{vision.image_size}: the processor belongs to another model"
         )
+    from .adapters import LlavaAdapter, adapter_for
+
+    adapter = adapter_for(model)
+    if type(adapter) is not LlavaAdapter:  # token counts that depend on the image: the adapter's own check
+        try:
+            adapter.visual_layout(inputs["input_ids"], dict(inputs))
+        except ValueError as error:
+            raise ValueError(f"the processor of {spec} does not match the model: {error}") from None
+        return
     token = getattr(model.config, "image_token_id", None)
     expected = (vision.image_size // vision.patch_size) ** 2
     count = int((inputs["input_ids"] == token).sum()) if token is not None else expected

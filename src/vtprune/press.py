@@ -37,9 +37,29 @@ REFERENCE_TOKENS = 576
 DEFAULT_BUDGET = 128
 
 
+#: the methods shipped with vtprune (registered as their classes are defined), for error messages
+_METHODS: dict[str, type] = {}
+
+
+def _reads_vision_tower(press_or_class) -> bool:
+    """Whether a press (or a method class with its default options) reads the vision tower."""
+    press = press_or_class
+    if isinstance(press_or_class, type):
+        try:
+            press = press_or_class()
+        except Exception:  # a method that cannot be built without options
+            return False
+    return bool(press.vision_layers() or press.vision_stages(0))
+
+
 class Press:
     """Base class of pruning methods. Subclasses are dataclasses with (at least) a `debias` and a `positions`
     field, and implement `stages` and `score` (or `select`)."""
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("name") and cls.__module__.startswith("vtprune.methods"):
+            _METHODS[cls.name] = cls
 
     #: registry / CLI name, e.g. "fastv"
     name: ClassVar[str] = ""
@@ -114,7 +134,20 @@ class Press:
             needed for padding debiasing.
         dry_run: decide and record every stage, cut nothing (the model runs unpruned).
         """
+        self._check_family(model)
         return PruningSession(self, model, processor=processor, image_sizes=image_sizes, dry_run=dry_run)
+
+    def _check_family(self, model: nn.Module) -> None:
+        """Refuse, naming the methods that work, a method that reads a vision tower vtprune cannot read."""
+        from .adapters import adapter_for
+
+        reason = adapter_for(model).vision_side_unsupported
+        if reason and _reads_vision_tower(self):
+            working = [name for name, cls in _METHODS.items() if not _reads_vision_tower(cls)]
+            raise ValueError(
+                f"{type(self).__name__} reads the vision tower, which vtprune cannot do on {type(model).__name__}: "
+                f"{reason}. Methods that work on this model: {', '.join(working)}."
+            )
 
     def validate(self, num_layers: int) -> list[Stage]:
         """Check the stages against a model with `num_layers` decoder layers; return them."""

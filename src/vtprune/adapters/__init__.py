@@ -6,8 +6,11 @@ from torch import nn
 
 from .base import ModelAdapter, VisualLayout, VisualSegment
 from .llava import LlavaAdapter
+from .llava_next import LlavaNextAdapter
+from .qwen2_5_vl import Qwen2_5_VLAdapter
+from .video_llava import VideoLlavaAdapter
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter,)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter, LlavaNextAdapter, VideoLlavaAdapter, Qwen2_5_VLAdapter)
 
 
 def supported_model_classes() -> list[str]:
@@ -25,4 +28,4 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
     )
 
 
-__all__ = ["ModelAdapter", "VisualLayout", "VisualSegment", "LlavaAdapter", "adapter_for", "supported_model_classes"]
+__all__ = ["ModelAdapter", "VisualLayout", "VisualSegment", "LlavaAdapter", "LlavaNextAdapter", "Qwen2_5_VLAdapter", "VideoLlavaAdapter", "adapter_for", "supported_model_classes"]

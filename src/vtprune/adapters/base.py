@@ -20,13 +20,22 @@ class VisualSegment:
 
     `offset` is the index of the segment's first token among the sample's visual tokens (not the sequence),
     `length` its number of tokens, `grid` its (rows, cols) patch grid in row-major order, `image_index` the
-    index of the image in the batch's flattened image list (the order of `image_sizes`).
+    index of the image in the batch's flattened image list (the order of `image_sizes`), or, for a video
+    frame, the index of its video in the batch's flattened video list.
+    `kind`: "image", "frame" (one frame, or one temporal group of frames, of a video) or "tile" (an anyres
+    crop or the base image of a LLaVA-NeXT-style image). `frame`: the frame's index inside its video (0 for
+    images). `part`: the index of the image or video the segment belongs to among the sample's images and
+    videos (segments of one image's tiles or one video's frames share it; positional debiasing along the
+    whole visual sequence of a video uses it).
     """
 
     offset: int
     length: int
     grid: tuple[int, int]
     image_index: int
+    kind: str = "image"
+    frame: int = 0
+    part: int = -1
 
 
 @dataclass
@@ -46,7 +55,9 @@ class VisualLayout:
 
     @property
     def num_images(self) -> int:
-        return sum(len(s) for s in self.segments)
+        """Images in the batch (an image's several segments, e.g. LLaVA-NeXT's base and tiles, count once; video
+        frames do not count)."""
+        return len({seg.image_index for sample in self.segments for seg in sample if seg.kind != "frame"})
 
 
 class ModelAdapter:
@@ -74,9 +85,25 @@ class ModelAdapter:
         raise NotImplementedError
 
     # --- visual tokens -------------------------------------------------------------------------------
-    def visual_layout(self, input_ids: torch.Tensor) -> VisualLayout:
-        """Find the visual tokens of each sample of `input_ids` (B, N)."""
+    def visual_layout(self, input_ids: torch.Tensor, inputs: dict | None = None) -> VisualLayout:
+        """Find the visual tokens of each sample of `input_ids` (B, N). `inputs`: the other keyword arguments of
+        the input module's forward (grid tensors such as `image_grid_thw`, `image_sizes`), for families whose
+        token count per image depends on them."""
         raise NotImplementedError
+
+    #: whether images are padded onto the model's grid (pad-to-square, anyres unpadding): where False, padding
+    #: debiasing does not apply and reports so (`no_padding_reason`) instead of needing the image geometry
+    pads_images: bool = True
+    no_padding_reason: str = ""
+
+    #: whether positions are one number per token, so that `positions="compact"` can renumber them; families
+    #: with multi-axis positions (mRoPE) keep each kept token's own positions and say so (`compact_note`)
+    compact_positions: bool = True
+    compact_note: str = ""
+
+    #: why vision-side methods (those reading the vision tower: VisionZip, FasterVLM, iLLaVA's vision stages)
+    #: cannot run on this family, or "" when they can
+    vision_side_unsupported: str = ""
 
     def image_geometry(self, processor):
         """The `geometry.ImageGeometry` that maps an original image onto this model's patch grid."""

@@ -67,7 +67,7 @@ class LlavaAdapter(ModelAdapter):
             raise ValueError(f"cannot find the encoder layers of the vision tower {type(tower).__name__}")
         return encoder.layers
 
-    def visual_layout(self, input_ids: torch.Tensor) -> VisualLayout:
+    def visual_layout(self, input_ids: torch.Tensor, inputs: dict | None = None) -> VisualLayout:
         is_image = input_ids == self.image_token_id  # (B, N)
         counts = is_image.sum(dim=1).tolist()  # one synchronisation for the batch
         order = torch.argsort((~is_image).to(torch.int8), dim=1, stable=True)  # image positions first, in order

@@ -40,6 +40,9 @@ class Debias:
         with False, padding tokens rank last and fill the budget only when there are fewer real tokens than
         `keep`. None: the method's published behaviour (True for FastV, False for the others).
     stages: debias the first stage only (as published) or every stage.
+    video_axis: the positional axis of a video's tokens: "video" (default; i/L along the whole visual sequence of
+        the video, its frames one after another, as the published code ranks one contiguous block of visual
+        tokens) or "frame" (each frame on its own axis, like an image).
     """
 
     profile: "str | os.PathLike | object | None" = None
@@ -47,6 +50,7 @@ class Debias:
     padding_threshold: float | None = None
     drop_padding: bool | None = None
     stages: Literal["first", "all"] = "first"
+    video_axis: Literal["video", "frame"] = "video"
     _loaded: object = field(default=None, init=False, repr=False, compare=False)
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -62,6 +66,8 @@ class Debias:
             raise ValueError(f"padding_threshold={self.padding_threshold!r} must lie in [0, 1)")
         if self.drop_padding is not None and not isinstance(self.drop_padding, bool):
             raise TypeError(f"drop_padding={self.drop_padding!r} must be True, False or None")
+        if self.video_axis not in ("video", "frame"):
+            raise ValueError(f"video_axis={self.video_axis!r}: use 'video' (the whole visual sequence of a video) or 'frame'")
         if self.stages not in ("first", "all"):
             raise ValueError(f"stages={self.stages!r}: use 'first' or 'all'")
         if self.profile is not None and self.profile not in ("auto", "default"):
@@ -137,10 +143,26 @@ class Debias:
         """
         return self.apply_batch([scores], [ranks], [segments], [padding])[0]
 
+    def axes(self, segments: Sequence[VisualSegment]) -> list[VisualSegment]:
+        """The positional axes of a sample: its segments, with a video's frames joined into one axis when
+        video_axis="video"."""
+        if self.video_axis == "frame":
+            return list(segments)
+        out: list[VisualSegment] = []
+        for segment in segments:
+            last = out[-1] if out else None
+            if (segment.kind == "frame" and last is not None and last.kind == "frame" and last.part == segment.part
+                    and last.image_index == segment.image_index and last.offset + last.length == segment.offset):
+                out[-1] = replace(last, length=last.length + segment.length, grid=(1, last.length + segment.length))
+            else:
+                out.append(segment)
+        return out
+
     def apply_batch(self, scores, ranks, segments, padding) -> list[torch.Tensor]:
         """`apply` for the samples of a batch (lists of per-sample arguments); "auto" fits every image of every
         sample in one batched computation on the scores' device."""
         out = [s.float() for s in scores]
+        segments = [self.axes(sample) for sample in segments]
         if self.profile == "auto":
             trends = self._auto_trends(out, ranks, segments, padding)
             out = [s / t for s, t in zip(out, trends)]

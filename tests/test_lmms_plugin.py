@@ -186,3 +186,19 @@ def test_loglikelihood_is_refused_while_pruning(docs):
                        metadata={"task": "gqa", "doc_id": 0, "repeats": 1})
     with pytest.raises(NotImplementedError, match="generate_until only"):
         lm.loglikelihood([request])
+
+
+@pytest.mark.parametrize("slug", ["full", "pdrop-debias"])
+def test_reproduce_commands_parse_in_lmms_eval(docs, slug):
+    """The model_args `vtprune reproduce` prints, parsed by lmms-eval itself, build a working model."""
+    from vtprune import reproduce as rep
+
+    spec = rep.table("paper-llava15")
+    row = next(r for r in spec.rows if r.slug == slug)
+    args = rep.model_args(spec, row, budget=128, pretrained="testbed") + ",dtype=float32"
+    lm = load("vtprune_llava_hf", args, docs)
+    assert lm.vtprune_pad_to_square is True
+    answers = texts(lm.generate_until(requests(docs, chat=True)[:2]))
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    kept = [r["kept"] for r in lm.vtprune_requests]
+    assert kept == ([None, None] if row.method is None else [kept[0]] * 2) and (row.method is None or kept[0] < 144)

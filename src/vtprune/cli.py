@@ -953,6 +953,91 @@ def _load_questions(data: str, images: Optional[Path], samples: Optional[int], s
         raise UsageError(f"--data: {error}") from None
 
 
+@app.command()
+def reproduce(
+    name: str = typer.Argument(..., help="the paper table: paper-llava15 (or paper-videollava, not runnable yet)"),
+    budget: Optional[int] = typer.Option(None, "--budget", help="visual tokens of 576 (default: the table's, 128)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the lmms-eval command of every row, run nothing"),
+    collect_only: bool = typer.Option(False, "--collect", help="only collect the results already in --out"),
+    out_dir: Path = typer.Option(Path("vtprune-reproduce"), "--out", help="one folder per row, table.md and table.json"),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="the checkpoint (default: the table's, llava-hf/llava-1.5-7b-hf)"),
+    methods: Optional[str] = typer.Option(None, "--methods", help="only these methods' rows (and the full model)"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="lmms-eval --limit: the first N questions per task (a smoke test, not the paper's numbers)"),
+    launcher: str = typer.Option("python -m lmms_eval", "--launcher", help="how to start lmms-eval, e.g. 'accelerate launch --num_processes 8 -m lmms_eval'"),
+    force: bool = typer.Option(False, "--force", help="rerun rows whose results are already there"),
+) -> None:
+    """The lmms-eval commands for every row of a paper table (--dry-run prints them), run one after the other,
+    and the results collected into one table beside the published numbers (OUT/table.md, OUT/table.json)."""
+    import shlex
+
+    from . import reproduce as rep
+
+    try:
+        spec = rep.table(name)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if spec.unavailable:
+        published = "; ".join(f"{row.label} {row.published}" for row in spec.rows)
+        raise UsageError(f"{name}: not runnable yet: {spec.unavailable}. Published averages: {published}")
+    budget = spec.budget if budget is None else budget
+    if not 1 <= budget <= 576:
+        raise UsageError(f"--budget {budget}: give a count of LLaVA-1.5-7B's 576 visual tokens (1..576)")
+    if limit is not None:
+        _positive(limit, "--limit")
+    try:
+        rows = rep.select_rows(spec, None if methods is None else _list_option(methods, "--methods"))
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    starter = shlex.split(launcher)
+    if not starter:
+        raise UsageError("--launcher is empty: give e.g. 'python -m lmms_eval'")
+    commands = {row.slug: rep.command(spec, row, out_dir, budget=budget, pretrained=pretrained, limit=limit,
+                                      launcher=starter) for row in rows}
+    if dry_run:
+        lines = [f"# {spec.title}", f"# budget {budget}; {len(rows)} rows x {len(spec.benchmarks)} benchmarks "
+                 f"({', '.join(b.task for b in spec.benchmarks)})"]
+        needs = [(b.task, b.needs) for b in spec.benchmarks if b.needs]
+        lines += [f"# {task} needs {what}" for task, what in needs]
+        lines += [f"# note: {note}" for note in spec.notes]
+        for row in rows:
+            published = "" if row.published is None or budget != spec.budget else f" (published average {row.published})"
+            lines += ["", f"# {row.label}{published}", rep.shell(commands[row.slug])]
+        lines += ["", f"# then: vtprune reproduce {name} --collect --out {shlex.quote(str(out_dir))}"
+                  + ("" if budget == spec.budget else f" --budget {budget}")]
+        typer.echo("\n".join(lines))
+        return
+    _check_output_dir(out_dir, "--out")
+    if not collect_only:
+        import subprocess
+        from importlib.util import find_spec
+
+        if "lmms_eval" in launcher and find_spec("lmms_eval") is None:
+            raise UsageError("lmms-eval is not installed: pip install 'vtprune[eval]' (where a CUDA torch is installed), "
+                             "or print the commands with --dry-run")
+        for row in rows:
+            done = rep.collect(spec, [row], out_dir)[0]
+            if done.done == len(spec.benchmarks) and not force:
+                status.print(f"{row.label}: results already in {out_dir / row.slug} (--force reruns)")
+                continue
+            status.print(f"[bold]{row.label}[/bold]: {rep.shell(commands[row.slug])}")
+            argv = commands[row.slug]
+            argv = [sys.executable, *argv[1:]] if argv[0] in ("python", "python3") else argv  # this environment's
+            code = subprocess.run(argv).returncode
+            if code != 0:
+                raise RuntimeError(f"lmms-eval failed on row {row.label!r} (exit code {code}); finished rows are kept, "
+                                   "rerun the same command to continue")
+    results = rep.collect(spec, rows, out_dir, {slug: rep.shell(argv) for slug, argv in commands.items()})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = rep.markdown(spec, results, budget)
+    (out_dir / "table.md").write_text(text + "\n")
+    (out_dir / "table.json").write_text(json.dumps(rep.to_json(spec, results, budget), indent=1))
+    console.print(text)
+    missing = [r.row.label for r in results if r.average is None]
+    if missing:
+        console.print(f"incomplete rows (no average yet): {', '.join(missing)}")
+    console.print(f"wrote {out_dir / 'table.md'} and {out_dir / 'table.json'}")
+
+
 def _mount_testbed() -> None:
     try:
         from .testbed.cli import testbed_app

@@ -903,6 +903,7 @@ def eval_command(
     for note in notes:
         status.print(f"note: {note}")
     state = out_dir / "cells.json"
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     try:
         with _progress("eval") as bar:
             task = bar.add_task("eval", total=len(settings) * len(questions))
@@ -922,7 +923,8 @@ def eval_command(
             "profiles": {s.key: s.profile for s in settings if s.profile}, "max_new_tokens": max_new_tokens,
             "batch_size": batch_size, "pad_to_square": pad_to_square, "device": device,
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
-            "notes": notes, "vtprune_version": __version__}
+            "notes": notes, "vtprune_version": __version__,
+            "load_average": None if load_before is None else [load_before, os.getloadavg()[0]]}
     json_path, csv_path = write_results(out_dir, cells, meta)
     (out_dir / "results.md").write_text(markdown_table(cells) + "\n")
     if as_json:
@@ -941,6 +943,9 @@ def eval_command(
     memory = cells[0].memory_kind if cells else ""
     console.print(f"accuracy: exact match after normalisation / option letter; prefill and decode: medians per "
                   f"request of {batch_size}; peak memory: {memory}")
+    if meta["load_average"] is not None and device == "cpu":
+        console.print(f"machine load average {meta['load_average'][0]:.1f} at the start, {meta['load_average'][1]:.1f} "
+                      f"at the end ({os.cpu_count()} CPUs): CPU timings are only comparable at a low, steady load")
     console.print(f"wrote {json_path}, {csv_path} and {out_dir / 'results.md'}")
 
 

@@ -801,6 +801,248 @@ def _analyze_records(model, processor, examples, press, batch_size: int, state: 
     return records
 
 
+def _list_option(text: str, option: str) -> list[str]:
+    """A comma-separated list of names (`fastv,pdrop`), each non-empty, duplicates dropped."""
+    parts = [part.strip() for part in str(text).split(",")]
+    if not parts or any(not part for part in parts):
+        raise UsageError(f"{option} {text!r}: give one or more names separated by commas")
+    return list(dict.fromkeys(parts))
+
+
+def _budgets_option(text: str) -> list:
+    """`--budgets 192,128,64`: counts of LLaVA-1.5-7B's 576 visual tokens or fractions."""
+    parts = [part.strip() for part in str(text).split(",")]
+    if any(not part for part in parts):
+        raise UsageError(f"--budgets {text!r}: give budgets separated by commas ({AMOUNT_FORMS} each)")
+    return list(dict.fromkeys(budget_option(part, "--budgets") for part in parts))
+
+
+@app.command("eval")
+def eval_command(
+    model_path: str = typer.Option(..., "--model", help="local model directory, hub id, or 'testbed'"),
+    data: str = typer.Option(..., "--data", help="a LLaVA-style jsonl with an answer per line, or 'testbed'"),
+    images: Optional[Path] = typer.Option(None, "--images", help="folder the jsonl's image paths are relative to (default: the jsonl's)"),
+    samples: Optional[int] = typer.Option(None, "--samples", help="the first N questions (default: all; testbed: 100)"),
+    split: str = typer.Option("test", "--split", help="testbed split for --data testbed"),
+    methods: str = typer.Option("fastv", "--methods", help="comma-separated methods (`vtprune methods`)"),
+    budgets: str = typer.Option("128", "--budgets", help="comma-separated budgets: counts of 576 (192,128,64) or fractions"),
+    debias: str = typer.Option("none,both", "--debias", help="comma-separated: none, positional, padding, both"),
+    profile: str = typer.Option("default", "--profile", help="positional profile: 'default' (the model's built-in one per method, else auto), a name, a JSON path or 'auto'"),
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens", help="answer length limit (>= 1)"),
+    batch_size: int = typer.Option(1, "--batch-size", help="questions per generate() call (timings are per call)"),
+    pad_to_square: Optional[bool] = typer.Option(None, "--pad-to-square/--no-pad-to-square", help="pad images to a square (LLaVA-1.5's own preprocessing) or not; default: the processor as it is"),
+    out_dir: Path = typer.Option(Path("vtprune-eval"), "--out", help="folder for results.json, results.csv and the saved cells"),
+    force: bool = typer.Option(False, "--force", help="measure every setting again instead of reusing saved cells"),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or mps"),
+    dtype: str = typer.Option("auto", "--dtype"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads of torch"),
+    as_json: bool = typer.Option(False, "--json", help="print results.json to stdout"),
+) -> None:
+    """Accuracy, speed and memory of every method x budget x debias setting on your own questions.
+
+    Prints a table (accuracy with its 95% Wilson interval, the paired difference of debiased to plain at the
+    same method and budget, visual tokens, prefill ms, decode ms per token, peak memory) and writes
+    OUT/results.json and OUT/results.csv. Finished settings are saved in OUT/cells.json: rerunning resumes."""
+    from .evaluation import build_grid
+
+    _positive(max_new_tokens, "--max-new-tokens")
+    _positive(batch_size, "--batch-size")
+    if samples is not None:
+        _positive(samples, "--samples")
+    if threads is not None:
+        _positive(threads, "--threads")
+    method_names = _list_option(methods, "--methods")
+    for name in method_names:
+        make_press(name)  # unknown methods are usage errors
+    budget_values = _budgets_option(budgets)
+    modes = _list_option(debias, "--debias")
+    if profile != "default" and profile not in ("none",):
+        _debias(profile)  # a bad --profile fails here
+    if profile == "none" and any(m in ("positional", "both") for m in modes):
+        raise UsageError("--profile none contradicts --debias positional/both: drop one")
+    if split not in SPLITS:
+        raise UsageError(f"--split {split!r}: use {', '.join(SPLITS)} (for --data testbed)")
+    if data != "testbed" and images is not None and not images.is_dir():
+        raise UsageError(f"--images {images} is not a directory: give the folder the jsonl's image paths are relative to")
+    _check_output_dir(out_dir, "--out")
+    _check_runtime(device, dtype)
+    info = _inspect_model(model_path)
+    resolved: dict[str, str] = {}
+
+    def profile_for(name: str) -> str:
+        if profile != "default":
+            return profile
+        if name not in resolved:
+            resolved[name] = default_profile(info.config, name) or "auto"
+        return resolved[name]
+
+    try:
+        settings, notes = build_grid(method_names, budget_values, modes, profile_for)
+        for setting in settings:
+            press = setting.press()
+            if press is not None:
+                press.validate(info.num_layers)
+    except (TypeError, ValueError) as error:
+        raise UsageError(str(error)) from None
+    questions = _load_questions(data, images, samples, split)
+
+    import torch
+
+    from .evaluation import markdown_table, run_grid, table_rows, write_results, TABLE_COLUMNS
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    model, processor = _load(info, device, dtype)
+    if pad_to_square is not None:
+        from .loading import set_pad_to_square
+
+        set_pad_to_square(processor, pad_to_square)
+    for name, chosen in resolved.items():
+        if chosen == "auto":
+            notes.append(f"{name}: no built-in profile for this model, positional debiasing uses 'auto' (calibration-free)")
+    for note in notes:
+        status.print(f"note: {note}")
+    state = out_dir / "cells.json"
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    try:
+        with _progress("eval") as bar:
+            task = bar.add_task("eval", total=len(settings) * len(questions))
+            cells = run_grid(model, processor, questions, settings, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                             state_path=state, force=force, progress=lambda n: bar.advance(task, n),
+                             log=lambda text: status.print(text))
+    except KeyboardInterrupt:
+        if state.is_file():
+            status.print(f"interrupted: finished settings are saved in {state}; rerun the same command to resume")
+        raise
+    from . import __version__
+
+    meta = {"model": info.name, "data": data, "images": None if images is None else str(images),
+            "split": split if data == "testbed" else None, "questions": len(questions),
+            "kinds": {kind: sum(q.kind == kind for q in questions) for kind in ("exact", "choice")},
+            "methods": method_names, "budgets": budget_values, "debias": modes, "profile": profile,
+            "profiles": {s.key: s.profile for s in settings if s.profile}, "max_new_tokens": max_new_tokens,
+            "batch_size": batch_size, "pad_to_square": pad_to_square, "device": device,
+            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+            "notes": notes, "vtprune_version": __version__,
+            "load_average": None if load_before is None else [load_before, os.getloadavg()[0]]}
+    json_path, csv_path = write_results(out_dir, cells, meta)
+    (out_dir / "results.md").write_text(markdown_table(cells) + "\n")
+    if as_json:
+        _print_json(json.loads(json_path.read_text()))
+        return
+    kinds = ", ".join(f"{n} {k}" for k, n in meta["kinds"].items() if n)
+    from rich import box
+
+    table = Table(title=f"{info.name} on {data}: {len(questions)} questions ({kinds}), {meta['dtype']} on {device}",
+                  box=box.SIMPLE_HEAD, title_justify="left")
+    for column in TABLE_COLUMNS:
+        table.add_column(column, justify="left" if column == "setting" else "right")
+    for row in table_rows(cells):
+        table.add_row(*row)
+    console.print(table)
+    memory = cells[0].memory_kind if cells else ""
+    console.print(f"accuracy: exact match after normalisation / option letter; prefill and decode: medians per "
+                  f"request of {batch_size}; peak memory: {memory}")
+    if meta["load_average"] is not None and device == "cpu":
+        console.print(f"machine load average {meta['load_average'][0]:.1f} at the start, {meta['load_average'][1]:.1f} "
+                      f"at the end ({os.cpu_count()} CPUs): CPU timings are only comparable at a low, steady load")
+    console.print(f"wrote {json_path}, {csv_path} and {out_dir / 'results.md'}")
+
+
+def _load_questions(data: str, images: Optional[Path], samples: Optional[int], split: str):
+    from .evaluation import load_questions
+
+    try:
+        return load_questions(data, images, samples, split=split)  # unreadable images: one warning line
+    except ValueError as error:
+        raise UsageError(f"--data: {error}") from None
+
+
+@app.command()
+def reproduce(
+    name: str = typer.Argument(..., help="the paper table: paper-llava15 (or paper-videollava, not runnable yet)"),
+    budget: Optional[int] = typer.Option(None, "--budget", help="visual tokens of 576 (default: the table's, 128)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the lmms-eval command of every row, run nothing"),
+    collect_only: bool = typer.Option(False, "--collect", help="only collect the results already in --out"),
+    out_dir: Path = typer.Option(Path("vtprune-reproduce"), "--out", help="one folder per row, table.md and table.json"),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="the checkpoint (default: the table's, llava-hf/llava-1.5-7b-hf)"),
+    methods: Optional[str] = typer.Option(None, "--methods", help="only these methods' rows (and the full model)"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="lmms-eval --limit: the first N questions per task (a smoke test, not the paper's numbers)"),
+    launcher: str = typer.Option("python -m lmms_eval", "--launcher", help="how to start lmms-eval, e.g. 'accelerate launch --num_processes 8 -m lmms_eval'"),
+    force: bool = typer.Option(False, "--force", help="rerun rows whose results are already there"),
+) -> None:
+    """The lmms-eval commands for every row of a paper table (--dry-run prints them), run one after the other,
+    and the results collected into one table beside the published numbers (OUT/table.md, OUT/table.json)."""
+    import shlex
+
+    from . import reproduce as rep
+
+    try:
+        spec = rep.table(name)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if spec.unavailable:
+        published = "; ".join(f"{row.label} {row.published}" for row in spec.rows)
+        raise UsageError(f"{name}: not runnable yet: {spec.unavailable}. Published averages: {published}")
+    budget = spec.budget if budget is None else budget
+    if not 1 <= budget <= 576:
+        raise UsageError(f"--budget {budget}: give a count of LLaVA-1.5-7B's 576 visual tokens (1..576)")
+    if limit is not None:
+        _positive(limit, "--limit")
+    try:
+        rows = rep.select_rows(spec, None if methods is None else _list_option(methods, "--methods"))
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    starter = shlex.split(launcher)
+    if not starter:
+        raise UsageError("--launcher is empty: give e.g. 'python -m lmms_eval'")
+    commands = {row.slug: rep.command(spec, row, out_dir, budget=budget, pretrained=pretrained, limit=limit,
+                                      launcher=starter) for row in rows}
+    if dry_run:
+        lines = [f"# {spec.title}", f"# budget {budget}; {len(rows)} rows x {len(spec.benchmarks)} benchmarks "
+                 f"({', '.join(b.task for b in spec.benchmarks)})"]
+        needs = [(b.task, b.needs) for b in spec.benchmarks if b.needs]
+        lines += [f"# {task} needs {what}" for task, what in needs]
+        lines += [f"# note: {note}" for note in spec.notes]
+        for row in rows:
+            published = "" if row.published is None or budget != spec.budget else f" (published average {row.published})"
+            lines += ["", f"# {row.label}{published}", rep.shell(commands[row.slug])]
+        lines += ["", f"# then: vtprune reproduce {name} --collect --out {shlex.quote(str(out_dir))}"
+                  + ("" if budget == spec.budget else f" --budget {budget}")]
+        typer.echo("\n".join(lines))
+        return
+    _check_output_dir(out_dir, "--out")
+    if not collect_only:
+        import subprocess
+        from importlib.util import find_spec
+
+        if "lmms_eval" in launcher and find_spec("lmms_eval") is None:
+            raise UsageError("lmms-eval is not installed: pip install 'vtprune[eval]' (where a CUDA torch is installed), "
+                             "or print the commands with --dry-run")
+        for row in rows:
+            done = rep.collect(spec, [row], out_dir)[0]
+            if done.done == len(spec.benchmarks) and not force:
+                status.print(f"{row.label}: results already in {out_dir / row.slug} (--force reruns)")
+                continue
+            status.print(f"[bold]{row.label}[/bold]: {rep.shell(commands[row.slug])}")
+            argv = commands[row.slug]
+            argv = [sys.executable, *argv[1:]] if argv[0] in ("python", "python3") else argv  # this environment's
+            code = subprocess.run(argv).returncode
+            if code != 0:
+                raise RuntimeError(f"lmms-eval failed on row {row.label!r} (exit code {code}); finished rows are kept, "
+                                   "rerun the same command to continue")
+    results = rep.collect(spec, rows, out_dir, {slug: rep.shell(argv) for slug, argv in commands.items()})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = rep.markdown(spec, results, budget)
+    (out_dir / "table.md").write_text(text + "\n")
+    (out_dir / "table.json").write_text(json.dumps(rep.to_json(spec, results, budget), indent=1))
+    console.print(text)
+    missing = [r.row.label for r in results if r.average is None]
+    if missing:
+        console.print(f"incomplete rows (no average yet): {', '.join(missing)}")
+    console.print(f"wrote {out_dir / 'table.md'} and {out_dir / 'table.json'}")
+
+
 def _mount_testbed() -> None:
     try:
         from .testbed.cli import testbed_app

@@ -1,7 +1,8 @@
 """Examples for calibration and analysis: a LLaVA-style jsonl file with an image folder, or the testbed.
 
 jsonl: one object per line, `{"image": "relative/path.jpg", "text": "question"}` (LLaVA's evaluation
-question files; "question" or "prompt" are accepted for "text", and an optional "answer").
+question files; "question" or "prompt" are accepted for "text", and an optional "answer"). The fields in
+`EXTRA_FIELDS` ("answers", "choices", ...) are kept in `Example.meta` for evaluation.
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
+
+
+#: fields of a jsonl row kept in `Example.meta` (what `vtprune eval` scores with)
+EXTRA_FIELDS = ("question_id", "answers", "choices", "options", "category")
 
 
 @dataclass
@@ -74,7 +79,7 @@ def load_jsonl(path: str | Path, images: str | Path | None, samples: int | None 
         except (UnidentifiedImageError, OSError, SyntaxError) as error:
             report.unreadable.append((str(file), f"{type(error).__name__}: {error}"))
             continue
-        meta = {"line": number, "image_path": str(file)}
+        meta = {"line": number, "image_path": str(file), **{k: row[k] for k in EXTRA_FIELDS if k in row}}
         examples.append(Example(image=image, question=text, answer=row.get("answer"), meta=meta))
     if report.unreadable:
         warnings.warn(f"skipped {len(report.unreadable)} unreadable image(s), e.g. {report.unreadable[0][0]}", stacklevel=2)
@@ -99,4 +104,4 @@ def load_examples(data: str, images: str | Path | None, samples: int, split: str
     return load_jsonl(data, images, samples)
 
 
-__all__ = ["Example", "LoadReport", "load_jsonl", "load_examples"]
+__all__ = ["EXTRA_FIELDS", "Example", "LoadReport", "load_jsonl", "load_examples"]

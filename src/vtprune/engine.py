@@ -129,6 +129,27 @@ class _Request:
     step: dict = field(default_factory=dict)  # decode: per-step values
 
 
+_NEVER_PADS_WARNED: set = set()
+
+
+def _warn_if_processor_never_pads(adapter, processor) -> None:
+    """Warn, once per processor class and settings, when padding debiasing is on but the processor never pads
+    (e.g. the center-cropping CLIP processor of converted LLaVA-1.5 checkpoints): it would silently do nothing."""
+    from .geometry import no_padding_message
+
+    images = getattr(processor, "image_processor", None) or processor
+    key = (type(images).__name__, repr(sorted((k, repr(v)) for k, v in vars(images).items() if k.startswith("do_"))))
+    if key in _NEVER_PADS_WARNED:
+        return
+    try:
+        pads = adapter.image_geometry(processor).pads
+    except (ValueError, NotImplementedError):
+        return  # padding_fractions succeeded, so the adapter reads padding without a standard geometry
+    _NEVER_PADS_WARNED.add(key)
+    if not pads:
+        warnings.warn(no_padding_message(processor), UserWarning, stacklevel=2)
+
+
 class PruningSession:
     """Context manager returned by `press(model, ...)`: attaches on enter, restores the model on exit.
 
@@ -385,6 +406,8 @@ class PruningSession:
             if needed:
                 raise
             return [None] * batch  # geometry unknown for this processor; only the record would have used it
+        if needed:
+            _warn_if_processor_never_pads(self.adapter, self.processor)
         return [f.to(device) for f in fractions]
 
     # --- stage at the language model's input ---------------------------------------------------------

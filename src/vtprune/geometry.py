@@ -120,6 +120,13 @@ class ImageGeometry:
         side = self.image_size // self.patch_size
         return (side, side)
 
+    @property
+    def pads(self) -> bool:
+        """Whether this processor leaves padding in any image (probed on a wide and a tall image): False for
+        resize + center crop (CLIP) or a plain resize, where padding debiasing has nothing to act on."""
+        side = self.image_size
+        return any(bool((padded_fraction(self, size) > 0).any()) for size in ((2 * side + 3, side), (side, 2 * side + 3)))
+
     def trace(self, image_size: tuple[int, int]) -> tuple[tuple[int, int], tuple[float, float, float, float]]:
         """Follow an original (w, h) image through the steps.
 
@@ -314,4 +321,18 @@ def padding_mask(geometry: ImageGeometry, image_size: tuple[int, int], threshold
     return padded_fraction(geometry, image_size).reshape(-1) > threshold
 
 
-__all__ = ["ImageGeometry", "Resize", "geometry_from_processor", "padded_fraction", "padding_mask"]
+def no_padding_message(processor) -> str:
+    """The warning for padding debiasing with a processor that never pads, naming its settings."""
+    images = getattr(processor, "image_processor", None) or processor
+    name = type(images).__name__
+    settings = ", ".join(f"{attr}={getattr(images, attr)!r}" for attr in ("do_pad", "do_center_crop", "do_resize")
+                         if hasattr(images, attr))
+    return (
+        f"padding debiasing is on, but {name} does not pad images ({settings}): no visual token is padding, so it "
+        f"changes nothing. To pad to a square as LLaVA-1.5 was trained, set {name}.do_pad=True on a LLaVA image "
+        "processor (vtprune.loading.set_pad_to_square(processor) does it for any LLaVA-1.5 processor); else pass "
+        "Debias(padding=False)."
+    )
+
+
+__all__ = ["ImageGeometry", "Resize", "geometry_from_processor", "padded_fraction", "padding_mask", "no_padding_message"]

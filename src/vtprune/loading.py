@@ -297,6 +297,45 @@ def check_pair(model, processor, spec: str = "the model") -> None:
         )
 
 
+def set_pad_to_square(processor, pad: bool = True):
+    """Make `processor` pad every image to a square with the mean colour before resizing (`pad=True`: the
+    original LLaVA-1.5's preprocessing, which the paper's padding debiasing assumes) or not (`pad=False`:
+    resize and center-crop, as the CLIP processors of the converted llava-hf checkpoints may do). Changes the
+    processor in place and returns it. A processor whose image processor is not LLaVA's gets a LLaVA image
+    processor (the PIL one unless the current one runs on torchvision) with the same resize, crop and
+    normalisation."""
+    from .geometry import _LLAVA, _owner
+
+    holder = processor if getattr(processor, "image_processor", None) is not None else None
+    image_processor = holder.image_processor if holder is not None else processor
+    if _owner(image_processor, "_preprocess") in _LLAVA:
+        image_processor.do_pad = bool(pad)
+        return processor
+    if not pad:
+        if getattr(image_processor, "do_pad", None):  # a generic bottom/right pad
+            image_processor.do_pad = False
+        return processor
+    if holder is None:
+        raise ValueError(
+            f"cannot make a {type(image_processor).__name__} pad to square by itself: pass the model's processor "
+            "(the one holding .image_processor), whose image processor is then replaced by LLaVA's"
+        )
+    settings = {k: v for k, v in image_processor.to_dict().items()
+                if k not in ("image_processor_type", "processor_class", "do_pad", "auto_map", "backend")}
+    if getattr(image_processor, "backend", "pil") == "torchvision":
+        from transformers.models.llava.image_processing_llava import LlavaImageProcessor as LlavaImages
+    else:
+        from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil as LlavaImages
+    try:
+        holder.image_processor = LlavaImages(**settings, do_pad=True)
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"cannot build a padding LLaVA image processor from {type(image_processor).__name__} "
+            f"({' '.join(str(error).split())})"
+        ) from None
+    return processor
+
+
 def _resolve_dtype(dtype: str, device: str) -> torch.dtype:
     if dtype == "auto":
         return torch.float32 if device == "cpu" else torch.bfloat16

@@ -14,7 +14,6 @@ numbering, and Random. Budgets use each method's `budget=` (its published schedu
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 
 from ..debias import Debias
 from ..methods import METHODS
+from ..results import load_cells, paired_delta, save_cells, wilson
 from ..runner import run_examples
 from .data import accuracy
 
@@ -90,16 +90,6 @@ def settings() -> dict[str, Setting]:
     return {s.name: s for s in default_settings()}
 
 
-def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a proportion hits/n."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = hits / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (centre - half, centre + half)
-
-
 @dataclass
 class Cell:
     setting: str
@@ -144,13 +134,6 @@ def _cell(name, keep, samples, answers, records, seconds, visual) -> Cell:
         tokens_kept=kept, by_half={k[5:]: v for k, v in groups.items() if k.startswith("half/")},
         by_kind={k[5:]: v for k, v in groups.items() if k.startswith("kind/")}, seconds=seconds, correct=correct,
     )
-
-
-def paired_delta(a: Sequence[int], b: Sequence[int]) -> tuple[float, float, float]:
-    """Mean of a_i - b_i with a normal 95% interval."""
-    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-    se = d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else 0.0
-    return (float(d.mean()), float(d.mean() - 1.96 * se), float(d.mean() + 1.96 * se))
 
 
 def run_benchmark(
@@ -243,16 +226,8 @@ def _cell_key(keep: float | None, name: str) -> str:
 
 def _load_state(path, key) -> dict:
     """Cells saved by an earlier run with the same `key` (model and questions), by `_cell_key`."""
-    if path is None or not Path(path).is_file():
-        return {}
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(data, dict) or data.get("key") != key:
-        return {}
     out = {}
-    for name, item in data.get("cells", {}).items():
+    for name, item in load_cells(path, key).items():
         cell = Cell(**item["cell"])
         cell.ci = tuple(cell.ci)
         cell.delta = None if cell.delta is None else tuple(cell.delta)
@@ -261,12 +236,8 @@ def _load_state(path, key) -> dict:
 
 
 def _save_state(path, key, saved: dict) -> None:
-    cells = {name: {"cell": asdict(cell), "bias": None if summary is None else asdict(summary)}
-             for name, (cell, summary) in saved.items()}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(str(path) + ".tmp")
-    temporary.write_text(json.dumps({"key": key, "cells": cells}))
-    temporary.replace(path)
+    save_cells(path, key, {name: {"cell": asdict(cell), "bias": None if summary is None else asdict(summary)}
+                           for name, (cell, summary) in saved.items()})
 
 
 def _visual_tokens(model) -> int:

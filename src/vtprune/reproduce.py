@@ -1,0 +1,284 @@
+"""`vtprune reproduce`: the paper's tables as lmms-eval runs, and their results beside the published numbers.
+
+A table (`TABLES`) lists its rows (the full model, then each method without and with debiasing) and its
+benchmarks (lmms-eval tasks, the metric each reports and how the paper scales it). `commands` gives one
+lmms-eval command per row (all benchmarks of the row in one run, the `vtprune_llava_hf` plugin with
+`profile=benchmark`: each task uses its own published profile, as the paper's code did); `collect` reads the
+newest `*_results.json` lmms-eval wrote under each row's folder and averages the benchmarks; `markdown` and
+`to_json` write the table with the published numbers beside.
+
+Published numbers: arXiv 2508.17807 as summarised in the project's reference notes (averages only, LLaVA-1.5-7B
+at 128 visual tokens). How the average is formed: every benchmark on 0-100, MME as its perception score /
+2000 * 100; with LLaVA-1.5-7B's own published scores (VQAv2 78.5, GQA 62.0, VizWiz 50.0, SQA-IMG 66.8,
+TextVQA 58.2, POPE 85.9, MME 1510.7, MMB 64.3, MMB-CN 58.3, MM-Vet 31.1; the LLaVA-1.5 paper) this gives
+63.06, the 63.1 the paper reports for the full model (an inference, not stated in the reference).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+MMBENCH_JUDGE = ("OpenAI API (OPENAI_API_KEY) for answers its rules cannot map to an option; without a key those "
+                 "get a seeded random option")
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """An lmms-eval task of a table: the metric it reports (lmms-eval's results key without the filter,
+    e.g. 'exact_match'), the factor that puts it on the paper's 0-100 scale, and what it needs beyond the
+    data (an API judge, a submission server), if anything."""
+
+    task: str
+    label: str
+    metric: str
+    scale: float = 1.0
+    needs: str | None = None
+
+
+@dataclass(frozen=True)
+class Row:
+    """A row: a method (None: the full model) with or without debiasing, and its published average."""
+
+    label: str
+    method: str | None
+    debias: bool
+    published: float | None
+
+    @property
+    def slug(self) -> str:
+        """The row's folder under the output folder."""
+        return "full" if self.method is None else self.method + ("-debias" if self.debias else "")
+
+
+@dataclass(frozen=True)
+class PaperTable:
+    name: str
+    title: str
+    lmms_model: str
+    pretrained: str
+    budget: int  # the budget the published numbers are for
+    benchmarks: tuple[Benchmark, ...]
+    rows: tuple[Row, ...]
+    notes: tuple[str, ...] = ()
+    unavailable: str | None = None  # why the table cannot run yet
+
+
+LLAVA15_BENCHMARKS = (
+    Benchmark("gqa", "GQA", "exact_match", 100),
+    Benchmark("mmbench_en_dev", "MMB", "gpt_eval_score", 1, MMBENCH_JUDGE),
+    Benchmark("mmbench_cn_dev", "MMB-CN", "gpt_eval_score", 1, MMBENCH_JUDGE),
+    Benchmark("mme", "MME", "mme_perception_score", 100 / 2000),
+    Benchmark("mmvet", "MM-Vet", "gpt_eval_score", 1,
+              "a GPT judge for every answer (OPENAI_API_KEY; lmms-eval 0.7.3 uses MODEL_VERSION, default "
+              "gpt-4o-2024-11-20, which may not be the paper's judge)"),
+    Benchmark("pope", "POPE", "pope_f1_score", 100),
+    Benchmark("scienceqa_img", "SQA-IMG", "exact_match", 100),
+    Benchmark("textvqa_val", "TextVQA", "exact_match", 100),
+    Benchmark("vizwiz_vqa_val", "VizWiz", "exact_match", 100),
+    Benchmark("vqav2_val", "VQAv2", "exact_match", 100),
+)
+
+
+def _method_rows(published: Sequence[tuple[str, str, float, float]]) -> tuple[Row, ...]:
+    rows = []
+    for label, method, plain, debiased in published:
+        rows += [Row(label, method, False, plain), Row(f"{label} +debias", method, True, debiased)]
+    return tuple(rows)
+
+
+TABLES: dict[str, PaperTable] = {
+    "paper-llava15": PaperTable(
+        name="paper-llava15",
+        title="LLaVA-1.5-7B, 128 visual tokens, average of 10 image benchmarks (arXiv 2508.17807, main table)",
+        lmms_model="vtprune_llava_hf",
+        pretrained="llava-hf/llava-1.5-7b-hf",
+        budget=128,
+        benchmarks=LLAVA15_BENCHMARKS,
+        rows=(Row("Full model (576 tokens)", None, False, 63.1),) + _method_rows([
+            ("FastV", "fastv", 59.6, 62.5), ("HiMAP", "himap", 59.0, 61.4), ("iLLaVA", "illava", 59.7, 61.7),
+            ("PyramidDrop", "pdrop", 60.5, 61.6), ("TokenCarve", "tokencarve", 61.5, 61.9),
+            ("SparseVLM", "sparsevlm", 62.0, 62.4),
+        ]),
+        notes=(
+            "Debiased rows use the published per-benchmark positional profiles (profile=benchmark) plus padding "
+            "suppression; FastV's single published curve serves every benchmark; iLLaVA has no published "
+            "profile, so vtprune's calibration-free 'auto' fit stands in.",
+            "Images are padded to a square (pad_to_square=True), as the original LLaVA-1.5 and the paper's code do; "
+            "the llava-hf processor may center-crop instead.",
+            "No benchmark here needs a submission server: these are the val/dev splits with public answers "
+            "(vqav2_test, textvqa_test, vizwiz_vqa_test and mmbench_*_test would).",
+            "lmms-eval's prompts and answer matching differ in details from LLaVA's own evaluation scripts, so "
+            "absolute numbers can differ from the published ones; the debias-vs-plain differences are the point.",
+        ),
+    ),
+    "paper-videollava": PaperTable(
+        name="paper-videollava",
+        title="Video-LLaVA, 2048 -> 512 video tokens, average of 3 video QA sets (arXiv 2508.17807)",
+        lmms_model="vtprune_video_llava",
+        pretrained="LanguageBind/Video-LLaVA-7B-hf",
+        budget=512,
+        benchmarks=(),
+        rows=_method_rows([("SparseVLM", "sparsevlm", 57.6, 58.2), ("FastV", "fastv", 57.3, 57.9),
+                           ("PyramidDrop", "pdrop", 57.8, 57.9)]),
+        unavailable=(
+            "vtprune has no Video-LLaVA adapter yet (the vtprune_video_llava plugin name is registered and refuses "
+            "to prune until one exists), and the reference does not name the three video QA sets (lmms-eval 0.7.3 "
+            "ships none of MSVD-QA, MSRVTT-QA and TGIF-QA, Video-LLaVA's usual ones)"
+        ),
+    ),
+}
+
+
+def table(name: str) -> PaperTable:
+    if name not in TABLES:
+        raise ValueError(f"unknown table {name!r}; choose from {', '.join(TABLES)}")
+    return TABLES[name]
+
+
+def select_rows(spec: PaperTable, methods: Sequence[str] | None) -> list[Row]:
+    """The full model's row and the rows of `methods` (all when None)."""
+    if methods is None:
+        return list(spec.rows)
+    known = {row.method for row in spec.rows if row.method}
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise ValueError(f"--methods: {', '.join(unknown)} not in {spec.name} (its methods: {', '.join(sorted(known))})")
+    return [row for row in spec.rows if row.method is None or row.method in methods]
+
+
+def model_args(spec: PaperTable, row: Row, *, budget: int, pretrained: str | None = None) -> str:
+    """The row's lmms-eval --model_args (the plugin's options, see `vtprune.lmms.options`)."""
+    args = [f"pretrained={pretrained or spec.pretrained}"]
+    if row.method is None:
+        args.append("method=none")
+    else:
+        args += [f"method={row.method}", f"budget={budget}",
+                 "debias=both,profile=benchmark" if row.debias else "debias=none"]
+    args.append("pad_to_square=True")
+    return ",".join(args)
+
+
+def command(spec: PaperTable, row: Row, out_dir: Path, *, budget: int, pretrained: str | None = None,
+            limit: int | None = None, launcher: Sequence[str] = ("python", "-m", "lmms_eval"),
+            extra: Sequence[str] = ()) -> list[str]:
+    """One lmms-eval command line (argv) running every benchmark of `row`, results under out_dir/row.slug."""
+    argv = [*launcher, "--model", spec.lmms_model, "--model_args", model_args(spec, row, budget=budget, pretrained=pretrained),
+            "--tasks", ",".join(b.task for b in spec.benchmarks), "--batch_size", "1", "--log_samples",
+            "--output_path", str(out_dir / row.slug)]
+    if limit is not None:
+        argv += ["--limit", str(limit)]
+    return argv + list(extra)
+
+
+def shell(argv: Sequence[str]) -> str:
+    return shlex.join(argv)
+
+
+# --- collecting ---------------------------------------------------------------------------------------------
+def _metric(values: dict, metric: str):
+    """lmms-eval's value of `metric` in a task's results ('exact_match,none', or another filter)."""
+    if f"{metric},none" in values:
+        return values[f"{metric},none"]
+    for key, value in values.items():
+        if key.split(",")[0] == metric:
+            return value
+    return None
+
+
+def read_scores(row_dir: Path, benchmarks: Sequence[Benchmark]) -> tuple[dict[str, float | None], list[str]]:
+    """Each benchmark's score on the paper's 0-100 scale from the `*_results.json` files lmms-eval wrote
+    under `row_dir` (the newest file that has a task wins), and the files used."""
+    files = sorted(Path(row_dir).rglob("*_results.json"), key=lambda p: (p.stat().st_mtime, p.name), reverse=True)
+    scores: dict[str, float | None] = {b.task: None for b in benchmarks}
+    used: list[str] = []
+    for file in files:
+        try:
+            results = json.loads(file.read_text()).get("results", {})
+        except (OSError, ValueError, AttributeError):
+            continue
+        for benchmark in benchmarks:
+            if scores[benchmark.task] is not None or not isinstance(results.get(benchmark.task), dict):
+                continue
+            value = _metric(results[benchmark.task], benchmark.metric)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                scores[benchmark.task] = float(value) * benchmark.scale
+                if str(file) not in used:
+                    used.append(str(file))
+    return scores, used
+
+
+@dataclass
+class RowResult:
+    row: Row
+    scores: dict[str, float | None]
+    files: list[str] = field(default_factory=list)
+    command: str = ""
+
+    @property
+    def average(self) -> float | None:
+        """The mean over every benchmark (None until all have a score)."""
+        values = list(self.scores.values())
+        return None if not values or any(v is None for v in values) else sum(values) / len(values)
+
+    @property
+    def done(self) -> int:
+        return sum(v is not None for v in self.scores.values())
+
+
+def collect(spec: PaperTable, rows: Sequence[Row], out_dir: Path, commands: dict[str, str] | None = None) -> list[RowResult]:
+    out = []
+    for row in rows:
+        scores, files = read_scores(Path(out_dir) / row.slug, spec.benchmarks)
+        out.append(RowResult(row, scores, files, (commands or {}).get(row.slug, "")))
+    return out
+
+
+def markdown(spec: PaperTable, results: Sequence[RowResult], budget: int) -> str:
+    """The measured table (per benchmark, average) beside the published average, and the debiasing gains."""
+    comparable = budget == spec.budget
+    head = ["row", *(b.label for b in spec.benchmarks), "average", "published", "measured - published"]
+    lines = [f"{spec.title}; measured at budget {budget}" + ("" if comparable else
+             f" (published numbers are for {spec.budget}: not comparable)"), "",
+             "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for result in results:
+        cells = [f"{v:.1f}" if v is not None else "" for v in result.scores.values()]
+        average = result.average
+        partial = "" if average is not None or not result.done else f"({result.done}/{len(spec.benchmarks)})"
+        published = result.row.published if comparable else None
+        gap = "" if average is None or published is None else f"{average - published:+.1f}"
+        lines.append("| " + " | ".join([result.row.label, *cells, f"{average:.1f}" if average is not None else partial,
+                                         "" if published is None else f"{published:.1f}", gap]) + " |")
+    gains = []
+    by = {(r.row.method, r.row.debias): r for r in results}
+    for result in results:
+        if result.row.method is None or result.row.debias or (result.row.method, True) not in by:
+            continue
+        plain, debiased = result, by[(result.row.method, True)]
+        measured = (None if plain.average is None or debiased.average is None else debiased.average - plain.average)
+        published = (debiased.row.published - plain.row.published) if comparable else None
+        gains.append(f"| {plain.row.label} | {'' if measured is None else f'{measured:+.1f}'} | "
+                     f"{'' if published is None else f'{published:+.1f}'} |")
+    if gains:
+        lines += ["", "Debiasing gain (average, +debias minus plain):", "", "| method | measured | published |",
+                  "|---|---|---|", *gains]
+    return "\n".join(lines)
+
+
+def to_json(spec: PaperTable, results: Sequence[RowResult], budget: int) -> dict:
+    return {
+        "table": spec.name, "title": spec.title, "budget": budget, "published_budget": spec.budget,
+        "benchmarks": [{"task": b.task, "label": b.label, "metric": b.metric, "scale": b.scale, "needs": b.needs}
+                       for b in spec.benchmarks],
+        "rows": [{"label": r.row.label, "method": r.row.method, "debias": r.row.debias, "scores": r.scores,
+                  "average": r.average, "published": r.row.published if budget == spec.budget else None,
+                  "results_files": r.files, "command": r.command} for r in results],
+        "notes": list(spec.notes),
+    }
+
+
+__all__ = ["Benchmark", "Row", "PaperTable", "TABLES", "table", "select_rows", "model_args", "command", "shell",
+           "read_scores", "RowResult", "collect", "markdown", "to_json"]

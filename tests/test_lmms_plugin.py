@@ -151,12 +151,12 @@ def test_model_args_mistakes(docs, args, message):
 
 
 def test_a_family_without_adapter_fails_before_loading(tmp_path, docs):
-    from transformers import Qwen2_5_VLConfig
+    from transformers import Gemma3Config
 
-    Qwen2_5_VLConfig(architectures=["Qwen2_5_VLForConditionalGeneration"]).save_pretrained(tmp_path)  # no weights
-    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "qwen2_5_vl"
-    with pytest.raises(ValueError, match=r"vtprune_qwen2_5_vl: .*Qwen2_5_VLForConditionalGeneration.*method=none"):
-        load("vtprune_qwen2_5_vl", f"pretrained={tmp_path},method=fastv,budget=128", docs, simple=True)
+    Gemma3Config(architectures=["Gemma3ForConditionalGeneration"]).save_pretrained(tmp_path)  # no weights
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "gemma3"
+    with pytest.raises(ValueError, match=r"vtprune_llava_hf: .*Gemma3ForConditionalGeneration.*method=none"):
+        load("vtprune_llava_hf", f"pretrained={tmp_path},method=fastv,budget=128", docs, simple=True)
 
 
 def test_pad_to_square_is_the_default_for_llava(tmp_path, docs):

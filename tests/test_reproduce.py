@@ -62,7 +62,7 @@ def test_dry_run_options():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["paper-videollava", "--dry-run"], "not runnable yet: vtprune has no Video-LLaVA adapter"),
+    (["paper-videollava", "--dry-run"], "not runnable yet: the vtprune_video_llava plugin does not pass video requests"),
     (["paper-x", "--dry-run"], "unknown table"),
     (["paper-llava15", "--dry-run", "--methods", "fastv,dart"], "dart not in paper-llava15"),
     (["paper-llava15", "--dry-run", "--budget", "0"], "--budget 0"),

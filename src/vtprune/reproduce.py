@@ -125,8 +125,8 @@ TABLES: dict[str, PaperTable] = {
         rows=_method_rows([("SparseVLM", "sparsevlm", 57.6, 58.2), ("FastV", "fastv", 57.3, 57.9),
                            ("PyramidDrop", "pdrop", 57.8, 57.9)]),
         unavailable=(
-            "vtprune has no Video-LLaVA adapter yet (the vtprune_video_llava plugin name is registered and refuses "
-            "to prune until one exists), and the reference does not name the three video QA sets (lmms-eval 0.7.3 "
+            "the vtprune_video_llava plugin does not pass video requests through a press yet (vtprune's library "
+            "prunes Video-LLaVA videos), and the reference does not name the three video QA sets (lmms-eval 0.7.3 "
             "ships none of MSVD-QA, MSRVTT-QA and TGIF-QA, Video-LLaVA's usual ones)"
         ),
     ),

@@ -1,6 +1,5 @@
-"""`vtprune_qwen2_5_vl`: lmms-eval's `qwen2_5_vl` wrappers with a vtprune press. vtprune has no Qwen2.5-VL
-adapter yet: with a method other than none the model is refused, before its weights load, with a one-line
-error; the name works as soon as an adapter for `Qwen2_5_VLForConditionalGeneration` is registered."""
+"""`vtprune_qwen2_5_vl`: lmms-eval's `qwen2_5_vl` wrappers with a vtprune press (vtprune's Qwen2.5-VL adapter).
+Image requests are pruned; requests with videos are refused while pruning (run them with method=none)."""
 
 from __future__ import annotations
 

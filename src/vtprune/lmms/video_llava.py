@@ -1,7 +1,6 @@
-"""`vtprune_video_llava`: lmms-eval's `video_llava` wrapper with a vtprune press. vtprune has no Video-LLaVA
-adapter yet: with a method other than none the model is refused, before its weights load, with a one-line
-error; the name works as soon as an adapter for `VideoLlavaForConditionalGeneration` is registered (the
-press then also needs to prune video tokens: requests with videos are refused until then)."""
+"""`vtprune_video_llava`: lmms-eval's `video_llava` wrapper with a vtprune press (vtprune's Video-LLaVA
+adapter). Image requests are pruned; requests with videos are refused while pruning until the plugin passes
+video inputs through (vtprune's library prunes Video-LLaVA videos; lmms-eval's wrapper needs `av`, untested here)."""
 
 from __future__ import annotations
 

@@ -16,9 +16,12 @@ visual tokens inside layer 1 (FastV's scoring layer) rises with position, sigma 
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 import shutil
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -140,5 +143,246 @@ def merge_lora(module: nn.Module) -> nn.Module:
     return module
 
 
+
+
+# --- the composite model ----------------------------------------------------------------------------------------
+def build_processor(lm_dir: Path):
+    """SmolLM2's tokenizer with `<image>` added, the testbed's pad-to-square image processor (168 px, 14 px patches,
+    144 visual tokens), and `CHAT_TEMPLATE`."""
+    from transformers import AutoTokenizer, LlavaProcessor
+
+    from .model import PATCH_SIZE, build_processor as build_testbed_processor
+
+    tokenizer = AutoTokenizer.from_pretrained(lm_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    tokenizer.padding_side = "left"
+    image_processor = build_testbed_processor().image_processor
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          chat_template=CHAT_TEMPLATE, image_token=IMAGE_TOKEN)
+
+
+def prompt_text(question: str) -> str:
+    """The exact prompt (one `<image>` placeholder) of training and evaluation."""
+    return f"<|im_start|>user\n{IMAGE_TOKEN}\n{question}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def compose(processor, lm_dir: Path, *, vision_from=None, seed: int = 0):
+    """A LlavaForConditionalGeneration: the testbed's vision tower (trained weights from `vision_from`, default the
+    shipped testbed), a new projector, SmolLM2 from `lm_dir` with the `<image>` row appended."""
+    from transformers import GenerationConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from safetensors.torch import load_file
+
+    from .model import load_testbed
+
+    tokenizer = processor.tokenizer
+    text = LlamaConfig.from_pretrained(lm_dir)
+    text.vocab_size = len(tokenizer)
+    testbed, _ = load_testbed(vision_from)
+    config = LlavaConfig(vision_config=testbed.config.vision_config, text_config=text,
+                         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+                         vision_feature_select_strategy="default", vision_feature_layer=-1,
+                         projector_hidden_act="gelu", tie_word_embeddings=True)
+    config.vtprune_model = "testbed-lm"
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower.load_state_dict(testbed.model.vision_tower.state_dict())
+    weights = load_file(lm_dir / "model.safetensors")
+    embed = weights.pop("model.embed_tokens.weight")
+    rows = len(tokenizer) - embed.shape[0]
+    if rows:  # the <image> row: never looked up (its positions carry image features); the mean row
+        embed = torch.cat([embed, embed.mean(dim=0, keepdim=True).expand(rows, -1)])
+    language = {name.removeprefix("model."): value for name, value in weights.items()}
+    language["embed_tokens.weight"] = embed
+    model.model.language_model.load_state_dict(language)
+    model.tie_weights()
+    model.generation_config = GenerationConfig(do_sample=False, max_new_tokens=4,
+                                               eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                                               pad_token_id=tokenizer.pad_token_id)
+    return model
+
+
+
+# --- training ---------------------------------------------------------------------------------------------------
+def encode_packed(processor, samples, branches) -> dict[str, torch.Tensor]:
+    """Training rows: per image the prefix `<|im_start|>user\\n<image>...\\n` and independent branches
+    `{question}<|im_end|>\\n<|im_start|>assistant\\n{answer}<|im_end|>`; a 4-D mask lets each branch see the
+    prefix and itself, its positions continue the prefix's, so every branch is exactly `prompt_text(question)`
+    plus its answer. `labels` cover each answer and its `<|im_end|>`."""
+    tokenizer = processor.tokenizer
+    prefix = processor(images=[s.image for s in samples], text=[prompt_text("{}").split("{}")[0]] * len(samples),
+                       return_tensors="pt")
+    rows, label_rows, position_rows, branch_rows = [], [], [], []
+    for b, sample_branches in enumerate(branches):
+        head = prefix["input_ids"][b].tolist()
+        ids, labels, positions, branch_of = list(head), [-100] * len(head), list(range(len(head))), [0] * len(head)
+        for k, (question, answer) in enumerate(sample_branches, start=1):
+            asked = tokenizer(f"{question}<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+            said = tokenizer(f"{answer}<|im_end|>", add_special_tokens=False)["input_ids"]
+            ids += asked + said
+            labels += [-100] * len(asked) + said
+            positions += list(range(len(head), len(head) + len(asked) + len(said)))
+            branch_of += [k] * (len(asked) + len(said))
+        rows.append(ids), label_rows.append(labels), position_rows.append(positions), branch_rows.append(branch_of)
+    length, batch = max(len(r) for r in rows), len(rows)
+    input_ids = torch.full((batch, length), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((batch, length), -100, dtype=torch.long)
+    position_ids = torch.zeros((batch, length), dtype=torch.long)
+    branch = torch.full((batch, length), -1, dtype=torch.long)  # -1 padding, 0 prefix, k branch k
+    for b, (ids, lab, pos, br) in enumerate(zip(rows, label_rows, position_rows, branch_rows)):
+        n = len(ids)
+        input_ids[b, :n], labels[b, :n], position_ids[b, :n], branch[b, :n] = map(torch.tensor, (ids, lab, pos, br))
+    index = torch.arange(length)
+    causal = index[None, :, None] >= index[None, None, :]
+    visible = (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])
+    padding_self = (branch[:, :, None] == -1) & (index[None, :, None] == index[None, None, :])
+    mask = (causal & visible & (branch[:, None, :] >= 0)) | padding_self
+    return {"input_ids": input_ids, "pixel_values": prefix["pixel_values"], "attention_mask": mask[:, None],
+            "position_ids": position_ids, "labels": labels}
+
+
+
+DELTA_FILE = "delta.safetensors"
+METRICS_FILE = "training.json"
+
+
+@dataclass
+class LMTrainConfig:
+    """A testbed-lm training run (stored in its work dir; a resumed run keeps it)."""
+
+    steps: int = 800
+    batch_size: int = 4  # images per step, each with 1 + extra_questions answered branches
+    extra_questions: int = 4
+    lr: float = 1e-3  # projector
+    lora_lr: float = 3e-4
+    lora_rank: int = 8
+    lora_from_layer: int = 3  # layers below keep the pretrained weights (where FastV & co. score: their bias stays the LM's)
+    warmup: int = 30
+    seed: int = 0
+    eval_every: int = 100
+    val_size: int = 200
+    log_every: int = 10
+
+
+def _lora_layers(model, cfg: LMTrainConfig) -> nn.ModuleList:
+    return model.model.language_model.layers[cfg.lora_from_layer:]
+
+
+def save_trained(model, processor, out: Path, cfg: LMTrainConfig, metrics: dict | None = None) -> None:
+    """What vtprune ships of a testbed-lm (atomically into `out`): the vision tower, the projector and the LoRA
+    factors (`delta.safetensors`), the composite config, the processor, and the training record."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    keep = ("model.vision_tower.", "model.multi_modal_projector.")
+    tensors = {name: value.detach().contiguous() for name, value in model.state_dict().items()
+               if name.startswith(keep) or name.endswith((".lora_a", ".lora_b"))}
+    temporary = out.with_name(out.name + ".tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    save_file(tensors, temporary / DELTA_FILE, metadata={"format": "pt"})
+    model.config.save_pretrained(temporary)
+    processor.save_pretrained(temporary)
+    (temporary / METRICS_FILE).write_text(json.dumps({"config": asdict(cfg), "metrics": metrics}, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    temporary.rename(out)
+
+
+def load_testbed_lm(path: str | Path) -> tuple:
+    """(model, processor) of a trained testbed-lm at `path`: SmolLM2 from the local cache (converted on first use),
+    the shipped tower, projector and LoRA factors, the factors merged: a plain LlavaForConditionalGeneration."""
+    from safetensors.torch import load_file
+    from transformers import AutoProcessor
+
+    path = Path(path)
+    if not (path / DELTA_FILE).is_file():
+        raise FileNotFoundError(f"no testbed-lm at {path} ({DELTA_FILE} missing): train one first")
+    cfg = LMTrainConfig(**json.loads((path / METRICS_FILE).read_text())["config"])
+    processor = AutoProcessor.from_pretrained(path, backend="pil")
+    model = compose(processor, language_model_dir(), seed=cfg.seed)
+    add_lora(_lora_layers(model, cfg), cfg.lora_rank)
+    missing, unexpected = model.load_state_dict(load_file(path / DELTA_FILE), strict=False)
+    if unexpected or any(name.endswith((".lora_a", ".lora_b")) or name.startswith("model.multi_modal_projector.")
+                         for name in missing):
+        raise ValueError(f"{path / DELTA_FILE} does not match this testbed-lm (unexpected {unexpected[:3]}, missing {missing[:3]})")
+    merge_lora(model)
+    return model.eval(), processor
+
+
+def train_lm(cfg: LMTrainConfig, work_dir: Path, out: Path, log=print) -> dict:
+    """Train (or resume) a testbed-lm: the projector and LoRA factors on layers >= lora_from_layer, the language
+    model and the vision tower frozen. `work_dir/state.pt` holds the trainable weights, the optimizer and the
+    step; the best validation checkpoint goes to `out` (`save_trained`)."""
+    import numpy as np
+
+    from ..runner import run_examples
+    from .data import accuracy, make_sample, make_split, scene_questions
+
+    work_dir, out = Path(work_dir), Path(out)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    state_path, cfg_path = work_dir / "state.pt", work_dir / "config.json"
+    state = torch.load(state_path, weights_only=False) if state_path.exists() else None
+    if state is not None:
+        cfg = LMTrainConfig(**{**json.loads(cfg_path.read_text()), "steps": cfg.steps, "eval_every": cfg.eval_every,
+                               "log_every": cfg.log_every})
+        log(f"resuming from step {state['step']} of {cfg.steps} in {work_dir}")
+    cfg_path.write_text(json.dumps(asdict(cfg), indent=2))
+    lm_dir = language_model_dir()
+    processor = build_processor(lm_dir)
+    model = compose(processor, lm_dir, seed=cfg.seed)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    lora = add_lora(_lora_layers(model, cfg), cfg.lora_rank)
+    projector = list(model.model.multi_modal_projector.parameters())
+    for parameter in projector:
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.AdamW([{"params": projector, "lr": cfg.lr}, {"params": lora, "lr": cfg.lora_lr}],
+                                  weight_decay=0.0)
+    trainable = projector + lora
+    step, best = 0, -1.0
+    if state is not None:
+        model.load_state_dict(state["trainable"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        step, best = state["step"], state["best"]
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    val = make_split("val", cfg.val_size, seed=cfg.seed)
+    start, ema = time.time(), None
+    model.train()
+    while step < cfg.steps:
+        samples = [make_sample("train", cfg.seed, step * cfg.batch_size + j) for j in range(cfg.batch_size)]
+        rng = np.random.default_rng([cfg.seed, step, 13])
+        branches = [[(s.question, s.answer)] + scene_questions(s, cfg.extra_questions, rng) for s in samples]
+        batch = encode_packed(processor, samples, branches)
+        factor = min(1.0, (step + 1) / cfg.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
+        for group, base_lr in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base_lr * factor
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        ema = loss.item() if ema is None else 0.9 * ema + 0.1 * loss.item()
+        if cfg.log_every and step % cfg.log_every == 0:
+            log(f"step {step} loss {ema:.4f} [{time.time() - start:.0f}s]")
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            model.eval()
+            answers = run_examples(model, processor, val, None, max_new_tokens=4, batch_size=50).answers
+            model.train()
+            metrics = accuracy(val, answers)
+            saved = metrics["all"] > best
+            if saved:
+                best = metrics["all"]
+                save_trained(model, processor, out, cfg, {"metrics": metrics, "step": step})
+            trainable_state = {name: value for name, value in model.state_dict().items()
+                               if name.startswith("model.multi_modal_projector.") or name.endswith((".lora_a", ".lora_b"))}
+            torch.save({"trainable": trainable_state, "optimizer": optimizer.state_dict(), "step": step, "best": best},
+                       state_path)
+            detail = " ".join(f"{k}={v:.2f}" for k, v in metrics.items() if k != "all")
+            log(f"step {step} val {metrics['all']:.3f}{' (saved)' if saved else ''} [{time.time() - start:.0f}s] {detail}")
+    return {"best": best, "step": step}
+
+
 __all__ = ["CHAT_TEMPLATE", "IMAGE_TOKEN", "LoRALinear", "LORA_TARGETS", "add_lora", "merge_lora", "cache_root",
-           "gguf_path", "language_model_dir"]
+           "gguf_path", "language_model_dir", "build_processor", "prompt_text", "compose", "encode_packed",
+           "LMTrainConfig", "save_trained", "load_testbed_lm", "train_lm"]

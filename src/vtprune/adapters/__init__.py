@@ -8,9 +8,10 @@ from .base import ModelAdapter, VisualLayout, VisualSegment
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 from .qwen2_5_vl import Qwen2_5_VLAdapter
+from .qwen3_vl import Qwen3VLAdapter
 from .video_llava import VideoLlavaAdapter
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter, LlavaNextAdapter, VideoLlavaAdapter, Qwen2_5_VLAdapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter, LlavaNextAdapter, VideoLlavaAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter)
 
 
 def supported_model_classes() -> list[str]:
@@ -28,4 +29,4 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
     )
 
 
-__all__ = ["ModelAdapter", "VisualLayout", "VisualSegment", "LlavaAdapter", "LlavaNextAdapter", "Qwen2_5_VLAdapter", "VideoLlavaAdapter", "adapter_for", "supported_model_classes"]
+__all__ = ["ModelAdapter", "VisualLayout", "VisualSegment", "LlavaAdapter", "LlavaNextAdapter", "Qwen2_5_VLAdapter", "Qwen3VLAdapter", "VideoLlavaAdapter", "adapter_for", "supported_model_classes"]

@@ -290,3 +290,69 @@ def video_llava_inputs(samples, seed: int = 0) -> dict:
     if videos:
         out["pixel_values_videos"] = torch.stack(videos)
     return out
+
+
+# --- LLaVA-OneVision ----------------------------------------------------------------------------------------
+OV_PX = 56  # 4x4 SigLIP patches per tile (no [CLS]); frames pooled to 2x2
+OV_PINPOINTS = [[56, 112], [112, 56], [112, 112], [56, 168], [168, 168]]
+OV_IMAGE, OV_VIDEO = 150, 151
+
+
+def build_llava_onevision(attn: str = "sdpa", layers: int = 4, seed: int = 0, max_patches: int = 2):
+    """A tiny LLaVA-OneVision: SigLIP tower ("full" features), Qwen2 decoder, anyres_max_`max_patches`."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(image_size=OV_PX, patch_size=14, hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=2, num_attention_heads=4)
+    text = Qwen2Config(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=0,
+                       bos_token_id=1, eos_token_id=2)
+    config = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_id=OV_IMAGE,
+                                  video_token_id=OV_VIDEO, vision_feature_layer=-1,
+                                  vision_feature_select_strategy="full", image_grid_pinpoints=OV_PINPOINTS,
+                                  vision_aspect_ratio=f"anyres_max_{max_patches}")
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration(config)
+    sharpen(model.model.language_model.layers)
+    model.set_attn_implementation(attn)
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+def onevision_image_processor():
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+
+    return LlavaOnevisionImageProcessorPil(size={"height": OV_PX, "width": OV_PX}, image_grid_pinpoints=OV_PINPOINTS)
+
+
+def onevision_inputs(model, samples, seed: int = 0) -> dict:
+    """Left-padded inputs for samples [(images, frames (0: no video), question ids)], as the processor lays them
+    out (one image per sample: tiled; each image's token count read from the model's own encoded features, so not
+    from vtprune's arithmetic); videos: random frames, F x 4 pooled tokens + 1 newline."""
+    processor = onevision_image_processor()
+    generator = torch.Generator().manual_seed(seed)
+    rows, pixel_values, sizes, videos = [], [], [], []
+    for images, frames, question in samples:
+        row = [1, 30, 31]
+        for image in images:
+            out = processor(images=[image], return_tensors="pt")
+            with torch.no_grad():
+                count = model.model.get_image_features(out["pixel_values"], out["image_sizes"]).pooler_output[0].shape[0]
+            pixel_values.append(out["pixel_values"][0])
+            sizes.append(out["image_sizes"][0])
+            row += [OV_IMAGE] * count + [32]
+        if frames:
+            videos.append(torch.randn(frames, 3, OV_PX, OV_PX, generator=generator))
+            row += [OV_VIDEO] * (frames * 4 + 1) + [33]
+        rows.append(row + list(question) + [40, 41])
+    width = max(len(r) for r in rows)
+    out = {"input_ids": torch.tensor([[0] * (width - len(r)) + r for r in rows]),
+           "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])}
+    if pixel_values:
+        patches = max(p.shape[0] for p in pixel_values)
+        out["pixel_values"] = torch.stack([torch.cat([p, p.new_zeros(patches - p.shape[0], *p.shape[1:])]) for p in pixel_values])
+        out["image_sizes"] = torch.stack(sizes)
+    if videos:
+        out["pixel_values_videos"] = torch.stack(videos)
+    return out

@@ -7,11 +7,12 @@ from torch import nn
 from .base import ModelAdapter, VisualLayout, VisualSegment
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
+from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_5_vl import Qwen2_5_VLAdapter
 from .qwen3_vl import Qwen3VLAdapter
 from .video_llava import VideoLlavaAdapter
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter, LlavaNextAdapter, VideoLlavaAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, VideoLlavaAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter)
 
 
 def supported_model_classes() -> list[str]:
@@ -29,4 +30,4 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
     )
 
 
-__all__ = ["ModelAdapter", "VisualLayout", "VisualSegment", "LlavaAdapter", "LlavaNextAdapter", "Qwen2_5_VLAdapter", "Qwen3VLAdapter", "VideoLlavaAdapter", "adapter_for", "supported_model_classes"]
+__all__ = ["ModelAdapter", "VisualLayout", "VisualSegment", "LlavaAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter", "Qwen2_5_VLAdapter", "Qwen3VLAdapter", "VideoLlavaAdapter", "adapter_for", "supported_model_classes"]

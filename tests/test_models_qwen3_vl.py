@@ -176,3 +176,18 @@ def test_cli_run_loads_a_saved_checkpoint(tmp_path):
     record, _ = json.JSONDecoder().raw_decode(result.output[result.output.index("{"):])
     assert record["unpruned"]["visual_tokens"] == 15 and record["pruned"]["visual_tokens"] == 4
     assert any("padding debiasing does not apply" in note for note in record["notes"])
+
+
+def test_qwen3_5_is_refused_with_the_reason():
+    """Qwen3.5's linear-attention layers: refused with why, naming the supported classes."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    config = Qwen3_5Config(
+        text_config=dict(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=64),
+    )
+    model = Qwen3_5ForConditionalGeneration(config)
+    assert "linear_attention" in model.config.text_config.layer_types
+    with pytest.raises(ValueError, match="Gated DeltaNet linear-attention.*Supported model classes: .*Qwen3VL"):
+        FastV(keep=4)(model)

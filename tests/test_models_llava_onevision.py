@@ -135,3 +135,20 @@ def test_refusals_and_bad_inputs_are_clear(sdpa_model):
     ids[0, torch.nonzero(ids[0] == OV_VIDEO).flatten()[0]] = 30  # one video token fewer
     with pytest.raises(ValueError, match="not F frames x 4 pooled tokens"):
         adapter_for(sdpa_model).visual_layout(ids, video)
+
+
+def test_every_method_runs_or_refuses_clearly(sdpa_model):
+    from vtprune.methods import METHODS
+
+    inputs = onevision_inputs(sdpa_model, [([make_image(168, 120, seed=11)], 2, Q1)])
+    ran, refused = [], []
+    for name, cls in METHODS.items():
+        try:
+            with torch.no_grad(), cls()(sdpa_model):
+                sdpa_model.generate(**inputs, max_new_tokens=2, do_sample=False)
+            ran.append(name)
+        except ValueError as error:
+            assert "Methods that work on this model" in str(error) and "fastv" in str(error), str(error)
+            refused.append(name)
+    assert set(refused) == {"visionzip", "fastervlm"}
+    assert set(ran) == set(METHODS) - {"visionzip", "fastervlm"}

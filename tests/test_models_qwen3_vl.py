@@ -191,3 +191,20 @@ def test_qwen3_5_is_refused_with_the_reason():
     assert "linear_attention" in model.config.text_config.layer_types
     with pytest.raises(ValueError, match="Gated DeltaNet linear-attention.*Supported model classes: .*Qwen3VL"):
         FastV(keep=4)(model)
+
+
+def test_every_method_runs_or_refuses_clearly(sdpa_model):
+    from vtprune.methods import METHODS
+
+    inputs = inputs_for([([make_image(192, 128, seed=11)], [], Q1)])
+    ran, refused = [], []
+    for name, cls in METHODS.items():
+        try:
+            with torch.no_grad(), cls()(sdpa_model):
+                sdpa_model.generate(**inputs, max_new_tokens=2, do_sample=False)
+            ran.append(name)
+        except ValueError as error:
+            assert "Methods that work on this model" in str(error) and "fastv" in str(error), str(error)
+            refused.append(name)
+    assert set(refused) == {"visionzip", "fastervlm"}
+    assert set(ran) == set(METHODS) - {"visionzip", "fastervlm"}

@@ -356,3 +356,35 @@ def onevision_inputs(model, samples, seed: int = 0) -> dict:
     if videos:
         out["pixel_values_videos"] = torch.stack(videos)
     return out
+
+
+def save_llava_onevision_checkpoint(path) -> None:
+    """A directory laid out like a hub LLaVA-OneVision checkpoint (model, tokenizer with <image>/<video>, image
+    processor, processor_config.json, chat template), written without building the full processor (its video
+    slot needs torchvision here)."""
+    import json
+
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    tokenizer = build_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
+    model = build_llava_onevision()
+    config = model.config
+    config.text_config.vocab_size = len(tokenizer)
+    config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    config.video_token_id = tokenizer.convert_tokens_to_ids("<video>")
+    config.text_config.pad_token_id = tokenizer.pad_token_id
+    torch.manual_seed(0)
+    model = LlavaOnevisionForConditionalGeneration(config).eval()
+    sharpen(model.model.language_model.layers)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    onevision_image_processor().save_pretrained(path)
+    (path / "processor_config.json").write_text(json.dumps({
+        "processor_class": "LlavaOnevisionProcessor", "num_image_tokens": OV_PX // 14 * (OV_PX // 14),
+        "vision_feature_select_strategy": "full", "vision_aspect_ratio": "anyres_max_2"}))
+    (path / "chat_template.jinja").write_text(
+        "{% for message in messages %}{{ message['role'] }}: {% for part in message['content'] %}"
+        "{% if part['type'] == 'image' %}<image>{% else %}{{ part['text'] }}{% endif %}{% endfor %} "
+        "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")

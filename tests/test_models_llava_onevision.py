@@ -152,3 +152,23 @@ def test_every_method_runs_or_refuses_clearly(sdpa_model):
             refused.append(name)
     assert set(refused) == {"visionzip", "fastervlm"}
     assert set(ran) == set(METHODS) - {"visionzip", "fastervlm"}
+
+
+def test_cli_run_loads_a_saved_checkpoint(tmp_path):
+    """`vtprune run --model DIR` on a directory laid out like a hub LLaVA-OneVision checkpoint (the processor
+    built with an empty video slot, as without torchvision)."""
+    import json
+
+    from families import save_llava_onevision_checkpoint
+    from typer.testing import CliRunner
+
+    from vtprune.cli import app
+
+    save_llava_onevision_checkpoint(tmp_path)
+    make_image(100, 80).save(tmp_path / "image.png")
+    result = CliRunner().invoke(app, ["run", "--model", str(tmp_path), "--image", str(tmp_path / "image.png"),
+                                      "--prompt", "what is the colour ?", "--keep", "4", "--max-new-tokens", "2",
+                                      "--repeats", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    record, _ = json.JSONDecoder().raw_decode(result.output[result.output.index("{"):])
+    assert record["unpruned"]["visual_tokens"] == 16 + 24 and record["pruned"]["visual_tokens"] == 4

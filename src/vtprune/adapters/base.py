@@ -113,6 +113,19 @@ class ModelAdapter:
         """Per sample, (V_b,) float in [0, 1]: share of each visual token's pixels that are padding."""
         raise NotImplementedError
 
+    #: whether the language model adds per-token features to the visual tokens' hidden states after some of its
+    #: decoder layers (Qwen3-VL's deepstack): the engine then takes them over (`visual_additions`) so that they
+    #: follow the kept tokens
+    adds_visual_features: bool = False
+
+    def visual_additions(self, kwargs: dict) -> tuple[dict, torch.Tensor, list[torch.Tensor]] | None:
+        """For families that add features to the visual tokens inside the decoder: from the language model's
+        forward keyword arguments, return (the keyword arguments without those additions, the (B, N) bool mask of
+        the tokens they belong to, one (V_total, D) tensor per decoder layer from layer 0, rows in the order of
+        the mask's True entries over (batch, sequence)); the tensor of layer i is added to the output of decoder
+        layer i. None when the call carries no additions."""
+        return None
+
     # --- vision tower -----------------------------------------------------------------------------------
     @property
     def vision_layers(self) -> nn.ModuleList:

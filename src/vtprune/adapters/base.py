@@ -68,21 +68,23 @@ class ModelAdapter:
 
     def __init__(self, model: nn.Module):
         self.model = model
+        #: the family's base model (`model.model` of a `...ForConditionalGeneration`, or the base model itself)
+        self.base = model.model if hasattr(model, "lm_head") else model
 
-    # --- modules -------------------------------------------------------------------------------------
+    # --- modules (the defaults fit every Hugging Face VLM whose base model has a `language_model`) ------------
     @property
     def input_module(self) -> nn.Module:
         """The module whose forward receives `input_ids`, `attention_mask` and the KV cache."""
-        raise NotImplementedError
+        return self.base
 
     @property
     def decoder_layers(self) -> nn.ModuleList:
-        raise NotImplementedError
+        return self.language_model.layers
 
     @property
     def language_model(self) -> nn.Module:
         """The decoder stack (its forward receives `inputs_embeds`, the 2-D mask and position ids)."""
-        raise NotImplementedError
+        return self.base.language_model
 
     # --- visual tokens -------------------------------------------------------------------------------
     def visual_layout(self, input_ids: torch.Tensor, inputs: dict | None = None) -> VisualLayout:

@@ -25,7 +25,7 @@ import math
 import torch
 from torch import nn
 
-from .base import VisualLayout, VisualSegment
+from .base import ModelAdapter, VisualLayout, VisualSegment
 from .llava import _rotary_fn_for
 from .llava_next import LlavaNextAdapter
 
@@ -45,8 +45,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     vision_cls_index = None
 
     def __init__(self, model: nn.Module):  # noqa: D107 - no [CLS] requirement: SigLIP's "full" keeps every patch
-        self.model = model
-        self.base = model.model if hasattr(model, "lm_head") else model
+        ModelAdapter.__init__(self, model)  # not LlavaAdapter.__init__: its checks are LLaVA-1.5's
         config = self.base.config
         vision = config.vision_config
         self.image_token_id = int(config.image_token_id)

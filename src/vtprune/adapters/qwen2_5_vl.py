@@ -52,24 +52,11 @@ class Qwen2_5_VLAdapter(ModelAdapter):
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        self.base = model.model if hasattr(model, "lm_head") else model
         config = self.base.config
         self.image_token_id = int(config.image_token_id)
         self.video_token_id = int(config.video_token_id)
         self.merge = int(config.vision_config.spatial_merge_size)
         self.rotary_fn = _rotary_fn_for(self.base.language_model)
-
-    @property
-    def input_module(self) -> nn.Module:
-        return self.base
-
-    @property
-    def decoder_layers(self) -> nn.ModuleList:
-        return self.base.language_model.layers
-
-    @property
-    def language_model(self) -> nn.Module:
-        return self.base.language_model
 
     # --- visual tokens -------------------------------------------------------------------------------
     def _grids(self, inputs: dict, key: str, kind: str, count: int) -> list[tuple[int, int, int]]:

@@ -292,6 +292,37 @@ def video_llava_inputs(samples, seed: int = 0) -> dict:
     return out
 
 
+def save_video_llava_checkpoint(path) -> None:
+    """A directory laid out like a hub Video-LLaVA checkpoint (model, tokenizer with <image>/<video>, image
+    processor, processor_config.json, chat template), written without building the full processor (its video
+    slot needs torchvision here)."""
+    import json
+
+    from transformers import VideoLlavaForConditionalGeneration, VideoLlavaImageProcessor
+
+    tokenizer = build_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
+    config = build_video_llava().config
+    config.text_config.vocab_size = len(tokenizer)
+    config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    config.video_token_id = tokenizer.convert_tokens_to_ids("<video>")
+    config.text_config.pad_token_id = tokenizer.pad_token_id
+    torch.manual_seed(0)
+    model = VideoLlavaForConditionalGeneration(config).eval()
+    sharpen(model.model.language_model.layers)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    VideoLlavaImageProcessor(size={"shortest_edge": VL_PX}, crop_size={"height": VL_PX, "width": VL_PX}).save_pretrained(path)
+    (path / "processor_config.json").write_text(json.dumps({
+        "processor_class": "VideoLlavaProcessor", "patch_size": 14, "vision_feature_select_strategy": "default",
+        "num_additional_image_tokens": 1}))
+    (path / "chat_template.jinja").write_text(
+        "{% for message in messages %}{{ message['role'] }}: {% for part in message['content'] %}"
+        "{% if part['type'] == 'image' %}<image>{% else %}{{ part['text'] }}{% endif %}{% endfor %} "
+        "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+
+
 # --- LLaVA-OneVision ----------------------------------------------------------------------------------------
 OV_PX = 56  # 4x4 SigLIP patches per tile (no [CLS]); frames pooled to 2x2
 OV_PINPOINTS = [[56, 112], [112, 56], [112, 112], [56, 168], [168, 168]]

@@ -1,5 +1,6 @@
 """Prefill time of a LLaVA-1.5-7B-shaped model: unpruned vs every registered method at budgets 192/128/64,
-debias on/off, and FastV with its scoring keys recomputed instead of reused.
+debias on/off, and FastV with its scoring keys recomputed instead of reused. `--model-shape` times other families
+at their 7B checkpoints' real shapes instead (FastV and PyramidDrop by default, without debiasing).
 
 Random weights (timing does not depend on them). On CPU the decoder is truncated in depth (default 4 layers,
 full width; a 7B model does not fit in fp32 here) and multi-stage schedules move to the same relative depth
@@ -14,6 +15,20 @@ overhead of debiasing.
     python bench/prefill.py                    # CPU, 4 layers, fp32
     python bench/prefill.py --device cuda      # GPU, 32 layers, bf16
     python bench/prefill.py --repeats 5 --markdown prefill.md --methods fastv,pdrop
+    python bench/prefill.py --model-shape qwen2.5-vl-7b|llava-next-7b|video-llava-7b --repeats 3
+
+Other shapes (random weights; decoder hidden size, MLP width, attention and KV heads and depth of the released
+7B checkpoints; the image features precomputed with a 1-2 layer vision tower of the real width, since the rows
+time the language model, which is what FastV and PyramidDrop change; budgets are fractions b/576 of the
+sample's visual tokens, so "192" keeps a third as it does on LLaVA-1.5):
+
+* qwen2.5-vl-7b: Qwen2.5-VL-7B (28 layers, 3584 wide, MLP 18944, 28 heads / 4 KV heads, mRoPE), one 672x672
+  image = a 48x48 patch grid = 576 visual tokens after the 2x2 merge.
+* llava-next-7b: LLaVA-v1.6-Vicuna-7B (32 layers, 4096, 11008, 32 heads), one 640x427 image through the anyres
+  processor (pinpoints of the checkpoint): base image (576) + 2x2 tiles unpadded to 32x48 (1536) = 2112 visual
+  tokens, plus 32 `image_newline` tokens that are never pruned.
+* video-llava-7b: Video-LLaVA-7B (Vicuna-7B decoder), one video of 8 frames x (256 patches + the frame's [CLS]
+  token, which is never pruned) = 2048 visual tokens.
 """
 
 from __future__ import annotations
@@ -21,6 +36,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import warnings
 
 import torch
 from rich.console import Console
@@ -59,14 +75,16 @@ def prompt_ids(text_before: int = 5, text_after: int = 30) -> torch.Tensor:
     return torch.cat([torch.tensor([1]), before, torch.full((NUM_VISUAL,), IMAGE_TOKEN), after])[None]
 
 
-def layer_flops(n: int, d: int = 4096, ffn: int = 11008) -> float:
-    """Multiply-adds x2 of one Llama layer over n tokens: projections, MLP, and the attention matrix."""
-    return 2 * n * (4 * d * d + 3 * d * ffn) + 4 * n * n * d
+def layer_flops(n: int, d: int = 4096, ffn: int = 11008, kv: int | None = None) -> float:
+    """Multiply-adds x2 of one Llama-style layer over n tokens: q/o and k/v projections (k/v of width `kv`,
+    default d), the gated MLP, and the attention matrix."""
+    kv = d if kv is None else kv
+    return 2 * n * (2 * d * d + 2 * d * kv + 3 * d * ffn) + 4 * n * n * d
 
 
-def tokens_per_layer(press, total: int, depth: int) -> list[int]:
+def tokens_per_layer(press, total: int, depth: int, num_visual: int = NUM_VISUAL) -> list[int]:
     """Tokens each decoder layer processed in the press's last request (visual tokens cut at each stage)."""
-    counts, present, text = [], NUM_VISUAL, total - NUM_VISUAL
+    counts, present, text = [], num_visual, total - num_visual
     stages = {s.layer: len(s.kept[0]) + s.extra[0] for s in press.last_selection}
     for layer in range(depth):
         present = stages.get(layer, present)
@@ -74,9 +92,176 @@ def tokens_per_layer(press, total: int, depth: int) -> list[int]:
     return counts
 
 
-def predicted_ratio(press, total: int, depth: int) -> float:
+def predicted_ratio(press, total: int, depth: int, num_visual: int = NUM_VISUAL, dims: dict | None = None) -> float:
     """FLOPs of the pruned prefill / the unpruned one (scoring costs not counted)."""
-    return sum(layer_flops(n) for n in tokens_per_layer(press, total, depth)) / (depth * layer_flops(total))
+    dims = dims or {}
+    return (sum(layer_flops(n, **dims) for n in tokens_per_layer(press, total, depth, num_visual))
+            / (depth * layer_flops(total, **dims)))
+
+
+# --- other model shapes ----------------------------------------------------------------------------------------
+#: shape -> (title, full depth, decoder dims for the FLOP count)
+SHAPES = {
+    "qwen2.5-vl-7b": ("Qwen2.5-VL-7B shape", 28, dict(d=3584, ffn=18944, kv=512)),
+    "llava-next-7b": ("LLaVA-NeXT-7B (v1.6 Vicuna) shape", 32, dict(d=4096, ffn=11008, kv=4096)),
+    "video-llava-7b": ("Video-LLaVA-7B shape", 32, dict(d=4096, ffn=11008, kv=4096)),
+}
+VICUNA = dict(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
+              num_key_value_heads=32, max_position_embeddings=4096)
+CLIP_L = dict(patch_size=14, hidden_size=1024, intermediate_size=4096, num_attention_heads=16, projection_dim=768,
+              num_hidden_layers=2)
+
+
+def _prompt(token: int, count: int, around: tuple[int, ...] = ()) -> torch.Tensor:
+    """bos, 5 text tokens, `count` placeholders (between the `around` start/end tokens, if given), 30 text tokens."""
+    generator = torch.Generator().manual_seed(0)
+    before = torch.randint(3, 31000, (5,), generator=generator)
+    after = torch.randint(3, 31000, (30,), generator=generator)
+    start, end = (torch.tensor(around[:1]), torch.tensor(around[1:])) if around else (torch.tensor([]), torch.tensor([]))
+    return torch.cat([torch.tensor([1]), before, start, torch.full((count,), token), end, after]).long()
+
+
+def build_shape(shape: str, depth: int, dtype: torch.dtype, device: str, batch: int):
+    """(model, inputs, visual tokens per sample) for one of SHAPES, image/video features precomputed."""
+    generator = torch.Generator().manual_seed(0)
+    if shape == "qwen2.5-vl-7b":
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        text = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=depth,
+                    num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=128000,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]})
+        vision = dict(depth=1, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                      patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                      fullatt_block_indexes=[0])
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=151655,
+                                  video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653)
+        with torch.device(device):
+            model = Qwen2_5_VLForConditionalGeneration(config)
+        model = model.to(dtype).eval()
+        grid = torch.tensor([[1, 48, 48]] * batch, device=device)
+        pixels = torch.randn(batch * 48 * 48, 3 * 2 * 14 * 14, generator=generator).to(device, dtype)
+        with torch.no_grad():
+            features = model.model.get_image_features(pixels, grid, return_dict=True)
+        visual = 576
+        ids = _prompt(151655, visual, around=(151652, 151653))[None].expand(batch, -1).contiguous().to(device)
+        types = (ids == 151655).int()
+        inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=types,
+                      image_grid_thw=grid, mm_encoder_outputs={"image": features})
+        return model, inputs, visual
+    from transformers import CLIPVisionConfig, LlamaConfig
+
+    text = LlamaConfig(num_hidden_layers=depth, **VICUNA)
+    if shape == "llava-next-7b":
+        import numpy as np
+        from PIL import Image
+        from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+        pinpoints = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+        config = LlavaNextConfig(vision_config=CLIPVisionConfig(image_size=336, **CLIP_L), text_config=text,
+                                 image_token_id=32000, vision_feature_layer=-2,
+                                 vision_feature_select_strategy="default", image_grid_pinpoints=pinpoints)
+        with torch.device(device):
+            model = LlavaNextForConditionalGeneration(config)
+        model = model.to(dtype).eval()
+        processor = LlavaNextImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                                               image_grid_pinpoints=pinpoints)
+        array = np.random.default_rng(0).integers(0, 255, (427, 640, 3), dtype=np.uint8)
+        out = processor(images=[Image.fromarray(array)] * batch, return_tensors="pt")
+        sizes = out["image_sizes"].to(device)
+        with torch.no_grad():
+            features = model.model.get_image_features(out["pixel_values"].to(device, dtype), sizes, return_dict=True)
+        count = int(features.pooler_output[0].shape[0])  # base + unpadded tiles + newline tokens
+        ids = _prompt(32000, count)[None].expand(batch, -1).contiguous().to(device)
+        inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), image_sizes=sizes,
+                      mm_encoder_outputs={"image": features})
+        from vtprune.adapters import adapter_for
+
+        return model, inputs, adapter_for(model).visual_layout(ids, inputs).num_visual[0]
+    if shape == "video-llava-7b":
+        from transformers import VideoLlavaConfig, VideoLlavaForConditionalGeneration
+
+        config = VideoLlavaConfig(vision_config=CLIPVisionConfig(image_size=224, **CLIP_L), text_config=text,
+                                  image_token_id=32000, video_token_id=32001, vision_feature_layer=-2,
+                                  vision_feature_select_strategy="default")
+        with torch.device(device):
+            model = VideoLlavaForConditionalGeneration(config)
+        model = model.to(dtype).eval()
+        frames = torch.randn(batch, 8, 3, 224, 224, generator=generator).to(device, dtype)
+        with torch.no_grad():
+            features = model.model.get_video_features(frames, return_dict=True)
+        ids = _prompt(32001, 8 * 257)[None].expand(batch, -1).contiguous().to(device)
+        inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), mm_encoder_outputs={"video": features})
+        return model, inputs, 8 * 256
+    raise ValueError(f"unknown --model-shape {shape!r}: use llava-1.5-7b or one of {', '.join(SHAPES)}")
+
+
+def main_shape(args) -> None:
+    """Unpruned vs FastV/PyramidDrop (plain) at the budgets, for a --model-shape other than LLaVA-1.5."""
+    title_name, full_depth, dims = SHAPES[args.model_shape]
+    on_gpu = args.device.startswith("cuda")
+    depth = args.layers or (full_depth if on_gpu else 4)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if on_gpu else "float32"))
+    model, inputs, visual = build_shape(args.model_shape, depth, dtype, args.device, args.batch)
+    methods = args.methods.split(",") if args.methods else ["fastv", "pdrop"]
+    budgets = [int(b) for b in args.budgets.split(",")]
+    configs = [("unpruned", None)]
+    for budget in budgets:
+        for name in methods:
+            cls = METHODS[name]
+            configs.append((f"{cls.__name__} {budget}/576", cls(budget=budget / 576)))
+
+    def run_once(press=None) -> float:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "positions='compact' does not apply" on Qwen-VL, every call
+            if press is None:
+                start = _now(on_gpu)
+                model(**inputs, logits_to_keep=1)
+            else:
+                with press(model):
+                    start = _now(on_gpu)
+                    model(**inputs, logits_to_keep=1)
+            return _now(on_gpu) - start
+
+    times: dict[str, list[float]] = {label: [] for label, _ in configs}
+    for round_index in range(args.repeats + 1):  # interleaved rounds, round 0 warms up
+        for label, press in configs:
+            elapsed = run_once(press)
+            if round_index:
+                times[label].append(elapsed)
+    median = {label: statistics.median(values) for label, values in times.items()}
+    total = inputs["input_ids"].shape[1]
+    columns = ("config", "visual kept (last stage)", "visual per layer", "prefill ms", "time ratio", "FLOP ratio")
+    cells = []
+    for label, press in configs:
+        if press is None:
+            kept, per_layer, predicted = visual, float(visual), 1.0
+        else:
+            last = press.last_selection[-1]
+            kept = len(last.kept[0]) + last.extra[0]
+            per_layer = sum(tokens_per_layer(press, total, depth, visual)) / depth - (total - visual)
+            predicted = predicted_ratio(press, total, depth, visual, dims)
+        cells.append((label, str(kept), f"{per_layer:.0f}", f"{median[label] * 1e3:.1f}",
+                      f"{median[label] / median['unpruned']:.3f}", f"{predicted:.3f}"))
+    device_name = torch.cuda.get_device_name() if on_gpu else f"CPU, {torch.get_num_threads()} threads"
+    title = (f"Prefill, {title_name}, {depth} decoder layers, {str(dtype).split('.')[-1]}, batch {args.batch} x "
+             f"{total} tokens ({visual} visual), features precomputed, {device_name}, median of {args.repeats} "
+             "interleaved rounds")
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, justify="right", no_wrap=True)
+    for row in cells:
+        table.add_row(*row)
+    Console(width=max(120, Console().width)).print(table)
+    note = ("Budgets b/576: the fraction of the sample's visual tokens the published LLaVA-1.5 budget b keeps. "
+            "FLOP ratios from the tokens each layer really processed (scoring not counted). Visual per layer: "
+            "visual tokens averaged over the decoder layers.")
+    print(note)
+    if args.markdown:
+        lines = [f"{title}.", "", "| " + " | ".join(columns) + " |", "|---" + "|---:" * (len(columns) - 1) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in cells] + ["", note]
+        with open(args.markdown, "w") as handle:
+            handle.write("\n".join(lines) + "\n")
 
 
 class FastVRecomputedKeys(FastV):
@@ -97,11 +282,22 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help="identical prompts per prefill")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--markdown", default=None, help="also write the table as Markdown to this file")
-    parser.add_argument("--methods", default=",".join(m for m in METHODS if m != "random"), help="registered methods to time")
+    parser.add_argument("--model-shape", default="llava-1.5-7b", choices=["llava-1.5-7b", *SHAPES],
+                        help="the model whose real shapes are timed (default LLaVA-1.5-7B)")
+    parser.add_argument("--methods", default=None,
+                        help="registered methods to time (default: all but random; fastv,pdrop for other shapes)")
     parser.add_argument("--budgets", default="192,128,64", help="budgets (visual tokens of 576, as the papers count)")
     parser.add_argument("--with-vision", action="store_true",
                         help="time the vision tower too in every row (needed for vision-side methods)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.model_shape != "llava-1.5-7b":
+        if args.with_vision:
+            parser.error("--with-vision applies to the LLaVA-1.5 shape only (vision-side methods are refused on the others)")
+        return main_shape(args)
+    if args.methods is None:
+        args.methods = ",".join(m for m in METHODS if m != "random")
     on_gpu = args.device.startswith("cuda")
     depth = args.layers or (32 if on_gpu else 4)
     dtype = getattr(torch, args.dtype or ("bfloat16" if on_gpu else "float32"))

@@ -140,3 +140,24 @@ def test_more_frames_than_tokens_is_a_clear_error(sdpa_model):
     inputs["input_ids"][0, 5] = 5
     with pytest.raises(ValueError, match="not a multiple of 17 per frame"), torch.no_grad(), FastV(keep=8)(sdpa_model):
         sdpa_model(**inputs)
+
+
+def test_cli_run_loads_a_saved_checkpoint(tmp_path):
+    """`vtprune run --model DIR` on a directory laid out like a hub Video-LLaVA checkpoint (the processor built
+    with an empty video slot, as without torchvision): an image prompt, 16 visual tokens, 4 kept."""
+    import json
+
+    from conftest import make_image
+    from families import save_video_llava_checkpoint
+    from typer.testing import CliRunner
+
+    from vtprune.cli import app
+
+    save_video_llava_checkpoint(tmp_path)
+    make_image(100, 80).save(tmp_path / "image.png")
+    result = CliRunner().invoke(app, ["run", "--model", str(tmp_path), "--image", str(tmp_path / "image.png"),
+                                      "--prompt", "what is the colour ?", "--keep", "4", "--max-new-tokens", "2",
+                                      "--repeats", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    record, _ = json.JSONDecoder().raw_decode(result.output[result.output.index("{"):])
+    assert record["unpruned"]["visual_tokens"] == 16 and record["pruned"]["visual_tokens"] == 4

@@ -107,6 +107,7 @@ class _Request:
     next_rank: list[int]  # per sample, the rank the next inserted token gets
     image_span: torch.Tensor | None = None  # (B, 2) prompt positions of each sample's first and last visual token
     state: dict = field(default_factory=dict)  # the press's per-request state
+    additions: list | None = None  # per decoder layer, (B, max V + 1, D) features added to visual ranks (deepstack)
     inputs: dict[int, LayerInput] = field(default_factory=dict)  # recorded layer inputs (prefill)
     vision_inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # recorded vision-layer inputs
     vision_outputs: dict[int, torch.Tensor] = field(default_factory=dict)  # and outputs
@@ -261,7 +262,7 @@ class PruningSession:
         if self.model is not self.adapter.input_module:
             self._handles.append(self.model.register_forward_pre_hook(self._on_outer_input, with_kwargs=True))
         lm = self.adapter.language_model
-        if self.stages[0].layer == 0 or self.stages[0].trim_cache:
+        if self.stages[0].layer == 0 or self.stages[0].trim_cache or self.adapter.adds_visual_features:
             self._handles.append(lm.register_forward_pre_hook(self._on_language_model_input, with_kwargs=True))
         if self.stages[0].trim_cache and not self.dry_run:
             self._handles.append(lm.register_forward_hook(self._on_language_model_output))
@@ -285,6 +286,8 @@ class PruningSession:
                 self._handles.append(layer.register_forward_hook(self._make_vision_stage(stage_index, stage)))
         for index, layer in enumerate(self.adapter.decoder_layers):
             self._handles.append(layer.register_forward_pre_hook(self._make_layer_hook(index), with_kwargs=True))
+            if self.adapter.adds_visual_features:
+                self._handles.append(layer.register_forward_hook(self._make_addition_hook(index)))
             if index in self.key_layers:
                 module = self.adapter.key_projection(layer)
                 self._handles.append(module.register_forward_hook(self._make_key_hook(index)))
@@ -419,8 +422,10 @@ class PruningSession:
             if request.base_prompt_columns is None:
                 return None  # no cut at the language model's input and no trimmed cache
             return self._decode_language_model_input(request, kwargs)
+        taken = self._take_visual_additions(request, kwargs)
         if self.stages[0].layer != 0:
-            return None
+            return None if taken is kwargs else (args, taken)
+        kwargs = taken
         embeds = kwargs.get("inputs_embeds")
         if embeds is None or args:
             raise RuntimeError("vtprune expected the language model to be called with inputs_embeds= keywords")
@@ -451,6 +456,60 @@ class PruningSession:
         request.base_len = new_len
         new_kwargs = dict(kwargs, inputs_embeds=hidden, attention_mask=valid.long(), position_ids=new_positions)
         return args, new_kwargs
+
+    def _take_visual_additions(self, request: _Request, kwargs: dict) -> dict:
+        """Families that add features to the visual tokens after their first decoder layers (Qwen3-VL's deepstack):
+        the engine takes the additions out of the language model's call and adds them itself after each of those
+        layers, to the visual tokens still present (the kept ones, by their original visual rank). Returns the
+        keyword arguments the language model is called with (`kwargs` itself when there is nothing to take)."""
+        if not self.adapter.adds_visual_features:
+            return kwargs
+        taken = self.adapter.visual_additions(kwargs)
+        if taken is None:
+            return kwargs
+        new_kwargs, mask, additions = taken
+        layout = request.layout
+        counts = mask.sum(dim=1).tolist()
+        if counts != layout.num_visual or any(
+            not torch.equal(torch.nonzero(mask[b]).flatten().to(p.device), p) for b, p in enumerate(layout.positions)
+        ):
+            raise ValueError(
+                f"{type(self.adapter).__name__}: the visual features added inside the decoder belong to "
+                f"{counts} tokens per sample, but the prompt's visual tokens are {layout.num_visual}: pass the "
+                "image/video inputs the processor returned with these input_ids."
+            )
+        width = max(layout.num_visual) + 1
+        tables = []
+        for addition in additions:  # (V_total, D) -> (B, max V + 1, D), the last row zero (no addition)
+            table = addition.new_zeros(len(counts), width, addition.shape[-1])
+            start = 0
+            for b, count in enumerate(counts):
+                table[b, :count] = addition[start:start + count]
+                start += count
+            tables.append(table)
+        request.additions = tables
+        return new_kwargs
+
+    def _make_addition_hook(self, index: int):
+        def hook(module, args, output):
+            request = self._request
+            if request is None or request.phase != "prefill":
+                return None
+            tables = request.additions
+            if not tables or index >= len(tables):
+                return None
+            if index == len(tables) - 1:
+                request.additions = None  # the last one: free them
+            hidden = output[0] if isinstance(output, tuple) else output
+            table = tables[index]
+            rank = request.ids.at("rank", request.slots, -1)  # original visual rank of each slot (-1: none)
+            limit = torch.tensor(request.layout.num_visual, device=rank.device)[:, None]
+            row = torch.where((rank >= 0) & (rank < limit), rank, table.shape[1] - 1)
+            added = torch.gather(table.to(hidden.device, hidden.dtype), 1, row[:, :, None].expand(-1, -1, table.shape[-1]))
+            hidden = hidden + added
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        return hook
 
     def _on_language_model_output(self, module, args, output):
         """After a prefill whose first stage trims the cache: the layers before that stage keep only the tokens

@@ -272,7 +272,10 @@ def check_pair(model, processor, spec: str = "the model") -> None:
                            return_tensors="pt")
     except Exception as error:  # a processor that cannot prepare an image and a prompt at all
         raise ValueError(f"the processor of {spec} cannot prepare an image and a prompt ({' '.join(str(error).split())})") from None
-    side = tuple(inputs["pixel_values"].shape[-2:])
+    pixels = inputs.get("pixel_values", inputs.get("pixel_values_images"))  # Video-LLaVA's name for image pixels
+    if pixels is None:
+        raise ValueError(f"the processor of {spec} returned no image pixels for an image")
+    side = tuple(pixels.shape[-2:])
     if side != (vision.image_size, vision.image_size):
         raise ValueError(
             f"the processor of {spec} makes {side[0]}x{side[1]} images but the model's vision tower takes "

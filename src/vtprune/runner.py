@@ -106,6 +106,18 @@ def run_examples(
     return RunResult(answers=answers, records=records, final_tokens=final_tokens)
 
 
+def timed_prefill(model: nn.Module, inputs: dict) -> float:
+    """Milliseconds of one prefill forward of `inputs` (last position's logits only), synchronised on CUDA."""
+    cuda = next(model.parameters()).device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    model(**inputs, logits_to_keep=1)
+    if cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3
+
+
 @dataclass
 class Answer:
     """One question answered by `answer_one`: the text, the prefill time (ms) and the press's selection."""
@@ -123,13 +135,7 @@ def answer_one(model: nn.Module, processor, image, question: str, press: Press |
     inputs = build_inputs(processor, [image], [question], device=str(device))
     inputs = {k: v.to(model.dtype) if torch.is_floating_point(v) else v for k, v in inputs.items()}
     with press(model, processor=processor, image_sizes=[image.size]) if press is not None else nullcontext():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        model(**inputs, logits_to_keep=1)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        prefill_ms = (time.perf_counter() - start) * 1e3
+        prefill_ms = timed_prefill(model, inputs)
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     text = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0].strip()
     return Answer(text=text, prefill_ms=prefill_ms, selection=list(press.last_selection) if press is not None else [])
@@ -180,13 +186,7 @@ def compare_one(model: nn.Module, processor, image, question: str, press: Press,
 
     def prefill(pruned: bool) -> float:
         with session(pruned):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            model(**inputs, logits_to_keep=1)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            return (time.perf_counter() - start) * 1e3
+            return timed_prefill(model, inputs)
 
     warmup = (prefill(False), prefill(True))
     unpruned_ms, pruned_ms = [], []

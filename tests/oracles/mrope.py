@@ -19,8 +19,9 @@ def _embed(model, inputs, ids):
     base = model.model
     embeds = base.get_input_embeddings()(ids)
     config = model.config
-    deepstack = None
-    visual = torch.zeros_like(ids[0], dtype=torch.bool)
+    deepstack = None  # per layer, (number of visual tokens, D) in sequence order
+    visual = ids[0] == -1
+    rank = torch.cumsum((ids[0] == config.image_token_id) | (ids[0] == config.video_token_id), 0) - 1
     for key, grid, token, fn in (
         ("pixel_values", "image_grid_thw", config.image_token_id, base.get_image_features),
         ("pixel_values_videos", "video_grid_thw", config.video_token_id, base.get_video_features),
@@ -34,7 +35,11 @@ def _embed(model, inputs, ids):
         visual |= where
         stack = getattr(out, "deepstack_features", None)
         if stack is not None:
-            deepstack = stack if deepstack is None else deepstack  # one modality per test prompt
+            total = int(((ids[0] == config.image_token_id) | (ids[0] == config.video_token_id)).sum())
+            if deepstack is None:
+                deepstack = [features.new_zeros(total, features.shape[-1]) for _ in stack]
+            for layer, per_item in zip(deepstack, stack):
+                layer[rank[where]] = torch.cat(list(per_item)).to(layer.dtype)
     return embeds, visual, deepstack
 
 

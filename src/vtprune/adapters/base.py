@@ -68,21 +68,23 @@ class ModelAdapter:
 
     def __init__(self, model: nn.Module):
         self.model = model
+        #: the family's base model (`model.model` of a `...ForConditionalGeneration`, or the base model itself)
+        self.base = model.model if hasattr(model, "lm_head") else model
 
-    # --- modules -------------------------------------------------------------------------------------
+    # --- modules (the defaults fit every Hugging Face VLM whose base model has a `language_model`) ------------
     @property
     def input_module(self) -> nn.Module:
         """The module whose forward receives `input_ids`, `attention_mask` and the KV cache."""
-        raise NotImplementedError
+        return self.base
 
     @property
     def decoder_layers(self) -> nn.ModuleList:
-        raise NotImplementedError
+        return self.language_model.layers
 
     @property
     def language_model(self) -> nn.Module:
         """The decoder stack (its forward receives `inputs_embeds`, the 2-D mask and position ids)."""
-        raise NotImplementedError
+        return self.base.language_model
 
     # --- visual tokens -------------------------------------------------------------------------------
     def visual_layout(self, input_ids: torch.Tensor, inputs: dict | None = None) -> VisualLayout:
@@ -112,6 +114,19 @@ class ModelAdapter:
     def padding_fractions(self, layout: VisualLayout, image_sizes, processor) -> list[torch.Tensor]:
         """Per sample, (V_b,) float in [0, 1]: share of each visual token's pixels that are padding."""
         raise NotImplementedError
+
+    #: whether the language model adds per-token features to the visual tokens' hidden states after some of its
+    #: decoder layers (Qwen3-VL's deepstack): the engine then takes them over (`visual_additions`) so that they
+    #: follow the kept tokens
+    adds_visual_features: bool = False
+
+    def visual_additions(self, kwargs: dict) -> tuple[dict, torch.Tensor, list[torch.Tensor]] | None:
+        """For families that add features to the visual tokens inside the decoder: from the language model's
+        forward keyword arguments, return (the keyword arguments without those additions, the (B, N) bool mask of
+        the tokens they belong to, one (V_total, D) tensor per decoder layer from layer 0, rows in the order of
+        the mask's True entries over (batch, sequence)); the tensor of layer i is added to the output of decoder
+        layer i. None when the call carries no additions."""
+        return None
 
     # --- vision tower -----------------------------------------------------------------------------------
     @property

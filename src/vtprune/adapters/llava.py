@@ -12,8 +12,7 @@ class LlavaAdapter(ModelAdapter):
     model_classes = ("LlavaForConditionalGeneration", "LlavaModel")
 
     def __init__(self, model: nn.Module):
-        super().__init__(model)
-        self.base = model.model if hasattr(model, "lm_head") else model  # LlavaModel
+        super().__init__(model)  # self.base: the LlavaModel
         config = self.base.config
         vision = config.vision_config
         self.image_token_id = int(config.image_token_id)
@@ -31,18 +30,6 @@ class LlavaAdapter(ModelAdapter):
             pass  # several feature layers are concatenated along channels: same tokens, same grid
         self.tokens_per_image = side * side
         self.rotary_fn = _rotary_fn_for(self.base.language_model)
-
-    @property
-    def input_module(self) -> nn.Module:
-        return self.base
-
-    @property
-    def decoder_layers(self) -> nn.ModuleList:
-        return self.base.language_model.layers
-
-    @property
-    def language_model(self) -> nn.Module:
-        return self.base.language_model
 
     def project_visual(self, features: torch.Tensor) -> torch.Tensor:
         return self.base.multi_modal_projector(features)

@@ -25,7 +25,7 @@ import math
 import torch
 from torch import nn
 
-from .base import VisualLayout, VisualSegment
+from .base import ModelAdapter, VisualLayout, VisualSegment
 from .llava import LlavaAdapter, _rotary_fn_for
 
 
@@ -38,8 +38,7 @@ class LlavaNextAdapter(LlavaAdapter):
     )
 
     def __init__(self, model: nn.Module):  # noqa: D107 - LlavaAdapter's checks, another grid
-        self.model = model
-        self.base = model.model if hasattr(model, "lm_head") else model
+        ModelAdapter.__init__(self, model)  # not LlavaAdapter.__init__: its checks are LLaVA-1.5's
         config = self.base.config
         vision = config.vision_config
         self.image_token_id = int(config.image_token_id)

@@ -52,24 +52,11 @@ class Qwen2_5_VLAdapter(ModelAdapter):
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
-        self.base = model.model if hasattr(model, "lm_head") else model
         config = self.base.config
         self.image_token_id = int(config.image_token_id)
         self.video_token_id = int(config.video_token_id)
         self.merge = int(config.vision_config.spatial_merge_size)
         self.rotary_fn = _rotary_fn_for(self.base.language_model)
-
-    @property
-    def input_module(self) -> nn.Module:
-        return self.base
-
-    @property
-    def decoder_layers(self) -> nn.ModuleList:
-        return self.base.language_model.layers
-
-    @property
-    def language_model(self) -> nn.Module:
-        return self.base.language_model
 
     # --- visual tokens -------------------------------------------------------------------------------
     def _grids(self, inputs: dict, key: str, kind: str, count: int) -> list[tuple[int, int, int]]:
@@ -121,6 +108,7 @@ class Qwen2_5_VLAdapter(ModelAdapter):
                 )
         if positions3 is not None:
             positions3 = positions3[-3:]
+        sizes = {kind: self._encoded_sizes(inputs, kind) for kind in ("image", "video")}
         next_index = {"image": 0, "video": 0}
         positions, segments = [], []
         order = torch.argsort((~visual).to(torch.int8), dim=1, stable=True)
@@ -136,10 +124,19 @@ class Qwen2_5_VLAdapter(ModelAdapter):
                 index = next_index[kind]
                 next_index[kind] += 1
                 if queues[kind] is None:
-                    end = offset + 1
-                    while end < count and not gaps[end - 1] and sample_kinds[end] == sample_kinds[offset]:
-                        end += 1
-                    frames = self._frames_from_positions(positions3[:, b, sample_positions[offset:end]], kind)
+                    # one contiguous run per image or video, or, where the encoded features say how many tokens
+                    # each has (Qwen3-VL puts a timestamp between a video's frames), runs until that count
+                    size = sizes[kind][index] if sizes[kind] is not None and index < len(sizes[kind]) else None
+                    frames, end = [], offset
+                    while True:
+                        run_end = end + 1
+                        while run_end < count and not gaps[run_end - 1] and sample_kinds[run_end] == sample_kinds[offset]:
+                            run_end += 1
+                        frames += self._frames_from_positions(positions3[:, b, sample_positions[end:run_end]], kind)
+                        end = run_end
+                        if (size is None or end - offset >= size or end >= count
+                                or sample_kinds[end] != sample_kinds[offset]):
+                            break
                 else:
                     if index >= len(queues[kind]):
                         raise ValueError(f"sample {b} has more {kind} tokens than the {kind} grids describe")
@@ -164,6 +161,17 @@ class Qwen2_5_VLAdapter(ModelAdapter):
             positions.append(sample_positions)
             segments.append(sample_segments)
         return VisualLayout(positions=positions, segments=segments)
+
+    @staticmethod
+    def _encoded_sizes(inputs: dict, kind: str) -> list[int] | None:
+        """Tokens of each image or video, from the features generate() encoded before its first forward (one
+        tensor per image / video in `mm_encoder_outputs[kind].pooler_output`), or None."""
+        encoded = inputs.get("mm_encoder_outputs")
+        output = encoded.get(kind) if isinstance(encoded, dict) else None
+        pooled = getattr(output, "pooler_output", None)
+        if not isinstance(pooled, (list, tuple)):
+            return None
+        return [int(t.shape[0]) for t in pooled]
 
     @staticmethod
     def _frames_from_positions(run: torch.Tensor, kind: str) -> list[tuple[int, int]]:

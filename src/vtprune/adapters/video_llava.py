@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import VisualLayout, VisualSegment
+from .base import ModelAdapter, VisualLayout, VisualSegment
 from .llava import LlavaAdapter, _rotary_fn_for
 
 
@@ -30,8 +30,7 @@ class VideoLlavaAdapter(LlavaAdapter):
     )
 
     def __init__(self, model: nn.Module):  # noqa: D107
-        self.model = model
-        self.base = model.model if hasattr(model, "lm_head") else model
+        ModelAdapter.__init__(self, model)  # not LlavaAdapter.__init__: its checks are LLaVA-1.5's
         config = self.base.config
         vision = config.vision_config
         self.image_token_id = int(config.image_token_id)
@@ -115,6 +114,19 @@ class VideoLlavaAdapter(LlavaAdapter):
             segments.append(sample_segments)
         return VisualLayout(positions=positions, segments=segments)
 
+    def _image_geometry(self, image_processor):
+        """The images' geometry, or False for the checkpoints' own `VideoLlavaImageProcessor` (a numpy processor
+        the geometry reader does not parse) when it resizes the shortest edge to at least the crop and centre-crops
+        without padding: no patch is padding."""
+        if type(image_processor).__name__ == "VideoLlavaImageProcessor" and not getattr(image_processor, "do_pad", False):
+            size = getattr(image_processor, "size", None) or {}
+            crop = getattr(image_processor, "crop_size", None) or {}
+            shortest = size.get("shortest_edge")
+            if (image_processor.do_resize and image_processor.do_center_crop and shortest is not None
+                    and shortest >= max(crop.get("height", 0), crop.get("width", 0))):
+                return False
+        return self.image_geometry(image_processor)
+
     def padding_fractions(self, layout: VisualLayout, image_sizes, processor) -> list[torch.Tensor]:
         from ..geometry import padded_fraction
 
@@ -127,7 +139,10 @@ class VideoLlavaAdapter(LlavaAdapter):
                     parts.append(torch.zeros(segment.length))
                     continue
                 if geometry is None:
-                    geometry = self.image_geometry(getattr(processor, "image_processor", processor))
+                    geometry = self._image_geometry(getattr(processor, "image_processor", processor))
+                if geometry is False:  # resize + centre crop: every patch is image
+                    parts.append(torch.zeros(segment.length))
+                    continue
                 parts.append(padded_fraction(geometry, tuple(image_sizes[segment.image_index])).reshape(-1))
             out.append(torch.cat(parts) if parts else torch.zeros(0))
         return out

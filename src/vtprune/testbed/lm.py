@@ -258,10 +258,50 @@ class LMTrainConfig:
     lora_rank: int = 8
     lora_from_layer: int = 3  # layers below keep the pretrained weights (where FastV & co. score: their bias stays the LM's)
     warmup: int = 30
+    align_steps: int = 200  # stage 0: the projector regressed onto word embeddings of each patch's content
     seed: int = 0
     eval_every: int = 100
     val_size: int = 200
     log_every: int = 10
+
+
+def align_projector(model, processor, steps: int, seed: int = 0, batch_size: int = 16, lr: float = 2e-3, log=print) -> float:
+    """Stage 0 (no language-model forward): regress the projector's output for each patch onto the word
+    embeddings of what the patch shows, (emb(" <colour>") + emb(" <shape>")) / 2, and emb(" empty") for
+    background and padding (labels from `train.patch_targets`, through the processor's own pad and resize), so
+    the frozen language model starts from visual tokens that read like words. Returns the last relative MSE."""
+    import numpy as np
+
+    from .data import COLOURS, SHAPES, make_sample
+    from .train import patch_targets
+
+    embeddings = model.get_input_embeddings().weight.detach()
+    tokenizer = processor.tokenizer
+
+    def word(text: str) -> torch.Tensor:
+        return embeddings[tokenizer(" " + text, add_special_tokens=False)["input_ids"]].mean(dim=0)
+
+    colours = torch.stack([word("empty")] + [word(c) for c in COLOURS])
+    shapes = torch.stack([word("empty")] + [word(s) for s in SHAPES])
+    projector, tower = model.model.multi_modal_projector, model.model.vision_tower
+    optimizer = torch.optim.AdamW(projector.parameters(), lr=lr)
+    loss = torch.tensor(float("nan"))
+    for step in range(steps):
+        samples = [make_sample("train", seed + 1, step * batch_size + j) for j in range(batch_size)]
+        pixels = processor.image_processor(images=[s.image for s in samples], return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            features = tower(pixels, output_hidden_states=True).hidden_states[-1][:, 1:]  # (B, 144, D_vision)
+        labels = [patch_targets(s) for s in samples]
+        colour = torch.from_numpy(np.stack([c for c, _ in labels]))
+        shape = torch.from_numpy(np.stack([k for _, k in labels]))
+        goal = (colours[colour] + shapes[shape]) / 2
+        loss = ((projector(features) - goal) ** 2).mean() / (goal ** 2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 50 == 0 or step == steps - 1:
+            log(f"align step {step + 1}/{steps}: relative MSE {loss.item():.4f}")
+    return float(loss.item())
 
 
 def _lora_layers(model, cfg: LMTrainConfig) -> nn.ModuleList:
@@ -332,6 +372,8 @@ def train_lm(cfg: LMTrainConfig, work_dir: Path, out: Path, log=print) -> dict:
     model = compose(processor, lm_dir, seed=cfg.seed)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
+    if state is None and cfg.align_steps:
+        align_projector(model, processor, cfg.align_steps, seed=cfg.seed, log=log)
     lora = add_lora(_lora_layers(model, cfg), cfg.lora_rank)
     projector = list(model.model.multi_modal_projector.parameters())
     for parameter in projector:
@@ -385,4 +427,4 @@ def train_lm(cfg: LMTrainConfig, work_dir: Path, out: Path, log=print) -> dict:
 
 __all__ = ["CHAT_TEMPLATE", "IMAGE_TOKEN", "LoRALinear", "LORA_TARGETS", "add_lora", "merge_lora", "cache_root",
            "gguf_path", "language_model_dir", "build_processor", "prompt_text", "compose", "encode_packed",
-           "LMTrainConfig", "save_trained", "load_testbed_lm", "train_lm"]
+           "LMTrainConfig", "align_projector", "save_trained", "load_testbed_lm", "train_lm"]

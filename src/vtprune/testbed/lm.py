@@ -284,6 +284,8 @@ def align_projector(model, processor, steps: int, seed: int = 0, batch_size: int
     colours = torch.stack([word("empty")] + [word(c) for c in COLOURS])
     shapes = torch.stack([word("empty")] + [word(s) for s in SHAPES])
     projector, tower = model.model.multi_modal_projector, model.model.vision_tower
+    for parameter in projector.parameters():
+        parameter.requires_grad_(True)
     optimizer = torch.optim.AdamW(projector.parameters(), lr=lr)
     loss = torch.tensor(float("nan"))
     for step in range(steps):

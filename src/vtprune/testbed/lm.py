@@ -259,6 +259,7 @@ class LMTrainConfig:
     lora_from_layer: int = 3  # layers below keep the pretrained weights (where FastV & co. score: their bias stays the LM's)
     warmup: int = 30
     align_steps: int = 200  # stage 0: the projector regressed onto word embeddings of each patch's content
+    caption: bool = False  # one more branch per image: the training-only description of every object
     seed: int = 0
     eval_every: int = 100
     val_size: int = 200
@@ -358,7 +359,7 @@ def train_lm(cfg: LMTrainConfig, work_dir: Path, out: Path, log=print) -> dict:
     import numpy as np
 
     from ..runner import run_examples
-    from .data import accuracy, make_sample, make_split, scene_questions
+    from .data import DESCRIBE_QUESTION, accuracy, describe, make_sample, make_split, scene_questions
 
     work_dir, out = Path(work_dir), Path(out)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -388,14 +389,15 @@ def train_lm(cfg: LMTrainConfig, work_dir: Path, out: Path, log=print) -> dict:
         model.load_state_dict(state["trainable"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
         step, best = state["step"], state["best"]
-    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    base_lrs = [cfg.lr, cfg.lora_lr]  # (a resumed optimizer holds the last scheduled rates)
     val = make_split("val", cfg.val_size, seed=cfg.seed)
     start, ema = time.time(), None
     model.train()
     while step < cfg.steps:
         samples = [make_sample("train", cfg.seed, step * cfg.batch_size + j) for j in range(cfg.batch_size)]
         rng = np.random.default_rng([cfg.seed, step, 13])
-        branches = [[(s.question, s.answer)] + scene_questions(s, cfg.extra_questions, rng) for s in samples]
+        branches = [[(s.question, s.answer)] + scene_questions(s, cfg.extra_questions, rng)
+                    + ([(DESCRIBE_QUESTION, describe(s))] if cfg.caption else []) for s in samples]
         batch = encode_packed(processor, samples, branches)
         factor = min(1.0, (step + 1) / cfg.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
         for group, base_lr in zip(optimizer.param_groups, base_lrs):

@@ -122,18 +122,19 @@ class LlavaNextAdapter(LlavaAdapter):
         encoded = (inputs.get("mm_encoder_outputs") or {}).get("image")
         features = getattr(encoded, "pooler_output", None)
         if features is not None:
-            newline = self.base.image_newline
-            grids = []
-            for feature in features:
-                rows_u = int((feature[self.tokens_per_image:] == newline.to(feature)).all(dim=-1).sum())
-                if rows_u == 0:
-                    raise ValueError("cannot find the image_newline rows of an encoded LLaVA-NeXT image")
-                grids.append((rows_u, (feature.shape[0] - self.tokens_per_image) // rows_u - 1))
-            return grids
+            return [self._encoded_tile_grid(feature, "LLaVA-NeXT") for feature in features]
         raise ValueError(
             f"the prompt has {count} image tokens but no image_sizes was passed: LLaVA-NeXT's token count depends on "
             "each image's size; pass every output of the processor (model(**inputs)), image_sizes included."
         )
+
+    def _encoded_tile_grid(self, feature: torch.Tensor, family: str) -> tuple[int, int]:
+        """(rows, cols) of the unpadded tile grid of one encoded image (T, D): the base image's tokens, then rows of
+        `cols` tokens each closed by `image_newline`."""
+        rows = int((feature[self.tokens_per_image:] == self.base.image_newline.to(feature)).all(dim=-1).sum())
+        if rows == 0:
+            raise ValueError(f"cannot find the image_newline rows of an encoded {family} image")
+        return rows, (feature.shape[0] - self.tokens_per_image) // rows - 1
 
     def visual_layout(self, input_ids: torch.Tensor, inputs: dict | None = None) -> VisualLayout:
         inputs = inputs or {}

@@ -96,18 +96,9 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             return grids
         encoded = (inputs.get("mm_encoder_outputs") or {}).get("image")
         features = getattr(encoded, "pooler_output", None)
-        if features is not None:
-            newline = self.base.image_newline
-            grids = []
-            for feature in features:
-                if feature.shape[0] == self.tokens_per_image + 1:
-                    grids.append(None)
-                    continue
-                rows = int((feature[self.tokens_per_image:] == newline.to(feature)).all(dim=-1).sum())
-                if rows == 0:
-                    raise ValueError("cannot find the image_newline rows of an encoded LLaVA-OneVision image")
-                grids.append((rows, (feature.shape[0] - self.tokens_per_image) // rows - 1))
-            return grids
+        if features is not None:  # an untiled image: its base tokens and one newline
+            return [None if feature.shape[0] == self.tokens_per_image + 1 else
+                    self._encoded_tile_grid(feature, "LLaVA-OneVision") for feature in features]
         raise ValueError(
             f"the prompt has {count} image tokens but no image_sizes was passed: LLaVA-OneVision's token count depends "
             "on each image's size; pass every output of the processor (model(**inputs)), image_sizes included."

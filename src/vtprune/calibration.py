@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .debias.fit import ExpFit, fit_exponential, relative_positions
-from .debias.profiles import Profile
+from .debias.profiles import OWN_MODELS, Profile
 
 
 @dataclass
@@ -214,11 +214,11 @@ class Calibration:
 
 
 def model_label(model) -> str:
-    """How records name a model: "testbed" for vtprune's testbed (not its install path), else the name or
-    path it was loaded from."""
+    """How records name a model: "testbed" or "testbed-lm" for vtprune's own models (not their install path),
+    else the name or path it was loaded from."""
     config = model.config
-    if getattr(config, "vtprune_model", None) == "testbed":
-        return "testbed"
+    if getattr(config, "vtprune_model", None) in OWN_MODELS:
+        return config.vtprune_model
     return str(getattr(config, "_name_or_path", "") or type(model).__name__)
 
 

@@ -312,7 +312,7 @@ def _stages(press, num_layers: int) -> list[dict]:
 # --- commands --------------------------------------------------------------------------------------------------
 @app.command()
 def run(
-    model_path: str = typer.Option(..., "--model", help="local model directory, hub id, or 'testbed'"),
+    model_path: str = typer.Option(..., "--model", help="local model directory, hub id, 'testbed' or 'testbed-lm'"),
     image: Path = typer.Option(..., "--image", exists=True, help="image file"),
     prompt: str = typer.Option(..., "--prompt", help="question about the image"),
     method: str = typer.Option("fastv", "--method", help="pruning method (see `vtprune methods`)"),
@@ -587,7 +587,7 @@ DATA_HELP = "calibration data: a LLaVA-style jsonl ({'image': path, 'text': ques
 
 @app.command()
 def calibrate(
-    model_path: str = typer.Option(..., "--model", help="local model directory, hub id, or 'testbed'"),
+    model_path: str = typer.Option(..., "--model", help="local model directory, hub id, 'testbed' or 'testbed-lm'"),
     method: str = typer.Option("fastv", "--method", help="attention-based method whose scores are calibrated"),
     layer: Optional[str] = typer.Option(None, "--layer", help="the method's pruning layer(s) (default: the method's); its first stage is calibrated"),
     data: str = typer.Option(..., "--data", help=DATA_HELP),
@@ -682,7 +682,7 @@ def calibrate(
 
 @app.command()
 def analyze(
-    model_path: str = typer.Option(..., "--model", help="local model directory, hub id, or 'testbed'"),
+    model_path: str = typer.Option(..., "--model", help="local model directory, hub id, 'testbed' or 'testbed-lm'"),
     method: str = typer.Option("fastv", "--method"),
     layer: Optional[str] = typer.Option(None, "--layer", help="pruning layer(s) (default: the method's)"),
     budget: Optional[str] = typer.Option(None, "--budget", help="token budget (count of 576 or fraction); default 0.25 unless --keep"),
@@ -819,7 +819,7 @@ def _budgets_option(text: str) -> list:
 
 @app.command("eval")
 def eval_command(
-    model_path: str = typer.Option(..., "--model", help="local model directory, hub id, or 'testbed'"),
+    model_path: str = typer.Option(..., "--model", help="local model directory, hub id, 'testbed' or 'testbed-lm'"),
     data: str = typer.Option(..., "--data", help="a LLaVA-style jsonl with an answer per line, or 'testbed'"),
     images: Optional[Path] = typer.Option(None, "--images", help="folder the jsonl's image paths are relative to (default: the jsonl's)"),
     samples: Optional[int] = typer.Option(None, "--samples", help="the first N questions (default: all; testbed: 100)"),

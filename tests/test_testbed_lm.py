@@ -147,7 +147,8 @@ def test_testbed_lm_cli_subset(testbed_lm, tmp_path):
 
     runner = CliRunner()
     result = runner.invoke(app, ["testbed", "eval", "--model", "testbed-lm", "--n", "8", "--keeps", "all,0.25",
-                                 "--settings", "FastV,FastV+debias", "--markdown", str(tmp_path / "t.md")])
+                                 "--settings", "FastV,FastV+debias", "--markdown", str(tmp_path / "t.md"),
+                                 "--state", str(tmp_path / "state.json")])
     assert result.exit_code == 0, result.output
     table = (tmp_path / "t.md").read_text()
     assert "| FastV+debias |" in table and "testbed-lm/<method>" in table

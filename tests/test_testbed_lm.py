@@ -157,3 +157,20 @@ def test_testbed_lm_cli_subset(testbed_lm, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "an" / "report.json").read_text())
     assert report["num_visual"] == 144 and report["sigma_attn"]["before"] is not None
+
+
+def test_training_starts_from_the_shipped_model_and_resumes(testbed_lm, tmp_path):
+    """`train_lm` end to end, tiny: one step from the shipped parts, then a resumed second step."""
+    from vtprune.testbed.lm import CHECKPOINT_DIR, LMTrainConfig, load_testbed_lm, train_lm
+
+    cfg = LMTrainConfig(steps=1, batch_size=1, extra_questions=1, caption=True, eval_every=1, val_size=2, log_every=1)
+    lines: list[str] = []
+    first = train_lm(cfg, tmp_path / "work", tmp_path / "out", log=lines.append, device="cpu", init_from=CHECKPOINT_DIR)
+    assert first["step"] == 1 and any("starting from the trained parts" in line for line in lines)
+    assert (tmp_path / "work" / "state.pt").is_file() and (tmp_path / "out" / "delta.safetensors").is_file()
+    lines.clear()
+    second = train_lm(LMTrainConfig(steps=2, eval_every=1, log_every=1), tmp_path / "work", tmp_path / "out2",
+                      log=lines.append, device="cpu")
+    assert second["step"] == 2 and any("resuming from step 1" in line for line in lines)
+    model, _ = load_testbed_lm(tmp_path / "out")
+    assert model.config.vtprune_model == "testbed-lm"

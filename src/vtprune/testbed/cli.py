@@ -105,6 +105,9 @@ def train_lm_cmd(
     work_dir: Path = typer.Option(Path("runs/testbed-lm"), help="Resumable state (trainable weights, optimizer, step)."),
     out: Optional[Path] = typer.Option(None, help="Where the best model is saved (default WORK_DIR/checkpoint)."),
     device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
+    init_from: Optional[Path] = typer.Option(
+        None, help="Start a new run from a trained testbed-lm ('shipped': the one in the package) instead of the "
+        "alignment stage; it needs that model's --lora-rank and --lora-from-layer."),
 ) -> None:
     """Train testbed-lm (or resume from WORK_DIR): the projector, aligned first to word embeddings, and LoRA
     factors on SmolLM2-135M-Instruct; the vision tower is the shipped testbed's. A resumed run keeps the
@@ -137,8 +140,14 @@ def train_lm_cmd(
     cfg = LMTrainConfig(steps=steps, batch_size=batch_size, extra_questions=extra_questions, caption=caption, lr=lr,
                         lora_lr=lora_lr, lora_rank=lora_rank, lora_from_layer=lora_from_layer, align_steps=align_steps,
                         seed=seed, eval_every=eval_every, val_size=val_size)
+    if init_from is not None:
+        from vtprune.testbed.lm import CHECKPOINT_DIR as LM_CHECKPOINT, DELTA_FILE
+
+        init_from = LM_CHECKPOINT if str(init_from) == "shipped" else init_from
+        if not (init_from / DELTA_FILE).is_file():
+            raise _usage(f"--init-from {init_from} holds no testbed-lm ({DELTA_FILE} missing)")
     try:
-        result = train_lm(cfg, work_dir, out, log=status.print, device=device)
+        result = train_lm(cfg, work_dir, out, log=status.print, device=device, init_from=init_from)
     except KeyboardInterrupt:
         status.print(f"interrupted: rerun the same command to resume from the last validation saved in {work_dir}")
         raise

@@ -374,7 +374,6 @@ def load_testbed_lm(path: str | Path | None = None, *, attn_implementation: str 
     """(model, processor) of a trained testbed-lm at `path` (default: the shipped one): SmolLM2 from the local
     cache (converted on first use), the trained tower, projector and LoRA factors, the factors merged: a plain
     LlavaForConditionalGeneration, float32, eval mode."""
-    from safetensors.torch import load_file
     from transformers import AutoProcessor
 
     path = Path(path) if path is not None else CHECKPOINT_DIR
@@ -384,10 +383,7 @@ def load_testbed_lm(path: str | Path | None = None, *, attn_implementation: str 
     processor = AutoProcessor.from_pretrained(path, backend="pil")
     model = compose(processor, language_model_dir(), seed=cfg.seed, lm_layers=cfg.lm_layers)
     add_lora(_lora_layers(model, cfg), cfg.lora_rank)
-    missing, unexpected = model.load_state_dict(load_file(path / DELTA_FILE), strict=False)
-    if unexpected or any(name.endswith((".lora_a", ".lora_b")) or name.startswith("model.multi_modal_projector.")
-                         for name in missing):
-        raise ValueError(f"{path / DELTA_FILE} does not match this testbed-lm (unexpected {unexpected[:3]}, missing {missing[:3]})")
+    _load_delta(model, path)
     merge_lora(model)
     if attn_implementation is not None:
         model.set_attn_implementation(attn_implementation)
@@ -414,10 +410,30 @@ def export_checkpoint(source: str | Path, dest: str | Path, note: str | None = N
     return dest
 
 
-def train_lm(cfg: LMTrainConfig, work_dir: Path, out: Path, log=print, device: str | None = None) -> dict:
+def _load_delta(model, path: Path) -> None:
+    """Load a trained testbed-lm's tower, projector and LoRA factors (`save_trained`) into `model`, which has
+    LoRA factors of the same rank on the same layers; ValueError when they do not match."""
+    from safetensors.torch import load_file
+
+    if not (path / DELTA_FILE).is_file():
+        raise FileNotFoundError(f"no testbed-lm at {path} ({DELTA_FILE} missing): train one first")
+    device = next(model.parameters()).device
+    delta = {name: value.to(device) for name, value in load_file(path / DELTA_FILE).items()}
+    missing, unexpected = model.load_state_dict(delta, strict=False)
+    if unexpected or any(name.endswith((".lora_a", ".lora_b")) or name.startswith("model.multi_modal_projector.")
+                         for name in missing):
+        raise ValueError(f"{path / DELTA_FILE} does not match this testbed-lm's LoRA layout (unexpected "
+                         f"{unexpected[:3]}, missing {missing[:3]}): use the lora_rank and lora_from_layer it was "
+                         "trained with")
+
+
+def train_lm(cfg: LMTrainConfig, work_dir: Path, out: Path, log=print, device: str | None = None,
+             init_from: str | Path | None = None) -> dict:
     """Train (or resume) a testbed-lm: the projector and LoRA factors on layers >= lora_from_layer, the language
     model and the vision tower frozen. `work_dir/state.pt` holds the trainable weights, the optimizer and the
-    step; the best validation checkpoint goes to `out` (`save_trained`). device: default cuda when available."""
+    step; the best validation checkpoint goes to `out` (`save_trained`). device: default cuda when available.
+    init_from: a new run starts from that trained testbed-lm's parts (e.g. the shipped `CHECKPOINT_DIR`) instead
+    of the stage-0 alignment; its optimizer starts afresh."""
     import numpy as np
 
     from ..runner import run_examples
@@ -439,9 +455,12 @@ def train_lm(cfg: LMTrainConfig, work_dir: Path, out: Path, log=print, device: s
     model.to(device)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    if state is None and cfg.align_steps:
-        align_projector(model, processor, cfg.align_steps, seed=cfg.seed, log=log)
     lora = add_lora(_lora_layers(model, cfg), cfg.lora_rank)
+    if state is None and init_from is not None:
+        _load_delta(model, Path(init_from))
+        log(f"starting from the trained parts of {init_from}")
+    elif state is None and cfg.align_steps:
+        align_projector(model, processor, cfg.align_steps, seed=cfg.seed, log=log)
     projector = list(model.model.multi_modal_projector.parameters())
     for parameter in projector:
         parameter.requires_grad_(True)

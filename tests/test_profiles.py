@@ -29,8 +29,9 @@ def test_every_builtin_loads_and_is_attributed():
         assert profile.trend(profile.length).shape == (profile.length,)
         if profile in published:
             assert "2508.17807" in profile.source
-        else:  # the testbed's own, written by `vtprune calibrate`
-            assert profile.name.startswith("testbed/") and profile.source == "calibrated with vtprune"
+        else:  # the testbed models' own (testbed, testbed-lm), written by `vtprune calibrate`
+            assert profile.name.startswith(("testbed/", "testbed-lm/")) and profile.source == "calibrated with vtprune"
+            assert profile.model == profile.name.split("/")[0]
             assert profile.extra["samples"] > 0 and profile.extra["data_fingerprint"]
 
 

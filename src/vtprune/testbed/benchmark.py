@@ -61,16 +61,23 @@ def label(method: str) -> str:
     return METHODS[method].__name__
 
 
-def default_settings() -> list[Setting]:
-    """Every registered method plain, the attention-based ones also debiased, FastV's ablations, the other
-    position numbering per method (debiased too where the official numbering is compact), and Random."""
+def _method_rows(debias_kinds: Sequence[str]) -> list[Setting]:
+    """Every registered method but Random plain, and each attention-based one also `+<kind>` for each of
+    `debias_kinds` (keys of DEBIAS), paired with its plain row."""
     out = []
     for name, cls in METHODS.items():
         if name == "random":
             continue
         out.append(Setting(label(name), name))
         if cls.query is not None:
-            out.append(Setting(f"{label(name)}+debias", name, "debias", baseline=label(name)))
+            out += [Setting(f"{label(name)}+{kind}", name, kind, baseline=label(name)) for kind in debias_kinds]
+    return out
+
+
+def default_settings() -> list[Setting]:
+    """Every registered method plain, the attention-based ones also debiased, FastV's ablations, the other
+    position numbering per method (debiased too where the official numbering is compact), and Random."""
+    out = _method_rows(["debias"])
     out += [Setting(f"FastV+{kind}", "fastv", kind, baseline="FastV") for kind in ("positional", "padding", "auto+padding")]
     # TokenCarve's paper debiases the attention ranking only; debiasing the fused ranking is the alternative
     out.append(Setting("TokenCarve+debias(fused)", "tokencarve", "debias", baseline="TokenCarve",
@@ -92,16 +99,7 @@ def lm_settings() -> list[Setting]:
     """testbed-lm's table: every registered method plain, and each attention-based one debiased four ways
     (positional only, padding only, both, and the uncalibrated positional fit "auto" with padding), all at the
     methods' official position numbering, and Random."""
-    out = []
-    for name, cls in METHODS.items():
-        if name == "random":
-            continue
-        out.append(Setting(label(name), name))
-        if cls.query is not None:
-            out += [Setting(f"{label(name)}+{kind}", name, kind, baseline=label(name))
-                    for kind in ("positional", "padding", "debias", "auto+padding")]
-    out.append(Setting("Random", "random"))
-    return out
+    return _method_rows(["positional", "padding", "debias", "auto+padding"]) + [Setting("Random", "random")]
 
 
 def settings_for(model: str) -> list[Setting]:

@@ -247,6 +247,8 @@ def encode_packed(processor, samples, branches) -> dict[str, torch.Tensor]:
     `{question}<|im_end|>\\n<|im_start|>assistant\\n{answer}<|im_end|>`; a 4-D mask lets each branch see the
     prefix and itself, its positions continue the prefix's, so every branch is exactly `prompt_text(question)`
     plus its answer. `labels` cover each answer and its `<|im_end|>`."""
+    from .train import pack_branches
+
     tokenizer = processor.tokenizer
     prefix = processor(images=[s.image for s in samples], text=[prompt_text("{}").split("{}")[0]] * len(samples),
                        return_tensors="pt")
@@ -262,21 +264,8 @@ def encode_packed(processor, samples, branches) -> dict[str, torch.Tensor]:
             positions += list(range(len(head), len(head) + len(asked) + len(said)))
             branch_of += [k] * (len(asked) + len(said))
         rows.append(ids), label_rows.append(labels), position_rows.append(positions), branch_rows.append(branch_of)
-    length, batch = max(len(r) for r in rows), len(rows)
-    input_ids = torch.full((batch, length), tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full((batch, length), -100, dtype=torch.long)
-    position_ids = torch.zeros((batch, length), dtype=torch.long)
-    branch = torch.full((batch, length), -1, dtype=torch.long)  # -1 padding, 0 prefix, k branch k
-    for b, (ids, lab, pos, br) in enumerate(zip(rows, label_rows, position_rows, branch_rows)):
-        n = len(ids)
-        input_ids[b, :n], labels[b, :n], position_ids[b, :n], branch[b, :n] = map(torch.tensor, (ids, lab, pos, br))
-    index = torch.arange(length)
-    causal = index[None, :, None] >= index[None, None, :]
-    visible = (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])
-    padding_self = (branch[:, :, None] == -1) & (index[None, :, None] == index[None, None, :])
-    mask = (causal & visible & (branch[:, None, :] >= 0)) | padding_self
-    return {"input_ids": input_ids, "pixel_values": prefix["pixel_values"], "attention_mask": mask[:, None],
-            "position_ids": position_ids, "labels": labels}
+    return {"pixel_values": prefix["pixel_values"],
+            **pack_branches(rows, label_rows, position_rows, branch_rows, tokenizer.pad_token_id)}
 
 
 

@@ -134,9 +134,15 @@ def encode_packed(processor, samples: Sequence[Sample], branches: Sequence[Seque
             positions += list(range(len(head), len(head) + len(part)))
             branch_of += [k] * len(part)
         rows.append(ids), label_rows.append(labels), position_rows.append(positions), branch_rows.append(branch_of)
-    length = max(len(r) for r in rows)
-    batch = len(rows)
-    input_ids = torch.full((batch, length), tok.pad_token_id, dtype=torch.long)
+    return {"pixel_values": prefix["pixel_values"], **pack_branches(rows, label_rows, position_rows, branch_rows, tok.pad_token_id)}
+
+
+def pack_branches(rows, label_rows, position_rows, branch_rows, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded tensors of packed training rows (per row: token ids, labels, position ids, and each token's
+    branch: 0 the shared prefix, k branch k), with the 4-D mask that lets each branch see the prefix and itself
+    only (padding attends to itself; its labels are -100)."""
+    length, batch = max(len(r) for r in rows), len(rows)
+    input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
     labels = torch.full((batch, length), -100, dtype=torch.long)
     position_ids = torch.zeros((batch, length), dtype=torch.long)
     branch = torch.full((batch, length), -1, dtype=torch.long)  # -1: padding, 0: prefix, k: branch k
@@ -150,7 +156,6 @@ def encode_packed(processor, samples: Sequence[Sample], branches: Sequence[Seque
     mask = (causal & visible & (branch[:, None, :] >= 0)) | padding_self
     return {
         "input_ids": input_ids,
-        "pixel_values": prefix["pixel_values"],
         "attention_mask": mask[:, None],  # (B, 1, N, N) bool, True = may attend
         "position_ids": position_ids,
         "labels": labels,

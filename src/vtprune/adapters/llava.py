@@ -11,15 +11,22 @@ from .base import ModelAdapter, VisualLayout, VisualSegment
 class LlavaAdapter(ModelAdapter):
     model_classes = ("LlavaForConditionalGeneration", "LlavaModel")
 
+    def _read_patch_grid(self, config) -> None:
+        """image_token_id (and video_token_id where the config has one), patch_size, image_size, and the square
+        patch grid of one image: side, grid = (side, side). Shared by the LLaVA family's adapters."""
+        vision = config.vision_config
+        self.image_token_id = int(config.image_token_id)
+        if getattr(config, "video_token_id", None) is not None:
+            self.video_token_id = int(config.video_token_id)
+        self.patch_size = int(vision.patch_size)
+        self.image_size = int(vision.image_size)
+        self.side = self.image_size // self.patch_size
+        self.grid = (self.side, self.side)
+
     def __init__(self, model: nn.Module):
         super().__init__(model)  # self.base: the LlavaModel
         config = self.base.config
-        vision = config.vision_config
-        self.image_token_id = int(config.image_token_id)
-        self.patch_size = int(vision.patch_size)
-        self.image_size = int(vision.image_size)
-        side = self.image_size // self.patch_size
-        self.grid = (side, side)
+        self._read_patch_grid(config)
         if config.vision_feature_select_strategy != "default":
             raise ValueError(
                 f"vision_feature_select_strategy={config.vision_feature_select_strategy!r} keeps the CLS token "
@@ -28,7 +35,7 @@ class LlavaAdapter(ModelAdapter):
             )
         if not isinstance(config.vision_feature_layer, int):
             pass  # several feature layers are concatenated along channels: same tokens, same grid
-        self.tokens_per_image = side * side
+        self.tokens_per_image = self.side * self.side
         self.rotary_fn = _rotary_fn_for(self.base.language_model)
 
     def project_visual(self, features: torch.Tensor) -> torch.Tensor:

@@ -47,13 +47,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     def __init__(self, model: nn.Module):  # noqa: D107 - no [CLS] requirement: SigLIP's "full" keeps every patch
         ModelAdapter.__init__(self, model)  # not LlavaAdapter.__init__: its checks are LLaVA-1.5's
         config = self.base.config
-        vision = config.vision_config
-        self.image_token_id = int(config.image_token_id)
-        self.video_token_id = int(config.video_token_id)
-        self.patch_size = int(vision.patch_size)
-        self.image_size = int(vision.image_size)
-        self.side = self.image_size // self.patch_size
-        self.grid = (self.side, self.side)
+        self._read_patch_grid(config)
         self.pooled = math.ceil(self.side / 2)
         self.pinpoints = [tuple(int(v) for v in p) for p in config.image_grid_pinpoints]
         aspect = str(getattr(config, "vision_aspect_ratio", "anyres_max_9"))

@@ -32,15 +32,9 @@ class VideoLlavaAdapter(LlavaAdapter):
     def __init__(self, model: nn.Module):  # noqa: D107
         ModelAdapter.__init__(self, model)  # not LlavaAdapter.__init__: its checks are LLaVA-1.5's
         config = self.base.config
-        vision = config.vision_config
-        self.image_token_id = int(config.image_token_id)
-        self.video_token_id = int(config.video_token_id)
-        self.patch_size = int(vision.patch_size)
-        self.image_size = int(vision.image_size)
-        side = self.image_size // self.patch_size
-        self.grid = (side, side)
-        self.tokens_per_image = side * side
-        self.tokens_per_frame = side * side + 1
+        self._read_patch_grid(config)
+        self.tokens_per_image = self.side * self.side
+        self.tokens_per_frame = self.side * self.side + 1
         if config.vision_feature_select_strategy != "default":
             raise ValueError(
                 f"vision_feature_select_strategy={config.vision_feature_select_strategy!r}: vtprune supports 'default'"

@@ -247,12 +247,7 @@ def main_shape(args) -> None:
     title = (f"Prefill, {title_name}, {depth} decoder layers, {str(dtype).split('.')[-1]}, batch {args.batch} x "
              f"{total} tokens ({visual} visual), features precomputed, {device_name}, median of {args.repeats} "
              "interleaved rounds")
-    table = Table(title=title)
-    for column in columns:
-        table.add_column(column, justify="right", no_wrap=True)
-    for row in cells:
-        table.add_row(*row)
-    Console(width=max(120, Console().width)).print(table)
+    print_table(title, columns, cells)
     note = ("Budgets b/576: the fraction of the sample's visual tokens the published LLaVA-1.5 budget b keeps. "
             "FLOP ratios from the tokens each layer really processed (scoring not counted). Visual per layer: "
             "visual tokens averaged over the decoder layers.")
@@ -271,6 +266,16 @@ class FastVRecomputedKeys(FastV):
     def select(self, ctx):
         ctx.inputs[ctx.stage.score_layer].projected_keys = None
         return super().select(ctx)
+
+
+def print_table(title: str, columns, cells) -> None:
+    """The right-aligned rich table of a run (cells: rows of strings), at least 120 columns wide."""
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, justify="right", no_wrap=True)
+    for row in cells:
+        table.add_row(*row)
+    Console(width=max(120, Console().width)).print(table)
 
 
 def main() -> None:
@@ -380,12 +385,7 @@ def main() -> None:
          "" if overhead is None else f"{overhead:+.1f}%")
         for name, kept, equivalent, seconds, overhead, ratio, predicted in rows
     ]
-    table = Table(title=title)
-    for column in columns:
-        table.add_column(column, justify="right", no_wrap=True)
-    for row in cells:
-        table.add_row(*row)
-    Console(width=max(120, Console().width)).print(table)
+    print_table(title, columns, cells)
     note = ("debias: padding (image 640x427, pad-to-square: 192 of 576 tokens are padding) + the method's published "
             "positional profile (llava-1.5-7b/<method>; padding only for methods without one); auto debias: padding + the per-request robust fit. FastV's "
             "padding debiasing lowers its kept count to the real tokens when fewer; FLOP ratios use the tokens each "

@@ -343,7 +343,7 @@ LAYERS = {  # package modules, lowest first; a module may import only from its o
     2: {"engine"},
     3: {"press"},
     4: {"methods"},
-    5: {"runner", "loading", "datasets", "calibration", "analysis", "plots", "demo", "testbed", "cli", "evaluation",
+    5: {"runner", "loading", "datasets", "calibration", "analysis", "plots", "figures", "demo", "testbed", "cli", "evaluation",
         "reproduce", "lmms"},
 }
 

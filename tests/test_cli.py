@@ -109,13 +109,6 @@ def test_analyze_writes_report_and_four_plots(checkpoint, calibration_data, tmp_
         assert (tmp_path / f"{name}.png").stat().st_size > 5000
 
 
-def test_demo_runs_offline_on_the_shipped_testbed(tmp_path):
-    result = runner.invoke(app, ["demo", "--out-dir", str(tmp_path), "--count", "2"])
-    assert result.exit_code == 0, result.output
-    assert "FastV + debias" in result.output and "unpruned" in result.output
-    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["example_1.png", "example_2.png"]
-
-
 @pytest.mark.parametrize("method", ["pdrop", "himap", "sparsevlm", "tokencarve", "illava", "visionzip", "fastervlm",
                                     "dart", "divprune"])
 @pytest.mark.parametrize("debias", [True, False], ids=["debias", "no-debias"])

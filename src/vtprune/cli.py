@@ -405,49 +405,53 @@ def run(
         console.print(f"note: {note}")
 
 
-def result_tokens(model) -> int:
-    """Visual tokens per image of an unpruned LLaVA-style model."""
-    vision = model.config.vision_config
-    return (vision.image_size // vision.patch_size) ** 2
-
-
 @app.command()
 def demo(
-    keep: str = typer.Option("0.125", "--keep", help="visual tokens kept: a fraction (0.125 = 18 of 144) or a count"),
+    model_name: str = typer.Option("testbed-lm", "--model", help="'testbed-lm' (SmolLM2-135M inside: the bias is real) or 'testbed'"),
+    keep: str = typer.Option("0.25", "--keep", help="visual tokens FastV keeps: a fraction (0.25 = 36 of 144) or a count"),
+    questions: int = typer.Option(48, "--questions", help="held-out test questions answered (the first N of the test split)"),
+    count: int = typer.Option(4, "--count", help="pictures of questions whose FastV answers differ (1-20)"),
     out_dir: Path = typer.Option(Path("vtprune-demo"), "--out-dir", help="where the PNGs go"),
-    profile: Optional[str] = typer.Option(None, "--profile", help="positional profile (default: the testbed's calibrated one)"),
-    count: int = typer.Option(4, "--count", help="number of bundled questions (1-20)"),
+    profile: Optional[str] = typer.Option(None, "--profile", help="positional profile (default: the model's calibrated one)"),
 ) -> None:
-    """The main job, offline: the shipped testbed model answers bundled questions unpruned, with FastV and with
-    debiased FastV; prints a table and writes a PNG per example with the kept tokens."""
+    """What debiasing changes, offline, in about a minute on a CPU: a shipped model answers held-out questions
+    unpruned, with FastV and with debiased FastV; prints each accuracy with its 95% interval and the paired
+    difference, and draws the first questions whose two FastV answers differ (see vtprune.demo)."""
     amount = budget_option(keep, "--keep")
+    if model_name not in ("testbed-lm", "testbed"):
+        raise UsageError(f"--model {model_name}: the demo runs 'testbed-lm' or 'testbed' (`vtprune run` takes any model)")
+    if questions < 1:
+        raise UsageError(f"--questions {questions}: answer at least one question")
     if not 1 <= count <= 20:
-        raise UsageError(f"--count {count}: give 1 to 20 questions")
+        raise UsageError(f"--count {count}: give 1 to 20 pictures")
     _check_output_dir(out_dir, "--out-dir")
     if profile is not None:
         _debias(profile)
     make_press("fastv", keep=amount)
+    if model_name == "testbed-lm":
+        from .testbed.lm import availability_problem
+
+        problem = availability_problem()
+        if problem:
+            raise UsageError(f"{problem} (or run `vtprune demo --model testbed`)")
     import torch
 
-    from .demo import run_demo
+    from .demo import run_demo, summary_lines
     from .loading import load_model
 
     torch.set_num_threads(min(4, torch.get_num_threads()))
-    model, processor = load_model("testbed")
+    model, processor = load_model(model_name)
     profile = profile or default_profile(model.config, "fastv") or "auto"
-    rows = run_demo(model, processor, keep=amount, profile=profile, out_dir=out_dir, count=count)
-    table = Table(title=f"vtprune demo: testbed LLaVA, FastV at layer 2, keep {amount:g}, debias = padding + {profile}")
-    for column in ("#", "question (answer)", "setting", "answer", "tokens", "prefill ms"):
-        table.add_column(column, justify="right" if column in ("#", "tokens", "prefill ms") else "left")
-    for number, row in enumerate(rows, start=1):
-        for index, (name, result) in enumerate(row.results.items()):
-            mark = "[green]✓[/green]" if result.text == row.truth else "[red]✗[/red]"
-            tokens = str(len(result.selection[-1].kept[0])) if result.selection else str(result_tokens(model))
-            question = f"{row.question} ({row.truth})\n[dim]evidence: {row.evidence} half[/dim]" if index == 0 else ""
-            table.add_row(str(number) if index == 0 else "", question, name, f"{result.text} {mark}", tokens,
-                          f"{result.prefill_ms:.1f}", end_section=index == len(row.results) - 1)
-    console.print(table)
-    console.print(f"pictures of the kept tokens: {', '.join(str(r.picture) for r in rows)}")
+    result = run_demo(model, processor, model_name=model_name, keep=amount, profile=profile, questions=questions,
+                      pictures=count, out_dir=out_dir, progress=lambda name: status.print(f"answering: {name}"))
+    for line in summary_lines(result):
+        console.print(line, highlight=False)
+    console.print(f"debias = padding + positional profile {profile}; pictures: the first differing questions in "
+                  "test order, alternately fixed and broken by debiasing", highlight=False)
+    for picture in result.pictures:
+        answers = ", ".join(f"{name} '{text}'" for name, text in picture.answers.items())
+        console.print(f"  question {picture.number}: {picture.question} (answer {picture.truth}): {answers} -> "
+                      f"{picture.path}", highlight=False)
 
 
 @app.command()

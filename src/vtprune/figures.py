@@ -160,8 +160,11 @@ def read_position_report(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FigureInputError(f"{path}: no such file (write one with `vtprune analyze ... --out-dir DIR`)")
-    data = json.loads(path.read_text())
-    if "score_before" not in data.get("curves", {}):
+    try:
+        data = json.loads(path.read_text())
+    except ValueError:
+        data = {}
+    if not isinstance(data, dict) or "score_before" not in data.get("curves", {}):
         raise FigureInputError(f"{path}: no 'score_before' curve (not a `vtprune analyze` report.json)")
     return data
 

@@ -349,7 +349,7 @@ def plot_position(report: dict, path: str | Path, title: str = "") -> Path:
 DOCS_FIGURES: tuple[tuple[str, str, tuple[str, ...], dict], ...] = (
     ("testbed-lm-fastv.png", "accuracy", ("testbed-lm-fastv.json",),
      {"settings": ["FastV", "FastV+debias"], "title": "FastV on testbed-lm, plain and debiased (150 questions)"}),
-    ("testbed-lm-fastv-ablation.png", "accuracy", ("testbed-lm-fastv.json",),
+    ("testbed-lm-fastv-ablation.png", "accuracy", ("testbed-lm-table.md",),
      {"settings": ["FastV", "FastV+positional", "FastV+padding", "FastV+debias", "FastV+auto+padding"],
       "title": "FastV on testbed-lm: each correction alone and together (150 questions)"}),
     ("testbed-lm-methods.png", "accuracy", ("testbed-lm-table.md",),

@@ -51,12 +51,22 @@ def load_cells(path: str | Path | None, key: dict) -> dict[str, dict]:
 
 
 def save_cells(path: str | Path, key: dict, cells: dict[str, dict]) -> None:
-    """Write `cells` under `key` to `path` atomically (a temporary file, then a rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps({"key": key, "cells": cells}))
-    temporary.replace(path)
+    """Write `cells` under `key` to `path` atomically (`io.atomic_write_json`: a temporary file, fsync, rename)."""
+    from .io import atomic_write_json
+
+    atomic_write_json(path, {"key": key, "cells": cells}, indent=None)
 
 
-__all__ = ["wilson", "paired_delta", "load_cells", "save_cells"]
+def other_run_cells(path: str | Path | None, key: dict) -> bool:
+    """Whether `path` holds cells saved under another key (another model, data or settings): they are replaced
+    by the next `save_cells`."""
+    if path is None or not Path(path).is_file():
+        return False
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("cells"), dict) and bool(data["cells"]) and data.get("key") != key
+
+
+__all__ = ["wilson", "paired_delta", "load_cells", "save_cells", "other_run_cells"]

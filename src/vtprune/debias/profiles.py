@@ -103,9 +103,9 @@ class Profile:
         return cls(**values, extra=extra)
 
     def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=1))
-        return path
+        from ..io import atomic_write_json
+
+        return atomic_write_json(path, self.to_dict())
 
 
 @lru_cache(maxsize=1)

@@ -110,3 +110,74 @@ def test_llava_next_reads_and_checks_the_processors_image_sizes():
     with pytest.raises(ValueError, match="disagrees with the processor's image_sizes"):
         with torch.no_grad(), press(model, processor=processor, image_sizes=[(99, 60)]):
             model(**inputs)
+
+
+# --- budgets ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(METHODS))
+@pytest.mark.parametrize("budget", [1.0, 576], ids=["fraction", "count"])
+def test_full_budget_prunes_nothing(processor, model, name, budget):
+    """budget=1.0 (or all 576) keeps every visual token: the logits are the vanilla model's, for every method."""
+    press = METHODS[name].create(budget=budget)
+    image = make_image(60, 90, seed=4)
+    inputs = inputs_for(processor, [image], [prompt()])
+    with torch.no_grad():
+        vanilla = model(**inputs).logits
+        with press(model, processor=processor, images=[image]):
+            pruned = model(**inputs).logits
+    final = press.last_selection[-1]
+    assert len(final.kept[0]) + final.extra[0] == final.num_visual[0]
+    torch.testing.assert_close(pruned, vanilla, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["pdrop", "himap", "sparsevlm", "visionzip"])
+@pytest.mark.parametrize("num_layers, num_visual", [(32, 576), (40, 576), (24, 2880), (6, 144)])
+def test_budgets_above_the_published_ones_are_reached(name, num_layers, num_visual):
+    """Property over budgets: above the largest published budget the visual tokens per decoder layer reach the
+    budget (within one token of rounding per stage), never fall below the largest published schedule's, and grow
+    with the budget up to every token at the full count."""
+    import numpy as np
+
+    from vtprune.budgets import equivalent_share
+
+    cls = METHODS[name]
+    top = {"pdrop": 128, "himap": 128, "sparsevlm": 192, "visionzip": 192}[name]
+    floor = cls(budget=top).equivalent_tokens(num_visual, num_layers)
+    previous = 0.0
+    for budget in sorted({*np.random.default_rng(0).integers(top + 1, 577, 25).tolist(), top + 1, 575, 576}):
+        press = cls(budget=int(budget))
+        target = budget / 576 * num_visual
+        stages = press.stages(num_layers)
+        plain = equivalent_share([s.layer for s in stages], [s.keep for s in stages], num_layers) * num_visual
+        if name == "visionzip":
+            plain = press.equivalent_tokens(num_visual, num_layers)
+        if target >= floor:  # reachable on this depth
+            assert abs(plain - target) <= len(stages) + (name == "visionzip") + 1e-6, (budget, plain, target)
+        else:
+            assert plain >= target
+        assert press.equivalent_tokens(num_visual, num_layers) >= previous - 1e-6
+        previous = press.equivalent_tokens(num_visual, num_layers)
+    assert previous == num_visual
+    assert cls(budget=1.0).equivalent_tokens(num_visual, num_layers) == num_visual
+
+
+@pytest.mark.parametrize("name", ["fastv", "tokencarve", "illava", "random", "dart", "divprune", "fastervlm"])
+@pytest.mark.parametrize("budget", [1, 1e-7], ids=["one", "tiny"])
+def test_tiny_budgets_run(processor, model, name, budget):
+    """The smallest budgets keep at least one token and run (TokenCarve's merge raised IndexError at keep 1)."""
+    image = make_image(64, 64, seed=5)
+    inputs = inputs_for(processor, [image], [prompt()])
+    press = METHODS[name].create(budget=budget)
+    with torch.no_grad(), press(model, processor=processor, images=[image]):
+        model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    final = press.last_selection[-1]
+    assert 1 <= len(final.kept[0]) + final.extra[0] <= 16
+
+
+def test_tokencarve_keeps_one_token(processor, model):
+    from vtprune import TokenCarve
+
+    image = make_image(64, 64, seed=5)
+    press = TokenCarve(keep=1)
+    with torch.no_grad(), press(model, processor=processor, images=[image]):
+        model(**inputs_for(processor, [image], [prompt()]))
+    assert len(press.last_selection[-1].kept[0]) == 1

@@ -26,6 +26,7 @@ from .context import StageContext
 from .debias import Debias
 from .engine import PruningSession
 from .geometry import combine_image_sizes
+from .budgets import keeps_for_budget
 from .selections import LastSelection
 from .stages import Kept, Stage, StageSelection, as_list, equivalent_tokens, validate_stages
 
@@ -219,7 +220,8 @@ class Press(LastSelection):
         if tables is None:
             keep = default_keep if self.budget is None else budget_fraction(self.budget)
             return layers, as_list(keep, len(layers), "keep")
-        keeps = schedule_for_budget(tables, DEFAULT_BUDGET if self.budget is None else self.budget)
+        budget = DEFAULT_BUDGET if self.budget is None else self.budget
+        keeps = keeps_for_budget(tables, budget, budget_fraction(budget), layers, num_layers, schedule_for_budget)
         if len(keeps) != len(layers):
             raise ValueError(
                 f"{type(self).__name__}: the budget gives {len(keeps)} stages but layer= has {len(layers)}; pass keep= too"

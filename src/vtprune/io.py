@@ -30,6 +30,9 @@ try:
 except ImportError:  # pragma: no cover - Windows: no advisory locks; outputs are still written atomically
     fcntl = None
 
+_UMASK = os.umask(0)  # read once, at import (setting it back at once; not thread-safe later)
+os.umask(_UMASK)
+
 #: the lock file of an output folder
 LOCK_NAME = ".vtprune.lock"
 
@@ -67,6 +70,10 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        try:  # mkstemp makes the file private (0600): give it the target's mode, or what open() would
+            os.fchmod(handle, os.stat(path).st_mode & 0o7777 if path.exists() else 0o666 & ~_UMASK)
+        except (OSError, AttributeError):
+            pass
         with os.fdopen(handle, mode, **kwargs) as file:
             yield file
             file.flush()

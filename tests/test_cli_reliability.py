@@ -315,3 +315,19 @@ def test_kill_9_during_writes_leaves_a_readable_file_and_a_lock_that_is_taken_ov
     with OutputLock(tmp_path, option="--out", note=notes.append):
         assert len(notes) == 1 and f"left by pid {writer.pid}" in notes[0] and "no longer running" in notes[0]
     assert not (tmp_path / ".vtprune.lock").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["testbed", "eval", "--n", "99999999999999"], "--n 99999999999999: the testbed generates at most 100,000"),
+    (["calibrate", "--model", "testbed", "--data", "testbed", "--samples", "99999999999999", "--out", "p.json"],
+     "--samples 99999999999999: the testbed generates at most 100,000"),
+    (["eval", "--model", "testbed", "--data", "testbed", "--samples", "99999999999999"], "at most 100,000"),
+    (["testbed", "eval", "--n", "2", "--out", "BLOCKER/r.json"], "--out BLOCKER/r.json: cannot create or write"),
+    (["testbed", "eval", "--n", "2", "--markdown", "BLOCKER/r.md"], "--markdown BLOCKER/r.md: cannot create"),
+], ids=["testbed-n", "calibrate-samples", "eval-samples", "testbed-out", "testbed-markdown"])
+def test_more_usage_errors_before_any_work(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "BLOCKER").write_text("")
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())

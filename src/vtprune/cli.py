@@ -1151,5 +1151,7 @@ def main() -> None:  # pragma: no cover
     app()
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
+if __name__ == "__main__":  # pragma: no cover - `python -m vtprune.cli`: run the package's module, whose
+    from vtprune.cli import main as package_main  # UsageError is the one the testbed commands raise
+
+    package_main()

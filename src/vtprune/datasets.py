@@ -18,6 +18,16 @@ from PIL import Image, UnidentifiedImageError
 from .images import ImageError, read_image
 
 
+#: the most questions the testbed generator makes per request (each is drawn on the fly; more would run for hours)
+TESTBED_MAX = 100_000
+
+
+def check_testbed_samples(samples: int | None, option: str = "--samples") -> None:
+    """Refuse more testbed questions than `TESTBED_MAX`."""
+    if samples is not None and samples > TESTBED_MAX:
+        raise ValueError(f"{option} {samples}: the testbed generates at most {TESTBED_MAX:,} questions per split")
+
+
 #: fields of a jsonl row kept in `Example.meta` (what `vtprune eval` scores with)
 EXTRA_FIELDS = ("question_id", "answers", "choices", "options", "category")
 
@@ -113,6 +123,7 @@ def load_examples(data: str, images: str | Path | None, samples: int, split: str
     if data == "testbed":
         from .testbed.data import make_split
 
+        check_testbed_samples(samples)
         return list(make_split(split, samples)), LoadReport()
     return load_jsonl(data, images, samples)
 

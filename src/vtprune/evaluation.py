@@ -162,8 +162,10 @@ def load_questions(data: str, images: str | Path | None = None, samples: int | N
     if samples is not None and samples < 1:
         raise ValueError(f"--samples must be positive, got {samples}")
     if data == "testbed":
+        from .datasets import check_testbed_samples
         from .testbed.data import make_split
 
+        check_testbed_samples(samples)
         return [Question(image=s.image, question=s.question, answers=(s.answer,), meta=dict(s.meta))
                 for s in make_split(split, samples or 100)]
     from .datasets import load_jsonl

@@ -182,6 +182,10 @@ def eval_cmd(
         n = 150 if model_name == "testbed-lm" else 1000
     if n < 1:
         raise _usage(f"--n {n}: evaluate at least one question")
+    from vtprune.datasets import TESTBED_MAX
+
+    if n > TESTBED_MAX:
+        raise _usage(f"--n {n}: the testbed generates at most {TESTBED_MAX:,} questions per split")
     if batch_size < 1:
         raise _usage(f"--batch-size {batch_size}: must be >= 1")
     if model_name not in ("testbed", "testbed-lm"):

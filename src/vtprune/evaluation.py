@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .results import load_cells, other_run_cells, paired_delta, save_cells, wilson
+from .results import cells_problem, load_cells, paired_delta, save_cells, wilson
 
 #: the debias modes of the grid
 DEBIAS_MODES = ("none", "positional", "padding", "both")
@@ -482,9 +482,9 @@ def run_grid(model, processor, questions: Sequence[Question], settings: Sequence
     Adds the paired differences (`add_deltas`)."""
     key = run_key(model, questions, batch_size=batch_size, max_new_tokens=max_new_tokens)
     saved = {} if force else load_cells(state_path, key)
-    if log and other_run_cells(state_path, key):
-        log(f"note: {state_path} holds settings measured on another model, data or generation settings: they are "
-            "replaced by this run's (write to another --out to keep them)")
+    problem = None if force else cells_problem(state_path, key)
+    if log and problem:
+        log(f"note: {state_path} {problem}: it is replaced by this run's cells (write to another --out to keep it)")
     reused = [s for s in settings if s.key in saved]
     if reused and log:
         log(f"resuming: {len(reused)} of {len(settings)} settings were measured in an earlier run ({state_path}); "

@@ -57,16 +57,27 @@ def save_cells(path: str | Path, key: dict, cells: dict[str, dict]) -> None:
     atomic_write_json(path, {"key": key, "cells": cells}, indent=None)
 
 
-def other_run_cells(path: str | Path | None, key: dict) -> bool:
-    """Whether `path` holds cells saved under another key (another model, data or settings): they are replaced
-    by the next `save_cells`."""
+def cells_problem(path: str | Path | None, key: dict) -> str | None:
+    """Why the cells saved in `path` cannot be reused (they are replaced by the next `save_cells`): "is empty",
+    "is truncated or not JSON", "holds no cells", "holds cells measured on another model, data or settings";
+    None when there is no file or its cells are reused."""
     if path is None or not Path(path).is_file():
-        return False
+        return None
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and isinstance(data.get("cells"), dict) and bool(data["cells"]) and data.get("key") != key
+        text = Path(path).read_text()
+    except OSError as error:
+        return f"cannot be read ({error.strerror})"
+    if not text.strip():
+        return "is empty"
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return "is truncated or not JSON"
+    if not isinstance(data, dict) or not isinstance(data.get("cells"), dict):
+        return "holds no cells"
+    if data.get("key") != key:
+        return "holds cells measured on another model, data or settings" if data["cells"] else None
+    return None
 
 
-__all__ = ["wilson", "paired_delta", "load_cells", "save_cells", "other_run_cells"]
+__all__ = ["wilson", "paired_delta", "load_cells", "save_cells", "cells_problem"]

@@ -15,6 +15,7 @@ numbering, and Random. Budgets use each method's `budget=` (its published schedu
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -23,7 +24,7 @@ import numpy as np
 
 from ..debias import Debias
 from ..methods import METHODS
-from ..results import load_cells, paired_delta, save_cells, wilson
+from ..results import cells_problem, load_cells, paired_delta, save_cells, wilson
 from ..runner import run_examples
 from .data import accuracy
 
@@ -189,6 +190,9 @@ def run_benchmark(
     bias: list[BiasSummary] = []
     plan = [(keep, name) for keep in keeps for name in (["unpruned"] if keep is None else names)]
     key = {"model": model_fingerprint(model), "data": data_fingerprint(samples)} if state_path is not None else None
+    problem = cells_problem(state_path, key)
+    if problem and log:
+        log(f"note: {state_path} {problem}; starting over")
     saved = _load_state(state_path, key)
     resumed = [item for item in plan if _cell_key(*item) in saved]
     if resumed and log:
@@ -251,10 +255,14 @@ def _load_state(path, key) -> dict:
     """Cells saved by an earlier run with the same `key` (model and questions), by `_cell_key`."""
     out = {}
     for name, item in load_cells(path, key).items():
-        cell = Cell(**item["cell"])
-        cell.ci = tuple(cell.ci)
-        cell.delta = None if cell.delta is None else tuple(cell.delta)
-        out[name] = (cell, None if item["bias"] is None else BiasSummary(**item["bias"]))
+        try:
+            cell = Cell(**item["cell"])
+            cell.ci = tuple(cell.ci)
+            cell.delta = None if cell.delta is None else tuple(cell.delta)
+            out[name] = (cell, None if item["bias"] is None else BiasSummary(**item["bias"]))
+        except (KeyError, TypeError, ValueError) as error:  # a malformed cell is measured again
+            warnings.warn(f"{path}: cell {name} is malformed ({type(error).__name__}: {error}); measuring it again",
+                          stacklevel=2)
     return out
 
 

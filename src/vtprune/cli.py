@@ -302,7 +302,10 @@ def _load(info, device: str, dtype: str):
     from .loading import load_model
 
     hf_logging.disable_progress_bar()  # the weights of these models load in seconds; keep stderr for what matters
-    return load_model(info.spec, device=device, dtype=dtype)
+    try:
+        return load_model(info.spec, device=device, dtype=dtype)
+    except ValueError as error:  # the checkpoint --model names does not hold together (e.g. another model's processor)
+        raise UsageError(str(error)) from None
 
 
 def default_profile(config, method: str) -> str | None:

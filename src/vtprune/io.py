@@ -113,7 +113,7 @@ def prepare_output_dir(path: str | os.PathLike, option: str) -> Path:
     naming `option` otherwise."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise OutputError(f"{option} {path} is a file: give a folder")
+        raise OutputError(f"{option} {path} is a file: give a directory")
     try:
         path.mkdir(parents=True, exist_ok=True)
         handle, probe = tempfile.mkstemp(prefix=".vtprune-probe.", dir=path)
@@ -130,7 +130,7 @@ def prepare_output_file(path: str | os.PathLike, option: str) -> Path:
     `option` otherwise."""
     path = Path(path)
     if path.is_dir():
-        raise OutputError(f"{option} {path} is a folder: give a file name")
+        raise OutputError(f"{option} {path} is a directory: give a file name")
     if path.name in ("", ".", ".."):
         raise OutputError(f"{option} {path}: give a file name")
     try:

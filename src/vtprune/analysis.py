@@ -13,7 +13,6 @@ From `runner.ScoreRecord`s (one per example, run with a debiasing press):
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -50,9 +49,9 @@ class BiasReport:
         return data
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=1))
-        return path
+        from .io import atomic_write_json
+
+        return atomic_write_json(path, self.to_dict())
 
     def rows(self) -> list[tuple[str, str, str]]:
         """(metric, before, after) formatted for a table."""

@@ -234,22 +234,48 @@ def calibration_settings(model, examples: Sequence, press, *, padding: bool = Tr
             "padding_threshold": press.padding_threshold(), "samples": len(examples)}
 
 
-def saved_progress(state_path, settings: dict) -> int | None:
-    """How many examples the progress saved in `state_path` holds for exactly `settings` (0: saved with other
-    settings, so it will be replaced; None: no saved progress)."""
+def read_saved_records(state_path, field: str, expected, decode, other: str) -> tuple[list, str | None]:
+    """Records saved in `state_path` under `field` == `expected` (decoded by `decode`, each checked), and why
+    none could be used: None when there is no file; else "is empty", "is truncated or not JSON", "holds progress
+    {other}" (saved with other settings) or "holds a malformed record (...)"."""
     import json
     from pathlib import Path
 
     state = Path(state_path)
     if not state.is_file():
-        return None
+        return [], None
     try:
-        saved = json.loads(state.read_text())
-    except (OSError, ValueError):
-        return 0
-    if not isinstance(saved, dict) or saved.get("settings") != settings or not isinstance(saved.get("records"), list):
-        return 0
-    return len(saved["records"])
+        text = state.read_text()
+    except OSError as error:
+        return [], f"cannot be read ({error.strerror})"
+    if not text.strip():
+        return [], "is empty"
+    try:
+        saved = json.loads(text)
+    except ValueError:
+        return [], "is truncated or not JSON"
+    if not isinstance(saved, dict) or not isinstance(saved.get("records"), list):
+        return [], "is not vtprune progress (no list of records)"
+    if saved.get(field) != expected:
+        return [], f"holds progress {other}"
+    try:
+        records = [decode(record) for record in saved["records"]]
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
+        return [], f"holds a malformed record ({type(error).__name__}: {error})"
+    return records, None
+
+
+def read_progress(state_path, settings: dict) -> tuple[list, str | None]:
+    """The records of a calibration saved in `state_path` for exactly `settings`, and why none could be used
+    (`read_saved_records`)."""
+    return read_saved_records(state_path, "settings", settings, _record_from_json, "made with other settings")
+
+
+def saved_progress(state_path, settings: dict) -> int | None:
+    """How many examples the progress saved in `state_path` holds for exactly `settings` (0: unusable or saved
+    with other settings, so it will be replaced; None: no saved progress)."""
+    records, problem = read_progress(state_path, settings)
+    return len(records) if records or problem else None
 
 
 def reusable(profile: Profile, settings: dict, *, curve: bool, name: str | None) -> bool:
@@ -295,11 +321,11 @@ def calibrate(
     model_name: how the profile names the model (default `model_label`: "testbed", or the path or hub id it
         was loaded from); the default profile name is `<last part of it>/<method>/calibrated`.
     """
-    import json
     from pathlib import Path
 
     from . import __version__
     from .adapters import adapter_for
+    from .io import atomic_write_json
     from .runner import run_examples
 
     if not examples:
@@ -311,9 +337,8 @@ def calibrate(
     fingerprint = settings["fingerprint"]
     records: list = []
     state = Path(state_path) if state_path is not None else None
-    if state is not None and saved_progress(state, settings):
-        saved = json.loads(state.read_text())
-        records = [_record_from_json(r) for r in saved["records"]][: len(examples)]
+    if state is not None:
+        records = read_progress(state, settings)[0][: len(examples)]
     resumed = len(records)
     if progress is not None and records:
         progress(len(records))
@@ -328,7 +353,7 @@ def calibrate(
                 record.padding = None
         records += found
         if state is not None:
-            state.write_text(json.dumps({"settings": settings, "records": [_record_to_json(r) for r in records]}))
+            atomic_write_json(state, {"settings": settings, "records": [_record_to_json(r) for r in records]}, indent=None)
     config = model.config
     model_name = model_name or model_label(model)
     profile, mean, fit = profile_from_records(
@@ -361,11 +386,11 @@ def _record_to_json(record) -> dict:
 
 def _record_from_json(data: dict):
     from .adapters.base import VisualSegment
-    from .runner import ScoreRecord
+    from .runner import ScoreRecord, check_record
 
     raw = np.array([np.nan if v is None else v for v in data["raw"]], dtype=np.float32)
     empty = np.zeros(0, dtype=np.int64)
-    return ScoreRecord(
+    return check_record(ScoreRecord(
         raw=raw,
         debiased=None,
         padding=None if data["padding"] is None else np.array(data["padding"], dtype=bool),
@@ -373,10 +398,10 @@ def _record_from_json(data: dict):
         kept_raw=empty,
         keep=0,
         segments=[VisualSegment(offset=o, length=n, grid=tuple(g), image_index=i) for o, n, g, i in data["segments"]],
-    )
+    ))
 
 
 __all__ = [
-    "PositionCurve", "Calibration", "calibrate", "calibration_settings", "saved_progress", "reusable", "model_label", "check_calibratable", "mean_score_curve", "keep_frequency",
+    "PositionCurve", "Calibration", "calibrate", "calibration_settings", "saved_progress", "read_progress", "read_saved_records", "reusable", "model_label", "check_calibratable", "mean_score_curve", "keep_frequency",
     "smooth_curve", "data_fingerprint", "model_fingerprint", "profile_from_records",
 ]

@@ -2,7 +2,7 @@
 
 Errors: a mistake in a command line, or in a file it names, ends in one line on stderr and exit code 2, found
 before any model loads wherever it can be (options, files, device, the model's config: its class and depth);
-any other failure ends in one line and exit code 1. `--debug` (anywhere on the line) shows the traceback
+any other failure (a ValueError from deep inside a run included) ends in one line and exit code 1. `--debug` (anywhere on the line) shows the traceback
 instead. torch and transformers are imported inside the commands that need them, so `--help` and `--version`
 answer at once.
 """
@@ -48,12 +48,29 @@ def _report(error: BaseException) -> int:
         message, code = error.format_message(), error.exit_code
         if isinstance(error, ClickUsageError) and error.ctx is not None:
             message = f"{_one_line(message).rstrip('.')} (see `{error.ctx.command_path} --help`)"
-    elif isinstance(error, ValueError):  # vtprune's own checks of arguments and inputs
+    elif isinstance(error, _input_errors()):  # an input file the command names, found wrong while it runs
         message, code = str(error), 2
+    elif isinstance(error, _runtime_errors()):  # clear messages of their own (a locked output, ...)
+        message, code = str(error), 1
     else:
         message, code = f"{type(error).__name__}: {error} (rerun with --debug for the traceback)", 1
     sys.stderr.write(f"vtprune: error: {_one_line(message)}\n")
     return code
+
+
+def _input_errors() -> tuple:
+    """Errors in what the user gave that can only be found while a command runs: exit code 2."""
+    from .images import ImageError
+    from .io import OutputError
+    from .loading import InputTooLong
+
+    return (ImageError, OutputError, InputTooLong)
+
+
+def _runtime_errors() -> tuple:
+    from .io import LockedError
+
+    return (LockedError,)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -165,7 +182,18 @@ def layer_option(text: str | None):
         values = [int(part) for part in str(text).split(",")]
     except ValueError:
         raise UsageError(f"--layer {text!r}: give a layer index (an integer) or a comma-separated list of them (2,10,20)") from None
+    if any(value < 0 for value in values):
+        raise UsageError(f"--layer {text}: layers count from 0 (the first decoder layer); negative indices are not accepted")
     return values[0] if len(values) == 1 else values
+
+
+#: torch.Generator.manual_seed's range of non-negative seeds
+SEED_LIMIT = 2**63 - 1
+
+
+def _check_seed(seed: Optional[int]) -> None:
+    if seed is not None and not 0 <= seed <= SEED_LIMIT:
+        raise UsageError(f"--seed {seed}: give an integer in 0..{SEED_LIMIT} (2^63 - 1)")
 
 
 def keep_option(keep) -> int | float:
@@ -226,13 +254,15 @@ def _debias(profile: str | None, padding: bool = True):
 
 
 def _open_image(path: Path):
-    from PIL import Image
+    """The image of --image, upright (EXIF orientation applied) and 8-bit RGB (`images.read_image`)."""
+    from .images import ImageError, read_image
 
     if path.is_dir():
         raise UsageError(f"--image {path} is a directory: give an image file")
     try:
-        with Image.open(path) as opened:
-            return opened.convert("RGB")
+        return read_image(path)
+    except ImageError as error:
+        raise UsageError(f"--image {error}") from None
     except Exception as error:  # PIL raises many kinds (UnidentifiedImageError, OSError, SyntaxError, ...)
         raise UsageError(f"--image {path}: not an image vtprune can read ({type(error).__name__}: {error})") from None
 
@@ -272,7 +302,10 @@ def _load(info, device: str, dtype: str):
     from .loading import load_model
 
     hf_logging.disable_progress_bar()  # the weights of these models load in seconds; keep stderr for what matters
-    return load_model(info.spec, device=device, dtype=dtype)
+    try:
+        return load_model(info.spec, device=device, dtype=dtype)
+    except ValueError as error:  # the checkpoint --model names does not hold together (e.g. another model's processor)
+        raise UsageError(str(error)) from None
 
 
 def default_profile(config, method: str) -> str | None:
@@ -286,19 +319,73 @@ def default_profile(config, method: str) -> str | None:
 
 
 def _check_output_file(path: Path, option: str) -> None:
-    if path.is_dir():
-        raise UsageError(f"{option} {path} is a directory: give a file name")
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise UsageError(f"{option} {path}: cannot write under {parent}")
+    """Create the folder of the output file `path` and check that it can be written there (before any model
+    loads); a usage error naming `option` otherwise."""
+    from .io import OutputError, prepare_output_file
+
+    try:
+        prepare_output_file(path, option)
+    except OutputError as error:
+        raise UsageError(str(error)) from None
 
 
 def _check_output_dir(path: Path, option: str) -> None:
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"{option} {path} is a file: give a directory")
-    _check_output_file(path / "x", option)
+    """Create the output folder `path` (nested) and check that files can be written in it."""
+    from .io import OutputError, prepare_output_dir
+
+    try:
+        prepare_output_dir(path, option)
+    except OutputError as error:
+        raise UsageError(str(error)) from None
+
+
+def _lock_output(path: Path, option: str, *, wait: bool, is_dir: bool = True):
+    """Hold the lock of an output folder (or file) until the command ends: a second vtprune writing there gets
+    a one-line error naming this run (or waits, with --wait)."""
+    from .io import OutputLock
+
+    lock = OutputLock(path, option=option, is_dir=is_dir, wait=wait, note=lambda text: status.print(f"note: {text}"))
+    lock.acquire()
+    _current_context().call_on_close(lock.release)
+    return lock
+
+
+def _current_context():
+    """The running command's click context (its close callbacks run when the command ends)."""
+    from typer._click.globals import get_current_context
+
+    return get_current_context()
+
+
+WAIT_HELP = "if another vtprune run is writing the same output, wait for it to finish instead of stopping"
+
+
+def _check_threads(threads: Optional[int]) -> None:
+    """--threads within 1 .. the machine's CPUs (torch starts that many threads; far more crash it)."""
+    if threads is None:
+        return
+    limit = os.cpu_count() or 1
+    if not 1 <= threads <= limit:
+        raise UsageError(f"--threads {threads}: give 1 to {limit} (this machine's CPUs)")
+
+
+def _check_text(text: str, option: str) -> None:
+    """Refuse text that is not valid UTF-8 (bytes the shell passed through undecoded)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise UsageError(f"{option}: not valid UTF-8 text (undecodable byte at character {error.start}): give the "
+                         "text in UTF-8") from None
+
+
+def _check_generation_length(info, max_new_tokens: int) -> None:
+    """--max-new-tokens within the model's positions (checked against its config before the weights load)."""
+    from .loading import max_positions
+
+    limit = max_positions(info.config)
+    if limit is not None and max_new_tokens >= limit:
+        raise UsageError(f"--max-new-tokens {max_new_tokens}: the model has {limit} positions in all (prompt "
+                         "included); give fewer")
 
 
 def _print_json(data) -> None:
@@ -339,8 +426,9 @@ def run(
     """Answer a question about an image unpruned and pruned: answers, tokens, prefill times and the speed-up."""
     _positive(max_new_tokens, "--max-new-tokens")
     _positive(repeats, "--repeats")
-    if threads is not None:
-        _positive(threads, "--threads")
+    _check_threads(threads)
+    _check_text(prompt, "--prompt")
+    _check_seed(seed)
     if not prompt.strip():
         raise UsageError("--prompt is empty: ask a question about the image")
     if "<image>" in prompt:
@@ -354,6 +442,7 @@ def run(
     picture = _open_image(image)
     _check_runtime(device, dtype)
     info = _inspect_model(model_path, press)
+    _check_generation_length(info, max_new_tokens)
     if debias_wanted and debias is None:  # the model's built-in profile, else padding debiasing only
         debias = _debias(default_profile(info.config, press.name))
     if debias is not None:
@@ -413,6 +502,7 @@ def demo(
     count: int = typer.Option(4, "--count", help="pictures of questions whose FastV answers differ (1-20)"),
     out_dir: Path = typer.Option(Path("vtprune-demo"), "--out-dir", help="where the PNGs go"),
     profile: Optional[str] = typer.Option(None, "--profile", help="positional profile (default: the model's calibrated one)"),
+    wait: bool = typer.Option(False, "--wait", help=WAIT_HELP),
 ) -> None:
     """What debiasing changes, offline, in about a minute on a CPU: a shipped model answers held-out questions
     unpruned, with FastV and with debiased FastV; prints each accuracy with its 95% interval and the paired
@@ -434,6 +524,7 @@ def demo(
         problem = availability_problem()
         if problem:
             raise UsageError(f"{problem} (or run `vtprune demo --model testbed`)")
+    _lock_output(out_dir, "--out-dir", wait=wait)
     import torch
 
     from .demo import run_demo, summary_lines
@@ -603,6 +694,7 @@ def calibrate(
     name: Optional[str] = typer.Option(None, "--name", help="profile name (default MODEL/METHOD/calibrated)"),
     no_padding: bool = typer.Option(False, "--no-padding", help="do not exclude padding tokens from the fit"),
     force: bool = typer.Option(False, "--force", help="recompute even if OUT already holds this calibration"),
+    wait: bool = typer.Option(False, "--wait", help=WAIT_HELP),
     batch_size: int = typer.Option(8, "--batch-size"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or mps"),
     dtype: str = typer.Option("auto", "--dtype"),
@@ -613,7 +705,7 @@ def calibrate(
     Progress is saved beside OUT (OUT.partial.json): rerunning the same command resumes (and says so); if OUT
     already holds the same calibration it is reused, not recomputed (--force recomputes)."""
     from .calibration import calibrate as run_calibration
-    from .calibration import calibration_settings, reusable, saved_progress
+    from .calibration import calibration_settings, read_progress, reusable
     from .debias.profiles import load_profile
 
     _positive(samples, "--samples")
@@ -621,10 +713,13 @@ def calibrate(
     press = make_press(method, layer=layer_option(layer))
     if press.query is None:
         raise UsageError(f"--method {method}: it ranks without attention, so there is nothing to calibrate; pick an attention method (`vtprune methods`)")
+    if name is not None:
+        _check_text(name, "--name")
     _check_output_file(out, "--out")
     examples = _load_data(data, images, samples, split)
     _check_runtime(device, dtype)
     info = _inspect_model(model_path, press)
+    _lock_output(out, "--out", wait=wait, is_dir=False)
     model, processor = _load(info, device, dtype)
     state = out.with_name(out.name + ".partial.json")
     settings = calibration_settings(model, examples, press, padding=not no_padding)
@@ -639,11 +734,11 @@ def calibrate(
             status.print(f"reused: {out} already holds this calibration (same model, data, method, layer and "
                          "settings); nothing recomputed (--force recomputes)")
     if outcome != "reused":
-        done = saved_progress(state, settings)
+        done, problem = read_progress(state, settings)
         if done:
-            status.print(f"resuming: {done} of {len(examples)} samples were done in an earlier run ({state})")
-        elif done == 0:
-            status.print(f"not resuming: {state} holds progress made with other settings; starting over")
+            status.print(f"resuming: {len(done)} of {len(examples)} samples were done in an earlier run ({state})")
+        elif problem:
+            status.print(f"not resuming: {state} {problem}; starting over")
         try:
             with _progress("calibrate") as bar:
                 task = bar.add_task("calibrate", total=len(examples))
@@ -657,8 +752,7 @@ def calibrate(
                 status.print(f"interrupted: progress is saved in {state}; rerun the same command to resume")
             raise
         outcome = "resumed" if result.resumed else "computed"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        result.profile.save(out)
+        result.profile.save(out)  # atomically
         state.unlink(missing_ok=True)
     profile = result.profile if result is not None else previous
     extra = profile.extra
@@ -703,6 +797,7 @@ def analyze(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or mps"),
     dtype: str = typer.Option("auto", "--dtype"),
     as_json: bool = typer.Option(False, "--json", help="print report.json to stdout too"),
+    wait: bool = typer.Option(False, "--wait", help=WAIT_HELP),
 ) -> None:
     """Measure a method's positional and padding bias before/after debiasing; write report.json and plots."""
     _positive(samples, "--samples")
@@ -719,6 +814,7 @@ def analyze(
         raise UsageError(f"--example {example} is outside the {len(examples)} examples (0..{len(examples) - 1})")
     _check_runtime(device, dtype)
     info = _inspect_model(model_path, press)
+    _lock_output(out_dir, "--out-dir", wait=wait)
 
     from .adapters import adapter_for
     from .analysis import bias_report
@@ -738,8 +834,9 @@ def analyze(
         "samples": len(examples), "device": device, "dtype": dtype, "vtprune_version": __version__,
     }
     data_out = {"settings": settings, **report.to_dict()}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(data_out, indent=1))
+    from .io import atomic_write_json
+
+    atomic_write_json(out_dir / "report.json", data_out)
     first = stages[0]
     amount = f"budget {budget_value:g}" if budget_value is not None else f"keep {keep}"
     label = f"{method}, first stage at layer {first['layer']}, {amount}, {debias.describe()}, {len(examples)} samples"
@@ -772,21 +869,17 @@ def analyze(
 def _analyze_records(model, processor, examples, press, batch_size: int, state: Path) -> list:
     """The first-stage records of `examples` (dry run), saved to `state` every few batches so that an
     interrupted analysis resumes (and says so); `state` is removed at the end."""
-    from .calibration import data_fingerprint, model_fingerprint
+    from .calibration import data_fingerprint, model_fingerprint, read_saved_records
+    from .io import atomic_write_json
     from .runner import record_from_json, record_to_json, run_examples
 
     key = {"model": model_fingerprint(model), "data": data_fingerprint(examples), "press": repr(press)}
-    records: list = []
-    if state.is_file():
-        try:
-            saved = json.loads(state.read_text())
-        except ValueError:
-            saved = {}
-        if isinstance(saved, dict) and saved.get("key") == key:
-            records = [record_from_json(r) for r in saved["records"]][: len(examples)]
-            status.print(f"resuming: {len(records)} of {len(examples)} examples were done in an earlier run ({state})")
-        else:
-            status.print(f"not resuming: {state} holds progress of another analysis; starting over")
+    records, problem = read_saved_records(state, "key", key, record_from_json, "of another analysis")
+    records = records[: len(examples)]
+    if records:
+        status.print(f"resuming: {len(records)} of {len(examples)} examples were done in an earlier run ({state})")
+    elif problem:
+        status.print(f"not resuming: {state} {problem}; starting over")
     chunk = 8 * batch_size
     try:
         with _progress("analyze") as bar:
@@ -795,8 +888,7 @@ def _analyze_records(model, processor, examples, press, batch_size: int, state: 
                 records += run_examples(model, processor, examples[start:start + chunk], press, generate=False,
                                         batch_size=batch_size, dry_run=True, progress=lambda n: bar.advance(task, n)).records
                 if len(records) < len(examples):
-                    state.parent.mkdir(parents=True, exist_ok=True)
-                    state.write_text(json.dumps({"key": key, "records": [record_to_json(r) for r in records]}))
+                    atomic_write_json(state, {"key": key, "records": [record_to_json(r) for r in records]}, indent=None)
     except KeyboardInterrupt:
         if state.is_file():
             status.print(f"interrupted: progress is saved in {state}; rerun the same command to resume")
@@ -837,6 +929,7 @@ def eval_command(
     pad_to_square: Optional[bool] = typer.Option(None, "--pad-to-square/--no-pad-to-square", help="pad images to a square (LLaVA-1.5's own preprocessing) or not; default: the processor as it is"),
     out_dir: Path = typer.Option(Path("vtprune-eval"), "--out", help="folder for results.json, results.csv and the saved cells"),
     force: bool = typer.Option(False, "--force", help="measure every setting again instead of reusing saved cells"),
+    wait: bool = typer.Option(False, "--wait", help=WAIT_HELP),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or mps"),
     dtype: str = typer.Option("auto", "--dtype"),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads of torch"),
@@ -853,8 +946,7 @@ def eval_command(
     _positive(batch_size, "--batch-size")
     if samples is not None:
         _positive(samples, "--samples")
-    if threads is not None:
-        _positive(threads, "--threads")
+    _check_threads(threads)
     method_names = _list_option(methods, "--methods")
     for name in method_names:
         make_press(name)  # unknown methods are usage errors
@@ -871,6 +963,7 @@ def eval_command(
     _check_output_dir(out_dir, "--out")
     _check_runtime(device, dtype)
     info = _inspect_model(model_path)
+    _check_generation_length(info, max_new_tokens)
     resolved: dict[str, str] = {}
 
     def profile_for(name: str) -> str:
@@ -889,6 +982,7 @@ def eval_command(
     except (TypeError, ValueError) as error:
         raise UsageError(str(error)) from None
     questions = _load_questions(data, images, samples, split)
+    _lock_output(out_dir, "--out", wait=wait)
 
     import torch
 
@@ -930,7 +1024,9 @@ def eval_command(
             "notes": notes, "vtprune_version": __version__,
             "load_average": None if load_before is None else [load_before, os.getloadavg()[0]]}
     json_path, csv_path = write_results(out_dir, cells, meta)
-    (out_dir / "results.md").write_text(markdown_table(cells) + "\n")
+    from .io import atomic_write_text
+
+    atomic_write_text(out_dir / "results.md", markdown_table(cells) + "\n")
     if as_json:
         _print_json(json.loads(json_path.read_text()))
         return
@@ -1062,5 +1158,7 @@ def main() -> None:  # pragma: no cover
     app()
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
+if __name__ == "__main__":  # pragma: no cover - `python -m vtprune.cli`: run the package's module, whose
+    from vtprune.cli import main as package_main  # UsageError is the one the testbed commands raise
+
+    package_main()

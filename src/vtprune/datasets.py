@@ -15,6 +15,18 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from .images import ImageError, read_image
+
+
+#: the most questions the testbed generator makes per request (each is drawn on the fly; more would run for hours)
+TESTBED_MAX = 100_000
+
+
+def check_testbed_samples(samples: int | None, option: str = "--samples") -> None:
+    """Refuse more testbed questions than `TESTBED_MAX`."""
+    if samples is not None and samples > TESTBED_MAX:
+        raise ValueError(f"{option} {samples}: the testbed generates at most {TESTBED_MAX:,} questions per split")
+
 
 #: fields of a jsonl row kept in `Example.meta` (what `vtprune eval` scores with)
 EXTRA_FIELDS = ("question_id", "answers", "choices", "options", "category")
@@ -39,7 +51,9 @@ class LoadReport:
 
 def load_jsonl(path: str | Path, images: str | Path | None, samples: int | None = None) -> tuple[list[Example], LoadReport]:
     """Read up to `samples` examples (all when None) from `path`; image paths are relative to `images`
-    (or to the jsonl's folder). Unreadable images are skipped and reported; missing ones are an error."""
+    (or to the jsonl's folder). Images are read as `images.read_image` does (EXIF orientation applied, 8-bit RGB).
+    Unreadable images are skipped and reported; missing ones, images over PIL's decompression-bomb limit and
+    empty questions are errors."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"data file {path} does not exist: pass a jsonl file (or --data testbed)")
@@ -59,7 +73,15 @@ def load_jsonl(path: str | Path, images: str | Path | None, samples: int | None 
         text = next((row[k] for k in ("text", "question", "prompt") if isinstance(row.get(k), str)), None)
         if not isinstance(row.get("image"), str) or text is None:
             raise ValueError(f'{path}:{number} needs "image" (a path) and "text" (the question), got keys {sorted(row)}')
-        rows.append((number, row, text.replace("<image>", "").strip()))
+        question = text.replace("<image>", "").strip()
+        if not question:
+            raise ValueError(f'{path}:{number}: the question ("text") is empty: every line needs a question about its image')
+        try:
+            question.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(f"{path}:{number}: the question holds text that is not valid Unicode ({error.reason} at "
+                             f"character {error.start}): fix the line") from None
+        rows.append((number, row, question))
     if not rows:
         raise ValueError(f"{path} holds no examples")
     if samples is not None and samples > len(rows):
@@ -74,8 +96,9 @@ def load_jsonl(path: str | Path, images: str | Path | None, samples: int | None 
             break
         file = folder / row["image"]
         try:
-            with Image.open(file) as opened:
-                image = opened.convert("RGB")
+            image = read_image(file)  # upright (EXIF) 8-bit RGB; a decompression bomb is an ImageError
+        except ImageError as error:
+            raise ValueError(f"{path}:{number}: image {error}") from None
         except (UnidentifiedImageError, OSError, SyntaxError) as error:
             report.unreadable.append((str(file), f"{type(error).__name__}: {error}"))
             continue
@@ -100,6 +123,7 @@ def load_examples(data: str, images: str | Path | None, samples: int, split: str
     if data == "testbed":
         from .testbed.data import make_split
 
+        check_testbed_samples(samples)
         return list(make_split(split, samples)), LoadReport()
     return load_jsonl(data, images, samples)
 

@@ -38,6 +38,7 @@ from torch import nn
 from .adapters import adapter_for
 from .adapters.base import VisualLayout
 from .context import LayerInput, StageContext, VisionStageContext, rows_where
+from .geometry import request_image_sizes
 from .stages import Kept, Stage, StageSelection, VisionStage, member, resolve_keep, validate_stages
 
 if TYPE_CHECKING:
@@ -194,12 +195,13 @@ class PruningSession:
             self.notes.append(f"positions='compact' does not apply: {self.adapter.compact_note}")
             warnings.warn(self.notes[-1], UserWarning, stacklevel=3)
         if (self.debias is not None and self.debias.padding and self.adapter.pads_images
-                and (processor is None or image_sizes is None)):
+                and (processor is None or (image_sizes is None and not self.adapter.sizes_in_inputs))):
             raise ValueError(
                 "padding debiasing needs the image geometry: call press(model, processor=processor, "
-                "image_sizes=[image.size, ...]) with the original size of every image in the batch, "
+                "images=[image, ...]) with the PIL images of the batch (or image_sizes=[image.size, ...]), "
                 "or turn it off with Debias(padding=False)."
             )
+        self._sizes = self.image_sizes  # of the current request (`request_image_sizes`)
         # layers whose input a stage reads, and those whose keys are reused after they ran
         self.record_layers = {s.score_layer for s in self.stages if s.score_layer is not None}
         self.record_layers |= set(press.input_layers())
@@ -349,6 +351,7 @@ class PruningSession:
                     f"vtprune needs a DynamicCache (the generate() default) to hold layers of different "
                     f"lengths; got {type(cache).__name__}. Remove cache_implementation=... or pass DynamicCache()."
                 )
+        self._sizes = request_image_sizes(self.image_sizes, kwargs.get("image_sizes") if self.adapter.sizes_in_inputs else None, layout)
         self._request = self._new_request(input_ids, kwargs.get("attention_mask"), layout)
         self._request.cache = cache
         for (kind, index), hidden in self._pending_vision.items():  # the images of this request's vision pass
@@ -391,20 +394,20 @@ class PruningSession:
         """Per sample (V_b,) padded share of each token's pixels, when the geometry is known (processor and image
         sizes); tokens above the press's padding threshold are padding."""
         batch = len(layout.positions)
-        if self.image_sizes is None or self.processor is None:
+        if self._sizes is None or self.processor is None:
             return [None] * batch
         needed = self.debias is not None and self.debias.padding
         if not self.adapter.pads_images:
             return [None] * batch
-        if len(self.image_sizes) != layout.num_images:
+        if len(self._sizes) != layout.num_images:
             if not needed:
                 return [None] * batch
             raise ValueError(
-                f"image_sizes has {len(self.image_sizes)} entries but the batch holds {layout.num_images} "
+                f"image_sizes has {len(self._sizes)} entries but the batch holds {layout.num_images} "
                 "images: pass one (width, height) per image, in prompt order."
             )
         try:
-            fractions = self.adapter.padding_fractions(layout, self.image_sizes, self.processor)
+            fractions = self.adapter.padding_fractions(layout, self._sizes, self.processor)
         except ValueError:
             if needed:
                 raise

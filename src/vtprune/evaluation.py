@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .results import load_cells, paired_delta, save_cells, wilson
+from .results import cells_problem, load_cells, paired_delta, save_cells, wilson
 
 #: the debias modes of the grid
 DEBIAS_MODES = ("none", "positional", "padding", "both")
@@ -162,8 +162,10 @@ def load_questions(data: str, images: str | Path | None = None, samples: int | N
     if samples is not None and samples < 1:
         raise ValueError(f"--samples must be positive, got {samples}")
     if data == "testbed":
+        from .datasets import check_testbed_samples
         from .testbed.data import make_split
 
+        check_testbed_samples(samples)
         return [Question(image=s.image, question=s.question, answers=(s.answer,), meta=dict(s.meta))
                 for s in make_split(split, samples or 100)]
     from .datasets import load_jsonl
@@ -480,6 +482,9 @@ def run_grid(model, processor, questions: Sequence[Question], settings: Sequence
     Adds the paired differences (`add_deltas`)."""
     key = run_key(model, questions, batch_size=batch_size, max_new_tokens=max_new_tokens)
     saved = {} if force else load_cells(state_path, key)
+    problem = None if force else cells_problem(state_path, key)
+    if log and problem:
+        log(f"note: {state_path} {problem}: it is replaced by this run's cells (write to another --out to keep it)")
     reused = [s for s in settings if s.key in saved]
     if reused and log:
         log(f"resuming: {len(reused)} of {len(settings)} settings were measured in an earlier run ({state_path}); "
@@ -548,14 +553,13 @@ def csv_rows(cells: Sequence[CellResult]) -> list[dict]:
 
 def write_results(out_dir: str | Path, cells: Sequence[CellResult], meta: dict) -> tuple[Path, Path]:
     """results.json (settings, every cell with its per-question answers and scores) and results.csv (one row
-    per cell) in `out_dir`."""
-    import json
+    per cell) in `out_dir`, each written atomically."""
+    from .io import atomic_open, atomic_write_json
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     json_path, csv_path = out_dir / "results.json", out_dir / "results.csv"
-    json_path.write_text(json.dumps({"meta": meta, "cells": [asdict(c) for c in cells]}, indent=1))
-    with csv_path.open("w", newline="") as handle:
+    atomic_write_json(json_path, {"meta": meta, "cells": [asdict(c) for c in cells]})
+    with atomic_open(csv_path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         for row in csv_rows(cells):

@@ -335,4 +335,98 @@ def no_padding_message(processor) -> str:
     )
 
 
-__all__ = ["ImageGeometry", "Resize", "geometry_from_processor", "padded_fraction", "padding_mask", "no_padding_message"]
+# --- image sizes of a request ------------------------------------------------------------------------------
+SIZE_CONVENTION = (
+    "vtprune's image_sizes are PIL's (width, height), e.g. [image.size], while the image_sizes transformers' "
+    "processors return are (height, width): pass images=[...] (the PIL images) instead, or leave image_sizes out "
+    "where the processor's inputs carry their own"
+)
+
+
+def sizes_from_images(images) -> list[tuple[int, int]]:
+    """(width, height) of each PIL image (the `images=` argument of a press)."""
+    out = []
+    for index, image in enumerate(images):
+        size = getattr(image, "size", None)
+        if not (isinstance(size, tuple) and len(size) == 2):
+            raise ValueError(f"images[{index}] is a {type(image).__name__}, not a PIL image: pass the PIL images the "
+                             "processor was given, or image_sizes=[(width, height), ...]")
+        out.append((int(size[0]), int(size[1])))
+    return out
+
+
+def combine_image_sizes(images, image_sizes):
+    """A press's `images=` (PIL images) and `image_sizes=` ((width, height) each) as one list of sizes (None when
+    neither is given); both given must agree."""
+    if images is None:
+        return image_sizes
+    if isinstance(images, (str, bytes)) or not hasattr(images, "__iter__"):
+        raise ValueError(f"images={images!r}: give a list of the batch's PIL images, e.g. images=[image]")
+    sizes = sizes_from_images(list(images))
+    if image_sizes is not None:
+        given = [tuple(size) for size in image_sizes]
+        if given != sizes:
+            raise ValueError(f"image_sizes={given} disagrees with the sizes of images= {sizes}: give one of them "
+                             "(images= is enough)")
+    return sizes
+
+
+def images_per_sample(layout) -> list[int]:
+    """How many images (not video frames) each sample of a request holds."""
+    return [len({seg.image_index for seg in sample if seg.kind != "frame"}) for sample in layout.segments]
+
+
+def expand_sizes(sizes: list, layout) -> list:
+    """`sizes` (one per image of the batch as the caller built it) for a batch that generate() expanded k times
+    (beam search, num_return_sequences: every sample repeated k times in a row): each sample's sizes repeated
+    k times. Unchanged when the counts already match, or when the batch is not such an expansion (the caller's
+    count check then names the mismatch)."""
+    per = images_per_sample(layout)
+    if not sizes or sum(per) == len(sizes) or sum(per) % len(sizes):
+        return sizes
+    k = sum(per) // len(sizes)
+    if len(per) % k:
+        return sizes
+    groups = [per[g:g + k] for g in range(0, len(per), k)]
+    if any(len(set(group)) != 1 for group in groups):
+        return sizes
+    out, start = [], 0
+    for group in groups:
+        out += sizes[start:start + group[0]] * k
+        start += group[0]
+    return out
+
+
+def request_image_sizes(given, from_inputs, layout) -> list | None:
+    """The (width, height) of every image of a request, for the padding geometry.
+
+    given: what the caller passed (PIL (width, height) per image, in prompt order) or None. from_inputs: the
+    `image_sizes` the processor put in the model's inputs ((height, width) rows: LLaVA-NeXT, LLaVA-OneVision),
+    or None. Both are expanded to a batch that generate() expanded (`expand_sizes`). When both are there they
+    must agree: a caller's list that matches the inputs only with width and height swapped is a ValueError
+    naming the convention, any other disagreement a ValueError naming the image."""
+    inputs = None
+    if from_inputs is not None:
+        rows = from_inputs.tolist() if hasattr(from_inputs, "tolist") else list(from_inputs)
+        try:
+            inputs = [(int(w), int(h)) for h, w in rows]
+        except (TypeError, ValueError):
+            inputs = None  # not (height, width) pairs: leave them to the model
+    if given is None:
+        return inputs
+    given = expand_sizes(list(given), layout)
+    if inputs is None or len(inputs) != len(given):
+        return given
+    for index, (mine, theirs) in enumerate(zip(given, inputs)):
+        if tuple(mine) == theirs:
+            continue
+        if tuple(mine) == theirs[::-1]:
+            raise ValueError(f"image_sizes[{index}]={tuple(mine)} is (height, width) of an image whose processor "
+                             f"inputs say width {theirs[0]}, height {theirs[1]}: {SIZE_CONVENTION}")
+        raise ValueError(f"image_sizes[{index}]={tuple(mine)} disagrees with the processor's image_sizes for that "
+                         f"image (width {theirs[0]}, height {theirs[1]}): give the size of each image in prompt order")
+    return given
+
+
+__all__ = ["ImageGeometry", "Resize", "geometry_from_processor", "padded_fraction", "padding_mask", "no_padding_message",
+           "SIZE_CONVENTION", "sizes_from_images", "combine_image_sizes", "expand_sizes", "request_image_sizes"]

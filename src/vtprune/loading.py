@@ -363,6 +363,37 @@ def _resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+class InputTooLong(ValueError):
+    """A prompt (with the tokens to generate) longer than the model's positions."""
+
+
+def max_positions(config) -> int | None:
+    """The language model's position limit (`max_position_embeddings` of its text config), or None."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(text, "max_position_embeddings", None) or getattr(config, "max_position_embeddings", None)
+    return int(limit) if isinstance(limit, int) and limit > 0 else None
+
+
+def check_input_length(model, inputs: dict, new_tokens: int = 0, where: Sequence[str] | None = None) -> None:
+    """Refuse a batch whose longest prompt plus `new_tokens` exceeds the model's positions (`max_positions`):
+    positions past the limit were never trained, so answers from them are silently wrong. where: per sample,
+    how to name it in the message (e.g. "data.jsonl:12")."""
+    limit = max_positions(model.config)
+    ids = inputs.get("input_ids")
+    if limit is None or ids is None:
+        return
+    mask = inputs.get("attention_mask")
+    lengths = mask.sum(dim=1).tolist() if mask is not None and mask.dim() == 2 else [ids.shape[1]] * ids.shape[0]
+    for index, length in enumerate(lengths):
+        if length + new_tokens > limit:
+            name = where[index] if where is not None and index < len(where) else f"sample {index} of the batch"
+            extra = f" + {new_tokens} to generate" if new_tokens else ""
+            raise InputTooLong(
+                f"{name}: the prompt is {int(length)} tokens{extra}, more than the model's {limit} positions "
+                "(max_position_embeddings): shorten the question" + (" or lower --max-new-tokens" if new_tokens else "")
+            )
+
+
 def build_prompt(processor, prompt: str) -> str:
     """The text for one image + one question, using the processor's chat template when it has one."""
     if getattr(processor, "chat_template", None):
@@ -372,10 +403,19 @@ def build_prompt(processor, prompt: str) -> str:
 
 
 def build_inputs(processor, images: Sequence, prompts: Sequence[str], device: str = "cpu") -> dict:
-    """Processor outputs for a batch of (image, prompt) pairs, left-padded for generation."""
+    """Processor outputs for a batch of (image, prompt) pairs, left-padded for generation. PIL images in other
+    modes than RGB are converted by `images.to_rgb` (16-bit scaled, not clipped); an empty prompt is an error."""
+    from PIL import Image
+
+    from .images import to_rgb
+
+    for index, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"question {index} of the batch is empty ({prompt!r}): ask a question about the image")
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is not None:
         tokenizer.padding_side = "left"
     texts = [build_prompt(processor, p) for p in prompts]
+    images = [to_rgb(image) if isinstance(image, Image.Image) else image for image in images]
     inputs = processor(images=list(images), text=texts, return_tensors="pt", padding=True)
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}

@@ -27,9 +27,11 @@ PAD_COLOUR = (122, 116, 104)  # CLIP's mean colour, what LLaVA pads with
 
 
 def _save(fig, path: str | Path) -> Path:
+    from .io import atomic_open
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    with atomic_open(path, "wb") as handle:  # a temporary file, then a rename
+        fig.savefig(handle, dpi=110, bbox_inches="tight", format=path.suffix.lstrip(".").lower() or "png")
     plt.close(fig)
     return path
 

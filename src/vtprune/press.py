@@ -25,6 +25,9 @@ from torch import nn
 from .context import StageContext
 from .debias import Debias
 from .engine import PruningSession
+from .geometry import combine_image_sizes
+from .budgets import keeps_for_budget
+from .selections import LastSelection
 from .stages import Kept, Stage, StageSelection, as_list, equivalent_tokens, validate_stages
 
 if TYPE_CHECKING:
@@ -52,7 +55,7 @@ def _reads_vision_tower(press_or_class) -> bool:
     return bool(press.vision_layers() or press.vision_stages(0))
 
 
-class Press:
+class Press(LastSelection):
     """Base class of pruning methods. Subclasses are dataclasses with (at least) a `debias` and a `positions`
     field, and implement `stages` and `score` (or `select`)."""
 
@@ -75,7 +78,7 @@ class Press:
 
     debias: Debias | None = None
     positions: "Positions" = "original"
-    last_selection: list[StageSelection]
+    last_selection: list[StageSelection]  # per thread (`selections.LastSelection`)
 
     # --- what a method implements ----------------------------------------------------------------------
     def stages(self, num_layers: int = REFERENCE_LAYERS) -> list[Stage]:
@@ -125,16 +128,19 @@ class Press:
             raise ValueError(f"{cls.name or cls.__name__} takes no {', '.join(unknown)} (it takes {', '.join(sorted(accepted))})")
         return cls(**given)
 
-    def __call__(self, model: nn.Module, *, processor=None, image_sizes: Sequence | None = None,
-                 dry_run: bool = False) -> PruningSession:
+    def __call__(self, model: nn.Module, *, processor=None, images: Sequence | None = None,
+                 image_sizes: Sequence | None = None, dry_run: bool = False) -> PruningSession:
         """Attach to `model` for the duration of a `with` block.
 
         processor: the model's processor or image processor; needed for padding debiasing (its geometry).
-        image_sizes: original (width, height) of each image in the batch, in prompt order (PIL's `.size`);
-            needed for padding debiasing.
+        images: the PIL images of the batch, in prompt order (their sizes give the padding geometry); or
+        image_sizes: original (width, height) of each image, PIL's `.size` (not the (height, width) of
+            transformers' `image_sizes`: where the processor's inputs carry those, vtprune reads them and checks
+            these against them). One of them is needed for padding debiasing on families that pad.
         dry_run: decide and record every stage, cut nothing (the model runs unpruned).
         """
         self._check_family(model)
+        image_sizes = combine_image_sizes(images, image_sizes)
         return PruningSession(self, model, processor=processor, image_sizes=image_sizes, dry_run=dry_run)
 
     def _check_family(self, model: nn.Module) -> None:
@@ -214,7 +220,8 @@ class Press:
         if tables is None:
             keep = default_keep if self.budget is None else budget_fraction(self.budget)
             return layers, as_list(keep, len(layers), "keep")
-        keeps = schedule_for_budget(tables, DEFAULT_BUDGET if self.budget is None else self.budget)
+        budget = DEFAULT_BUDGET if self.budget is None else self.budget
+        keeps = keeps_for_budget(tables, budget, budget_fraction(budget), layers, num_layers, schedule_for_budget)
         if len(keeps) != len(layers):
             raise ValueError(
                 f"{type(self).__name__}: the budget gives {len(keeps)} stages but layer= has {len(layers)}; pass keep= too"
@@ -241,6 +248,8 @@ def layer_list(value, name: str = "layer") -> list[int]:
     for item in values:
         if isinstance(item, bool) or not isinstance(item, int):
             raise TypeError(f"{name} must be an int or a list of ints, got {value!r}")
+        if item < 0:
+            raise ValueError(f"{name}={value!r}: layers count from 0 (the first decoder layer); negative indices are not accepted")
     return values
 
 

@@ -51,12 +51,33 @@ def load_cells(path: str | Path | None, key: dict) -> dict[str, dict]:
 
 
 def save_cells(path: str | Path, key: dict, cells: dict[str, dict]) -> None:
-    """Write `cells` under `key` to `path` atomically (a temporary file, then a rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps({"key": key, "cells": cells}))
-    temporary.replace(path)
+    """Write `cells` under `key` to `path` atomically (`io.atomic_write_json`: a temporary file, fsync, rename)."""
+    from .io import atomic_write_json
+
+    atomic_write_json(path, {"key": key, "cells": cells}, indent=None)
 
 
-__all__ = ["wilson", "paired_delta", "load_cells", "save_cells"]
+def cells_problem(path: str | Path | None, key: dict) -> str | None:
+    """Why the cells saved in `path` cannot be reused (they are replaced by the next `save_cells`): "is empty",
+    "is truncated or not JSON", "holds no cells", "holds cells measured on another model, data or settings";
+    None when there is no file or its cells are reused."""
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        text = Path(path).read_text()
+    except OSError as error:
+        return f"cannot be read ({error.strerror})"
+    if not text.strip():
+        return "is empty"
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return "is truncated or not JSON"
+    if not isinstance(data, dict) or not isinstance(data.get("cells"), dict):
+        return "holds no cells"
+    if data.get("key") != key:
+        return "holds cells measured on another model, data or settings" if data["cells"] else None
+    return None
+
+
+__all__ = ["wilson", "paired_delta", "load_cells", "save_cells", "cells_problem"]

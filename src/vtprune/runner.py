@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .adapters.base import VisualSegment
-from .loading import build_inputs
+from .loading import build_inputs, check_input_length
 from .press import Press
 
 
@@ -85,6 +85,7 @@ def run_examples(
         batch = list(examples[start : start + batch_size])
         images = [example.image for example in batch]
         inputs = build_inputs(processor, images, [example.question for example in batch], device=str(device))
+        check_input_length(model, inputs, max_new_tokens if generate else 0, [_where(example, start + i) for i, example in enumerate(batch)])
         inputs = {k: v.to(model.dtype) if torch.is_floating_point(v) else v for k, v in inputs.items()}
         sizes = [image.size for image in images]
         session = press(model, processor=processor, image_sizes=sizes, dry_run=dry_run) if press is not None else nullcontext()
@@ -104,6 +105,12 @@ def run_examples(
         if progress is not None:
             progress(len(batch))
     return RunResult(answers=answers, records=records, final_tokens=final_tokens)
+
+
+def _where(example, index: int) -> str:
+    """How an error names an example: its jsonl line when known, else its index."""
+    meta = getattr(example, "meta", None) or {}
+    return f"the question on line {meta['line']} of the data" if "line" in meta else f"question {index}"
 
 
 def timed_prefill(model: nn.Module, inputs: dict) -> float:
@@ -133,6 +140,7 @@ def answer_one(model: nn.Module, processor, image, question: str, press: Press |
     """Answer `question` about `image` (greedy), timing a separate prefill (with `press` active, if given)."""
     device = next(model.parameters()).device
     inputs = build_inputs(processor, [image], [question], device=str(device))
+    check_input_length(model, inputs, max_new_tokens, ["the question"])
     inputs = {k: v.to(model.dtype) if torch.is_floating_point(v) else v for k, v in inputs.items()}
     with press(model, processor=processor, image_sizes=[image.size]) if press is not None else nullcontext():
         prefill_ms = timed_prefill(model, inputs)
@@ -179,6 +187,7 @@ def compare_one(model: nn.Module, processor, image, question: str, press: Press,
         raise ValueError(f"repeats={repeats}: time at least one prefill")
     device = next(model.parameters()).device
     inputs = build_inputs(processor, [image], [question], device=str(device))
+    check_input_length(model, inputs, max_new_tokens, ["the question"])
     inputs = {k: v.to(model.dtype) if torch.is_floating_point(v) else v for k, v in inputs.items()}
 
     def session(pruned: bool):
@@ -222,18 +231,36 @@ def record_to_json(record: ScoreRecord) -> dict:
     }
 
 
+def check_record(record: ScoreRecord) -> ScoreRecord:
+    """A ValueError when a record read back from saved progress does not hold together (arrays of different
+    lengths, segments outside the visual tokens, kept indices out of range); the record otherwise."""
+    length = len(record.raw)
+    for name in ("debiased", "padding"):
+        values = getattr(record, name)
+        if values is not None and len(values) != length:
+            raise ValueError(f"{name} has {len(values)} values for {length} visual tokens")
+    for segment in record.segments:
+        if segment.offset < 0 or segment.length < 1 or segment.offset + segment.length > length:
+            raise ValueError(f"segment ({segment.offset}, {segment.length}) lies outside the {length} visual tokens")
+    for name in ("kept", "kept_raw"):
+        values = getattr(record, name)
+        if len(values) and (values.min() < 0 or values.max() >= length):
+            raise ValueError(f"{name} holds indices outside the {length} visual tokens")
+    return record
+
+
 def record_from_json(data: dict) -> ScoreRecord:
-    """The inverse of `record_to_json`."""
+    """The inverse of `record_to_json` (checked by `check_record`)."""
     def floats(values):
         return None if values is None else np.array([np.nan if v is None else v for v in values], dtype=np.float32)
 
-    return ScoreRecord(
+    return check_record(ScoreRecord(
         raw=floats(data["raw"]), debiased=floats(data["debiased"]),
         padding=None if data["padding"] is None else np.array(data["padding"], dtype=bool),
         kept=np.array(data["kept"], dtype=np.int64), kept_raw=np.array(data["kept_raw"], dtype=np.int64),
         keep=int(data["keep"]),
         segments=[VisualSegment(offset=o, length=n, grid=tuple(g), image_index=i) for o, n, g, i in data["segments"]],
-    )
+    ))
 
 
 def records_from_selection(press: Press) -> list[ScoreRecord]:

@@ -97,6 +97,9 @@ class ModelAdapter:
     #: debiasing does not apply and reports so (`no_padding_reason`) instead of needing the image geometry
     pads_images: bool = True
     no_padding_reason: str = ""
+    #: whether the processor puts each image's original size in the model's inputs (`image_sizes`, (height,
+    #: width) rows): then the padding geometry reads them there, and sizes the caller gives are checked against them
+    sizes_in_inputs: bool = False
 
     #: whether positions are one number per token, so that `positions="compact"` can renumber them; families
     #: with multi-axis positions (mRoPE) keep each kept token's own positions and say so (`compact_note`)

@@ -32,6 +32,7 @@ from .llava import LlavaAdapter, _rotary_fn_for
 class LlavaNextAdapter(LlavaAdapter):
     model_classes = ("LlavaNextForConditionalGeneration", "LlavaNextModel")
     family = "LLaVA-NeXT"
+    sizes_in_inputs = True
     vision_side_unsupported = (
         "its visual tokens are anyres tiles re-laid into one grid and unpadded after the vision tower, so the "
         "tower's [CLS] attention has no one-to-one map onto them in vtprune yet"

@@ -177,6 +177,7 @@ class Debias:
         """Per sample (R,) trend exp(sigma x), sigma from a robust fit on each image's real tokens
         (`fit.robust_sigma`, all images of the batch at once)."""
         from .fit import robust_sigma
+        from .profiles import SIGMA_LIMIT
 
         problems = [(b, segment) for b, sample in enumerate(segments) for segment in sample]
         width = max(len(s) for s in scores)
@@ -192,7 +193,7 @@ class Debias:
             x[p, :count] = (ranks[b] - segment.offset).double() / segment.length
             use[p, :count] = inside if padding[b] is None else inside & ~padding[b]
             inside_of.append(inside)
-        sigma = robust_sigma(y, x, use)  # (P,)
+        sigma = robust_sigma(y, x, use).clamp(-SIGMA_LIMIT, SIGMA_LIMIT)  # (P,); steeper fits overflow float32
         trends = [torch.ones_like(s) for s in scores]
         for p, (b, segment) in enumerate(problems):
             count = len(scores[b])

@@ -23,6 +23,36 @@ import torch
 FORMAT = "vtprune-profile/1"
 
 
+#: the steepest exponential trend a profile may have, |sigma| (published and calibrated ones lie within 7): its
+#: weights then span exp(50) ~ 5e21, which float32 scores (max ~3e38) divide by without overflow or underflow
+SIGMA_LIMIT = 50.0
+#: the range of mu and of a curve's values (and the largest ratio of a curve's values: exp(SIGMA_LIMIT))
+SCALE_LIMITS = (1e-20, 1e20)
+
+
+def check_trend_range(profile: "Profile") -> None:
+    """Refuse a profile whose trend float32 debiasing cannot represent (inf/nan or ties by token order): |sigma|
+    above `SIGMA_LIMIT`, mu or curve values outside `SCALE_LIMITS`, a curve spanning more than exp(SIGMA_LIMIT)."""
+    low, high = SCALE_LIMITS
+    name = profile.name
+    if profile.kind == "exp" and abs(profile.sigma) > SIGMA_LIMIT:
+        raise ValueError(
+            f"profile {name!r}: sigma={profile.sigma:g} is outside [-{SIGMA_LIMIT:g}, {SIGMA_LIMIT:g}]: its weights would "
+            f"span exp({abs(profile.sigma):g}), beyond what float32 scores can be divided by (published and calibrated "
+            "profiles lie within 7); check the fit, or use profile='auto'"
+        )
+    if not low <= profile.mu <= high:
+        raise ValueError(f"profile {name!r}: mu={profile.mu:g} is outside [{low:g}, {high:g}]: rescale the profile (only "
+                         "the shape of the trend matters)")
+    if profile.kind == "curve":
+        smallest, largest = min(profile.curve), max(profile.curve)
+        if smallest < low or largest > high or largest / smallest > math.exp(SIGMA_LIMIT):
+            raise ValueError(
+                f"profile {name!r}: curve values from {smallest:g} to {largest:g}: they must lie in [{low:g}, {high:g}] and "
+                f"span at most exp({SIGMA_LIMIT:g}) (float32 scores are divided by them)"
+            )
+
+
 @dataclass(frozen=True)
 class Profile:
     """A positional trend. `curve` holds the trend f (not the weights 1/f) for curve profiles; `extra`
@@ -56,6 +86,7 @@ class Profile:
                 raise ValueError(f"profile {self.name!r}: a curve profile needs {self.length} values")
             if not all(math.isfinite(v) and v > 0 for v in self.curve):
                 raise ValueError(f"profile {self.name!r}: curve values must be positive and finite")
+        check_trend_range(self)
 
     def trend(self, length: int) -> torch.Tensor:
         """(length,) float32 trend f(i/L) for a sample with `length` visual tokens per image."""
@@ -103,9 +134,9 @@ class Profile:
         return cls(**values, extra=extra)
 
     def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=1))
-        return path
+        from ..io import atomic_write_json
+
+        return atomic_write_json(path, self.to_dict())
 
 
 @lru_cache(maxsize=1)

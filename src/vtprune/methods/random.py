@@ -34,6 +34,8 @@ class Random(Press):
         self._check_schedule()
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {self.seed!r}")
+        if not 0 <= self.seed <= 2**63 - 1:  # torch.Generator.manual_seed's range
+            raise ValueError(f"Random: seed={self.seed} must lie in 0..2**63-1")
 
     def stages(self, num_layers: int = REFERENCE_LAYERS) -> list[Stage]:
         layers, keeps = self._layers_and_keeps(num_layers, [2])

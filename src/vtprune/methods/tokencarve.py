@@ -113,6 +113,10 @@ class TokenCarve(Press):
         half = len(candidates) // 2
         a, b = candidates[:half], candidates[half:]
         merged_away = min(len(candidates) - keep, half)
+        if merged_away <= 0:  # keep >= the candidates (e.g. keep 1: one candidate): nothing to merge
+            kept = candidates[:keep]
+            order_kept = torch.argsort(ranks[kept])
+            return Kept(ranks=ranks[kept][order_kept], values=states[kept][order_kept].to(dtype))
         unit = torch.nn.functional.normalize(states, dim=-1)
         best, target = (unit[b] @ unit[a].T).max(dim=1)  # (|B|,) best A for each B token
         order = torch.argsort(best, descending=True, stable=True)

@@ -23,6 +23,7 @@ import torch
 from ..context import StageContext
 from ..debias import Debias
 from ..press import REFERENCE_LAYERS, REFERENCE_TOKENS, Press, budget_fraction, interpolate_table
+from ..budgets import split_for_budget
 from ..stages import Kept, Positions, Stage, rank_order
 
 #: published split of each budget: (dominant tokens incl. [CLS], contextual tokens), of 576 patches
@@ -73,10 +74,12 @@ class VisionZip(Press):
         if self.dominant is not None:
             dominant, contextual = self.dominant, self.contextual
         else:
-            shares = interpolate_table(SPLITS, 128 if self.budget is None else self.budget)
+            shares = split_for_budget(SPLITS, budget_fraction(128 if self.budget is None else self.budget), interpolate_table)
+            if shares is None:  # the full count: every patch, nothing added
+                return num_patches, 0
             dominant, contextual = (max(1, round(share / REFERENCE_TOKENS * num_patches)) for share in shares)
         patches = max(1, min(num_patches, dominant - int(self.include_cls)))
-        return patches, max(0, min(contextual, num_patches - patches))
+        return patches, max(0, min(contextual, num_patches - patches - int(self.include_cls)))  # never more than the image
 
     def stages(self, num_layers: int = REFERENCE_LAYERS) -> list[Stage]:
         patches, _ = self.split(REFERENCE_TOKENS)
@@ -106,7 +109,7 @@ class VisionZip(Press):
                 dominant = torch.sort(order[:patches]).values  # patch indices in the image
                 kept_parts.append(ranks[span][dominant])
                 image = features[segment.image_index]
-                if self.include_cls:  # the [CLS] feature, projected, ahead of the image's patches
+                if self.include_cls and not self.keeps_everything:  # the [CLS] feature, projected, ahead of the patches
                     extra.append(ctx.adapter.project_visual(image[ctx.adapter.vision_cls_index]))
                     after.append(ranks[span][dominant[0]]), before.append(True), positions.append(ranks[span][0])
                 if contextual:
@@ -139,4 +142,10 @@ class VisionZip(Press):
 
     def equivalent_tokens(self, num_visual: int = REFERENCE_TOKENS, num_layers: int = REFERENCE_LAYERS) -> float:
         patches, contextual = self.split(num_visual)
-        return float(patches + int(self.include_cls) + contextual)  # every decoder layer sees the short input
+        cls = int(self.include_cls and not self.keeps_everything)
+        return float(patches + cls + contextual)  # every decoder layer sees the short input
+
+    @property
+    def keeps_everything(self) -> bool:
+        """Whether the budget is the full count (every patch kept, no [CLS] or merged tokens added)."""
+        return self.dominant is None and self.budget is not None and budget_fraction(self.budget) >= 1.0

@@ -14,8 +14,8 @@ numbering, and Random. Budgets use each method's `budget=` (its published schedu
 
 from __future__ import annotations
 
-import json
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -24,7 +24,7 @@ import numpy as np
 
 from ..debias import Debias
 from ..methods import METHODS
-from ..results import load_cells, paired_delta, save_cells, wilson
+from ..results import cells_problem, load_cells, paired_delta, save_cells, wilson
 from ..runner import run_examples
 from .data import accuracy
 
@@ -190,6 +190,9 @@ def run_benchmark(
     bias: list[BiasSummary] = []
     plan = [(keep, name) for keep in keeps for name in (["unpruned"] if keep is None else names)]
     key = {"model": model_fingerprint(model), "data": data_fingerprint(samples)} if state_path is not None else None
+    problem = cells_problem(state_path, key)
+    if problem and log:
+        log(f"note: {state_path} {problem}; starting over")
     saved = _load_state(state_path, key)
     resumed = [item for item in plan if _cell_key(*item) in saved]
     if resumed and log:
@@ -216,6 +219,8 @@ def run_benchmark(
             if press is not None:
                 cell.equivalent = press.equivalent_tokens(visual, num_layers)
                 cell.tokens_kept = float(np.mean(result.final_tokens))
+            else:
+                cell.equivalent = float(visual)
             if setting is not None and setting.baseline in done:
                 cell.baseline = setting.baseline
                 cell.delta = paired_delta(cell.correct, done[setting.baseline].correct)
@@ -250,10 +255,14 @@ def _load_state(path, key) -> dict:
     """Cells saved by an earlier run with the same `key` (model and questions), by `_cell_key`."""
     out = {}
     for name, item in load_cells(path, key).items():
-        cell = Cell(**item["cell"])
-        cell.ci = tuple(cell.ci)
-        cell.delta = None if cell.delta is None else tuple(cell.delta)
-        out[name] = (cell, None if item["bias"] is None else BiasSummary(**item["bias"]))
+        try:
+            cell = Cell(**item["cell"])
+            cell.ci = tuple(cell.ci)
+            cell.delta = None if cell.delta is None else tuple(cell.delta)
+            out[name] = (cell, None if item["bias"] is None else BiasSummary(**item["bias"]))
+        except (KeyError, TypeError, ValueError) as error:  # a malformed cell is measured again
+            warnings.warn(f"{path}: cell {name} is malformed ({type(error).__name__}: {error}); measuring it again",
+                          stacklevel=2)
     return out
 
 
@@ -284,7 +293,8 @@ def markdown_tables(cells: Sequence[Cell], bias: Sequence[BiasSummary], n: int, 
     unpruned = by.get(("unpruned", None))
     lines = [f"Accuracy (%) on {n} test questions, 95% Wilson interval; below it, in brackets, the paired "
              "difference to the row's baseline at the same budget (points, 95% interval): a debiased method "
-             "against the same method undebiased, `@original`/`@compact` against the method's own numbering.", ""]
+             "against the same method undebiased, `@original`/`@compact` against the method's own numbering; "
+             "last, the setting's visual tokens per decoder layer (tok/layer, averaged: what it costs).", ""]
     lines += ["| setting | " + " | ".join(f"budget {keep_label(k)}" for k in keeps) + " |", "|---" * (len(keeps) + 1) + "|"]
     if unpruned:
         lo, hi = unpruned.ci
@@ -302,6 +312,8 @@ def markdown_tables(cells: Sequence[Cell], bias: Sequence[BiasSummary], n: int, 
             if cell.delta is not None:
                 d, dlo, dhi = (100 * v for v in cell.delta)
                 text += f"<br>({d:+.1f} [{dlo:+.1f}, {dhi:+.1f}])"
+            if cell.equivalent is not None:
+                text += f"<br>{cell.equivalent:.1f} tok/layer"
             row.append(text)
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "Visual tokens after the last stage (mean) / per decoder layer averaged over the model's layers:", ""]
@@ -349,10 +361,10 @@ def _pct(value) -> str:
 
 
 def save_results(path: str | Path, cells: Sequence[Cell], bias: Sequence[BiasSummary], meta: dict) -> Path:
-    path = Path(path)
+    from ..io import atomic_write_json
+
     data = {"meta": meta, "cells": [asdict(c) for c in cells], "bias": [asdict(b) for b in bias]}
-    path.write_text(json.dumps(data, indent=1))
-    return path
+    return atomic_write_json(path, data)
 
 
 __all__ = ["KEEPS", "Setting", "default_settings", "lm_settings", "settings_for", "settings", "wilson", "paired_delta", "evaluate", "run_benchmark", "markdown_tables", "save_results"]

@@ -173,6 +173,7 @@ def eval_cmd(
         None, help="Finished cells are saved here so that an interrupted run resumes (default OUT.partial.json, or "
         "runs/testbed-eval.partial.json without --out); removed when the run completes."
     ),
+    wait: bool = typer.Option(False, "--wait", help="if another run is writing the same results, wait for it to finish instead of stopping"),
 ) -> None:
     """Accuracy on the test split for each budget x setting (every registered method with and without
     debiasing, FastV's ablations, the other position numbering, Random), with 95% intervals, paired
@@ -181,6 +182,10 @@ def eval_cmd(
         n = 150 if model_name == "testbed-lm" else 1000
     if n < 1:
         raise _usage(f"--n {n}: evaluate at least one question")
+    from vtprune.datasets import TESTBED_MAX
+
+    if n > TESTBED_MAX:
+        raise _usage(f"--n {n}: the testbed generates at most {TESTBED_MAX:,} questions per split")
     if batch_size < 1:
         raise _usage(f"--batch-size {batch_size}: must be >= 1")
     if model_name not in ("testbed", "testbed-lm"):
@@ -200,9 +205,14 @@ def eval_cmd(
         if not (path / "config.json").is_file():
             raise _usage(f"--path {path} holds no testbed checkpoint (no config.json): train one with `vtprune testbed train`")
     keep_values = _keeps(keeps)
-    for option, file in (("--out", out), ("--markdown", markdown)):
-        if file is not None and (file.is_dir() or not _writable_parent(file)):
-            raise _usage(f"{option} {file}: cannot write that file")
+    from vtprune.io import OutputError, OutputLock, prepare_output_file
+
+    for option, file in (("--out", out), ("--markdown", markdown), ("--state", state)):
+        if file is not None:
+            try:
+                prepare_output_file(file, option)
+            except OutputError as error:
+                raise _usage(str(error)) from None
     import torch
     from PIL import Image
 
@@ -229,6 +239,14 @@ def eval_cmd(
     from vtprune.testbed.data import Sample, make_split
     from vtprune.testbed.model import load_testbed
 
+    if not blind:
+        state = state or (Path(str(out) + ".partial.json") if out else Path("runs/testbed-eval.partial.json"))
+        lock = OutputLock(state, option="--state" if out is None else "--out", is_dir=False, wait=wait,
+                          note=lambda text: status.print(f"note: {text}")).acquire()  # one writer of these results
+        from vtprune.cli import _current_context
+
+        _current_context().call_on_close(lock.release)
+
     torch.set_num_threads(min(4, torch.get_num_threads()))
     if model_name == "testbed-lm":
         from vtprune.testbed.lm import load_testbed_lm
@@ -243,7 +261,6 @@ def eval_cmd(
         lo, hi = wilson(round(cells[0].accuracy * n), n)
         console.print(f"blind (grey images) accuracy {cells[0].accuracy:.3f} [{lo:.3f}, {hi:.3f}] on {n} questions")
         return
-    state = state or (Path(str(out) + ".partial.json") if out else Path("runs/testbed-eval.partial.json"))
     with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[cell]}"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=status) as bar:
         task = bar.add_task("eval", total=None, cell="")
@@ -258,25 +275,28 @@ def eval_cmd(
             bar.console.print(f"interrupted: finished cells are saved in {state}; rerun the same command to resume")
             raise
     state.unlink(missing_ok=True)
-    table = Table(title=f"{model_name} accuracy, {n} test questions (95% Wilson interval; paired difference to the baseline)")
+    table = Table(title=f"{model_name} accuracy, {n} test questions (95% Wilson interval; paired difference to the "
+                        "baseline); tok/layer: visual tokens per decoder layer, averaged (what the setting costs)")
     table.add_column("setting")
     keep_columns = [k for k in dict.fromkeys(c.keep for c in cells) if k is not None]
     for keep in keep_columns:
         table.add_column(f"budget {keep_label(keep)}", justify="right")
+        table.add_column("tok/layer", justify="right")
     for cell in cells:
         if cell.keep is None:
-            table.add_row("unpruned", f"{100 * cell.accuracy:.1f} [{100 * cell.ci[0]:.1f}, {100 * cell.ci[1]:.1f}]")
+            tokens = "" if cell.equivalent is None else f"{cell.equivalent:.1f}"
+            table.add_row("unpruned", f"{100 * cell.accuracy:.1f} [{100 * cell.ci[0]:.1f}, {100 * cell.ci[1]:.1f}]", tokens)
     for name in dict.fromkeys(c.setting for c in cells if c.keep is not None):
         row = [name]
         for keep in keep_columns:
             cell = next((c for c in cells if c.setting == name and c.keep == keep), None)
             if cell is None:
-                row.append("")
+                row += ["", ""]
                 continue
             text = f"{100 * cell.accuracy:.1f} [{100 * cell.ci[0]:.1f}, {100 * cell.ci[1]:.1f}]"
             if cell.delta is not None:
                 text += f" ({100 * cell.delta[0]:+.1f})"
-            row.append(text)
+            row += [text, "" if cell.equivalent is None else f"{cell.equivalent:.1f}"]
         table.add_row(*row)
     console.print(table)
     text = markdown_tables(cells, bias, n, model_name)
@@ -284,11 +304,11 @@ def eval_cmd(
         console.print(text[text.index(f"Bias on {model_name}"):])
     meta = {"n": n, "model": model_name, "checkpoint": str(path), "keeps": keep_values}
     if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_results(out, cells, bias, meta)
+        save_results(out, cells, bias, meta)  # atomically
     if markdown:
-        markdown.parent.mkdir(parents=True, exist_ok=True)
-        markdown.write_text(text + "\n")
+        from vtprune.io import atomic_write_text
+
+        atomic_write_text(markdown, text + "\n")
 
 
 def _keeps(text: str) -> list[float | None]:
@@ -312,11 +332,3 @@ def _keeps(text: str) -> list[float | None]:
         values.append(value)
     return values
 
-
-def _writable_parent(file: Path) -> bool:
-    import os
-
-    parent = file.parent
-    while not parent.exists():
-        parent = parent.parent
-    return parent.is_dir() and os.access(parent, os.W_OK)

@@ -1012,9 +1012,10 @@ def reproduce(
         rows = rep.select_rows(spec, None if methods is None else _list_option(methods, "--methods"))
     except ValueError as error:
         raise UsageError(str(error)) from None
-    starter = shlex.split(launcher)
-    if not starter:
-        raise UsageError("--launcher is empty: give e.g. 'python -m lmms_eval'")
+    try:
+        starter = rep.launcher_argv(launcher)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     commands = {row.slug: rep.command(spec, row, out_dir, budget=budget, pretrained=pretrained, limit=limit,
                                       launcher=starter) for row in rows}
     if dry_run:
@@ -1031,8 +1032,8 @@ def reproduce(
         typer.echo("\n".join(lines))
         return
     _check_output_dir(out_dir, "--out")
+    failed: list[str] = []
     if not collect_only:
-        import subprocess
         from importlib.util import find_spec
 
         if "lmms_eval" in launcher and find_spec("lmms_eval") is None:
@@ -1046,10 +1047,12 @@ def reproduce(
             status.print(f"[bold]{row.label}[/bold]: {rep.shell(commands[row.slug])}")
             argv = commands[row.slug]
             argv = [sys.executable, *argv[1:]] if argv[0] in ("python", "python3") else argv  # this environment's
-            code = subprocess.run(argv).returncode
-            if code != 0:
-                raise RuntimeError(f"lmms-eval failed on row {row.label!r} (exit code {code}); finished rows are kept, "
-                                   "rerun the same command to continue")
+            log_path = out_dir / row.slug / "lmms_eval.log"
+            code, output = rep.run_logged(argv, log_path)
+            failure = rep.row_failure(spec, row, out_dir, code, output, log_path)
+            if failure is not None:
+                failed.append(f"{row.label}: {failure}")
+                status.print(f"[red]row {row.label!r} failed[/red]: {failure}")
     results = rep.collect(spec, rows, out_dir, {slug: rep.shell(argv) for slug, argv in commands.items()})
     out_dir.mkdir(parents=True, exist_ok=True)
     text = rep.markdown(spec, results, budget)
@@ -1060,6 +1063,13 @@ def reproduce(
     if missing:
         console.print(f"incomplete rows (no average yet): {', '.join(missing)}")
     console.print(f"wrote {out_dir / 'table.md'} and {out_dir / 'table.json'}")
+    unreadable = [problem for r in results for problem in r.problems]
+    for problem in unreadable:
+        status.print(f"[red]error[/red]: {problem}")
+    for failure in failed:
+        status.print(f"[red]failed row[/red] {failure}")
+    if failed or unreadable:
+        raise typer.Exit(1)
 
 
 def _mount_testbed() -> None:

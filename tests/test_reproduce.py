@@ -134,3 +134,35 @@ def test_model_args_build_the_paper_presses():
         assert (press is None) == (row.method is None)
         if press is not None:
             assert (press.debias is not None) == row.debias
+
+
+def test_a_malformed_launcher_names_the_option():
+    result = runner.invoke(app, ["reproduce", "paper-llava15", "--dry-run", "--launcher", "python -m 'lmms_eval"])
+    assert result.exit_code == 2, result.output
+    assert "--launcher" in result.output and "malformed" in result.output
+
+
+@pytest.mark.parametrize("body, reason", [
+    ("pass", "no results for"),  # exits 0 and writes nothing
+    ("print('Traceback (most recent call last):'); print('ValueError: boom')", "its log reports an error"),
+    ("import sys; sys.exit(3)", "exited with code 3"),
+])
+def test_a_failed_row_is_reported_and_exits_non_zero(tmp_path, body, reason):
+    fake = tmp_path / "fake_lmms.py"
+    fake.write_text(body + "\n")
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["reproduce", "paper-llava15", "--out", str(out), "--methods", "fastv",
+                                 "--launcher", f"{sys.executable} {fake}"])
+    assert result.exit_code == 1, result.output
+    assert "failed row" in result.output and reason in result.output and "Full model" in result.output
+    assert (out / "full" / "lmms_eval.log").is_file()
+
+
+def test_collect_reports_a_corrupt_results_file(tmp_path):
+    write_results(tmp_path / "full", LLAVA15)
+    bad = tmp_path / "fastv" / "model" / "broken_results.json"
+    bad.parent.mkdir(parents=True)
+    bad.write_text('{"results": {"gqa": ')
+    result = runner.invoke(app, ["reproduce", "paper-llava15", "--collect", "--out", str(tmp_path), "--methods", "fastv"])
+    assert result.exit_code == 1, result.output
+    assert "broken_results.json is not a readable lmms-eval results file" in result.output.replace("\n", "")

@@ -934,6 +934,7 @@ def eval_command(
     dtype: str = typer.Option("auto", "--dtype"),
     threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads of torch"),
     as_json: bool = typer.Option(False, "--json", help="print results.json to stdout"),
+    processes: int = typer.Option(1, "--processes", help="answer the questions in N processes, one model replica each (CPU: threads divided; cuda: one GPU each); under `accelerate launch`/`torchrun` each rank answers its share"),
 ) -> None:
     """Accuracy, speed and memory of every method x budget x debias setting on your own questions.
 
@@ -944,6 +945,7 @@ def eval_command(
 
     _positive(max_new_tokens, "--max-new-tokens")
     _positive(batch_size, "--batch-size")
+    _positive(processes, "--processes")
     if samples is not None:
         _positive(samples, "--samples")
     _check_threads(threads)
@@ -988,13 +990,19 @@ def eval_command(
 
     from .evaluation import markdown_table, run_grid, table_rows, write_results, TABLE_COLUMNS
 
+    from . import sharding
+
+    sharded = processes > 1 or sharding.launched() is not None
+    if processes > len(questions):
+        raise UsageError(f"--processes {processes} is more than the {len(questions)} questions")
     if threads is not None:
         torch.set_num_threads(threads)
-    model, processor = _load(info, device, dtype)
-    if pad_to_square is not None:
-        from .loading import set_pad_to_square
+    if not sharded:
+        model, processor = _load(info, device, dtype)
+        if pad_to_square is not None:
+            from .loading import set_pad_to_square
 
-        set_pad_to_square(processor, pad_to_square)
+            set_pad_to_square(processor, pad_to_square)
     for name, chosen in resolved.items():
         if chosen == "auto":
             notes.append(f"{name}: no built-in profile for this model, positional debiasing uses 'auto' (calibration-free)")
@@ -1005,9 +1013,19 @@ def eval_command(
     try:
         with _progress("eval") as bar:
             task = bar.add_task("eval", total=len(settings) * len(questions))
-            cells = run_grid(model, processor, questions, settings, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                             state_path=state, force=force, progress=lambda n: bar.advance(task, n),
-                             log=lambda text: status.print(text))
+            if sharded:
+                cells, dtype_name = sharding.run_grid_sharded(
+                    info.spec, questions, settings, processes=processes, device=device, dtype=dtype,
+                    pad_to_square=pad_to_square, threads=threads, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                    state_dir=out_dir, force=force, progress=lambda n: bar.advance(task, n),
+                    log=lambda text: status.print(text))
+                if cells is None:
+                    return  # a rank other than 0 under a launcher: rank 0 writes the results
+            else:
+                cells = run_grid(model, processor, questions, settings, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                 state_path=state, force=force, progress=lambda n: bar.advance(task, n),
+                                 log=lambda text: status.print(text))
+                dtype_name = str(next(model.parameters()).dtype).replace("torch.", "")
     except KeyboardInterrupt:
         if state.is_file():
             status.print(f"interrupted: finished settings are saved in {state}; rerun the same command to resume")
@@ -1020,7 +1038,8 @@ def eval_command(
             "methods": method_names, "budgets": budget_values, "debias": modes, "profile": profile,
             "profiles": {s.key: s.profile for s in settings if s.profile}, "max_new_tokens": max_new_tokens,
             "batch_size": batch_size, "pad_to_square": pad_to_square, "device": device,
-            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+            "dtype": dtype_name, "threads": torch.get_num_threads(),
+            "processes": sharding.launched()[1] if sharding.launched() else processes,
             "notes": notes, "vtprune_version": __version__,
             "load_average": None if load_before is None else [load_before, os.getloadavg()[0]]}
     json_path, csv_path = write_results(out_dir, cells, meta)
@@ -1093,9 +1112,10 @@ def reproduce(
         rows = rep.select_rows(spec, None if methods is None else _list_option(methods, "--methods"))
     except ValueError as error:
         raise UsageError(str(error)) from None
-    starter = shlex.split(launcher)
-    if not starter:
-        raise UsageError("--launcher is empty: give e.g. 'python -m lmms_eval'")
+    try:
+        starter = rep.launcher_argv(launcher)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     commands = {row.slug: rep.command(spec, row, out_dir, budget=budget, pretrained=pretrained, limit=limit,
                                       launcher=starter) for row in rows}
     if dry_run:
@@ -1112,8 +1132,8 @@ def reproduce(
         typer.echo("\n".join(lines))
         return
     _check_output_dir(out_dir, "--out")
+    failed: list[str] = []
     if not collect_only:
-        import subprocess
         from importlib.util import find_spec
 
         if "lmms_eval" in launcher and find_spec("lmms_eval") is None:
@@ -1127,10 +1147,12 @@ def reproduce(
             status.print(f"[bold]{row.label}[/bold]: {rep.shell(commands[row.slug])}")
             argv = commands[row.slug]
             argv = [sys.executable, *argv[1:]] if argv[0] in ("python", "python3") else argv  # this environment's
-            code = subprocess.run(argv).returncode
-            if code != 0:
-                raise RuntimeError(f"lmms-eval failed on row {row.label!r} (exit code {code}); finished rows are kept, "
-                                   "rerun the same command to continue")
+            log_path = out_dir / row.slug / "lmms_eval.log"
+            code, output = rep.run_logged(argv, log_path)
+            failure = rep.row_failure(spec, row, out_dir, code, output, log_path)
+            if failure is not None:
+                failed.append(f"{row.label}: {failure}")
+                status.print(f"[red]row {row.label!r} failed[/red]: {failure}")
     results = rep.collect(spec, rows, out_dir, {slug: rep.shell(argv) for slug, argv in commands.items()})
     out_dir.mkdir(parents=True, exist_ok=True)
     text = rep.markdown(spec, results, budget)
@@ -1141,6 +1163,13 @@ def reproduce(
     if missing:
         console.print(f"incomplete rows (no average yet): {', '.join(missing)}")
     console.print(f"wrote {out_dir / 'table.md'} and {out_dir / 'table.json'}")
+    unreadable = [problem for r in results for problem in r.problems]
+    for problem in unreadable:
+        status.print(f"[red]error[/red]: {problem}")
+    for failure in failed:
+        status.print(f"[red]failed row[/red] {failure}")
+    if failed or unreadable:
+        raise typer.Exit(1)
 
 
 def _mount_testbed() -> None:

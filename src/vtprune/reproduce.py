@@ -178,6 +178,57 @@ def shell(argv: Sequence[str]) -> str:
     return shlex.join(argv)
 
 
+def launcher_argv(text: str) -> list[str]:
+    """The `--launcher` option as argv; a ValueError naming the option when it is empty or its quotes do not close."""
+    try:
+        argv = shlex.split(text)
+    except ValueError as error:
+        raise ValueError(f"--launcher {text!r} is malformed ({error}): give e.g. 'python -m lmms_eval' or "
+                         "'accelerate launch --num_processes 8 -m lmms_eval'") from None
+    if not argv:
+        raise ValueError("--launcher is empty: give e.g. 'python -m lmms_eval'")
+    return argv
+
+
+#: lines of an lmms-eval log that mean the run failed although lmms-eval exited with code 0
+_FAILURE_MARKERS = ("Traceback (most recent call last)", "Error during evaluation", "| ERROR ")
+
+
+def run_logged(argv: Sequence[str], log_path: Path, echo=None) -> tuple[int, str]:
+    """Run one row's command, its output both echoed (`echo(line)`, default stdout) and written to `log_path`;
+    (exit code, the output)."""
+    import subprocess
+    import sys
+
+    echo = echo or (lambda line: (sys.stdout.write(line), sys.stdout.flush()))
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    with log_path.open("w") as log, subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                    text=True, errors="replace") as process:
+        for line in process.stdout:
+            echo(line)
+            log.write(line)
+            lines.append(line)
+    return process.returncode, "".join(lines)
+
+
+def row_failure(spec: PaperTable, row: Row, out_dir: Path, code: int, output: str, log_path: Path) -> str | None:
+    """Why a row's lmms-eval run failed, or None: a non-zero exit code, an error in its output (lmms-eval's CLI
+    exits 0 after a model error), or a benchmark with no score in the results files."""
+    if code != 0:
+        return f"lmms-eval exited with code {code} (log: {log_path})"
+    for line in output.splitlines():
+        if any(marker in line for marker in _FAILURE_MARKERS):
+            return f"its log reports an error: {line.strip()[:200]} (log: {log_path})"
+    scores, _, problems = read_scores(Path(out_dir) / row.slug, spec.benchmarks)
+    if problems:
+        return problems[0]
+    missing = [task for task, value in scores.items() if value is None]
+    if missing:
+        return f"no results for {', '.join(missing)} under {Path(out_dir) / row.slug} (log: {log_path})"
+    return None
+
+
 # --- collecting ---------------------------------------------------------------------------------------------
 def _metric(values: dict, metric: str):
     """lmms-eval's value of `metric` in a task's results ('exact_match,none', or another filter)."""
@@ -189,16 +240,23 @@ def _metric(values: dict, metric: str):
     return None
 
 
-def read_scores(row_dir: Path, benchmarks: Sequence[Benchmark]) -> tuple[dict[str, float | None], list[str]]:
+def read_scores(row_dir: Path, benchmarks: Sequence[Benchmark]) -> tuple[dict[str, float | None], list[str], list[str]]:
     """Each benchmark's score on the paper's 0-100 scale from the `*_results.json` files lmms-eval wrote
-    under `row_dir` (the newest file that has a task wins), and the files used."""
+    under `row_dir` (the newest file that has a task wins), the files used, and the files that could not be read
+    (one line each: the file, why, what to do)."""
     files = sorted(Path(row_dir).rglob("*_results.json"), key=lambda p: (p.stat().st_mtime, p.name), reverse=True)
     scores: dict[str, float | None] = {b.task: None for b in benchmarks}
     used: list[str] = []
+    problems: list[str] = []
     for file in files:
         try:
-            results = json.loads(file.read_text()).get("results", {})
-        except (OSError, ValueError, AttributeError):
+            results = json.loads(file.read_text()).get("results")
+            if not isinstance(results, dict):
+                raise ValueError('no "results" object')
+        except (OSError, ValueError, AttributeError) as error:
+            reason = " ".join(str(error).split())[:120]
+            problems.append(f"{file} is not a readable lmms-eval results file ({reason}): delete it, or rerun the "
+                            "row with --force")
             continue
         for benchmark in benchmarks:
             if scores[benchmark.task] is not None or not isinstance(results.get(benchmark.task), dict):
@@ -208,7 +266,7 @@ def read_scores(row_dir: Path, benchmarks: Sequence[Benchmark]) -> tuple[dict[st
                 scores[benchmark.task] = float(value) * benchmark.scale
                 if str(file) not in used:
                     used.append(str(file))
-    return scores, used
+    return scores, used, problems
 
 
 @dataclass
@@ -217,6 +275,7 @@ class RowResult:
     scores: dict[str, float | None]
     files: list[str] = field(default_factory=list)
     command: str = ""
+    problems: list[str] = field(default_factory=list)  # unreadable results files, failed runs
 
     @property
     def average(self) -> float | None:
@@ -232,8 +291,8 @@ class RowResult:
 def collect(spec: PaperTable, rows: Sequence[Row], out_dir: Path, commands: dict[str, str] | None = None) -> list[RowResult]:
     out = []
     for row in rows:
-        scores, files = read_scores(Path(out_dir) / row.slug, spec.benchmarks)
-        out.append(RowResult(row, scores, files, (commands or {}).get(row.slug, "")))
+        scores, files, problems = read_scores(Path(out_dir) / row.slug, spec.benchmarks)
+        out.append(RowResult(row, scores, files, (commands or {}).get(row.slug, ""), problems))
     return out
 
 
@@ -275,10 +334,10 @@ def to_json(spec: PaperTable, results: Sequence[RowResult], budget: int) -> dict
                        for b in spec.benchmarks],
         "rows": [{"label": r.row.label, "method": r.row.method, "debias": r.row.debias, "scores": r.scores,
                   "average": r.average, "published": r.row.published if budget == spec.budget else None,
-                  "results_files": r.files, "command": r.command} for r in results],
+                  "results_files": r.files, "problems": r.problems, "command": r.command} for r in results],
         "notes": list(spec.notes),
     }
 
 
 __all__ = ["Benchmark", "Row", "PaperTable", "TABLES", "table", "select_rows", "model_args", "command", "shell",
-           "read_scores", "RowResult", "collect", "markdown", "to_json"]
+           "launcher_argv", "run_logged", "row_failure", "read_scores", "RowResult", "collect", "markdown", "to_json"]

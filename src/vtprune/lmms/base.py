@@ -70,6 +70,46 @@ class _Recorder:
             setattr(self.processor, name, value)
 
 
+#: config model_type -> the vtprune models that load it (the one-line error of a wrong family)
+_FAMILY_MODELS = {"llava": ["vtprune_llava_hf"], "llava_next": ["vtprune_llava_hf"],
+                  "llava_onevision": ["vtprune_llava_hf"], "qwen2_5_vl": ["vtprune_qwen2_5_vl"],
+                  "video_llava": ["vtprune_video_llava"]}
+
+
+def _pruning_counts_class():
+    """lmms-eval's `TokenCounts` with the request's pruning record: lmms-eval logs `to_dict()` of each sample's
+    token counts in the --log_samples file, so the record appears there as "vtprune"."""
+    from dataclasses import dataclass, field
+
+    from lmms_eval.api.instance import TokenCounts
+
+    @dataclass
+    class PruningCounts(TokenCounts):
+        vtprune: dict = field(default_factory=dict)
+
+        @classmethod
+        def of(cls, counts, record: dict):
+            base = {} if counts is None else {k: getattr(counts, k) for k in ("input_tokens", "output_tokens", "reasoning_tokens")}
+            return cls(**base, vtprune=record)
+
+        def to_dict(self):
+            return {**super().to_dict(), "vtprune": self.vtprune}
+
+    return PruningCounts
+
+
+class _LazyPruningCounts:
+    _class = None
+
+    def of(self, counts, record):
+        if _LazyPruningCounts._class is None:
+            _LazyPruningCounts._class = _pruning_counts_class()
+        return _LazyPruningCounts._class.of(counts, record)
+
+
+_PruningCounts = _LazyPruningCounts()
+
+
 class PressMixin:
     """See the module docstring. Subclasses name where the wrapper keeps its processor."""
 
@@ -77,6 +117,8 @@ class PressMixin:
     processor_attribute: ClassVar[str] = "_image_processor"
     #: the lmms-eval name (messages)
     plugin_name: ClassVar[str] = "vtprune"
+    #: the config model_types the wrapped lmms-eval class loads (another family is refused before loading)
+    model_types: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **kwargs):
         options = PressOptions.pop_from(kwargs)
@@ -89,10 +131,13 @@ class PressMixin:
         kwargs = self._wrapper_arguments(kwargs)
         if options.prunes:
             self._check_supported(kwargs["pretrained"])
+        self._check_family(kwargs["pretrained"])
         super().__init__(**kwargs)
         self.vtprune_options = options
         self.vtprune_task: str | None = None
         self.vtprune_requests: list[dict] = []  # per generate(): task, images, visual tokens before and after
+        self._vtprune_pending: list[int] = []  # the requests whose visuals the wrapper built for the next generate()
+        self._vtprune_records: dict[int, dict] = {}  # request index -> its pruning record
         self._vtprune_setup()
 
     # --- before loading -------------------------------------------------------------------------------------
@@ -105,6 +150,24 @@ class PressMixin:
 
             kwargs["pretrained"] = str(CHECKPOINT_DIR)
         return kwargs
+
+    def _check_family(self, pretrained: str) -> None:
+        """A one-line error, before any weights load, when the checkpoint is not of the family this wrapper
+        loads (lmms-eval's wrappers would load it into the wrong class, with no weights)."""
+        if not self.model_types:
+            return
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(str(pretrained))
+        except (OSError, ValueError, KeyError):
+            return  # unreadable here: the wrapper's own loading reports it
+        model_type = getattr(config, "model_type", None)
+        if model_type not in self.model_types:
+            others = _FAMILY_MODELS.get(model_type)
+            instead = f"use --model {' or '.join(others)}" if others else "use lmms-eval's own model for it"
+            raise ValueError(f"{self.plugin_name} loads {'/'.join(self.model_types)} models, but {pretrained} is a "
+                             f"{model_type} model: {instead}")
 
     def _check_supported(self, pretrained: str) -> None:
         """A one-line error, before any weights load, when vtprune cannot prune this model."""
@@ -135,9 +198,9 @@ class PressMixin:
 
             set_pad_to_square(processor, pad)
         self.vtprune_pad_to_square = pad
-        if options.prunes:
-            from ..adapters import adapter_for
+        from ..adapters import adapter_for
 
+        if options.prunes:
             options.press(config, None).validate(len(adapter_for(model).decoder_layers))
         recorder = _Recorder(processor)
         setattr(self, self.processor_attribute, recorder)
@@ -150,23 +213,44 @@ class PressMixin:
                 raise _Escape(error) from error
 
         model.generate = generate
-        sys.stderr.write(f"{self.plugin_name}: {options.describe(config)}; pad_to_square={pad}\n")
+        layers = len(adapter_for(model).decoder_layers) if options.prunes else None
+        self.vtprune_num_layers = layers
+        sys.stderr.write(f"{self.plugin_name}: {options.describe(config, None, layers)}; pad_to_square={pad}\n")
 
     def _vtprune_generate(self, original, recorder: _Recorder, *args, **kwargs):
         options = self.vtprune_options
         images = list(recorder.images)
+        pending, self._vtprune_pending = self._vtprune_pending, []
         record = {"task": self.vtprune_task, "images": len(images), "visual": None, "kept": None}
         self.vtprune_requests.append(record)
         if not options.prunes or not images:
             if options.prunes and recorder.videos:
                 raise ValueError(f"{self.plugin_name} prunes image tokens; this request holds a video")
-            return original(*args, **kwargs)  # unpruned, or a text-only request: nothing to prune
+            output = original(*args, **kwargs)  # unpruned, or a text-only request: nothing to prune
+            for index in pending:
+                self._vtprune_records[index] = {"pruned": False, "images": len(images)}
+            return output
         press = options.press(self.model.config, self.vtprune_task)
         with press(self.model, processor=recorder.processor, image_sizes=[image.size for image in images]):
             output = original(*args, **kwargs)
-        first, last = press.last_selection[0], press.last_selection[-1]
+        selections = press.last_selection
+        first, last = selections[0], selections[-1]
         record["visual"] = sum(first.num_visual)
         record["kept"] = sum(len(kept) + extra for kept, extra in zip(last.kept, last.extra))
+        samples = len(first.num_visual)
+        notes = list(dict.fromkeys(note for selection in selections for note in selection.notes))
+        if len(pending) != samples:  # the wrapper built this batch's visuals some other way: one record for all
+            pending = pending[:1]
+        for b, index in enumerate(pending):
+            b = b if len(pending) == samples else slice(None)
+            self._vtprune_records[index] = {
+                "pruned": True,
+                "visual_tokens": first.num_visual[b] if isinstance(b, int) else sum(first.num_visual),
+                "kept": [(len(s.kept[b]) + s.extra[b]) if isinstance(b, int)
+                         else sum(len(k) + e for k, e in zip(s.kept, s.extra)) for s in selections],
+                "layers": [s.layer for s in selections],
+                "notes": notes,
+            }
         return output
 
     # --- lmms-eval's entry points ----------------------------------------------------------------------------
@@ -176,17 +260,49 @@ class PressMixin:
         for index, request in enumerate(requests):
             groups.setdefault(getattr(request, "task_name", None), []).append(index)
         results: list = [None] * len(requests)
+        self._vtprune_records = {}
         try:
             for task, indices in groups.items():
                 self.vtprune_task = task
-                answers = super().generate_until([requests[i] for i in indices])
+                answers = super().generate_until([self._tracked(requests[i], i) for i in indices])
                 for i, answer in zip(indices, answers):
                     results[i] = answer
         except _Escape as escape:
             raise escape.error.with_traceback(escape.error.__traceback__) from None
         finally:
             self.vtprune_task = None
-        return results
+            self._vtprune_pending = []
+        return [self._with_record(answer, self._vtprune_records.get(i)) for i, answer in enumerate(results)]
+
+    def _tracked(self, request, index: int):
+        """A copy of `request` whose visual/messages function (what the wrapper calls for each request of a batch
+        before generating) notes that request `index` is in the next generate() call."""
+        import dataclasses
+
+        arguments = list(request.arguments)
+        position = next((i for i, value in enumerate(arguments) if callable(value)), None)
+        if position is None:
+            return request
+        build = arguments[position]
+
+        def tracked(doc, *rest, **options):
+            self._vtprune_pending.append(index)
+            return build(doc, *rest, **options)
+
+        arguments[position] = tracked
+        return dataclasses.replace(request, arguments=tuple(arguments))
+
+    def _with_record(self, answer, record: dict | None):
+        """The wrapper's answer with this request's pruning record in its token counts (lmms-eval writes them into
+        each sample of the --log_samples file, under "token_counts")."""
+        from lmms_eval.api.instance import GenerationResult, unwrap_generation_output
+
+        text, counts = unwrap_generation_output(answer)
+        if not isinstance(text, str):
+            return answer
+        setting = self.vtprune_options.setting(self.model.config, self.vtprune_task, self.vtprune_num_layers)
+        full = {**setting, **(record or {"pruned": False})}
+        return GenerationResult(text=text, token_counts=_PruningCounts.of(counts, full))
 
     def loglikelihood(self, requests):
         if self.vtprune_options.prunes:

@@ -166,12 +166,51 @@ class PressOptions:
             self._presses[key] = press
         return self._presses[key]
 
-    def describe(self, config=None, task: str | None = None) -> str:
+    def setting(self, config=None, task: str | None = None, num_layers: int | None = None) -> dict:
+        """What really runs for a model (its config) and task: the method, its schedule (one {"layer", "keep"}
+        per stage, from `budget`/`keep`/`layer` or the method's defaults, for `num_layers` decoder layers),
+        positions, debiasing and the resolved positional profile."""
         if not self.prunes:
-            return "unpruned"
+            return {"method": "none"}
         press = self.press(config, task)
-        debias = "off" if press.debias is None else press.debias.describe()
-        return f"{type(press).__name__} budget={self.budget} keep={self.keep} layer={self.layer}; debias {debias}"
+        stages = press.stages(num_layers) if num_layers is not None else press.stages()
+        debias = press.debias
+        return {
+            "method": self.method, "budget": self.budget,
+            "schedule": [{"layer": stage.layer, "keep": stage.keep} for stage in stages],
+            "positions": getattr(press, "positions", None), "debias": self.debias_mode,
+            "profile": None if debias is None or debias.profile is None else (
+                getattr(debias.loaded_profile, "name", None) or str(debias.profile)),
+            "padding": bool(debias is not None and debias.padding),
+        }
+
+    def describe(self, config=None, task: str | None = None, num_layers: int | None = None) -> str:
+        """One line for the banner: the effective schedule, positions and debiasing."""
+        if not self.prunes:
+            return "unpruned (method=none)"
+        setting = self.setting(config, task, num_layers)
+        schedule = ", ".join(f"before layer {s['layer']} keep "
+                             + (f"{s['keep']:.3g} of the visual tokens" if isinstance(s["keep"], float) else str(s["keep"]))
+                             for s in setting["schedule"])
+        budget = "" if self.budget is None else f" (budget {self.budget})"
+        debias = "off" if setting["debias"] == "none" else (
+            f"{setting['debias']}: positional profile {setting['profile'] or 'off'}, padding "
+            f"{'on' if setting['padding'] else 'off'}")
+        return f"{self.method}{budget}: {schedule}; positions {setting['positions']}; debias {debias}"
+
+    def slug(self) -> str:
+        """A short name of the setting for file and folder names: fastv-b64-both, pdrop-k184.92.46-none, none."""
+        if not self.prunes:
+            return "none"
+        parts = [self.method]
+        if self.budget is not None:
+            parts.append(f"b{self.budget}")
+        if self.keep is not None:
+            parts.append("k" + ".".join(str(k) for k in (self.keep if isinstance(self.keep, list) else [self.keep])))
+        if self.layer is not None:
+            parts.append("l" + ".".join(str(k) for k in (self.layer if isinstance(self.layer, list) else [self.layer])))
+        parts.append(self.debias_mode)
+        return "-".join(parts)
 
 
 __all__ = ["KEYS", "DEBIAS_MODES", "TASK_PROFILES", "PressOptions"]

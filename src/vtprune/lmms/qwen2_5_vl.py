@@ -9,14 +9,28 @@ from lmms_eval.models.simple.qwen2_5_vl import Qwen2_5_VL as _Qwen2_5_VLSimple
 from .base import PressMixin
 
 
-class Qwen2_5_VL(PressMixin, _Qwen2_5_VLSimple):
-    plugin_name = "vtprune_qwen2_5_vl"
-    processor_attribute = "processor"
+class _DeviceMap:
+    """qwen2_5_vl defaults to device_map="auto" and then moves inputs to "cuda", also with --device cpu: in one
+    process, place the model on `device` unless a device_map is given (several processes: the wrapper picks
+    cuda:LOCAL_RANK itself)."""
+
+    def _wrapper_arguments(self, kwargs: dict) -> dict:
+        kwargs = super()._wrapper_arguments(kwargs)
+        if "device_map" not in kwargs and kwargs.get("device"):
+            kwargs["device_map"] = str(kwargs["device"])
+        return kwargs
 
 
-class Qwen2_5_VLChat(PressMixin, _Qwen2_5_VLChat):
+class Qwen2_5_VL(_DeviceMap, PressMixin, _Qwen2_5_VLSimple):
     plugin_name = "vtprune_qwen2_5_vl"
     processor_attribute = "processor"
+    model_types = ("qwen2_5_vl",)
+
+
+class Qwen2_5_VLChat(_DeviceMap, PressMixin, _Qwen2_5_VLChat):
+    plugin_name = "vtprune_qwen2_5_vl"
+    processor_attribute = "processor"
+    model_types = ("qwen2_5_vl",)
 
 
 __all__ = ["Qwen2_5_VL", "Qwen2_5_VLChat"]

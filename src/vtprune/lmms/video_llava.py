@@ -12,6 +12,7 @@ from .base import PressMixin
 class VideoLLaVA(PressMixin, _VideoLLaVA):
     plugin_name = "vtprune_video_llava"
     processor_attribute = "_processor"
+    model_types = ("video_llava",)
 
 
 __all__ = ["VideoLLaVA"]

@@ -96,6 +96,13 @@ def test_generate_with_and_without_a_press(docs, simple):
     records = pruned_lm.vtprune_requests
     assert [r["task"] for r in records] == ["gqa"] * 3 + ["toy"] * 3  # one task at a time
     assert all(r["visual"] == 144 and r["kept"] == 14 for r in records)  # 10% of the testbed's 144 tokens
+    outputs = pruned_lm.generate_until(requests(docs, chat=not simple))
+    logged = [o.token_counts.to_dict()["vtprune"] for o in outputs]  # what --log_samples writes per sample
+    assert all(r["pruned"] and r["visual_tokens"] == 144 and r["kept"] == [14] and r["layers"] == [2] for r in logged)
+    assert all(r["method"] == "fastv" and r["debias"] == "both" and r["profile"] == "testbed/fastv" for r in logged)
+    assert all(r["schedule"] == [{"layer": 2, "keep": 0.1}] for r in logged)
+    unpruned_logged = [o.token_counts.to_dict()["vtprune"] for o in plain.generate_until(requests(docs, chat=not simple))]
+    assert all(r == {"method": "none", "pruned": False, "images": 1} for r in unpruned_logged)
 
     # the same press run by vtprune itself gives the same answers
     from vtprune import Debias, FastV
@@ -163,6 +170,20 @@ def test_a_family_without_adapter_fails_before_loading(tmp_path, docs):
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "gemma3"
     with pytest.raises(ValueError, match=r"vtprune_llava_hf: .*Gemma3ForConditionalGeneration.*method=none"):
         load("vtprune_llava_hf", f"pretrained={tmp_path},method=fastv,budget=128", docs, simple=True)
+
+
+@pytest.mark.parametrize("name", ["vtprune_qwen2_5_vl"])  # vtprune_video_llava's wrapper needs `av` (not in `test`)
+def test_a_checkpoint_of_another_family_is_refused_before_loading(docs, name):
+    with pytest.raises(ValueError, match=f"{name} loads .* but .* is a llava model: use --model vtprune_llava_hf") as error:
+        load(name, f"pretrained={_checkpoint()}", docs)
+    assert len(str(error.value).splitlines()) == 1
+
+
+def test_the_banner_shows_the_effective_schedule(docs, capsys):
+    load("vtprune_llava_hf", "pretrained=testbed,dtype=float32,method=fastv", docs)
+    banner = [line for line in capsys.readouterr().err.splitlines() if line.startswith("vtprune_llava_hf: ")]
+    assert banner == ["vtprune_llava_hf: fastv: before layer 2 keep 64; positions original; debias both: positional "
+                      "profile testbed/fastv, padding on; pad_to_square=True"]
 
 
 def test_pad_to_square_is_the_default_for_llava(tmp_path, docs):

@@ -20,7 +20,7 @@ class _CacheCuts:
             return None
         segment = request.segments[0]
         slots, ids = segment["slots"], request.ids
-        if bool((slots >= request.base_len).any()):
+        if segment["inserted"]:
             raise ValueError("a stage that trims the cache cannot insert tokens (they have no keys in earlier layers)")
         index = slots.clamp(min=0)
         for layer in range(self.stages[0].layer):  # their cache still holds the base sequence, in order
@@ -39,8 +39,7 @@ class _CacheCuts:
         identity = torch.arange(length, device=slots.device).expand(batch, length).clone()
         later = []
         if segment["shift"] is not None:
-            later.append(dict(segment, slots=identity, anchor=torch.where(valid, identity, -1),
-                              sub=torch.zeros(batch, length, dtype=torch.float64, device=slots.device), shift=dropped))
+            later.append(dict(segment, slots=identity, anchor=torch.where(valid, identity, -1), sub=None, shift=dropped))
         for other in request.segments[1:]:  # re-expressed over the trimmed sequence
             anchor = torch.where(other["anchor"] >= 0, torch.gather(inverse, 1, other["anchor"].clamp(min=0)), -1)
             later.append(dict(other, anchor=anchor))
@@ -95,10 +94,9 @@ class _CacheCuts:
         batch, device = slots.shape[0], slots.device
         tail = torch.arange(request.base_len, request.base_len + generated + query_len, device=device).expand(batch, -1)
         cols = torch.cat([segment["anchor"], tail], dim=1)
-        col_sub = torch.cat([segment["sub"], torch.zeros(tail.shape, dtype=torch.float64, device=device)], dim=1)
-        rows = tail[:, tail.shape[1] - query_len:]
-        row_sub = torch.zeros(rows.shape, dtype=torch.float64, device=device)
-        out = {"attention_mask": _select_mask(kwargs.get("attention_mask"), rows, row_sub, cols, col_sub, prefill=False)}
+        rows = tail[:, tail.shape[1] - query_len:]  # new tokens share no base position with the prompt's: no sub order
+        out = {"attention_mask": _select_mask(kwargs.get("attention_mask"), rows, None, cols, None, prefill=False,
+                                              padded=segment["padded"])}
         if segment["shift"] is not None:  # compact: continue the segment's own numbering
             position_ids = kwargs.get("position_ids")
             if position_ids is None:

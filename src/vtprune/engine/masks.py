@@ -15,11 +15,12 @@ def _compact_positions(position_ids0: torch.Tensor | None, base_valid: torch.Ten
         start = torch.gather(position_ids0.expand(batch, -1), 1, first[:, None]).flatten()
     return torch.where(valid, start[:, None] + valid.long().cumsum(1) - 1, 0)
 
-def _gather_seq(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def _gather_seq(tensor: torch.Tensor, index: torch.Tensor, padded: bool = True) -> torch.Tensor:
     """Gather the sequence dimension of cos/sin (b, N, d) or position ids (b, N) / (k, b, N) at `index`
     (B, M) base positions; -1 (engine padding) takes position 0's values (they are masked anyway)."""
     batch = index.shape[0]
-    index = index.clamp(min=0)
+    if padded:
+        index = index.clamp(min=0)
     if tensor.dim() == 3 and tensor.shape[0] in (1, batch) and tensor.shape[1] != batch:  # (b, N, d)
         expanded = tensor.expand(batch, -1, -1)
         return torch.gather(expanded, 1, index[:, :, None].expand(-1, -1, tensor.shape[-1]))
@@ -30,8 +31,8 @@ def _gather_seq(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         return torch.gather(expanded, 2, index[None].expand(tensor.shape[0], -1, -1))
     raise ValueError(f"unexpected positional tensor shape {tuple(tensor.shape)}")
 
-def _select_mask(mask0, rows: torch.Tensor, row_sub: torch.Tensor, cols: torch.Tensor, col_sub: torch.Tensor, *,
-                 prefill: bool):
+def _select_mask(mask0, rows: torch.Tensor, row_sub: torch.Tensor | None, cols: torch.Tensor,
+                 col_sub: torch.Tensor | None, *, prefill: bool, padded: bool):
     """The model's attention mask restricted to query `rows` and key `cols` (B, R) / (B, C) base positions
     (-1 = engine padding), in the model's own format. Tokens sharing a base position (inserted tokens and
     their anchor) are ordered causally by their sub order.
@@ -39,12 +40,11 @@ def _select_mask(mask0, rows: torch.Tensor, row_sub: torch.Tensor, cols: torch.T
     mask0 is what the model built for the full sequence: None (sdpa's implicit causal mask), a 4-D bool
     mask (sdpa, True = attend), a 4-D additive float mask (eager), or a 2-D padding mask (flash attention).
     Engine-padding keys are masked; engine-padding queries attend only to themselves (no NaN rows).
+    padded: whether rows/cols may hold engine padding; sub orders None: no inserted tokens (both host facts,
+    so that nothing is read from the device).
     """
-    row_pad, col_pad = rows < 0, cols < 0
-    any_row_pad, any_col_pad, inserted = torch.stack(
-        [row_pad.any(), col_pad.any(), (row_sub != 0).any() | (col_sub != 0).any()]
-    ).tolist()  # one synchronisation
-    if mask0 is None and not any_col_pad:
+    inserted = row_sub is not None or col_sub is not None
+    if mask0 is None and not padded:
         return None  # plain causal over the current order (inserted tokens sit in order): let the kernel do it
     if mask0 is not None and not isinstance(mask0, torch.Tensor):
         raise ValueError(
@@ -54,8 +54,9 @@ def _select_mask(mask0, rows: torch.Tensor, row_sub: torch.Tensor, cols: torch.T
     if mask0 is not None and mask0.dim() == 2:  # flash attention: (B, K) padding mask
         if inserted:
             raise ValueError("inserted tokens need a 4-D attention mask: use attn_implementation='sdpa' or 'eager'")
-        gathered = torch.gather(mask0, 1, cols.clamp(min=0))
-        return gathered.masked_fill(col_pad, 0)
+        if not padded:
+            return torch.gather(mask0, 1, cols)
+        return torch.gather(mask0, 1, cols.clamp(min=0)).masked_fill(cols < 0, 0)
     if mask0 is None:
         allowed = cols[:, None, None, :] <= rows[:, None, :, None]  # (B, 1, R, C) causal on base positions
     else:
@@ -66,13 +67,16 @@ def _select_mask(mask0, rows: torch.Tensor, row_sub: torch.Tensor, cols: torch.T
             full = full[:, :, -rows.shape[1]:]
         gathered = torch.gather(full, 3, cols.clamp(min=0)[:, None, None, :].expand(-1, full.shape[1], full.shape[2], -1))
         allowed = gathered if gathered.dtype == torch.bool else gathered == 0
-    if inserted:  # same base position: the later sub order does not see the earlier... the earlier does not see the later
+    if inserted:  # same base position: the earlier sub order does not see the later
+        row_sub = torch.zeros(rows.shape, dtype=torch.float64, device=rows.device) if row_sub is None else row_sub
+        col_sub = torch.zeros(cols.shape, dtype=torch.float64, device=cols.device) if col_sub is None else col_sub
         same = rows[:, None, :, None] == cols[:, None, None, :]
         allowed = allowed & ~(same & (col_sub[:, None, None, :] > row_sub[:, None, :, None]))
-    allowed = allowed & ~col_pad[:, None, None, :]
-    if prefill and any_row_pad:
-        eye = torch.eye(rows.shape[1], dtype=torch.bool, device=rows.device)
-        allowed = allowed | (eye[None, None] & row_pad[:, None, :, None])
+    if padded:
+        allowed = allowed & (cols >= 0)[:, None, None, :]
+        if prefill:
+            eye = torch.eye(rows.shape[1], dtype=torch.bool, device=rows.device)
+            allowed = allowed | (eye[None, None] & (rows < 0)[:, None, :, None])
     if mask0 is None or mask0.dtype == torch.bool:
         return allowed
     return torch.where(allowed, 0.0, torch.finfo(mask0.dtype).min).to(mask0.dtype)

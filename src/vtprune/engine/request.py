@@ -29,15 +29,19 @@ class _Ids:
     position_rank: torch.Tensor
     valid: torch.Tensor
     anchor: torch.Tensor
-    sub: torch.Tensor
+    sub: torch.Tensor | None  # None: all 0 (no inserted token yet)
     position: torch.Tensor
 
     @classmethod
     def base(cls, prompt: torch.Tensor, rank: torch.Tensor, valid: torch.Tensor) -> "_Ids":
         batch, length = prompt.shape
-        own = torch.arange(length, device=prompt.device).expand(batch, length).clone()
-        return cls(prompt=prompt, rank=rank, position_rank=rank.clone(), valid=valid, anchor=own,
-                   sub=torch.zeros(batch, length, dtype=torch.float64, device=prompt.device), position=own.clone())
+        own = torch.arange(length, device=prompt.device).expand(batch, length)  # (tables are replaced, never written)
+        return cls.of(prompt, rank, valid, own)
+
+    @classmethod
+    def of(cls, prompt: torch.Tensor, rank: torch.Tensor, valid: torch.Tensor, own: torch.Tensor) -> "_Ids":
+        """Base ids whose own index is `own` (B, N) (0..N-1 in each row)."""
+        return cls(prompt=prompt, rank=rank, position_rank=rank, valid=valid, anchor=own, sub=None, position=own)
 
     @property
     def size(self) -> int:
@@ -48,6 +52,8 @@ class _Ids:
         def more(t, fill):
             return torch.cat([t, torch.full((t.shape[0], count), fill, dtype=t.dtype, device=t.device)], dim=1)
 
+        if self.sub is None:
+            self.sub = torch.zeros(self.prompt.shape, dtype=torch.float64, device=self.prompt.device)
         self.prompt, self.rank, self.position_rank = more(self.prompt, -1), more(self.rank, -1), more(self.position_rank, -1)
         self.valid, self.anchor, self.sub = more(self.valid, False), more(self.anchor, 0), more(self.sub, 0.0)
         self.position = more(self.position, 0)
@@ -70,8 +76,18 @@ class _Request:
     ids: _Ids
     base_len: int
     slots: torch.Tensor  # (B, N_cur) id of each slot, -1 = engine padding
-    next_rank: list[int]  # per sample, the rank the next inserted token gets
-    image_span: torch.Tensor | None = None  # (B, 2) prompt positions of each sample's first and last visual token
+    next_rank: torch.Tensor  # (B,) the rank the next inserted token of each sample gets
+    # host bookkeeping (exact: known from the keep counts, so that no cut needs to read the device)
+    present: list[int]  # per sample, visual tokens present (inserted ones included)
+    other: list[int]  # per sample, the other slots of its row (text and batch padding; not engine padding)
+    rank_bound: int  # every visual rank so far is below this
+    padded: bool = False  # some row of `slots` may hold engine padding (-1)
+    inserted: bool = False  # some id is an inserted token (anchors and sub orders differ from the ids)
+    identity: bool = True  # `slots` is 0..N-1 in every row (no cut since the base sequence)
+    padding_table: torch.Tensor | None = None  # (B, max V + 1) padded share per original rank (last column 0)
+    cache_values: dict = field(default_factory=dict)  # per-request values the stage contexts share
+    slot_cache: dict = field(default_factory=dict)  # `slot_values` of the current slots
+    visual0: torch.Tensor | None = None  # (B, N0) bool, the prompt's visual tokens
     state: dict = field(default_factory=dict)  # the press's per-request state
     additions: list | None = None  # per decoder layer, (B, max V + 1, D) features added to visual ranks (deepstack)
     inputs: dict[int, LayerInput] = field(default_factory=dict)  # recorded layer inputs (prefill)
@@ -94,6 +110,29 @@ class _Request:
     captured: bool = False
     current: dict | None = None  # what layers after the last cut receive instead of the model's tensors
     step: dict = field(default_factory=dict)  # decode: per-step values
+
+    def image_span(self) -> torch.Tensor:
+        """(B, 2) prompt positions of each sample's first and last visual token (computed when first asked)."""
+        if "image_span" not in self.cache_values:
+            prompt = torch.arange(self.prompt_len, device=self.visual0.device)
+            self.cache_values["image_span"] = torch.stack([
+                torch.where(self.visual0, prompt, self.prompt_len).min(dim=1).values,
+                torch.where(self.visual0, prompt, -1).max(dim=1).values], dim=1)
+        return self.cache_values["image_span"]
+
+    def slot_values(self, name: str, fill) -> torch.Tensor:
+        """(B, N_cur) the `name` table of the ids at the current slots (`fill` at engine padding), cached."""
+        if name not in self.slot_cache:
+            if self.identity:
+                self.slot_cache[name] = getattr(self.ids, name)
+            elif self.padded:
+                self.slot_cache[name] = self.ids.at(name, self.slots, fill)
+            else:
+                self.slot_cache[name] = torch.gather(getattr(self.ids, name), 1, self.slots)
+        return self.slot_cache[name]
+
+    def set_slots(self, slots: torch.Tensor, padded: bool) -> None:
+        self.slots, self.padded, self.identity, self.slot_cache = slots, padded, False, {}
 
 
 _NEVER_PADS_WARNED: set = set()
@@ -123,33 +162,41 @@ class _RequestSetup:
     def _new_request(self, input_ids: torch.Tensor, attention_mask, layout: VisualLayout) -> _Request:
         batch, length = input_ids.shape
         device = input_ids.device
-        rank = torch.full((batch, length), -1, dtype=torch.long, device=device)
-        for b, positions in enumerate(layout.positions):
-            rank[b, positions] = torch.arange(positions.numel(), device=device)
+        visual = layout.visual_mask(length, device)
+        rank = torch.where(visual, visual.long().cumsum(dim=1) - 1, -1)
         if attention_mask is not None and attention_mask.dim() == 2:
             valid0 = attention_mask.to(device=device).bool()
         else:
             valid0 = torch.ones(batch, length, dtype=torch.bool, device=device)
-        prompt = torch.arange(length, device=device).expand(batch, length).clone()
+        prompt = torch.arange(length, device=device).expand(batch, length)
         fractions = self._padding_fractions(layout, device)
         threshold = self.press.padding_threshold()
+        table = None
+        if all(f is not None for f in fractions):  # (B, max V + 1), 0 after each sample's tokens
+            table = torch.nn.utils.rnn.pad_sequence([*fractions, torch.zeros(max(layout.num_visual) + 1, device=device)],
+                                                    batch_first=True)[:batch].float()
+        num_visual = layout.num_visual
         return _Request(
             prompt_len=length,
             layout=layout,
             valid0=valid0,
             padding=[None if f is None else f > threshold for f in fractions],
             padding_fractions=fractions,
-            ids=_Ids.base(prompt, rank, valid0.clone()),
+            ids=_Ids.of(prompt, rank, valid0, prompt),
             base_len=length,
-            slots=prompt.clone(),
-            next_rank=list(layout.num_visual),
-            image_span=torch.stack([torch.stack([p[0], p[-1]]) for p in layout.positions]),
+            slots=prompt,
+            next_rank=torch.tensor(num_visual, device=device),
+            present=list(num_visual),
+            other=[length - count for count in num_visual],
+            rank_bound=max(num_visual),
+            padding_table=table,
+            visual0=visual,
         )
 
     def _padding_fractions(self, layout: VisualLayout, device) -> list[torch.Tensor | None]:
         """Per sample (V_b,) padded share of each token's pixels, when the geometry is known (processor and image
         sizes); tokens above the press's padding threshold are padding."""
-        batch = len(layout.positions)
+        batch = len(layout.num_visual)
         if self.image_sizes is None or self.processor is None:
             return [None] * batch
         needed = self.debias is not None and self.debias.padding

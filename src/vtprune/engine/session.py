@@ -7,6 +7,7 @@ import warnings
 import weakref
 from typing import TYPE_CHECKING, Sequence
 
+import torch
 from torch import nn
 
 from ..adapters import adapter_for
@@ -79,6 +80,8 @@ class PruningSession(_RequestSetup, _Planning, _SequenceCuts, _CacheCuts, _Visio
         self.key_layers = {s.score_layer for s in self.stages if s.score_layer is not None and s.score_layer < s.layer}
         self.first_active = min([s.layer for s in self.stages] + list(self.record_layers))
         self.vision_stages = self._vision_stages()
+        if getattr(self.adapter, "rotary_fn", None) is not None:
+            self.adapter.standard_rope  # decided once, here rather than inside a forward
         self._handles: list = []
         self._request: _Request | None = None
         self._pending_vision: dict = {}
@@ -104,7 +107,9 @@ class PruningSession(_RequestSetup, _Planning, _SequenceCuts, _CacheCuts, _Visio
             )
         _ACTIVE[self.adapter.input_module] = self
         self.press.last_selection = []
-        hook = self.adapter.input_module.register_forward_pre_hook(self._on_input, with_kwargs=True)
+        # the input hook starts a request (host bookkeeping, the layout's one synchronisation): under
+        # torch.compile it runs eagerly, so that no guard depends on the session's state between requests
+        hook = self.adapter.input_module.register_forward_pre_hook(torch.compiler.disable(self._on_input), with_kwargs=True)
         self._handles.append(hook)
         if self.model is not self.adapter.input_module:
             self._handles.append(self.model.register_forward_pre_hook(self._on_outer_input, with_kwargs=True))

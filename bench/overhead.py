@@ -2,6 +2,12 @@
 prefill wall time at several batch sizes, for a LLaVA-1.5-7B-shaped model (random weights).
 
     python bench/overhead.py --device cuda [--batches 1,8] [--layers 32]
+    python bench/overhead.py --ops [--methods fastv,pdrop] [--markdown ops.md]   # CPU op counts, any machine
+
+`--ops` counts the aten ops one prefill dispatches (a TorchDispatchMode) on a tiny random LLaVA with
+LLaVA-1.5's geometry (576 visual tokens, 8 decoder layers, vision tower included) at budget 128: the extra ops
+each press adds over the unpruned forward at batch 1 and 8, per stage, and the ops that force a host sync
+(item/tolist, nonzero, boolean indexing, ...). The counts do not depend on the machine.
 
 At batch 1 a 7B prefill of ~600 tokens on a recent GPU is bound by Python/kernel-launch time rather than by
 arithmetic, so cutting tokens cannot pay off there and any host synchronisation the engine adds shows
@@ -40,6 +46,131 @@ def count_syncs(fn) -> tuple[int, list[tuple[str, int]]]:
     return len(syncs), sites.most_common(6)
 
 
+#: ops that copy a value to the host (or need a data-dependent output size): each one synchronises on a GPU
+SYNC_OPS = {"_local_scalar_dense", "nonzero", "nonzero_static", "is_nonzero", "masked_select", "unique", "_unique",
+            "_unique2", "unique_consecutive", "unique_dim", "item", "equal"}
+
+
+class OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten ops dispatched inside it: `total`, and `syncs` (ops of SYNC_OPS, `repeat_interleave`
+    with a tensor of repeats, indexing with a boolean mask, and `Tensor.tolist()`, which reads a CPU tensor
+    without dispatching an op but synchronises on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.total, self.syncs = 0, 0
+        self.sync_names: dict[str, int] = {}
+
+    def __enter__(self):
+        self._tolist = torch.Tensor.tolist
+        counter, original = self, self._tolist
+
+        def tolist(tensor):
+            counter.syncs += 1
+            counter.sync_names["tolist"] = counter.sync_names.get("tolist", 0) + 1
+            return original(tensor)
+
+        torch.Tensor.tolist = tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.total += 1
+        name = func._overloadpacket.__name__
+        sync = name in SYNC_OPS
+        if name == "repeat_interleave" and isinstance(args[0], torch.Tensor) and len(args) > 1 and isinstance(args[1], torch.Tensor):
+            sync = True
+        if name in ("index", "index_put", "index_put_") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ())
+        ):
+            sync = True
+        if sync:
+            self.syncs += 1
+            self.sync_names[name] = self.sync_names.get(name, 0) + 1
+        return func(*args, **kwargs)
+
+
+def count_ops(model, inputs, press=None) -> tuple[int, int]:
+    """(ops, sync-type ops) of one prefill (`press` active, or unpruned)."""
+    counter = OpCounter()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if press is None:
+            with counter:
+                model(**inputs, logits_to_keep=1)
+        else:
+            with press(model), counter:
+                model(**inputs, logits_to_keep=1)
+    return counter.total, counter.syncs
+
+
+def tiny_llava(layers: int = 8):
+    """A tiny random LLaVA with LLaVA-1.5's geometry: 336 px images, 14 px patches (576 visual tokens), [CLS]."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from prefill import IMAGE_TOKEN
+
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=2, num_attention_heads=2, projection_dim=32)
+    text = LlamaConfig(vocab_size=32064, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN)
+    model = LlavaForConditionalGeneration(config)
+    model.set_attn_implementation("sdpa")
+    return model.eval()
+
+
+def main_ops(args) -> None:
+    """The op table: extra aten ops per press over the unpruned prefill, at batch 1 and 8 (CPU, any machine)."""
+    from vtprune import Debias
+
+    model = tiny_llava(args.layers or 8)
+    depth = len(model.model.language_model.layers)
+    batches = [int(b) for b in args.batches.split(",")]
+    inputs = {}
+    for batch in batches:
+        ids = prompt_ids().expand(batch, -1).contiguous()
+        pixels = torch.randn(batch, 3, 336, 336, generator=torch.Generator().manual_seed(0))
+        inputs[batch] = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels)
+    base = {batch: count_ops(model, inputs[batch]) for batch in batches}
+    names = args.methods.split(",") if args.methods else list(METHODS)
+    configs = []
+    for name in names:
+        cls = METHODS[name]
+        configs.append((cls.__name__, cls(budget=128)))
+        if cls.query is not None and args.auto:
+            configs.append((f"{cls.__name__} + auto", cls(budget=128, debias=Debias(profile="auto", padding=False))))
+    columns = ["press", "stages"] + [f"extra ops b{b}" for b in batches] + [f"per stage b{b}" for b in batches]
+    columns += [f"sync ops b{b}" for b in batches] + [f"b{batches[-1]} / b{batches[0]}"]
+    cells = []
+    for label, press in configs:
+        stages = len(press.stages(depth)) + len(press.vision_stages(2))
+        counts = {batch: count_ops(model, inputs[batch], press) for batch in batches}
+        extra = {batch: counts[batch][0] - base[batch][0] for batch in batches}
+        syncs = {batch: counts[batch][1] - base[batch][1] for batch in batches}
+        ratio = extra[batches[-1]] / max(extra[batches[0]], 1)
+        cells.append([label, str(stages)] + [f"{extra[b]:,}" for b in batches]
+                     + [f"{extra[b] / stages:,.0f}" for b in batches] + [str(syncs[b]) for b in batches] + [f"{ratio:.2f}"])
+    title = (f"aten ops per prefill, tiny LLaVA with LLaVA-1.5's geometry (576 visual tokens, {depth} decoder layers, "
+             f"vision tower included), budget 128; unpruned: " + ", ".join(f"{base[b][0]:,} at batch {b}" for b in batches))
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, justify="right", no_wrap=True)
+    for row in cells:
+        table.add_row(*row)
+    Console(width=160).print(table)
+    if args.markdown:
+        lines = [f"{title}.", "", "| " + " | ".join(columns) + " |", "|---" + "|---:" * (len(columns) - 1) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in cells]
+        with open(args.markdown, "w") as handle:
+            handle.write("\n".join(lines) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda")
@@ -49,7 +180,14 @@ def main() -> None:
     parser.add_argument("--methods", default="fastv,pdrop,himap,sparsevlm,random")
     parser.add_argument("--trace", action="store_true", help="print the profiler's top CPU ops at batch 1")
     parser.add_argument("--where", action="store_true", help="print the source lines that synchronise most")
+    parser.add_argument("--ops", action="store_true", help="count aten ops per press on CPU (the op table) instead")
+    parser.add_argument("--auto", action="store_true", help="with --ops: also every attention method + auto debiasing")
+    parser.add_argument("--markdown", default=None, help="with --ops: also write the table as Markdown")
     args = parser.parse_args()
+    if args.ops:
+        args.layers = None if args.layers == 32 else args.layers
+        args.methods = None if args.methods == parser.get_default("methods") else args.methods
+        return main_ops(args)
     on_gpu = args.device.startswith("cuda")
     dtype = torch.bfloat16 if on_gpu else torch.float32
     model = build_model(args.layers, dtype, args.device)

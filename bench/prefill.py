@@ -203,6 +203,7 @@ def main_shape(args) -> None:
     depth = args.layers or (full_depth if on_gpu else 4)
     dtype = getattr(torch, args.dtype or ("bfloat16" if on_gpu else "float32"))
     model, inputs, visual = build_shape(args.model_shape, depth, dtype, args.device, args.batch)
+    runner = compiled_runner(model, args)
     methods = args.methods.split(",") if args.methods else ["fastv", "pdrop"]
     budgets = [int(b) for b in args.budgets.split(",")]
     configs = [("unpruned", None)]
@@ -216,11 +217,11 @@ def main_shape(args) -> None:
             warnings.simplefilter("ignore")  # e.g. "positions='compact' does not apply" on Qwen-VL, every call
             if press is None:
                 start = _now(on_gpu)
-                model(**inputs, logits_to_keep=1)
+                runner(**inputs, logits_to_keep=1)
             else:
                 with press(model):
                     start = _now(on_gpu)
-                    model(**inputs, logits_to_keep=1)
+                    runner(**inputs, logits_to_keep=1)
             return _now(on_gpu) - start
 
     times: dict[str, list[float]] = {label: [] for label, _ in configs}
@@ -248,6 +249,9 @@ def main_shape(args) -> None:
              f"{total} tokens ({visual} visual), features precomputed, {device_name}, median of {args.repeats} "
              "interleaved rounds")
     print_table(title, columns, cells)
+    if args.decode:
+        decode_table(model, runner, inputs, [(label, press, {}) for label, press in configs], args.decode, on_gpu,
+                     f"Decode after the prefill, {title}")
     note = ("Budgets b/576: the fraction of the sample's visual tokens the published LLaVA-1.5 budget b keeps. "
             "FLOP ratios from the tokens each layer really processed (scoring not counted). Visual per layer: "
             "visual tokens averaged over the decoder layers.")
@@ -292,6 +296,10 @@ def main() -> None:
     parser.add_argument("--methods", default=None,
                         help="registered methods to time (default: all but random; fastv,pdrop for other shapes)")
     parser.add_argument("--budgets", default="192,128,64", help="budgets (visual tokens of 576, as the papers count)")
+    parser.add_argument("--compile", default=None, choices=["default", "reduce-overhead", "max-autotune"],
+                        help="time torch.compile(model, mode=...) (round 0 compiles every config)")
+    parser.add_argument("--decode", type=int, default=0,
+                        help="also time N generated tokens per config and report the KV-cache bytes after prefill")
     parser.add_argument("--with-vision", action="store_true",
                         help="time the vision tower too in every row (needed for vision-side methods)")
     args = parser.parse_args()
@@ -323,15 +331,17 @@ def main() -> None:
             features = model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
         inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), mm_encoder_outputs={"image": features})
 
+    runner = compiled_runner(model, args)
+
     def run_once(press=None, **press_kwargs) -> float:
         with torch.no_grad():
             if press is None:
                 start = _now(on_gpu)
-                model(**inputs, logits_to_keep=1)
+                runner(**inputs, logits_to_keep=1)
             else:
                 with press(model, **press_kwargs):
                     start = _now(on_gpu)
-                    model(**inputs, logits_to_keep=1)
+                    runner(**inputs, logits_to_keep=1)
             return _now(on_gpu) - start
 
     budgets = [int(b) for b in args.budgets.split(",")]
@@ -386,6 +396,9 @@ def main() -> None:
         for name, kept, equivalent, seconds, overhead, ratio, predicted in rows
     ]
     print_table(title, columns, cells)
+    if args.decode:
+        decode_table(model, runner, inputs, [c for c in configs if "debias" not in c[0] and "recomputed" not in c[0]],
+                     args.decode, on_gpu, f"Decode after the prefill, {title}")
     note = ("debias: padding (image 640x427, pad-to-square: 192 of 576 tokens are padding) + the method's published "
             "positional profile (llava-1.5-7b/<method>; padding only for methods without one); auto debias: padding + the per-request robust fit. FastV's "
             "padding debiasing lowers its kept count to the real tokens when fewer; FLOP ratios use the tokens each "
@@ -399,6 +412,41 @@ def main() -> None:
         lines += ["", note]
         with open(args.markdown, "w") as handle:
             handle.write("\n".join(lines) + "\n")
+
+
+def compiled_runner(model, args):
+    """The model, or torch.compile(model, mode=args.compile) (a press attaches to the model either way)."""
+    if not args.compile:
+        return model
+    return torch.compile(model, mode=None if args.compile == "default" else args.compile)
+
+
+def decode_table(model, runner, inputs, configs, tokens: int, on_gpu: bool, title: str) -> None:
+    """KV-cache bytes after the prefill and decode ms per token over `tokens` generated tokens, per config."""
+    cells = []
+    for label, press, kwargs, *_ in configs:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            session = press(model, **kwargs) if press is not None else None
+            if session is not None:
+                session.__enter__()
+            try:
+                out = runner(**inputs, use_cache=True, logits_to_keep=1)
+                cache = out.past_key_values
+                kv_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+                options = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+                runner.generate(**inputs, max_new_tokens=2, min_new_tokens=2, do_sample=False)  # warm up
+                start = _now(on_gpu)
+                runner.generate(**inputs, max_new_tokens=1, min_new_tokens=1, do_sample=False)
+                prefill = _now(on_gpu) - start
+                start = _now(on_gpu)
+                runner.generate(**inputs, **options)
+                total = _now(on_gpu) - start
+            finally:
+                if session is not None:
+                    session.__exit__(None, None, None)
+        cells.append((label, f"{kv_bytes / 2**20:.1f}", f"{(total - prefill) / (tokens - 1) * 1e3:.2f}"))
+    print_table(title, ("config", "KV cache after prefill (MiB)", f"decode ms/token ({tokens} tokens)"), cells)
 
 
 def _now(on_gpu: bool) -> float:

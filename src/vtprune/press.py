@@ -11,7 +11,8 @@ which layer's attention to score with) and, per stage, *which* visual tokens sta
     press.last_selection[0].kept[0]   # visual-token indices kept by sample 0 at the first stage
 
 Most methods only implement `stages` and `score`: the default `select` debiases the scores (`ctx.debias`)
-and keeps the top-k (`ctx.top_k`), the rule every method shares.
+and keeps the top-k (`ctx.top_k`), the rule every method shares. Scores and decisions are batched tensors:
+scores (B, R) over the visual tokens present (`ctx.ranks`), decisions (B, K) visual ranks (or a `Kept`).
 """
 
 from __future__ import annotations
@@ -75,6 +76,10 @@ class Press(LastSelection):
     debias_defaults: ClassVar[dict] = {"padding_threshold": 0.5, "drop_padding": False}
     #: the method's name in built-in profile names (llava-1.5-7b/<profile_name>/<benchmark>); default `name`
     profile_name: ClassVar[str | None] = None
+    #: whether the engine checks the decisions `select` returns (sorted, present ranks; one device synchronisation
+    #: per stage). Decisions made by `ctx.top_k` are never checked; built-in methods, tested against oracles, set
+    #: False.
+    checked: ClassVar[bool] = True
 
     debias: Debias | None = None
     positions: "Positions" = "original"
@@ -85,14 +90,16 @@ class Press(LastSelection):
         """The stages on a model with `num_layers` decoder layers."""
         raise NotImplementedError
 
-    def score(self, ctx: StageContext) -> list[torch.Tensor]:
-        """Per sample, (R_b,) float scores of the visual tokens present (`ctx.visual_ranks[b]`), higher = more
-        important: the attention-derived score the method ranks by (debiased by the default `select`)."""
+    def score(self, ctx: StageContext) -> torch.Tensor:
+        """(B, R) float scores of the visual tokens present (aligned with `ctx.ranks`; entries where
+        `ctx.present` is False are ignored), higher = more important: the attention-derived score the method
+        ranks by (debiased by the default `select`)."""
         raise NotImplementedError
 
-    def select(self, ctx: StageContext) -> list[Kept | torch.Tensor]:
-        """Per sample, the visual ranks that stay (a sorted long tensor) or a `Kept` with merged/inserted tokens.
-        Default: the top-k of the debiased scores."""
+    def select(self, ctx: StageContext) -> torch.Tensor | Kept | list:
+        """The visual ranks that stay: (B, K) long, each row sorted (rows of samples keeping fewer end in -1, with
+        `Kept.counts`), or a `Kept` with merged/inserted tokens; or one decision per sample (a list of sorted
+        (k_b,) tensors or `Kept`s), which the engine pads. Default: the top-k of the debiased scores."""
         return ctx.top_k(ctx.debias(self.score(ctx)))
 
     def vision_layers(self) -> tuple[int, ...]:

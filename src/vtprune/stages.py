@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import torch
@@ -59,19 +59,28 @@ class VisionStage:
 
 @dataclass
 class Kept:
-    """One sample's decision at one stage.
+    """A stage's decision for the whole batch.
 
-    ranks: (k,) long, sorted visual ranks that stay in the sequence.
-    values: (k, D) hidden states written into those tokens (merging pruned tokens into kept ones), or None.
-    extra: (m, D) tokens inserted into the sequence (e.g. SparseVLM's recycled clusters), or None. Inserted
+    ranks: (B, K) long: per sample (row), the sorted visual ranks that stay in the sequence; a sample that keeps
+        fewer than K ends its row with -1 entries (and `counts` says how many it keeps).
+    values: (B, K, D) hidden states written into those tokens (merging pruned tokens into kept ones), or None.
+    extra: (B, M, D) tokens inserted into the sequence (e.g. SparseVLM's recycled clusters), or None. Inserted
         tokens count as visual tokens at later stages, with new ranks V_b, V_b + 1, ... in insertion order.
-    extra_after: (m,) kept rank each inserted token follows in the sequence (several after one rank keep their
+    extra_valid: (B, M) bool, which inserted tokens exist (a sample inserting fewer than M); None: all.
+    extra_after: (B, M) kept rank each inserted token follows in the sequence (several after one rank keep their
         order); default: the last kept rank.
-    extra_before: (m,) bool, True where the token goes right *before* its `extra_after` rank instead (e.g.
+    extra_before: (B, M) bool, True where the token goes right *before* its `extra_after` rank instead (e.g.
         VisionZip's [CLS] token ahead of the image's patches); default: all after.
-    extra_positions: (m,) rank whose position (RoPE, and the positional trend) each inserted token takes when
+    extra_positions: (B, M) rank whose position (RoPE, and the positional trend) each inserted token takes when
         positions are "original"; default: `extra_after`. With "compact" positions tokens are renumbered in
         sequence order.
+    counts: per sample, how many entries of its `ranks` row are tokens (host ints), when some rows end in -1;
+        None: every entry is a token.
+    extra_counts: per sample, how many of the M inserted tokens exist (host ints), when `extra_valid` is given;
+        None there: the engine counts them (one synchronisation).
+
+    A method may also return one `Kept` per sample (a list), with 1-D `ranks` (k,) and (k, D) / (m, D) / (m,)
+    for the others; the engine pads them into this form.
     """
 
     ranks: torch.Tensor
@@ -80,49 +89,143 @@ class Kept:
     extra_after: torch.Tensor | None = None
     extra_before: torch.Tensor | None = None
     extra_positions: torch.Tensor | None = None
+    extra_valid: torch.Tensor | None = None
+    counts: list[int] | None = None
+    extra_counts: list[int] | None = None
 
     @property
     def num_extra(self) -> int:
-        return 0 if self.extra is None else int(self.extra.shape[0])
-
-    def anchors(self) -> torch.Tensor:
-        """(m,) the kept rank each inserted token follows."""
-        if self.extra_after is not None:
-            return self.extra_after
-        return self.ranks[-1:].expand(self.num_extra)
-
-    def before(self) -> torch.Tensor:
-        """(m,) bool: which inserted tokens go before their anchor."""
-        if self.extra_before is not None:
-            return self.extra_before.bool()
-        return torch.zeros(self.num_extra, dtype=torch.bool, device=self.ranks.device)
-
-    def position_sources(self) -> torch.Tensor:
-        """(m,) the rank whose position each inserted token takes (original positions)."""
-        return self.anchors() if self.extra_positions is None else self.extra_positions
+        """Inserted tokens: per sample for the per-sample form; M for the batched one."""
+        return 0 if self.extra is None else int(self.extra.shape[-2])
 
 
-@dataclass
+def batch_decisions(decisions: Sequence, width: int) -> Kept:
+    """Per-sample decisions (`Kept` with 1-D ranks, or sorted (k_b,) rank tensors) as one batched `Kept`
+    (rows padded with -1, inserted tokens padded and marked in `extra_valid`). `width` is D."""
+    items = [item if isinstance(item, Kept) else Kept(ranks=item) for item in decisions]
+    for b, item in enumerate(items):
+        ranks = item.ranks
+        if not isinstance(ranks, torch.Tensor) or ranks.dtype != torch.long or ranks.dim() != 1:
+            raise RuntimeError(f"kept ranks of sample {b} must be a 1-D long tensor")
+        if ranks.numel() == 0:
+            raise RuntimeError(f"sample {b} keeps no visual token")
+        if item.values is not None and tuple(item.values.shape) != (ranks.numel(), width):
+            raise RuntimeError(f"values of sample {b} must have shape ({ranks.numel()}, {width})")
+        if item.extra is not None and (item.extra.dim() != 2 or item.extra.shape[1] != width):
+            raise RuntimeError(f"extra tokens of sample {b} must have shape (m, {width})")
+    counts = [int(item.ranks.numel()) for item in items]
+    device = items[0].ranks.device
+    ranks = torch.nn.utils.rnn.pad_sequence([item.ranks for item in items], batch_first=True, padding_value=-1)
+    out = Kept(ranks=ranks, counts=None if len(set(counts)) == 1 else counts)
+    if any(item.values is not None for item in items):
+        dtype = next(item.values.dtype for item in items if item.values is not None)
+        out.values = torch.nn.utils.rnn.pad_sequence(  # nan rows: the token keeps its own hidden state
+            [torch.full((len(item.ranks), width), float("nan"), dtype=dtype, device=device) if item.values is None
+             else item.values for item in items], batch_first=True)
+    extras = [item.extra.shape[0] if item.extra is not None else 0 for item in items]
+    if max(extras):
+        dtype = next(item.extra.dtype for item in items if item.extra is not None)
+
+        def pad(parts, fill):
+            return torch.nn.utils.rnn.pad_sequence(parts, batch_first=True, padding_value=fill)
+
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        out.extra = pad([item.extra if item.extra is not None else torch.zeros(0, width, dtype=dtype, device=device)
+                         for item in items], 0.0)
+        out.extra_valid = pad([torch.ones(m, dtype=torch.bool, device=device) for m in extras], False)
+        out.extra_counts = extras
+        after = [item.extra_after if item.extra_after is not None else item.ranks[-1:].expand(m)
+                 for item, m in zip(items, extras)]
+        out.extra_after = pad([a if m else empty for a, m in zip(after, extras)], -1)
+        out.extra_before = pad([item.extra_before.bool() if item.extra_before is not None
+                                else torch.zeros(m, dtype=torch.bool, device=device) for item, m in zip(items, extras)], False)
+        out.extra_positions = pad([item.extra_positions if item.extra_positions is not None else a
+                                   for item, a in zip(items, after)], -1)
+    return out
+
+
 class StageSelection:
     """What one stage did to each sample of the last request. Indices are visual ranks (0..V_b-1).
 
+    The engine keeps the stage's batched tensors on the model's device; the per-sample lists below are built
+    from them the first time they are read (which synchronises with the device then, not during the forward).
+
+    kept: per sample, (k_b,) long, sorted: the original visual tokens kept.
     scores: per sample, (V_b,) float32 on the model's device: the score the method debiases and ranks by (its
         attention-derived part), before debiasing; nan for tokens pruned earlier; None for methods that do not score.
     debiased: the same after debiasing (None when the stage is not debiased).
     padding: per sample (V_b,) bool padding tokens (None when unknown).
     extra: per sample, number of tokens the stage inserted (merged/recycled); they are not visual ranks.
+    keep: per sample, the stage's keep count (before any padding cap).
+    notes: per request, e.g. why fewer tokens were kept.
     """
 
-    layer: int
-    kept: list[torch.Tensor]  # per sample, (k_b,) long, sorted
-    num_visual: list[int]
-    keep: list[int]  # per sample, the stage's keep count (before any padding cap)
-    scores: list[torch.Tensor | None]
-    debiased: list[torch.Tensor | None]
-    padding: list[torch.Tensor | None]
-    segments: list[list[VisualSegment]] = field(default_factory=list)  # per sample, its images in order
-    extra: list[int] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)  # per request, e.g. why fewer tokens were kept
+    def __init__(self, layer: int, num_visual: list[int], keep: list[int], padding: list, segments: list,
+                 notes, *, kept: torch.Tensor, ranks: torch.Tensor | None = None, scores=None, debiased=None,
+                 extra_valid: torch.Tensor | None = None, num_extra: int = 0):
+        self.layer = layer
+        self.num_visual = num_visual
+        self.keep = keep
+        self.padding = padding
+        self.segments: list[list[VisualSegment]] = segments
+        self._notes = notes  # a list, or a callable giving it (read lazily)
+        self._kept, self._ranks, self._scores, self._debiased = kept, ranks, scores, debiased
+        self._extra_valid, self._num_extra = extra_valid, num_extra
+        self._lists: dict = {}
+
+    def _per_sample(self, name: str, build):
+        if name not in self._lists:
+            self._lists[name] = build()
+        return self._lists[name]
+
+    @property
+    def kept(self) -> list[torch.Tensor]:
+        def build():
+            limit = torch.tensor(self.num_visual, device=self._kept.device)[:, None]
+            original = (self._kept >= 0) & (self._kept < limit)
+            counts = original.sum(dim=1).tolist()
+            order = torch.argsort((~original).to(torch.int8), dim=1, stable=True)
+            rows = torch.gather(self._kept, 1, order)
+            return [rows[b, :count] for b, count in enumerate(counts)]
+
+        return self._per_sample("kept", build)
+
+    def _full(self, values):
+        """Per sample (V_b,) float32 over the original ranks (nan: absent) from (B, R) values at `_ranks`."""
+        if values is None:
+            return [None] * len(self.num_visual)
+        if isinstance(values, list):  # already per sample
+            return values
+        width = max(self.num_visual)
+        limit = torch.tensor(self.num_visual, device=values.device)[:, None]
+        column = torch.where((self._ranks >= 0) & (self._ranks < limit), self._ranks, width)
+        full = torch.full((values.shape[0], width + 1), float("nan"), dtype=torch.float32, device=values.device)
+        full.scatter_(1, column, values.detach().float())
+        return [full[b, :count] for b, count in enumerate(self.num_visual)]
+
+    @property
+    def scores(self) -> list[torch.Tensor | None]:
+        return self._per_sample("scores", lambda: self._full(self._scores))
+
+    @property
+    def debiased(self) -> list[torch.Tensor | None]:
+        return self._per_sample("debiased", lambda: self._full(self._debiased))
+
+    @property
+    def extra(self) -> list[int]:
+        def build():
+            if self._extra_valid is None:
+                return [self._num_extra] * len(self.num_visual)
+            return self._extra_valid.sum(dim=1).tolist()
+
+        return self._per_sample("extra", build)
+
+    @property
+    def notes(self) -> list[str]:
+        return self._per_sample("notes", lambda: list(self._notes() if callable(self._notes) else self._notes))
+
+    def __repr__(self) -> str:
+        return f"StageSelection(layer={self.layer}, keep={self.keep}, num_visual={self.num_visual})"
 
 
 # --- keep counts -------------------------------------------------------------------------------------------
@@ -242,6 +345,6 @@ def equivalent_tokens(stages: Sequence[Stage], num_visual: int, num_layers: int)
 
 
 __all__ = [
-    "Positions", "Stage", "VisionStage", "Kept", "StageSelection", "resolve_keep", "validate_keep", "as_list", "validate_stages",
+    "Positions", "Stage", "VisionStage", "Kept", "StageSelection", "batch_decisions", "resolve_keep", "validate_keep", "as_list", "validate_stages",
     "rank_order", "member", "top_k", "equivalent_tokens",
 ]

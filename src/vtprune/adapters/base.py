@@ -7,7 +7,7 @@ Methods and the engine never look at model classes directly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -38,20 +38,41 @@ class VisualSegment:
     part: int = -1
 
 
-@dataclass
 class VisualLayout:
     """Where the visual tokens of each sample of a batch are.
 
     positions[b]: (V_b,) long, sorted sequence positions of sample b's visual tokens.
     segments[b]: the images of sample b, in order; their lengths add up to V_b.
+    mask: (B, N) bool, the visual positions (the batched form; an adapter gives `positions` or `mask` and
+        `counts`, the other is built when first read).
     """
 
-    positions: list[torch.Tensor]
-    segments: list[list[VisualSegment]] = field(default_factory=list)
+    def __init__(self, positions: list[torch.Tensor] | None = None, segments: list[list[VisualSegment]] | None = None,
+                 *, mask: torch.Tensor | None = None, counts: list[int] | None = None):
+        if positions is None and (mask is None or counts is None):
+            raise ValueError("VisualLayout needs positions, or mask and counts")
+        self._positions, self.segments, self._mask, self._counts = positions, segments or [], mask, counts
+
+    @property
+    def positions(self) -> list[torch.Tensor]:
+        if self._positions is None:
+            order = torch.argsort((~self._mask).to(torch.int8), dim=1, stable=True)
+            self._positions = [order[b, :count] for b, count in enumerate(self._counts)]
+        return self._positions
+
+    def visual_mask(self, length: int, device) -> torch.Tensor:
+        """(B, N) bool, the visual positions."""
+        if self._mask is None:
+            padded = torch.nn.utils.rnn.pad_sequence(list(self.positions), batch_first=True, padding_value=length)
+            mask = torch.zeros(len(self.positions), length + 1, dtype=torch.bool, device=device)
+            self._mask = mask.scatter_(1, padded.to(device), True)[:, :length]
+        return self._mask
 
     @property
     def num_visual(self) -> list[int]:
-        return [int(p.numel()) for p in self.positions]
+        if self._counts is None:
+            self._counts = [int(p.numel()) for p in self.positions]
+        return self._counts
 
     @property
     def num_images(self) -> int:
@@ -175,9 +196,30 @@ class ModelAdapter:
     rotary_fn: Callable  # (q, k, cos, sin) -> (q, k), the family's own RoPE
 
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Apply the family's RoPE to x (B, H, N, D) with cos/sin (B, N, D)."""
+        """Apply the family's RoPE to x (B, H, N, D) with cos/sin (B, N, D): the standard rotate-half formula
+        where `standard_rope` found the family's function to be it (half the ops: the family's function rotates
+        a query and a key tensor), else the family's function."""
+        if self.standard_rope:
+            half = x.shape[-1] // 2
+            return x * cos[:, None] + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin[:, None]
         rotated, _ = self.rotary_fn(x, x, cos, sin)
         return rotated
+
+    @property
+    def standard_rope(self) -> bool:
+        """Whether the family's RoPE function is the standard rotate-half one (checked once, on small random
+        tensors on the CPU)."""
+        if not hasattr(self, "_standard_rope"):
+            generator = torch.Generator().manual_seed(0)
+            x = torch.randn(1, 2, 3, 8, generator=generator, dtype=torch.float64)
+            cos, sin = torch.randn(2, 1, 3, 8, generator=generator, dtype=torch.float64)
+            try:
+                expected, _ = self.rotary_fn(x, x, cos, sin)
+                own = x * cos[:, None] + torch.cat((-x[..., 4:], x[..., :4]), dim=-1) * sin[:, None]
+                self._standard_rope = bool(torch.equal(expected, own))
+            except Exception:  # a family function with another signature (e.g. multimodal sections)
+                self._standard_rope = False
+        return self._standard_rope
 
     def position_embeddings(self, hidden_states: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) the decoder layers receive for `position_ids` (as the language model computes them)."""

@@ -64,8 +64,7 @@ class LlavaAdapter(ModelAdapter):
     def visual_layout(self, input_ids: torch.Tensor, inputs: dict | None = None) -> VisualLayout:
         is_image = input_ids == self.image_token_id  # (B, N)
         counts = is_image.sum(dim=1).tolist()  # one synchronisation for the batch
-        order = torch.argsort((~is_image).to(torch.int8), dim=1, stable=True)  # image positions first, in order
-        positions, segments = [], []
+        segments = []
         image_index = 0
         for b, count in enumerate(counts):
             if count % self.tokens_per_image:
@@ -85,9 +84,8 @@ class LlavaAdapter(ModelAdapter):
                     )
                 )
                 image_index += 1
-            positions.append(order[b, :count])
             segments.append(sample_segments)
-        return VisualLayout(positions=positions, segments=segments)
+        return VisualLayout(segments=segments, mask=is_image, counts=counts)
 
     def image_geometry(self, processor):
         """The `ImageGeometry` of `processor` for this model's vision tower (checked against its grid)."""

@@ -141,7 +141,9 @@ class Debias:
         scores: (R,) scores of the visual tokens still present; ranks: (R,) the rank whose position each has
         (its index among the sample's visual tokens); padding: (R,) bool or None. Returns (R,) float32.
         """
-        return self.apply_batch([scores], [ranks], [segments], [padding])[0]
+        present = torch.ones(ranks.shape, dtype=torch.bool, device=ranks.device)
+        return self.apply_batch(scores[None], ranks[None], present[None], [segments],
+                                None if padding is None else padding[None])[0]
 
     def axes(self, segments: Sequence[VisualSegment]) -> list[VisualSegment]:
         """The positional axes of a sample: its segments, with a video's frames joined into one axis when
@@ -158,24 +160,57 @@ class Debias:
                 out.append(segment)
         return out
 
-    def apply_batch(self, scores, ranks, segments, padding) -> list[torch.Tensor]:
-        """`apply` for the samples of a batch (lists of per-sample arguments); "auto" fits every image of every
-        sample in one batched computation on the scores' device."""
-        out = [s.float() for s in scores]
-        segments = [self.axes(sample) for sample in segments]
+    def apply_batch(self, scores: torch.Tensor, ranks: torch.Tensor, present: torch.Tensor,
+                    segments: Sequence[Sequence[VisualSegment]], padding: torch.Tensor | None = None,
+                    cache: dict | None = None) -> torch.Tensor:
+        """`apply` for a batch: scores (B, R), ranks (B, R) the rank whose position each token has, present (B, R)
+        bool (False: an entry of a sample with fewer tokens), segments per sample, padding (B, R) bool or None.
+        Returns (B, R) float32. Batched (no loop over samples or images, no host synchronisation); "auto" fits
+        every image of every sample at once (`fit.auto_trend`)."""
+        out = scores.float()
         if self.profile == "auto":
-            trends = self._auto_trends(out, ranks, segments, padding)
-            out = [s / t for s, t in zip(out, trends)]
+            from .fit import auto_trend
+
+            start, length = self._axis_tables(segments, out.device)
+            out = out / auto_trend(out, present, ranks, start, length, padding)
         elif self._loaded is not None:
-            out = [s / self._trend_on(seg, s.device)[r] for s, r, seg in zip(out, ranks, segments)]
-        if self.padding:
-            out = [s if p is None else s.masked_fill(p, 0.0) for s, p in zip(out, padding)]
+            table = self._trend_table(segments, out.device)  # (B, max V + 1)
+            out = out / torch.gather(table, 1, ranks.clamp(min=0))
+        if self.padding and padding is not None:
+            out = out.masked_fill(padding, 0.0)
         return out
+
+    def _trend_table(self, segments, device) -> torch.Tensor:
+        """(B, max V + 1) the calibrated trend of each sample's visual ranks (1 after its last), cached per layout."""
+        key = ("trend", tuple(tuple((s.offset, s.length, s.kind, s.part, s.image_index) for s in sample)
+                              for sample in segments), str(device))
+        if key not in self._cache:
+            rows = [self.trend(self.axes(sample)).float() for sample in segments]
+            width = max(len(row) for row in rows) + 1
+            table = torch.ones(len(rows), width)
+            for b, row in enumerate(rows):
+                table[b, : len(row)] = row
+            self._cache[key] = table.to(device)
+        return self._cache[key]
+
+    def _axis_tables(self, segments, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, A) long start and length (in ranks) of each sample's positional axes (length 0: none), cached."""
+        key = ("axes", tuple(tuple((s.offset, s.length, s.kind, s.part, s.image_index) for s in sample)
+                             for sample in segments), str(device))
+        if key not in self._cache:
+            axes = [self.axes(sample) for sample in segments]
+            width = max(len(sample) for sample in axes)
+            start = [[a.offset for a in sample] + [0] * (width - len(sample)) for sample in axes]
+            length = [[a.length for a in sample] + [0] * (width - len(sample)) for sample in axes]
+            self._cache[key] = (torch.tensor(start, device=device), torch.tensor(length, device=device))
+        return self._cache[key]
+
 
     @staticmethod
     def _auto_trends(scores, ranks, segments, padding) -> list[torch.Tensor]:
         """Per sample (R,) trend exp(sigma x), sigma from a robust fit on each image's real tokens
-        (`fit.robust_sigma`, all images of the batch at once)."""
+        (`fit.robust_sigma`): the per-sample reference of `fit.auto_trend` (lists of per-sample arguments), kept
+        for the equivalence tests."""
         from .fit import robust_sigma
         from .profiles import SIGMA_LIMIT
 

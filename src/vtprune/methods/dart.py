@@ -42,6 +42,7 @@ class DART(Press):
     debias: None = field(default=None, init=False)
 
     name: ClassVar[str] = "dart"
+    checked: ClassVar[bool] = False
     summary: ClassVar[str] = "pivots by key norm (layer K-1); keep the tokens least similar to each pivot (no attention)"
 
     def __post_init__(self) -> None:

@@ -31,6 +31,7 @@ class DivPrune(Press):
     debias: None = field(default=None, init=False)
 
     name: ClassVar[str] = "divprune"
+    checked: ClassVar[bool] = False
     summary: ClassVar[str] = "max-min cosine diversity of the projected visual features, per image, before the LLM"
 
     def __post_init__(self) -> None:

@@ -36,6 +36,7 @@ class FasterVLM(Press):
     positions: Positions = "compact"
 
     name: ClassVar[str] = "fastervlm"
+    checked: ClassVar[bool] = False
     summary: ClassVar[str] = "vision tower's [CLS] attention (feature layer, head mean); top-k per image before the LLM"
     query: ClassVar[str] = "cls"
 
@@ -51,7 +52,7 @@ class FasterVLM(Press):
     def vision_layers(self) -> tuple[int, ...]:
         return (self.vision_layer,)
 
-    def score(self, ctx: StageContext) -> list[torch.Tensor]:
+    def score(self, ctx: StageContext) -> torch.Tensor:
         return ctx.vision_attention(self.vision_layer)
 
     def select(self, ctx: StageContext):

@@ -35,6 +35,7 @@ class FastV(Press):
     positions: Positions = "original"
 
     name: ClassVar[str] = "fastv"
+    checked: ClassVar[bool] = False
     summary: ClassVar[str] = "last token's head-averaged attention in layer K-1; top-k before layer K"
     query: ClassVar[str] = "last"
     debias_defaults: ClassVar[dict] = {"padding_threshold": 0.5, "drop_padding": True}
@@ -53,5 +54,5 @@ class FastV(Press):
                 )
         return [Stage(layer=layer, keep=keep, score_layer=layer - 1) for layer, keep in zip(layers, keeps)]
 
-    def score(self, ctx: StageContext) -> list[torch.Tensor]:
-        return [rows[0] for rows in ctx.attention("last")]
+    def score(self, ctx: StageContext) -> torch.Tensor:
+        return ctx.attention("last")[:, 0]  # (B, R)

@@ -45,6 +45,7 @@ class HiMAP(Press):
     positions: Positions = "original"
 
     name: ClassVar[str] = "himap"
+    checked: ClassVar[bool] = False
     summary: ClassVar[str] = "shallow: instruction-to-image attention (summed); deep: image-to-image attention"
     query: ClassVar[str] = "text_after_image"
     debias_defaults: ClassVar[dict] = {"padding_threshold": 0.5, "drop_padding": False}
@@ -64,8 +65,8 @@ class HiMAP(Press):
                 raise ValueError(f"HiMAP: layer={layer} is out of range; it scores with the layer before, so layers must be >= 1")
         return [Stage(layer=layer, keep=keep, score_layer=layer - 1) for layer, keep in zip(layers, keeps)]
 
-    def score(self, ctx: StageContext) -> list[torch.Tensor]:
+    def score(self, ctx: StageContext) -> torch.Tensor:
         if ctx.stage_index == 0:  # the instruction's attention to each visual token, summed over its tokens
-            return [rows.sum(dim=0) for rows in ctx.attention("instruction")]
+            return ctx.attention("instruction").sum(dim=1)  # (B, R)
         # attention each visual token receives from the visual tokens (causal: from itself and later ones)
-        return [rows.sum(dim=0) for rows in ctx.attention("visual")]
+        return ctx.attention("visual").sum(dim=1)

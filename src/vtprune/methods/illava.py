@@ -48,6 +48,7 @@ class ILLaVA(Press):
     positions: Positions = "original"
 
     name: ClassVar[str] = "illava"
+    checked: ClassVar[bool] = False
     summary: ClassVar[str] = "last-token attention in layer K-1; the lowest tokens merged (rank-weighted) into the best of them"
     query: ClassVar[str] = "last"
 
@@ -91,7 +92,7 @@ class ILLaVA(Press):
     def select(self, ctx: StageContext) -> list[Kept]:
         if ctx.stage.layer == 0:  # after the vision stages
             return ctx.vision_survivors()
-        ranked = ctx.debias([rows[0] for rows in ctx.attention("last")])
+        ranked = ctx.debias(ctx.unpad(ctx.attention("last")[:, 0]))
         hidden = ctx.hidden_states(ctx.stage.layer)  # what enters layer K
         decisions = []
         for b, ranks in enumerate(ctx.visual_ranks):

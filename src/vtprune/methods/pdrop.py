@@ -43,6 +43,7 @@ class PyramidDrop(Press):
     positions: Positions = "compact"
 
     name: ClassVar[str] = "pdrop"
+    checked: ClassVar[bool] = False
     summary: ClassVar[str] = "stages at several layers; last instruction token's attention with the next layer's weights"
     query: ClassVar[str] = "last_instruction"
     profile_name: ClassVar[str] = "pyramiddrop"
@@ -56,6 +57,6 @@ class PyramidDrop(Press):
         layers, keeps = self._layers_and_keeps(num_layers, LAYERS, SCHEDULES)
         return [Stage(layer=layer, keep=keep, score_layer=layer) for layer, keep in zip(layers, keeps)]
 
-    def score(self, ctx: StageContext) -> list[torch.Tensor]:
+    def score(self, ctx: StageContext) -> torch.Tensor:
         # the official query row is the last token of the prompt (the end of the instruction)
-        return [rows[0] for rows in ctx.attention("last")]
+        return ctx.attention("last")[:, 0]  # (B, R)

@@ -27,6 +27,7 @@ class Random(Press):
     debias: None = field(default=None, init=False)
 
     name: ClassVar[str] = "random"
+    checked: ClassVar[bool] = False
     summary: ClassVar[str] = "a seeded uniformly random subset (baseline; no model internals)"
 
     def __post_init__(self) -> None:
@@ -41,14 +42,21 @@ class Random(Press):
         layers, keeps = self._layers_and_keeps(num_layers, [2])
         return [Stage(layer=layer, keep=keep, score_layer=None) for layer, keep in zip(layers, keeps)]
 
-    def score(self, ctx: StageContext) -> list[torch.Tensor]:
-        scores = []
-        for b, ranks in enumerate(ctx.visual_ranks):
-            generator = torch.Generator(device=ranks.device).manual_seed(self.seed + 7919 * ctx.stage_index)
-            # one value per rank, drawn on the device: batch-independent, no host round trip
-            draw = torch.rand(ctx.num_visual[b] + len(ranks), generator=generator, device=ranks.device)
-            scores.append(draw[ranks])
-        return scores
+    def score(self, ctx: StageContext) -> torch.Tensor:
+        # one value per rank, drawn on the device from a generator seeded per stage and per draw length (a
+        # sample's V_b + tokens present): batch-independent, no host round trip
+        device = ctx.ranks.device
+        lengths = [visual + present for visual, present in zip(ctx.num_visual, ctx.present_counts)]
+        draws = {}
+        for length in sorted(set(lengths)):
+            generator = torch.Generator(device=device).manual_seed(self.seed + 7919 * ctx.stage_index)
+            draws[length] = torch.rand(length, generator=generator, device=device)
+        if len(draws) == 1:
+            table = draws[lengths[0]][None].expand(len(lengths), -1)
+        else:
+            table = torch.nn.utils.rnn.pad_sequence([draws[length] for length in lengths], batch_first=True)
+        ranks = ctx.ranks if min(ctx.present_counts) == ctx.ranks.shape[1] else ctx.ranks.clamp(min=0)
+        return torch.gather(table, 1, ranks)  # (B, R)
 
     def select(self, ctx: StageContext):
         return ctx.top_k(self.score(ctx))

@@ -55,6 +55,7 @@ class SparseVLM(Press):
     positions: Positions = "compact"
 
     name: ClassVar[str] = "sparsevlm"
+    checked: ClassVar[bool] = False
     summary: ClassVar[str] = "text raters' attention at layers 2/6/15; pruned tokens recycled as cluster means"
     query: ClassVar[str] = "text_raters"
     debias_defaults: ClassVar[dict] = {"padding_threshold": 0.5, "drop_padding": False}
@@ -92,11 +93,13 @@ class SparseVLM(Press):
                             enumerate(ctx.state["raters"])]) & ctx.slot_valid & (ctx.slot_visual_rank < 0)
         return rows_where(mask)
 
-    def score(self, ctx: StageContext) -> list[torch.Tensor]:
-        return [rows.mean(dim=0) for rows in ctx.attention(self.raters(ctx))]
+    def score(self, ctx: StageContext) -> torch.Tensor:
+        raters = self.raters(ctx)
+        counts = torch.tensor([len(r) for r in raters], device=ctx.ranks.device)
+        return ctx.attention(raters).sum(dim=1) / counts[:, None]  # (B, R): mean over each sample's raters
 
     def select(self, ctx: StageContext) -> list[Kept]:
-        raw = self.score(ctx)
+        raw = ctx.unpad(self.score(ctx))
         ranked = ctx.debias(raw)
         hidden = ctx.hidden_states(ctx.stage.layer) if self.recycle else None  # the scoring layer's output
         decisions = []

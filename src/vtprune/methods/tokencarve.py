@@ -46,6 +46,7 @@ class TokenCarve(Press):
     positions: Positions = "original"
 
     name: ClassVar[str] = "tokencarve"
+    checked: ClassVar[bool] = False
     summary: ClassVar[str] = "Borda fusion of last-token attention and an SVD information score; similar tokens merged"
     query: ClassVar[str] = "last"
 
@@ -64,7 +65,7 @@ class TokenCarve(Press):
         return [Stage(layer=self.layer, keep=self._single_keep(), score_layer=self.layer - 1, trim_cache=self.trim_cache)]
 
     def select(self, ctx: StageContext) -> list[Kept]:
-        attention = [rows[0] for rows in ctx.attention("last")]
+        attention = ctx.unpad(ctx.attention("last")[:, 0])
         if self.debias_target == "attention":
             attention = ctx.debias(attention)
         hidden = ctx.hidden_states(ctx.stage.layer)  # layer K-1's output

@@ -49,6 +49,7 @@ class VisionZip(Press):
     positions: Positions = "compact"
 
     name: ClassVar[str] = "visionzip"
+    checked: ClassVar[bool] = False
     summary: ClassVar[str] = "[CLS]-attention dominant tokens + similarity-merged contextual tokens, per image, before the LLM"
     query: ClassVar[str] = "cls"
 
@@ -88,11 +89,11 @@ class VisionZip(Press):
     def vision_layers(self) -> tuple[int, ...]:
         return (self.vision_layer,)
 
-    def score(self, ctx: StageContext) -> list[torch.Tensor]:
+    def score(self, ctx: StageContext) -> torch.Tensor:
         return ctx.vision_attention(self.vision_layer)
 
     def select(self, ctx: StageContext) -> list[Kept]:
-        ranked = ctx.debias(self.score(ctx))
+        ranked = ctx.unpad(ctx.debias(self.score(ctx)))
         features = ctx.vision_hidden_states(self.vision_layer, output=True)  # (N_img, T, D) pre-projector
         keys = ctx.vision_keys(self.vision_layer).mean(dim=1)  # (N_img, T, d): head-mean keys
         first = ctx.adapter.vision_first_patch

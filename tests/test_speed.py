@@ -1,0 +1,118 @@
+"""Lean machinery: a press's extra aten ops per prefill do not grow with the batch, a fixed-budget prefill reads
+nothing back from the device beyond the prompt's layout, and a compiled model with a press active gives the
+eager outputs without recompiling between requests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_model, inputs_for, make_image, prompt
+
+from vtprune import FastV, HiMAP, PyramidDrop, Random
+from vtprune.methods import FasterVLM
+from vtprune.selection.opcount import OpCounter
+
+
+class _Counter(OpCounter):
+    """`OpCounter` that also counts `Tensor.tolist()` as a synchronisation (it reads a CPU tensor without
+    dispatching an op, but synchronises on a GPU)."""
+
+    def __enter__(self):
+        self._tolist, counter, original = torch.Tensor.tolist, self, torch.Tensor.tolist
+
+        def tolist(tensor):
+            counter.sync_counts["tolist"] += 1
+            return original(tensor)
+
+        torch.Tensor.tolist = tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._tolist
+        return super().__exit__(*exc)
+
+
+def _count(model, inputs, press=None) -> _Counter:
+    counter = _Counter()
+    with torch.no_grad():
+        if press is None:
+            with counter:
+                model(**inputs)
+        else:
+            with press(model), counter:
+                model(**inputs)
+    return counter
+
+
+@pytest.fixture(scope="module")
+def model(processor):
+    return build_model(processor, layers=6)
+
+
+def _batch(processor, size):
+    return inputs_for(processor, [make_image(120, 60)] * size, [prompt()] * size)
+
+
+PRESSES = {
+    "fastv": lambda: FastV(keep=8, layer=2),
+    "pdrop": lambda: PyramidDrop(keep=[24, 12, 6], layer=[1, 3, 4]),
+    "himap": lambda: HiMAP(keep=[12, 6], layer=[2, 4]),
+    "random": lambda: Random(keep=8, layer=2),
+    "fastervlm": lambda: FasterVLM(keep=8),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRESSES))
+def test_extra_ops_do_not_grow_with_the_batch(processor, model, name):
+    extra = {}
+    for size in (1, 4):
+        inputs = _batch(processor, size)
+        extra[size] = _count(model, inputs, PRESSES[name]()).total - _count(model, inputs).total
+    assert extra[1] > 0
+    assert extra[4] <= 1.1 * extra[1], extra
+
+
+@pytest.mark.parametrize("name", sorted(PRESSES))
+def test_fixed_budget_prefill_reads_only_the_layout_from_the_device(processor, model, name):
+    """One read per request (the adapter counts each sample's visual tokens); HiMAP's instruction queries add
+    one more (the text tokens after the image, counted once per request)."""
+    inputs = _batch(processor, 3)
+    syncs = _count(model, inputs, PRESSES[name]()).syncs - _count(model, inputs).syncs
+    assert syncs <= (2 if name == "himap" else 1)
+
+
+def test_compiled_model_with_a_press_matches_eager_and_does_not_recompile(processor):
+    model = build_model(processor, layers=4)
+    first, second = (inputs_for(processor, [make_image(120, 60, seed=seed)], [prompt()]) for seed in (0, 5))
+    press = FastV(keep=8, layer=2)
+    options = dict(max_new_tokens=3, do_sample=False)
+    with torch.no_grad(), press(model):
+        eager = [model(**first).logits, model(**second).logits]
+        eager_tokens = model.generate(**second, **options)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    try:
+        with torch.no_grad(), press(model):
+            compiled(**first)  # compiles
+            compiled.generate(**first, **options)  # compiles the decode steps
+            torch._dynamo.config.error_on_recompile = True
+            outputs = [compiled(**first).logits, compiled(**second).logits]
+            tokens = compiled.generate(**second, **options)
+    finally:
+        torch._dynamo.config.error_on_recompile = False
+    for got, expected in zip(outputs, eager):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert torch.equal(tokens, eager_tokens)
+
+
+def test_inductor_compiled_press_matches_eager(processor):
+    model = build_model(processor, layers=3)
+    inputs = inputs_for(processor, [make_image(120, 60)], [prompt()])
+    press = FastV(keep=8, layer=2)
+    with torch.no_grad(), press(model):
+        eager = model(**inputs).logits
+    torch._dynamo.reset()
+    compiled = torch.compile(model)
+    with torch.no_grad(), press(model):
+        got = compiled(**inputs).logits
+    torch.testing.assert_close(got, eager, atol=1e-4, rtol=1e-4)

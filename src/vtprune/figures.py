@@ -79,7 +79,8 @@ def read_accuracy(path: str | Path) -> tuple[list[AccuracyCell], dict]:
 
 
 _NUMBER = r"[+-]?\d+(?:\.\d+)?"
-_CELL = re.compile(rf"^({_NUMBER}) \[({_NUMBER}), ({_NUMBER})\](?:<br>\(({_NUMBER}) \[({_NUMBER}), ({_NUMBER})\]\))?$")
+_CELL = re.compile(rf"^({_NUMBER}) \[({_NUMBER}), ({_NUMBER})\](?:<br>\(({_NUMBER}) \[({_NUMBER}), ({_NUMBER})\]\))?"
+                   rf"(?:<br>{_NUMBER} tok/layer)?$")  # the last part: the setting's visual tokens per layer
 
 
 def _read_accuracy_markdown(path: Path) -> tuple[list[AccuracyCell], dict]:

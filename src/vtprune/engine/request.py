@@ -197,20 +197,20 @@ class _RequestSetup:
         """Per sample (V_b,) padded share of each token's pixels, when the geometry is known (processor and image
         sizes); tokens above the press's padding threshold are padding."""
         batch = len(layout.num_visual)
-        if self.image_sizes is None or self.processor is None:
+        if self._sizes is None or self.processor is None:
             return [None] * batch
         needed = self.debias is not None and self.debias.padding
         if not self.adapter.pads_images:
             return [None] * batch
-        if len(self.image_sizes) != layout.num_images:
+        if len(self._sizes) != layout.num_images:
             if not needed:
                 return [None] * batch
             raise ValueError(
-                f"image_sizes has {len(self.image_sizes)} entries but the batch holds {layout.num_images} "
+                f"image_sizes has {len(self._sizes)} entries but the batch holds {layout.num_images} "
                 "images: pass one (width, height) per image, in prompt order."
             )
         try:
-            fractions = self.adapter.padding_fractions(layout, self.image_sizes, self.processor)
+            fractions = self.adapter.padding_fractions(layout, self._sizes, self.processor)
         except ValueError:
             if needed:
                 raise

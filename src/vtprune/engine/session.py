@@ -12,6 +12,7 @@ from torch import nn
 
 from ..adapters import adapter_for
 from ..context import LayerInput
+from ..geometry import request_image_sizes
 from ..stages import Stage, validate_stages
 from .cache import _CacheCuts, _cache_kwarg
 from .records import _Planning
@@ -68,12 +69,13 @@ class PruningSession(_RequestSetup, _Planning, _SequenceCuts, _CacheCuts, _Visio
             self.notes.append(f"positions='compact' does not apply: {self.adapter.compact_note}")
             warnings.warn(self.notes[-1], UserWarning, stacklevel=3)
         if (self.debias is not None and self.debias.padding and self.adapter.pads_images
-                and (processor is None or image_sizes is None)):
+                and (processor is None or (image_sizes is None and not self.adapter.sizes_in_inputs))):
             raise ValueError(
                 "padding debiasing needs the image geometry: call press(model, processor=processor, "
-                "image_sizes=[image.size, ...]) with the original size of every image in the batch, "
+                "images=[image, ...]) with the PIL images of the batch (or image_sizes=[image.size, ...]), "
                 "or turn it off with Debias(padding=False)."
             )
+        self._sizes = self.image_sizes  # of the current request (`request_image_sizes`)
         # layers whose input a stage reads, and those whose keys are reused after they ran
         self.record_layers = {s.score_layer for s in self.stages if s.score_layer is not None}
         self.record_layers |= set(press.input_layers())
@@ -201,6 +203,7 @@ class PruningSession(_RequestSetup, _Planning, _SequenceCuts, _CacheCuts, _Visio
                     f"vtprune needs a DynamicCache (the generate() default) to hold layers of different "
                     f"lengths; got {type(cache).__name__}. Remove cache_implementation=... or pass DynamicCache()."
                 )
+        self._sizes = request_image_sizes(self.image_sizes, kwargs.get("image_sizes") if self.adapter.sizes_in_inputs else None, layout)
         self._request = self._new_request(input_ids, kwargs.get("attention_mask"), layout)
         self._request.cache = cache
         for (kind, index), hidden in self._pending_vision.items():  # the images of this request's vision pass

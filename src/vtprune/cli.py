@@ -984,13 +984,14 @@ def eval_command(
     except (TypeError, ValueError) as error:
         raise UsageError(str(error)) from None
     questions = _load_questions(data, images, samples, split)
-    _lock_output(out_dir, "--out", wait=wait)
+    from . import sharding
+
+    if (sharding.launched() or (0, 1))[0] == 0:  # under a launcher, rank 0 holds --out for every rank
+        _lock_output(out_dir, "--out", wait=wait)
 
     import torch
 
     from .evaluation import markdown_table, run_grid, table_rows, write_results, TABLE_COLUMNS
-
-    from . import sharding
 
     sharded = processes > 1 or sharding.launched() is not None
     if processes > len(questions):

@@ -86,7 +86,7 @@ class _Planning:
             )
         )
         if stage_index == len(self.stages) - 1:
-            self.press.last_selection = request.selections
+            _record(self.press, request.selections)
             request.decided = True
         return decision
 
@@ -145,3 +145,10 @@ def _check_decision(decision: Kept, ctx: StageContext, owner: str) -> None:
                 raise RuntimeError(f"{owner}: sample {b} {message}" if message.startswith("keeps")
                                    else f"{owner}: sample {b}: {message}")
     decision.counts = [row[-1] for row in table]
+
+
+@torch.compiler.disable
+def _record(press, selections: list) -> None:
+    """`press.last_selection = selections`, run eagerly: the record is kept per thread (`vtprune.selections`), which
+    a compiled graph cannot replay."""
+    press.last_selection = selections

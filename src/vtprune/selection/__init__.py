@@ -8,6 +8,8 @@ where a set is returned, with the invalid slots documented per function.
 |---|---|
 | `debias.fit.auto_trend` | (scores (B,R), valid (B,R), ranks (B,R), axis_start (B,A), axis_length (B,A), padding=None, delta=1.0, iterations=20) -> trend (B,R) float32 |
 | `max_min_select` (DivPrune) | (features (P,n,D), valid (P,n), k: int, count (P,)=None, ordered=False) -> indices (P,k) long, kept (P,k) bool |
+| `recycle` (SparseVLM) | (raw (B,V), pruned (B,V), features (B,V,D), n: int, m: int) -> centres (B,m) long, merged (B,m,D), kept (B,m) bool; static n, m from `recycle_sizes(max pruned)` |
+| `density_peak_clusters` (SparseVLM) | (features (P,n,C), valid (P,n), m: int, clusters (P,)) -> centres (P,m), centre_ok (P,m), assignment (P,n) |
 
 `opcount.OpCounter` / `opcount.count_ops` count the aten ops a call dispatches (and the sync-type ones).
 """
@@ -15,5 +17,6 @@ where a set is returned, with the invalid slots documented per function.
 from ..debias.fit import auto_trend
 from .divprune import max_min_select
 from .opcount import OpCounter, count_ops
+from .sparsevlm import density_peak_clusters, recycle, recycle_sizes
 
-__all__ = ["OpCounter", "auto_trend", "count_ops", "max_min_select"]
+__all__ = ["OpCounter", "auto_trend", "count_ops", "density_peak_clusters", "max_min_select", "recycle", "recycle_sizes"]

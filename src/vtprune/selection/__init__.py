@@ -9,14 +9,19 @@ where a set is returned, with the invalid slots documented per function.
 | `debias.fit.auto_trend` | (scores (B,R), valid (B,R), ranks (B,R), axis_start (B,A), axis_length (B,A), padding=None, delta=1.0, iterations=20) -> trend (B,R) float32 |
 | `max_min_select` (DivPrune) | (features (P,n,D), valid (P,n), k: int, count (P,)=None, ordered=False) -> indices (P,k) long, kept (P,k) bool |
 | `recycle` (SparseVLM) | (raw (B,V), pruned (B,V), features (B,V,D), n: int, m: int) -> centres (B,m) long, merged (B,m,D), kept (B,m) bool; static n, m from `recycle_sizes(max pruned)` |
+| `dart_select` (DART) | (units (B,N,D), norms (B,N), prompt_positions (B,N), visual_slots (B,R), visual_valid (B,R), text_slots (B,T), text_valid (B,T), claims: int or (B,), pivot_image=4, pivot_text=4, pivot_order="official") -> kept (B,R) bool |
+| `dart_claims`, `top_pivots`, `python_set_order` (DART) | its parts: the claims loop over the pivots, the pivots, CPython's set order of (B,<=8) keys |
 | `density_peak_clusters` (SparseVLM) | (features (P,n,C), valid (P,n), m: int, clusters (P,)) -> centres (P,m), centre_ok (P,m), assignment (P,n) |
 
 `opcount.OpCounter` / `opcount.count_ops` count the aten ops a call dispatches (and the sync-type ones).
 """
 
 from ..debias.fit import auto_trend
+from .dart import dart_claims, dart_select, python_set_order, top_pivots
 from .divprune import max_min_select
 from .opcount import OpCounter, count_ops
 from .sparsevlm import density_peak_clusters, recycle, recycle_sizes
 
-__all__ = ["OpCounter", "auto_trend", "count_ops", "density_peak_clusters", "max_min_select", "recycle", "recycle_sizes"]
+__all__ = [
+    "OpCounter", "auto_trend", "count_ops", "dart_claims", "dart_select", "python_set_order", "top_pivots",
+    "density_peak_clusters", "max_min_select", "recycle", "recycle_sizes"]

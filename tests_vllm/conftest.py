@@ -84,9 +84,13 @@ def engine(checkpoint, options: dict | None, **kwargs):
               limit_mm_per_prompt={"image": 1}, compilation_config={"mode": 0}, enforce_eager=True, **kwargs)
     try:
         yield llm
-    finally:
+    finally:  # shut the in-process engine down now: a later collection would tear down the next engine's groups
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
+        cleanup_dist_env_and_memory()
 
 
 def vllm_answers(llm, processor, samples, *, one_by_one: bool = False):

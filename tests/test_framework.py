@@ -344,7 +344,7 @@ LAYERS = {  # package modules, lowest first; a module may import only from its o
     3: {"press"},
     4: {"methods"},
     5: {"runner", "loading", "datasets", "calibration", "analysis", "plots", "figures", "demo", "testbed", "cli", "evaluation",
-        "reproduce", "lmms", "sharding"},
+        "reproduce", "lmms", "sharding", "vllm"},
 }
 
 

@@ -1,0 +1,49 @@
+"""The plugin's pure parts: options, token counts, the count check, the export's key names (no engine)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def test_options_are_validated():
+    from vtprune.vllm.options import PluginOptions
+
+    class Config:
+        vtprune = {"method": "fastervlm", "kepp": 3}
+
+    with pytest.raises(ValueError, match="unknown option.*kepp"):
+        PluginOptions.from_config(Config())
+    with pytest.raises(ValueError, match="method='fastv'"):
+        PluginOptions(method="fastv")
+    with pytest.raises(ValueError, match="keep"):
+        PluginOptions(keep=0)
+    with pytest.raises(ValueError, match="VisionZip's options"):
+        PluginOptions(method="fastervlm", dominant=10, contextual=2)
+
+
+def test_tokens_per_image():
+    from vtprune.vllm.options import PluginOptions
+
+    assert PluginOptions(keep=36).tokens_per_image(144) == 36
+    assert PluginOptions(keep=0.125).tokens_per_image(144) == 18
+    assert PluginOptions(method="none").tokens_per_image(144) == 144
+    assert PluginOptions(method="visionzip", dominant=30, contextual=6).tokens_per_image(144) == 36
+    assert PluginOptions(method="visionzip", keep=64).tokens_per_image(576) == 64  # 54 (incl. [CLS]) + 10
+
+
+def test_check_counts_refuses_a_mismatch():
+    from vtprune.vllm.llava import check_counts
+
+    embeddings = torch.zeros(2, 36, 8)
+    check_counts(embeddings, torch.tensor([36, 36]))
+    with pytest.raises(ValueError, match=r"\[37, 36\] image placeholders .* 36 embeddings"):
+        check_counts(embeddings, torch.tensor([37, 36]))
+
+
+def test_export_renames_only_the_vision_tower():
+    from vtprune.vllm.export import vllm_key
+
+    assert vllm_key("vision_tower.encoder.layers.0.mlp.fc1.weight") == "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"
+    assert vllm_key("vision_tower.vision_model.embeddings.x") == "vision_tower.vision_model.embeddings.x"
+    assert vllm_key("language_model.model.norm.weight") == "language_model.model.norm.weight"

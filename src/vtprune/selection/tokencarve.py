@@ -8,7 +8,9 @@ import torch
 def information(states: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """`TokenCarve.information` per sample: (B, R, D) hidden states -> (B, R) L1 norm of each row of U S
     (states = U S V^T), from one batched eigendecomposition of the Gram matrices in float64 (padding rows are
-    zeroed: they add zero eigenvalues only). Invalid slots get 0."""
+    zeroed: they add zero eigenvalues only). Invalid slots get 0. On CUDA, eigh checks its solver's error codes on
+    the host (very likely one synchronisation per call, as in `TokenCarve.information`; unverified here, and not
+    visible to the CPU op counter)."""
     device = states.device
     values = torch.where(valid[:, :, None], states, 0.0)
     if device.type == "mps":  # no float64 on MPS

@@ -9,7 +9,7 @@ import torch
 from conftest import build_model, inputs_for, make_image, prompt
 
 from vtprune import FastV, HiMAP, PyramidDrop, Random
-from vtprune.methods import FasterVLM
+from vtprune.methods import DivPrune, FasterVLM
 from vtprune.selection.opcount import OpCounter
 
 
@@ -59,6 +59,7 @@ PRESSES = {
     "himap": lambda: HiMAP(keep=[12, 6], layer=[2, 4]),
     "random": lambda: Random(keep=8, layer=2),
     "fastervlm": lambda: FasterVLM(keep=8),
+    "divprune": lambda: DivPrune(keep=8),
 }
 
 

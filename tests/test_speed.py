@@ -9,7 +9,7 @@ import torch
 from conftest import build_model, inputs_for, make_image, prompt
 
 from vtprune import FastV, HiMAP, PyramidDrop, Random
-from vtprune.methods import DivPrune, FasterVLM
+from vtprune.methods import DivPrune, FasterVLM, VisionZip
 from vtprune.selection.opcount import OpCounter
 
 
@@ -60,6 +60,7 @@ PRESSES = {
     "random": lambda: Random(keep=8, layer=2),
     "fastervlm": lambda: FasterVLM(keep=8),
     "divprune": lambda: DivPrune(keep=8),
+    "visionzip": lambda: VisionZip(dominant=8, contextual=4),
 }
 
 

@@ -9,7 +9,7 @@ import torch
 from conftest import build_model, inputs_for, make_image, prompt
 
 from vtprune import FastV, HiMAP, PyramidDrop, Random
-from vtprune.methods import DivPrune, FasterVLM, ILLaVA, SparseVLM, VisionZip
+from vtprune.methods import DivPrune, FasterVLM, ILLaVA, SparseVLM, TokenCarve, VisionZip
 from vtprune.selection.opcount import OpCounter
 
 
@@ -63,6 +63,7 @@ PRESSES = {
     "visionzip": lambda: VisionZip(dominant=8, contextual=4),
     "sparsevlm": lambda: SparseVLM(keep=[24, 12, 6], layer=[1, 3, 4]),
     "illava": lambda: ILLaVA(keep=8, layer=2),
+    "tokencarve": lambda: TokenCarve(keep=8, layer=2),
 }
 
 

@@ -21,7 +21,8 @@ import torch
 
 from ..context import StageContext
 from ..press import REFERENCE_LAYERS, Press, budget_fraction, layer_list
-from ..stages import Positions, Stage
+from ..selection import dart_select, mask_to_indices
+from ..stages import Kept, Positions, Stage
 
 
 @dataclass
@@ -72,34 +73,27 @@ class DART(Press):
         budget = round(budget_fraction(128 if self.budget is None else self.budget) * num_visual)
         return budget // (self.pivot_image + self.pivot_text)
 
-    def select(self, ctx: StageContext) -> list[torch.Tensor]:
+    def select(self, ctx: StageContext) -> Kept:
+        """Every sample at once (`selection.dart_select`); how many tokens each keeps is a host fact (the
+        pivots, then every pivot's claims until the tokens run out), so nothing is read back at a fixed budget."""
         keys = ctx.keys()  # (B, Hkv, N, d) layer K-1, with RoPE
         norms = keys.float().abs().sum(dim=(1, 3))  # (B, N): the L1 norm over all heads (shared kv heads count once)
-        states = ctx.adapter.final_norm(ctx.hidden_states(ctx.stage.layer)).float()  # layer K-1's output, normed
-        kept = []
-        for b, ranks in enumerate(ctx.visual_ranks):
-            visual, text = ctx.visual_slots[b], ctx.tokens("instruction")[b]
-            image_pivots = visual[torch.topk(norms[b, visual], min(self.pivot_image, len(visual))).indices]
-            text_pivots = text[torch.topk(norms[b, text], min(self.pivot_text, len(text))).indices]
-            pivots = torch.cat([image_pivots, text_pivots])
-            if self.pivot_order == "official":  # the order of a Python set of absolute (prompt) positions
-                prompt = ctx.slot_prompt_position[b, pivots].tolist()
-                order = [prompt.index(p) for p in set(prompt)]
-                pivots = pivots[torch.tensor(order, device=pivots.device)]
-            unit = torch.nn.functional.normalize(states[b], dim=-1)
-            is_pivot = (visual[:, None] == image_pivots[None, :]).any(dim=1)
-            available = ~is_pivot  # (R,) over the visual tokens present
-            claims = min(self.claims(ctx.num_visual[b]), len(visual))
-            chosen = is_pivot.clone()
-            for pivot in pivots:
-                similarity = unit[visual] @ unit[pivot]  # (R,)
-                key = torch.where(available, -similarity, float("-inf"))
-                picked = torch.argsort(key, descending=True, stable=True)[:claims]
-                claimed = torch.zeros_like(chosen).scatter_(0, picked, key[picked] > float("-inf"))  # none if exhausted
-                chosen |= claimed
-                available &= ~claimed
-            kept.append(ranks[chosen])
-        return kept
+        units = torch.nn.functional.normalize(ctx.adapter.final_norm(ctx.hidden_states(ctx.stage.layer)).float(), dim=-1)
+        text, text_ok = ctx.query_slots("instruction")
+        text_counts = ctx.request_cache[("count", "instruction")]  # host, counted once per request
+        text_ok = torch.ones_like(text, dtype=torch.bool) if text_ok is None else text_ok
+        present = ctx.present_counts
+        claims = [min(self.claims(visual), count) for visual, count in zip(ctx.num_visual, present)]
+        kept = dart_select(units, norms, ctx.slot_prompt_position, ctx.slots, ctx.present, text, text_ok,
+                           torch.tensor(claims, device=ctx.ranks.device), self.pivot_image, self.pivot_text,
+                           self.pivot_order)  # (B, R) bool
+        counts = []
+        for count, texts, claim in zip(present, text_counts, claims):
+            image_pivots = min(self.pivot_image, count)
+            counts.append(min(count, image_pivots + (image_pivots + min(self.pivot_text, texts)) * claim))
+        indices, ok = mask_to_indices(kept, max(counts))
+        ranks = torch.where(ok, torch.gather(ctx.ranks, 1, indices.clamp(max=ctx.ranks.shape[1] - 1)), -1)
+        return Kept(ranks=ranks, counts=None if min(counts) == max(counts) else counts)
 
     def equivalent_tokens(self, num_visual: int = 576, num_layers: int = REFERENCE_LAYERS) -> float:
         kept = min(num_visual, self.pivot_image + (self.pivot_image + self.pivot_text) * self.claims(num_visual))

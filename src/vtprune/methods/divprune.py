@@ -16,7 +16,8 @@ import torch
 
 from ..context import StageContext
 from ..press import REFERENCE_LAYERS, Press
-from ..stages import Positions, Stage, resolve_keep
+from ..selection import max_min_select
+from ..stages import Kept, Positions, Stage, resolve_keep
 
 
 @dataclass
@@ -41,17 +42,40 @@ class DivPrune(Press):
     def stages(self, num_layers: int = REFERENCE_LAYERS) -> list[Stage]:
         return [Stage(layer=0, keep=self._single_keep(), score_layer=None)]
 
-    def select(self, ctx: StageContext) -> list[torch.Tensor]:
-        embeds = ctx.hidden_states(0)  # the language model's input: projected features at the visual slots
-        kept = []
-        for b, ranks in enumerate(ctx.visual_ranks):
-            parts = []
-            for segment in ctx.segments[b]:  # at the language model's input every token is present, in order
-                features = embeds[b, ctx.visual_slots[b][segment.offset : segment.offset + segment.length]]
-                count = resolve_keep(ctx.stage.keep, segment.length, segment.length, warn=not ctx.dry_run)
-                parts.append(ranks[segment.offset + max_min_diverse(features, count)])
-            kept.append(torch.sort(torch.cat(parts)).values)
-        return kept
+    def select(self, ctx: StageContext) -> Kept:
+        """One batched greedy selection over every image of the batch (a problem per image, padded to the
+        longest); the keep counts are host facts, so nothing is read back from the device."""
+        # at the language model's input every visual token is present, in rank order
+        problems = [(b, segment) for b, segments in enumerate(ctx.segments) for segment in segments]
+        counts = [resolve_keep(ctx.stage.keep, segment.length, segment.length, warn=not ctx.dry_run)
+                  for _, segment in problems]
+        width = max(2, max(segment.length for _, segment in problems))  # the nearest-other search needs 2 columns
+        device = ctx.ranks.device
+        sample = torch.tensor([b for b, _ in problems], device=device)
+        offset = torch.tensor([segment.offset for _, segment in problems], device=device)
+        length = torch.tensor([segment.length for _, segment in problems], device=device)
+        column = torch.arange(width, device=device)
+        valid = column < length[:, None]  # (P, n)
+        rank_column = torch.where(valid, offset[:, None] + column, 0)  # (P, n) column of ctx.ranks
+        features = ctx.visual_hidden_states(0)[sample[:, None], rank_column]  # (P, n, D) projected features
+        picks, kept = max_min_select(features, valid, max(counts), torch.tensor(counts, device=device))
+        # each sample's row: its images' picks one after another (each image's picks ascending)
+        sample_counts = [0] * ctx.num_samples
+        starts = []
+        for (b, _), count in zip(problems, counts):
+            starts.append(sample_counts[b])
+            sample_counts[b] += count
+        total = max(sample_counts)
+        slot = torch.tensor(starts, device=device)[:, None] + torch.arange(picks.shape[1], device=device)
+        slot = torch.where(kept, slot, total)  # dropped picks go to a spare column
+        values = torch.gather(ctx.ranks[sample], 1, torch.where(kept, offset[:, None] + picks, 0))
+        row = sample[:, None].expand_as(slot)
+        ranks = torch.full((ctx.num_samples, total + 1), torch.iinfo(torch.long).max, dtype=torch.long, device=device)
+        ranks = ranks.index_put_((row, slot), values)[:, :total]
+        ranks = torch.sort(ranks, dim=1).values
+        if min(sample_counts) < total:
+            ranks = ranks.masked_fill(ranks == torch.iinfo(torch.long).max, -1)
+        return Kept(ranks=ranks, counts=None if min(sample_counts) == total else sample_counts)
 
 
 def max_min_diverse(features: torch.Tensor, count: int) -> torch.Tensor:

@@ -27,7 +27,8 @@ import torch
 from ..context import StageContext, VisionStageContext
 from ..debias import Debias
 from ..press import REFERENCE_LAYERS, Press, budget_fraction, layer_list
-from ..stages import Kept, Positions, Stage, VisionStage, rank_order
+from ..selection import illava_merge
+from ..stages import Kept, Positions, Stage, VisionStage
 
 
 @dataclass
@@ -89,30 +90,15 @@ class ILLaVA(Press):
             values[torch.arange(len(keep), device=keep.device), destination] = vctx.finish(merged.to(values.dtype))
         return keep, values
 
-    def select(self, ctx: StageContext) -> list[Kept]:
+    def select(self, ctx: StageContext) -> Kept | torch.Tensor:
         if ctx.stage.layer == 0:  # after the vision stages
             return ctx.vision_survivors()
-        ranked = ctx.debias(ctx.unpad(ctx.attention("last")[:, 0]))
-        hidden = ctx.hidden_states(ctx.stage.layer)  # what enters layer K
-        decisions = []
-        for b, ranks in enumerate(ctx.visual_ranks):
-            keep = ctx.keep_count(b)
-            padding = ctx.padding[b] if ctx.debias_padding else None
-            order = rank_order(ranked[b], padding, ctx.padding_share_or_none(b))  # best first, padding last
-            merged = len(ranks) - keep
-            if merged == 0:
-                decisions.append(Kept(ranks=torch.sort(ranks).values))
-                continue
-            group = order[keep - 1:]  # the destination (best of the lowest r + 1), then the lower ones
-            weights = torch.arange(1, len(group) + 1, device=ranks.device, dtype=torch.float32)
-            if padding is not None:  # padding is dropped, not merged (it would weigh most, being ranked lowest)
-                weights = torch.where(padding[group], 0.0, weights).index_fill_(0, torch.zeros(1, dtype=torch.long, device=ranks.device), 1.0)
-            values = hidden[b, ctx.visual_slots[b][group]].float()
-            destination = (weights[:, None] * values).sum(dim=0) / weights.sum()
-            kept_order = order[:keep]
-            kept = ranks[kept_order]
-            sort = torch.argsort(kept)
-            new_values = hidden[b, ctx.visual_slots[b][kept_order]].clone()
-            new_values[-1] = destination.to(hidden.dtype)  # order[keep - 1] is the destination
-            decisions.append(Kept(ranks=kept[sort], values=new_values[sort]))
-        return decisions
+        scores = ctx.debias(ctx.attention("last")[:, 0])  # (B, R)
+        padding = ctx.padding_mask if ctx.debias_padding else None
+        share = ctx.padding_share_batched if padding is not None and ctx.padding_fractions else None
+        counts = ctx.keep_counts()
+        indices, kept, values = illava_merge(
+            scores.float(), ctx.present, ctx.visual_hidden_states(ctx.stage.layer),  # what enters layer K
+            torch.tensor(counts, device=ctx.ranks.device), max(counts), padding, share)
+        ranks = torch.where(kept, torch.gather(ctx.ranks, 1, indices.clamp(max=ctx.ranks.shape[1] - 1)), -1)
+        return Kept(ranks=ranks, values=values, counts=None if min(counts) == max(counts) else counts)

@@ -27,10 +27,11 @@ from typing import ClassVar, Sequence
 
 import torch
 
-from ..context import StageContext, rows_where
+from ..context import StageContext
+from ..selection import recycle, recycle_sizes
 from ..debias import Debias
 from ..press import REFERENCE_LAYERS, REFERENCE_TOKENS, Press
-from ..stages import Kept, Positions, Stage, member, resolve_keep
+from ..stages import Kept, Positions, Stage, resolve_keep
 
 #: published keep table: budget -> top-k size at each stage (of 576)
 SCHEDULES = {192: (300, 200, 110), 128: (303, 110, 36), 64: (66, 30, 17)}
@@ -77,50 +78,50 @@ class SparseVLM(Press):
         return (0,)  # the raters are chosen from the language model's input
 
     # --- scoring -------------------------------------------------------------------------------------------
-    def raters(self, ctx: StageContext) -> list[torch.Tensor]:
-        """Per sample, (T_b,) slots of the rater tokens (chosen at the first stage, kept in `ctx.state` as
-        prompt positions: text is never cut, so they stay findable)."""
+    def raters(self, ctx: StageContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) slots of the rater tokens and (B, T) bool marking the real ones (T: the instruction tokens of
+        the longest; chosen at the first stage, kept in `ctx.state` as prompt positions (-1: not a rater): text
+        is never cut, so they stay findable)."""
         if "raters" not in ctx.state:
-            embeds = ctx.hidden_states(0)
-            chosen = []
-            for b, (visual, text) in enumerate(zip(ctx.tokens("visual"), ctx.tokens("instruction"))):
-                relevance = torch.softmax(embeds[b, visual].float() @ embeds[b, text].float().T, dim=1).mean(dim=0)
-                above = relevance > relevance.mean()
-                above = above | ~above.any()  # all equal (e.g. one text token): every one rates
-                chosen.append(torch.where(above, ctx.slot_prompt_position[b, text], -1))
-            ctx.state["raters"] = chosen
-        mask = torch.stack([member(ctx.slot_prompt_position[b], positions) for b, positions in
-                            enumerate(ctx.state["raters"])]) & ctx.slot_valid & (ctx.slot_visual_rank < 0)
-        return rows_where(mask)
+            embeds = ctx.hidden_states(0).float()
+            visual, visual_ok = ctx.query_slots("visual")
+            text, text_ok = ctx.query_slots("instruction")
+            visual_ok = torch.ones_like(visual, dtype=torch.bool) if visual_ok is None else visual_ok
+            text_ok = torch.ones_like(text, dtype=torch.bool) if text_ok is None else text_ok
+            width = embeds.shape[-1]
+            visual_embeds = torch.gather(embeds, 1, visual[:, :, None].expand(-1, -1, width))
+            text_embeds = torch.gather(embeds, 1, text[:, :, None].expand(-1, -1, width))
+            logits = torch.where(text_ok[:, None, :], torch.bmm(visual_embeds, text_embeds.transpose(1, 2)), float("-inf"))
+            relevance = (torch.softmax(logits, dim=2) * visual_ok[:, :, None]).sum(dim=1) / visual_ok.sum(dim=1, keepdim=True)
+            mean = (relevance * text_ok).sum(dim=1, keepdim=True) / text_ok.sum(dim=1, keepdim=True)
+            above = (relevance > mean) & text_ok
+            above = above | (text_ok & ~above.any(dim=1, keepdim=True))  # all equal (e.g. one text token): every one rates
+            ctx.state["raters"] = torch.where(above, torch.gather(ctx.slot_prompt_position, 1, text), -1)
+        raters = ctx.state["raters"]
+        mask = (ctx.slot_prompt_position[:, :, None] == raters[:, None, :]).any(dim=2) & ctx.slot_valid & (ctx.slot_visual_rank < 0)  # (B, N)
+        slots = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, : raters.shape[1]]
+        return slots, torch.gather(mask, 1, slots)
 
     def score(self, ctx: StageContext) -> torch.Tensor:
-        raters = self.raters(ctx)
-        counts = torch.tensor([len(r) for r in raters], device=ctx.ranks.device)
-        return ctx.attention(raters).sum(dim=1) / counts[:, None]  # (B, R): mean over each sample's raters
+        slots, mask = self.raters(ctx)
+        return ctx.attention(slots, query_mask=mask).sum(dim=1) / mask.sum(dim=1, keepdim=True)  # (B, R): mean over raters
 
-    def select(self, ctx: StageContext) -> list[Kept]:
-        raw = ctx.unpad(self.score(ctx))
-        ranked = ctx.debias(raw)
-        hidden = ctx.hidden_states(ctx.stage.layer) if self.recycle else None  # the scoring layer's output
-        decisions = []
-        for b, (ranks, kept) in enumerate(zip(ctx.visual_ranks, ctx.top_k(ranked))):  # the shared rule
-            count = ctx.keep_count(b)
-            num_pruned = len(ranks) - count
-            if not self.recycle or num_pruned == 0:
-                decisions.append(Kept(ranks=kept))
-                continue
-            # the best pruned tokens by raw score (pruned tokens sort first, best first; no host sync)
-            pruned = ~member(ranks, kept)
-            order = torch.argsort(torch.where(pruned, raw[b].double(), float("-inf")), descending=True, stable=True)
-            candidates = order[: min(num_pruned, int(num_pruned * RECYCLE_SHARE) + 1)]
-            features = hidden[b, ctx.visual_slots[b][candidates]]
-            centres, assignment = density_peak_clusters(features.float(), len(candidates) // 10 + 1)
-            members = torch.zeros(len(candidates), len(centres), device=features.device)
-            members.scatter_(1, assignment[:, None], 1.0)  # (n, m) one-hot
-            merged = (members.T @ features.float()) / members.sum(dim=0)[:, None]
-            decisions.append(Kept(ranks=kept, extra=merged.to(features.dtype),
-                                  extra_positions=ranks[candidates[centres]]))
-        return decisions
+    def select(self, ctx: StageContext) -> Kept:
+        raw = self.score(ctx)
+        kept = ctx.top_k(ctx.debias(raw))  # the shared rule
+        counts = ctx.counts_of(kept)
+        pruned_counts = [present - count for present, count in zip(ctx.present_counts, counts)]
+        n, m = recycle_sizes(max(pruned_counts))
+        if not self.recycle or m == 0:
+            return Kept(ranks=kept, counts=None if min(counts) == max(counts) else counts)
+        # the best pruned tokens by raw score, clustered; the scoring layer's output hidden states
+        pruned = ctx.present & ~(ctx.ranks[:, :, None] == kept[:, None, :]).any(dim=2)
+        features = ctx.visual_hidden_states(ctx.stage.layer)
+        centres, merged, clustered = recycle(raw, pruned, features, n, m)
+        clusters = [recycle_sizes(count)[1] for count in pruned_counts]
+        positions = torch.gather(ctx.ranks, 1, centres.clamp(max=ctx.ranks.shape[1] - 1))
+        return Kept(ranks=kept, counts=None if min(counts) == max(counts) else counts, extra=merged,
+                    extra_positions=positions, extra_valid=clustered, extra_counts=clusters)
 
     def equivalent_tokens(self, num_visual: int = REFERENCE_TOKENS, num_layers: int = REFERENCE_LAYERS) -> float:
         """As `Press.equivalent_tokens`, counting the recycled tokens each stage inserts."""

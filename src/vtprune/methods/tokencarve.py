@@ -23,6 +23,7 @@ import torch
 from ..context import StageContext
 from ..debias import Debias
 from ..press import REFERENCE_LAYERS, Press, layer_list
+from ..selection import borda, carve_merge, information
 from ..stages import Kept, Positions, Stage
 
 
@@ -64,24 +65,20 @@ class TokenCarve(Press):
     def stages(self, num_layers: int = REFERENCE_LAYERS) -> list[Stage]:
         return [Stage(layer=self.layer, keep=self._single_keep(), score_layer=self.layer - 1, trim_cache=self.trim_cache)]
 
-    def select(self, ctx: StageContext) -> list[Kept]:
-        attention = ctx.unpad(ctx.attention("last")[:, 0])
+    def select(self, ctx: StageContext) -> Kept:
+        attention = ctx.attention("last")[:, 0]  # (B, R)
         if self.debias_target == "attention":
             attention = ctx.debias(attention)
-        hidden = ctx.hidden_states(ctx.stage.layer)  # layer K-1's output
-        states = [hidden[b, slots].float() for b, slots in enumerate(ctx.visual_slots)]  # (R, D) per sample
-        fused = []
-        for b, values in enumerate(states):
-            fused.append(self._borda(attention[b].float(), self.information(values)))
+        states = ctx.visual_hidden_states(ctx.stage.layer)  # layer K-1's output, (B, R, D)
+        valid = ctx.present
+        fused = borda(attention.float(), information(states.float(), valid), valid, self.av_weight)
         if self.debias_target == "fused":
             fused = ctx.debias(fused)
-        decisions = []
-        for b, ranks in enumerate(ctx.visual_ranks):
-            keep = ctx.keep_count(b)
-            count = min(len(ranks), max(keep, int(keep / 2 * 3)))  # 1.5 k candidates
-            candidates = torch.argsort(fused[b], descending=True, stable=True)[:count]
-            decisions.append(self._merge(states[b], ranks, candidates, keep, hidden.dtype))
-        return decisions
+        counts = ctx.keep_counts()
+        indices, kept, values = carve_merge(fused.float(), states.float(), valid,
+                                            torch.tensor(counts, device=valid.device), max(counts))
+        ranks = torch.where(kept, torch.gather(ctx.ranks, 1, indices.clamp(max=ctx.ranks.shape[1] - 1)), -1)
+        return Kept(ranks=ranks, values=values.to(states.dtype), counts=None if min(counts) == max(counts) else counts)
 
     @staticmethod
     def information(values: torch.Tensor) -> torch.Tensor:

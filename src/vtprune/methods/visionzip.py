@@ -24,7 +24,8 @@ from ..context import StageContext
 from ..debias import Debias
 from ..press import REFERENCE_LAYERS, REFERENCE_TOKENS, Press, budget_fraction, interpolate_table
 from ..budgets import split_for_budget
-from ..stages import Kept, Positions, Stage, rank_order
+from ..selection import pack_rows, visionzip_select
+from ..stages import Kept, Positions, Stage
 
 #: published split of each budget: (dominant tokens incl. [CLS], contextual tokens), of 576 patches
 SPLITS = {192: (162, 30), 128: (108, 20), 64: (54, 10)}
@@ -92,54 +93,76 @@ class VisionZip(Press):
     def score(self, ctx: StageContext) -> torch.Tensor:
         return ctx.vision_attention(self.vision_layer)
 
-    def select(self, ctx: StageContext) -> list[Kept]:
-        ranked = ctx.unpad(ctx.debias(self.score(ctx)))
+    def select(self, ctx: StageContext) -> Kept:
+        """Every image of the batch at once (`selection.visionzip_select`, a padded problem per image); the
+        counts are host facts, so nothing is read back from the device."""
+        scores = ctx.debias(self.score(ctx))  # (B, R); at the language model's input every token is present, in order
         features = ctx.vision_hidden_states(self.vision_layer, output=True)  # (N_img, T, D) pre-projector
         keys = ctx.vision_keys(self.vision_layer).mean(dim=1)  # (N_img, T, d): head-mean keys
-        first = ctx.adapter.vision_first_patch
-        decisions = []
-        for b, segments in enumerate(ctx.segments):
-            ranks, padding = ctx.visual_ranks[b], (ctx.padding[b] if ctx.debias_padding else None)
-            kept_parts, extra, after, before, positions = [], [], [], [], []
-            for segment in segments:  # at the language model's input every token is present, in order
-                span = slice(segment.offset, segment.offset + segment.length)
-                patches, contextual = self.split(segment.length)
-                share = ctx.padding_share_or_none(b)
-                order = rank_order(ranked[b][span], None if padding is None else padding[span],
-                                   None if share is None else share[span])
-                dominant = torch.sort(order[:patches]).values  # patch indices in the image
-                kept_parts.append(ranks[span][dominant])
-                image = features[segment.image_index]
-                if self.include_cls and not self.keeps_everything:  # the [CLS] feature, projected, ahead of the patches
-                    extra.append(ctx.adapter.project_visual(image[ctx.adapter.vision_cls_index]))
-                    after.append(ranks[span][dominant[0]]), before.append(True), positions.append(ranks[span][0])
-                if contextual:
-                    rest = torch.ones(segment.length, dtype=torch.bool, device=ranks.device).index_fill_(0, dominant, False)
-                    candidates = torch.sort(torch.where(rest, torch.arange(segment.length, device=ranks.device),
-                                                        segment.length)).values[: segment.length - patches]
-                    step = max(1, len(candidates) // contextual)
-                    targets = candidates[torch.arange(0, len(candidates), step, device=ranks.device)[:contextual]]
-                    unit = torch.nn.functional.normalize(keys[segment.image_index, first + candidates].float(), dim=-1)
-                    target_unit = torch.nn.functional.normalize(keys[segment.image_index, first + targets].float(), dim=-1)
-                    assignment = (unit @ target_unit.T).argmax(dim=1)  # (R,) nearest target of each candidate
-                    is_target = (candidates[:, None] == targets[None, :]).any(dim=1)
-                    members = torch.zeros(len(candidates), len(targets), device=ranks.device)
-                    members.scatter_(1, assignment[:, None], 1.0)
-                    members = members * (~is_target)[:, None].float()  # targets are not their own members
-                    values = image[first + candidates].float()
-                    merged = image[first + targets].float() + (members.T @ values) / members.sum(dim=0).clamp(min=1)[:, None]
-                    extra.extend(ctx.adapter.project_visual(merged.to(image.dtype)).unbind(0))
-                    last = ranks[span][dominant[-1]]
-                    after.extend([last] * len(targets)), before.extend([False] * len(targets))
-                    positions.extend(ranks[span][targets].unbind(0))
-            kept = torch.cat(kept_parts)
-            if not extra:
-                decisions.append(Kept(ranks=kept))
-                continue
-            decisions.append(Kept(ranks=kept, extra=torch.stack(extra), extra_after=torch.stack(after),
-                                  extra_before=torch.tensor(before, device=kept.device),
-                                  extra_positions=torch.stack(positions)))
-        return decisions
+        first, device = ctx.adapter.vision_first_patch, ctx.ranks.device
+        problems = [(b, segment) for b, segments in enumerate(ctx.segments) for segment in segments]
+        splits = [self.split(segment.length) for _, segment in problems]
+        max_patches, max_contextual = max(s[0] for s in splits), max(s[1] for s in splits)
+        length = max(segment.length for _, segment in problems)
+        sample = torch.tensor([b for b, _ in problems], device=device)
+        offset = torch.tensor([segment.offset for _, segment in problems], device=device)
+        image = torch.tensor([segment.image_index for _, segment in problems], device=device)
+        column = torch.arange(length, device=device)
+        valid = column < torch.tensor([segment.length for _, segment in problems], device=device)[:, None]
+        rank_column = torch.where(valid, offset[:, None] + column, 0)  # (P, L) column of ctx.ranks
+        row = sample[:, None]
+        padding = share = None
+        if ctx.debias_padding and ctx.padding_mask is not None:
+            padding = ctx.padding_mask[row, rank_column] & valid
+            if ctx.padding_fractions:
+                share = ctx.padding_share_batched[row, rank_column]
+        patch = (first + column).clamp(max=features.shape[1] - 1)
+        dominant, dominant_ok, targets, merged, targets_ok = visionzip_select(
+            scores[row, rank_column].float(), valid, keys[image[:, None], patch], features[image[:, None], patch],
+            torch.tensor([s[0] for s in splits], device=device), torch.tensor([s[1] for s in splits], device=device),
+            max_patches, max(1, max_contextual), padding, share)
+        ranks_of = ctx.ranks[row, rank_column]  # (P, L) the rank of each patch
+        dominant_ranks = torch.gather(ranks_of, 1, dominant.clamp(max=length - 1))
+        counts, starts = self._layout([s[0] for s in splits], [b for b, _ in problems], ctx.num_samples)
+        ranks = pack_rows(dominant_ranks, dominant_ok, sample, torch.tensor(starts, device=device),
+                          ctx.num_samples, max(counts), fill=-1)
+        ranks_counts = None if min(counts) == max(counts) else counts
+        cls = int(self.include_cls and not self.keeps_everything)
+        if not cls and not max_contextual:
+            return Kept(ranks=ranks, counts=ranks_counts)
+        # per image: [CLS] (right before its first dominant patch, at its first position), then its contextual
+        # tokens (after its last dominant patch, each at its target's position)
+        last_dominant = torch.gather(dominant_ranks, 1, (dominant_ok.sum(dim=1, keepdim=True) - 1))
+        target_ranks = torch.gather(ranks_of, 1, targets.clamp(max=length - 1))
+        contextual = targets_ok if max_contextual else targets_ok[:, :0]
+        values, ok = merged[:, : contextual.shape[1]], contextual
+        after = last_dominant.expand_as(contextual)
+        before = torch.zeros_like(contextual)
+        positions = target_ranks[:, : contextual.shape[1]]
+        if cls:
+            cls_features = features[image, ctx.adapter.vision_cls_index][:, None]  # (P, 1, D)
+            values = torch.cat([cls_features, values], dim=1)
+            ok = torch.cat([torch.ones_like(ok[:, :1]), ok], dim=1)
+            after = torch.cat([dominant_ranks[:, :1], after], dim=1)
+            before = torch.cat([torch.ones_like(before[:, :1]), before], dim=1)
+            positions = torch.cat([ranks_of[:, :1], positions], dim=1)
+        extra_counts, extra_starts = self._layout([cls + s[1] for s in splits], [b for b, _ in problems], ctx.num_samples)
+        extra_start, width = torch.tensor(extra_starts, device=device), max(extra_counts)
+        pack = lambda x, fill=0: pack_rows(x, ok, sample, extra_start, ctx.num_samples, width, fill)  # noqa: E731
+        extra_valid = pack(ok, False)
+        return Kept(ranks=ranks, counts=ranks_counts, extra=ctx.adapter.project_visual(pack(values)),
+                    extra_after=pack(after), extra_before=pack(before, False), extra_positions=pack(positions),
+                    extra_valid=None if min(extra_counts) == width else extra_valid,
+                    extra_counts=None if min(extra_counts) == width else extra_counts)
+
+    @staticmethod
+    def _layout(counts: list[int], samples: list[int], num_samples: int) -> tuple[list[int], list[int]]:
+        """Per sample, the total of its problems' counts, and per problem, where its entries start in its row."""
+        totals, starts = [0] * num_samples, []
+        for b, count in zip(samples, counts):
+            starts.append(totals[b])
+            totals[b] += count
+        return totals, starts
 
     def equivalent_tokens(self, num_visual: int = REFERENCE_TOKENS, num_layers: int = REFERENCE_LAYERS) -> float:
         patches, contextual = self.split(num_visual)

@@ -15,6 +15,7 @@ where a set is returned, with the invalid slots documented per function.
 | `information`, `borda`, `carve_merge` (TokenCarve) | information(states (B,R,D), valid) -> (B,R); borda(attention (B,R), information (B,R), valid, av_weight=0.5) -> fused (B,R); carve_merge(fused (B,R), states (B,R,D), valid, keep: int or (B,), max_keep: int) -> indices (B,K), kept (B,K), values (B,K,D) float32 |
 | `illava_merge` (iLLaVA) | (scores (B,R), valid (B,R), values (B,R,D), keep: int or (B,), max_keep: int, padding=None, padding_fraction=None) -> indices (B,K), kept (B,K), new values (B,K,D) |
 | `rank_order` (shared rule) | (scores (B,R), valid (B,R), padding=None, padding_fraction=None) -> order (B,R) best first, padding then invalid last |
+| `pack_rows` | (values (P,k,...), ok (P,k) prefix, row (P,), start (P,), rows, width, fill=0) -> (rows, width, ...): each problem's entries placed in its row from its start column |
 | `mask_to_indices` | (mask (B,R), k: int) -> indices (B,k) ascending (R when fewer), kept (B,k) |
 | `density_peak_clusters` (SparseVLM) | (features (P,n,C), valid (P,n), m: int, clusters (P,)) -> centres (P,m), centre_ok (P,m), assignment (P,n) |
 
@@ -22,7 +23,7 @@ where a set is returned, with the invalid slots documented per function.
 """
 
 from ..debias.fit import auto_trend
-from .common import mask_to_indices, rank_order
+from .common import mask_to_indices, pack_rows, rank_order
 from .dart import dart_claims, dart_select, python_set_order, top_pivots
 from .divprune import max_min_select
 from .illava import illava_merge
@@ -33,5 +34,5 @@ from .visionzip import visionzip_select
 
 __all__ = [
     "OpCounter", "auto_trend", "borda", "carve_merge", "count_ops", "illava_merge", "information", "dart_claims", "dart_select", "python_set_order", "top_pivots",
-    "density_peak_clusters", "mask_to_indices", "max_min_select", "rank_order", "recycle", "recycle_sizes",
+    "density_peak_clusters", "mask_to_indices", "max_min_select", "pack_rows", "rank_order", "recycle", "recycle_sizes",
     "visionzip_select"]

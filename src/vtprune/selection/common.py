@@ -30,3 +30,14 @@ def mask_to_indices(mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     positions = torch.where(mask, torch.arange(width, device=mask.device), width)
     indices = torch.sort(positions, dim=1).values[:, :k]
     return indices, indices < width
+
+
+def pack_rows(values: torch.Tensor, ok: torch.Tensor, row: torch.Tensor, start: torch.Tensor, rows: int, width: int,
+              fill=0) -> torch.Tensor:
+    """Concatenate, per output row, the entries of the problems that belong to it: values (P, k, ...), ok (P, k)
+    bool (a prefix of each problem's k), row (P,) the output row of each problem, start (P,) the column where its
+    entries begin (host-known counts make these static). Returns (rows, width, ...) with `fill` elsewhere."""
+    column = torch.where(ok, start[:, None] + torch.arange(ok.shape[1], device=ok.device), width)  # spare column
+    out = torch.full((rows, width + 1, *values.shape[2:]), fill, dtype=values.dtype, device=values.device)
+    out = out.index_put_((row[:, None].expand_as(column), column), values)
+    return out[:, :width]

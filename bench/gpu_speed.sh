@@ -4,7 +4,7 @@
 #   LLaVA-1.5-7B shape, full depth, bf16: every method at 192/128/64 (+ debias), batch 1 and 8, eager;
 #   FastV/PyramidDrop 128 compiled with CUDA graphs (mode="reduce-overhead") at batch 1;
 #   KV-cache bytes after prefill and decode ms per token over 256 tokens (FastV, PyramidDrop, HiMAP 128);
-#   the long-input shapes (LLaVA-NeXT 2,112 visual tokens, Video-LLaVA 2,048, Qwen2.5-VL 576..1,000+) at batch 1.
+#   the long-input shapes (LLaVA-NeXT 2,112 visual tokens, Video-LLaVA 2,048, Qwen2.5-VL 1,024) at batch 1.
 #     bash bench/gpu_speed.sh            # then read $OUT/*.md; $OUT/card.txt names the GPU
 set -u
 cd "$(dirname "$0")"
@@ -29,5 +29,5 @@ run llava15_b8_compiled 60 --batch 8 --repeats 3 --compile default --methods fas
 run llava15_decode 60 --batch 1 --repeats 1 --methods fastv,pdrop,himap --budgets 128 --decode 256
 run next_b1 45 --model-shape llava-next-7b --batch 1 --repeats 3 --methods $LM_METHODS
 run video_b1 45 --model-shape video-llava-7b --batch 1 --repeats 3 --methods $LM_METHODS
-run qwen_b1 45 --model-shape qwen2.5-vl-7b --batch 1 --repeats 3 --methods $LM_METHODS
+run qwen_b1 45 --model-shape qwen2.5-vl-7b --qwen-grid 64 --batch 1 --repeats 3 --methods $LM_METHODS  # 1,024 visual tokens
 echo "tables in $OUT/*.md"

@@ -23,7 +23,7 @@ time the language model, which is what FastV and PyramidDrop change; budgets are
 sample's visual tokens, so "192" keeps a third as it does on LLaVA-1.5):
 
 * qwen2.5-vl-7b: Qwen2.5-VL-7B (28 layers, 3584 wide, MLP 18944, 28 heads / 4 KV heads, mRoPE), one 672x672
-  image = a 48x48 patch grid = 576 visual tokens after the 2x2 merge.
+  image = a 48x48 patch grid = 576 visual tokens after the 2x2 merge (`--qwen-grid 64`: 896x896, 1,024 tokens).
 * llava-next-7b: LLaVA-v1.6-Vicuna-7B (32 layers, 4096, 11008, 32 heads), one 640x427 image through the anyres
   processor (pinpoints of the checkpoint): base image (576) + 2x2 tiles unpadded to 32x48 (1536) = 2112 visual
   tokens, plus 32 `image_newline` tokens that are never pruned.
@@ -121,8 +121,9 @@ def _prompt(token: int, count: int, around: tuple[int, ...] = ()) -> torch.Tenso
     return torch.cat([torch.tensor([1]), before, start, torch.full((count,), token), end, after]).long()
 
 
-def build_shape(shape: str, depth: int, dtype: torch.dtype, device: str, batch: int):
-    """(model, inputs, visual tokens per sample) for one of SHAPES, image/video features precomputed."""
+def build_shape(shape: str, depth: int, dtype: torch.dtype, device: str, batch: int, qwen_grid: int = 48):
+    """(model, inputs, visual tokens per sample) for one of SHAPES, image/video features precomputed; qwen_grid: the
+    Qwen2.5-VL image's patch-grid side (even; visual tokens = qwen_grid**2 / 4 after the 2x2 merge)."""
     generator = torch.Generator().manual_seed(0)
     if shape == "qwen2.5-vl-7b":
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -138,11 +139,11 @@ def build_shape(shape: str, depth: int, dtype: torch.dtype, device: str, batch: 
         with torch.device(device):
             model = Qwen2_5_VLForConditionalGeneration(config)
         model = model.to(dtype).eval()
-        grid = torch.tensor([[1, 48, 48]] * batch, device=device)
-        pixels = torch.randn(batch * 48 * 48, 3 * 2 * 14 * 14, generator=generator).to(device, dtype)
+        grid = torch.tensor([[1, qwen_grid, qwen_grid]] * batch, device=device)
+        pixels = torch.randn(batch * qwen_grid * qwen_grid, 3 * 2 * 14 * 14, generator=generator).to(device, dtype)
         with torch.no_grad():
             features = model.model.get_image_features(pixels, grid, return_dict=True)
-        visual = 576
+        visual = qwen_grid * qwen_grid // 4
         ids = _prompt(151655, visual, around=(151652, 151653))[None].expand(batch, -1).contiguous().to(device)
         types = (ids == 151655).int()
         inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=types,
@@ -202,7 +203,7 @@ def main_shape(args) -> None:
     on_gpu = args.device.startswith("cuda")
     depth = args.layers or (full_depth if on_gpu else 4)
     dtype = getattr(torch, args.dtype or ("bfloat16" if on_gpu else "float32"))
-    model, inputs, visual = build_shape(args.model_shape, depth, dtype, args.device, args.batch)
+    model, inputs, visual = build_shape(args.model_shape, depth, dtype, args.device, args.batch, args.qwen_grid)
     runner = compiled_runner(model, args)
     methods = args.methods.split(",") if args.methods else ["fastv", "pdrop"]
     budgets = [int(b) for b in args.budgets.split(",")]
@@ -286,6 +287,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--layers", type=int, default=None, help="decoder depth (default 4 on CPU, 32 on GPU)")
+    parser.add_argument("--qwen-grid", type=int, default=48, help="qwen2.5-vl-7b: the image's patch-grid side, even "
+                        "(48: a 672x672 image, 576 visual tokens; 64: 896x896, 1,024)")
     parser.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=1, help="identical prompts per prefill")

@@ -27,6 +27,7 @@ from rich.table import Table
 
 from prefill import build_model, prompt_ids
 from vtprune.methods import METHODS
+from vtprune.selection.opcount import OpCounter
 
 
 def count_syncs(fn) -> tuple[int, list[tuple[str, int]]]:
@@ -46,57 +47,9 @@ def count_syncs(fn) -> tuple[int, list[tuple[str, int]]]:
     return len(syncs), sites.most_common(6)
 
 
-#: ops that copy a value to the host (or need a data-dependent output size): each one synchronises on a GPU
-SYNC_OPS = {"_local_scalar_dense", "nonzero", "nonzero_static", "is_nonzero", "masked_select", "unique", "_unique",
-            "_unique2", "unique_consecutive", "unique_dim", "item", "equal"}
-
-
-class OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the aten ops dispatched inside it: `total`, and `syncs` (ops of SYNC_OPS, `repeat_interleave`
-    with a tensor of repeats, indexing with a boolean mask, and `Tensor.tolist()`, which reads a CPU tensor
-    without dispatching an op but synchronises on a GPU)."""
-
-    def __init__(self):
-        super().__init__()
-        self.total, self.syncs = 0, 0
-        self.sync_names: dict[str, int] = {}
-
-    def __enter__(self):
-        self._tolist = torch.Tensor.tolist
-        counter, original = self, self._tolist
-
-        def tolist(tensor):
-            counter.syncs += 1
-            counter.sync_names["tolist"] = counter.sync_names.get("tolist", 0) + 1
-            return original(tensor)
-
-        torch.Tensor.tolist = tolist
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        torch.Tensor.tolist = self._tolist
-        return super().__exit__(*exc)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        self.total += 1
-        name = func._overloadpacket.__name__
-        sync = name in SYNC_OPS
-        if name == "repeat_interleave" and isinstance(args[0], torch.Tensor) and len(args) > 1 and isinstance(args[1], torch.Tensor):
-            sync = True
-        if name in ("index", "index_put", "index_put_") and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ())
-        ):
-            sync = True
-        if sync:
-            self.syncs += 1
-            self.sync_names[name] = self.sync_names.get(name, 0) + 1
-        return func(*args, **kwargs)
-
-
 def count_ops(model, inputs, press=None) -> tuple[int, int]:
     """(ops, sync-type ops) of one prefill (`press` active, or unpruned)."""
-    counter = OpCounter()
+    counter = OpCounter(count_tolist=True)  # tolist reads a CPU tensor without an op, but syncs on a GPU
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if press is None:

@@ -13,27 +13,8 @@ from vtprune.methods import DART, DivPrune, FasterVLM, ILLaVA, SparseVLM, TokenC
 from vtprune.selection.opcount import OpCounter
 
 
-class _Counter(OpCounter):
-    """`OpCounter` that also counts `Tensor.tolist()` as a synchronisation (it reads a CPU tensor without
-    dispatching an op, but synchronises on a GPU)."""
-
-    def __enter__(self):
-        self._tolist, counter, original = torch.Tensor.tolist, self, torch.Tensor.tolist
-
-        def tolist(tensor):
-            counter.sync_counts["tolist"] += 1
-            return original(tensor)
-
-        torch.Tensor.tolist = tolist
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        torch.Tensor.tolist = self._tolist
-        return super().__exit__(*exc)
-
-
-def _count(model, inputs, press=None) -> _Counter:
-    counter = _Counter()
+def _count(model, inputs, press=None) -> OpCounter:
+    counter = OpCounter(count_tolist=True)
     with torch.no_grad():
         if press is None:
             with counter:

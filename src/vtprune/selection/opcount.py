@@ -16,6 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 SYNC_OPS = frozenset({
     "aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero", "aten::masked_select", "aten::unique",
     "aten::_unique", "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive", "aten::item",
+    "aten::nonzero_static", "aten::equal",
 })
 
 
@@ -31,12 +32,33 @@ def _is_sync(func, args) -> bool:
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts dispatched aten ops by name (`counts`), in total (`total`) and the sync-type ones (`syncs`)."""
+    """Counts dispatched aten ops by name (`counts`), in total (`total`) and the sync-type ones (`syncs`).
 
-    def __init__(self) -> None:
+    count_tolist: also count `Tensor.tolist()` as a sync (`sync_counts["tolist"]`): it reads a CPU tensor without
+    dispatching an op, but synchronises on a GPU."""
+
+    def __init__(self, count_tolist: bool = False) -> None:
         super().__init__()
         self.counts: Counter = Counter()
         self.sync_counts: Counter = Counter()
+        self.count_tolist = count_tolist
+        self._tolist = None
+
+    def __enter__(self):
+        if self.count_tolist:
+            self._tolist, counter, original = torch.Tensor.tolist, self, torch.Tensor.tolist
+
+            def tolist(tensor):
+                counter.sync_counts["tolist"] += 1
+                return original(tensor)
+
+            torch.Tensor.tolist = tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        if self._tolist is not None:
+            torch.Tensor.tolist, self._tolist = self._tolist, None
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func._overloadpacket._qualified_op_name

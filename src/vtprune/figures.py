@@ -174,9 +174,12 @@ def read_position_report(path: str | Path) -> dict:
 
 
 def _save(fig, path: str | Path) -> Path:
+    from .io import atomic_open
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight", metadata=PNG_METADATA)
+    with atomic_open(path, "wb") as handle:  # a temporary file in the folder (created if needed), then a rename
+        fig.savefig(handle, dpi=110, bbox_inches="tight", metadata=PNG_METADATA,
+                    format=path.suffix.lstrip(".").lower() or "png")
     plt.close(fig)
     return path
 
@@ -252,9 +255,10 @@ def plot_accuracy(cells: Sequence[AccuracyCell], path: str | Path, settings: Seq
 def write_accuracy_csv(cells: Sequence[AccuracyCell], path: str | Path, settings: Sequence[str] | None = None) -> Path:
     """The plotted cells as CSV (percent): setting, budget, accuracy, interval, paired difference."""
     wanted = {name for panel in accuracy_panels(cells, settings) for name in panel} | {"unpruned", "Random"}
+    from .io import atomic_open
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
+    with atomic_open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["setting", "budget", "accuracy", "low", "high", "delta", "delta_low", "delta_high"])
         for c in cells:

@@ -6,7 +6,8 @@ Mixed in before the wrapper class (`class LlavaHf(PressMixin, lmms_eval...LlavaH
   checks that vtprune has an adapter for the model's class, before any weights load;
 * makes LLaVA-1.5's processor pad images to a square (`pad_to_square`, default on for LLaVA-1.5);
 * replaces the wrapper's processor by a recorder of each call's images (their original sizes are what
-  padding debiasing needs) and the model's `generate` by one that runs inside the press;
+  padding debiasing needs) and the model's `generate` by one that runs inside the press, for image and video
+  requests alike (the adapters lay out video frames; a text-only request runs unpruned);
 * lets errors surface: lmms-eval's wrappers catch every exception raised in `generate()` and score an empty
   answer, so a failing press would score zero silently. The wrapped `generate` raises a `_Escape`
   (a BaseException, which `except Exception` does not catch) and `generate_until` re-raises the original error;
@@ -44,20 +45,29 @@ def _pil_images(value) -> list:
     return []
 
 
-class _Recorder:
-    """Stands in for a wrapper's processor: remembers the images (and whether videos) of its last call and
-    delegates everything else to the real processor."""
+def _video_count(inputs: dict) -> int:
+    """The videos in a generate() call's inputs: pixel_values_videos (B, F, C, H, W) for Video-LLaVA, or
+    video_grid_thw (one row per video) for Qwen2.5-VL."""
+    videos = inputs.get("pixel_values_videos")
+    if inputs.get("video_grid_thw") is not None:
+        return int(inputs["video_grid_thw"].shape[0])
+    if videos is None:
+        return 0
+    return int(videos.shape[0]) if getattr(videos, "dim", lambda: 0)() == 5 else 1
 
-    _own = ("processor", "images", "videos")
+
+class _Recorder:
+    """Stands in for a wrapper's processor: remembers the images of its last call (their sizes) and delegates
+    everything else to the real processor."""
+
+    _own = ("processor", "images")
 
     def __init__(self, processor):
         object.__setattr__(self, "processor", processor)
         object.__setattr__(self, "images", [])
-        object.__setattr__(self, "videos", False)
 
     def __call__(self, *args, **kwargs):
         object.__setattr__(self, "images", _pil_images(kwargs.get("images")))
-        object.__setattr__(self, "videos", kwargs.get("videos") is not None)
         return self.processor(*args, **kwargs)
 
     def __getattr__(self, name):
@@ -215,20 +225,20 @@ class PressMixin:
         model.generate = generate
         layers = len(adapter_for(model).decoder_layers) if options.prunes else None
         self.vtprune_num_layers = layers
-        sys.stderr.write(f"{self.plugin_name}: {options.describe(config, None, layers)}; pad_to_square={pad}\n")
+        padding = "" if pad is None else f"; pad_to_square={pad}"  # LLaVA-1.5 only
+        sys.stderr.write(f"{self.plugin_name}: {options.describe(config, None, layers)}{padding}\n")
 
     def _vtprune_generate(self, original, recorder: _Recorder, *args, **kwargs):
         options = self.vtprune_options
         images = list(recorder.images)
         pending, self._vtprune_pending = self._vtprune_pending, []
-        record = {"task": self.vtprune_task, "images": len(images), "visual": None, "kept": None}
+        videos = _video_count(kwargs)
+        record = {"task": self.vtprune_task, "images": len(images), "videos": videos, "visual": None, "kept": None}
         self.vtprune_requests.append(record)
-        if not options.prunes or not images:
-            if options.prunes and recorder.videos:
-                raise ValueError(f"{self.plugin_name} prunes image tokens; this request holds a video")
+        if not options.prunes or not (images or videos):
             output = original(*args, **kwargs)  # unpruned, or a text-only request: nothing to prune
             for index in pending:
-                self._vtprune_records[index] = {"pruned": False, "images": len(images)}
+                self._vtprune_records[index] = {"pruned": False, "images": len(images), "videos": videos}
             return output
         press = options.press(self.model.config, self.vtprune_task)
         with press(self.model, processor=recorder.processor, image_sizes=[image.size for image in images]):
@@ -244,7 +254,7 @@ class PressMixin:
         for b, index in enumerate(pending):
             b = b if len(pending) == samples else slice(None)
             self._vtprune_records[index] = {
-                "pruned": True,
+                "pruned": True, "images": len(images), "videos": videos,
                 "visual_tokens": first.num_visual[b] if isinstance(b, int) else sum(first.num_visual),
                 "kept": [(len(s.kept[b]) + s.extra[b]) if isinstance(b, int)
                          else sum(len(k) + e for k, e in zip(s.kept, s.extra)) for s in selections],

@@ -62,7 +62,7 @@ def test_dry_run_options():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["paper-videollava", "--dry-run"], "not runnable yet: the vtprune_video_llava plugin does not pass video requests"),
+    (["paper-videollava", "--dry-run", "--budget", "4096"], "--budget 4096: give a count of the model's 2048 visual tokens"),
     (["paper-x", "--dry-run"], "unknown table"),
     (["paper-llava15", "--dry-run", "--methods", "fastv,dart"], "dart not in paper-llava15"),
     (["paper-llava15", "--dry-run", "--budget", "0"], "--budget 0"),
@@ -166,3 +166,85 @@ def test_collect_reports_a_corrupt_results_file(tmp_path):
     result = runner.invoke(app, ["reproduce", "paper-llava15", "--collect", "--out", str(tmp_path), "--methods", "fastv"])
     assert result.exit_code == 1, result.output
     assert "broken_results.json is not a readable lmms-eval results file" in result.output.replace("\n", "")
+
+
+VIDEO_TASKS = ["videollava_msvd_qa", "videollava_msrvtt_qa", "videollava_tgif_qa", "videollava_activitynet_qa"]
+
+
+def test_videollava_dry_run_prints_the_build_and_every_row():
+    result = runner.invoke(app, ["reproduce", "paper-videollava", "--dry-run", "--data", "/data/GPT_Zero_Shot_QA"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert ("python -m vtprune.lmms.video_qa --root /data/GPT_Zero_Shot_QA --out vtprune-reproduce/tasks --tasks "
+            + ",".join(VIDEO_TASKS)) in lines
+    commands = [line for line in lines if line.startswith("python -m lmms_eval")]
+    assert len(commands) == 7  # the full model, three methods with and without debiasing
+    for line in commands:
+        assert "--model vtprune_video_llava" in line and f"--tasks {','.join(VIDEO_TASKS)}" in line
+        assert "--include_path vtprune-reproduce/tasks" in line and "pad_to_square" not in line
+        assert "pretrained=LanguageBind/Video-LLaVA-7B-hf" in line
+    for method in ("sparsevlm", "fastv", "pdrop"):
+        assert sum(f"method={method},budget=0.25,debias=none" in c for c in commands) == 1  # 512 of 2048
+        assert sum(f"method={method},budget=0.25,debias=both,profile=benchmark" in c for c in commands) == 1
+    for text in ("(published average 58.2)", "(published average 57.3)", "videollava_tgif_qa needs a GPT judge",
+                 "does not name the paper's three video QA sets"):
+        assert text in result.output
+    halved = runner.invoke(app, ["reproduce", "paper-videollava", "--dry-run", "--budget", "256", "--methods", "fastv"])
+    assert "budget=0.125,debias=none" in halved.output and "published average" not in halved.output
+
+
+def video_layout(root, questions: int = 2) -> None:
+    """Video-LLaVA's evaluation layout for the four sets, with empty files standing in for the videos."""
+    from vtprune.lmms.video_qa import SETS
+
+    for qa_set in SETS.values():
+        folder = root / qa_set.folder
+        (folder / qa_set.videos).mkdir(parents=True)
+        for i in range(questions):
+            (folder / qa_set.videos / f"v{i}.mp4").write_bytes(b"")
+        (folder / "test_q.json").write_text(json.dumps([{"video_name": f"v{i}", "question_id": i, "question": "what"}
+                                                        for i in range(questions)]))
+        (folder / "test_a.json").write_text(json.dumps([{"answer": "dog", "question_id": i} for i in range(questions)]))
+
+
+def test_videollava_needs_the_judge_key_and_the_data(tmp_path, monkeypatch):
+    fake = tmp_path / "fake_lmms.py"
+    fake.write_text("raise SystemExit('must not run')\n")
+    args = ["reproduce", "paper-videollava", "--out", str(tmp_path / "out"), "--launcher", f"{sys.executable} {fake}"]
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "judged by a GPT model: set OPENAI_API_KEY" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    monkeypatch.setenv("OPENAI_API_KEY", "k")
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "give --data GPT_Zero_Shot_QA" in result.output
+    result = runner.invoke(app, [*args, "--data", str(tmp_path / "nowhere")])
+    assert result.exit_code == 2 and "cannot read" in result.output and "test_q.json" in result.output
+
+
+def test_videollava_run_through_a_stand_in_for_lmms_eval(tmp_path, monkeypatch):
+    fake = tmp_path / "fake_lmms.py"
+    fake.write_text(textwrap.dedent('''
+        import json, pathlib, sys
+        argv = sys.argv[1:]
+        out = pathlib.Path(argv[argv.index("--output_path") + 1]) / "model"
+        out.mkdir(parents=True, exist_ok=True)
+        args = argv[argv.index("--model_args") + 1]
+        include = pathlib.Path(argv[argv.index("--include_path") + 1])
+        tasks = argv[argv.index("--tasks") + 1].split(",")
+        assert all((include / f"{t}.yaml").is_file() and (include / f"{t}.jsonl").is_file() for t in tasks)
+        value = 60.0 if "debias=both" in args else 55.0
+        results = {t: {"gpt_eval_accuracy,none": value, "gpt_eval_score,none": 3.0} for t in tasks}
+        (out / "x_results.json").write_text(json.dumps({"results": results}))
+        (pathlib.Path(sys.argv[0]).parent / "calls.txt").open("a").write(args + "\\n")
+    '''))
+    video_layout(tmp_path / "data")
+    monkeypatch.setenv("OPENAI_API_KEY", "k")
+    result = runner.invoke(app, ["reproduce", "paper-videollava", "--out", str(tmp_path / "out"), "--methods", "fastv",
+                                 "--data", str(tmp_path / "data"), "--launcher", f"{sys.executable} {fake}"])
+    assert result.exit_code == 0, result.output
+    calls = (tmp_path / "calls.txt").read_text().splitlines()
+    assert len(calls) == 3 and "method=fastv,budget=0.25,debias=both,profile=benchmark" in calls[2]
+    rows = json.loads((tmp_path / "out" / "table.json").read_text())["rows"]
+    assert [r["average"] for r in rows] == [55.0, 55.0, 60.0] and rows[1]["published"] == 57.3
+    assert "| FastV | +5.0 | +0.6 |" in (tmp_path / "out" / "table.md").read_text()

@@ -1080,12 +1080,13 @@ def _load_questions(data: str, images: Optional[Path], samples: Optional[int], s
 
 @app.command()
 def reproduce(
-    name: str = typer.Argument(..., help="the paper table: paper-llava15 (or paper-videollava, not runnable yet)"),
-    budget: Optional[int] = typer.Option(None, "--budget", help="visual tokens of 576 (default: the table's, 128)"),
+    name: str = typer.Argument(..., help="the paper table: paper-llava15 or paper-videollava"),
+    budget: Optional[int] = typer.Option(None, "--budget", help="visual tokens kept, of the model's (paper-llava15: of 576, default 128; paper-videollava: of 2048, default 512)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the lmms-eval command of every row, run nothing"),
     collect_only: bool = typer.Option(False, "--collect", help="only collect the results already in --out"),
     out_dir: Path = typer.Option(Path("vtprune-reproduce"), "--out", help="one folder per row, table.md and table.json"),
-    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="the checkpoint (default: the table's, llava-hf/llava-1.5-7b-hf)"),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="the checkpoint (default: the table's, llava-hf/llava-1.5-7b-hf or LanguageBind/Video-LLaVA-7B-hf)"),
+    data: Optional[str] = typer.Option(None, "--data", help="paper-videollava: Video-LLaVA's evaluation data folder (GPT_Zero_Shot_QA), built into OUT/tasks"),
     methods: Optional[str] = typer.Option(None, "--methods", help="only these methods' rows (and the full model)"),
     limit: Optional[int] = typer.Option(None, "--limit", help="lmms-eval --limit: the first N questions per task (a smoke test, not the paper's numbers)"),
     launcher: str = typer.Option("python -m lmms_eval", "--launcher", help="how to start lmms-eval, e.g. 'accelerate launch --num_processes 8 -m lmms_eval'"),
@@ -1105,8 +1106,10 @@ def reproduce(
         published = "; ".join(f"{row.label} {row.published}" for row in spec.rows)
         raise UsageError(f"{name}: not runnable yet: {spec.unavailable}. Published averages: {published}")
     budget = spec.budget if budget is None else budget
-    if not 1 <= budget <= 576:
-        raise UsageError(f"--budget {budget}: give a count of LLaVA-1.5-7B's 576 visual tokens (1..576)")
+    try:
+        rep.check_budget(spec, budget)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     if limit is not None:
         _positive(limit, "--limit")
     try:
@@ -1125,6 +1128,9 @@ def reproduce(
         needs = [(b.task, b.needs) for b in spec.benchmarks if b.needs]
         lines += [f"# {task} needs {what}" for task, what in needs]
         lines += [f"# note: {note}" for note in spec.notes]
+        build = rep.build_command(spec, out_dir, data)
+        if build is not None:
+            lines += ["", "# first: the video QA tasks, from Video-LLaVA's evaluation data", rep.shell(build)]
         for row in rows:
             published = "" if row.published is None or budget != spec.budget else f" (published average {row.published})"
             lines += ["", f"# {row.label}{published}", rep.shell(commands[row.slug])]
@@ -1140,6 +1146,10 @@ def reproduce(
         if "lmms_eval" in launcher and find_spec("lmms_eval") is None:
             raise UsageError("lmms-eval is not installed: pip install 'vtprune[eval]' (where a CUDA torch is installed), "
                              "or print the commands with --dry-run")
+        try:
+            rep.prepare(spec, out_dir, data)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
         for row in rows:
             done = rep.collect(spec, [row], out_dir)[0]
             if done.done == len(spec.benchmarks) and not force:

@@ -1,5 +1,7 @@
 """`vtprune_qwen2_5_vl`: lmms-eval's `qwen2_5_vl` wrappers with a vtprune press (vtprune's Qwen2.5-VL adapter).
-Image requests are pruned; requests with videos are refused while pruning (run them with method=none)."""
+Image and video requests are pruned (a video's merged patches of every frame are its visual tokens). lmms-eval's
+wrapper reads videos with qwen-vl-utils, which needs torchvision: video tasks run where torchvision is installed
+(a CUDA machine), not on the README's CPU install."""
 
 from __future__ import annotations
 

@@ -242,11 +242,19 @@ def parse_verdict(reply: str) -> tuple[str, int] | None:
     return None
 
 
-def judge(question: str, answer: str, prediction: str, *, attempts: int = 5, wait: float = 5.0) -> tuple[str, int]:
-    """The judge's (verdict, score) for one prediction; retries a failed request or an unreadable reply, then
-    raises JudgeError (a run is never scored 0 silently)."""
+JUDGE_ATTEMPTS = 5  # tries per answer
+JUDGE_WAIT = 5.0  # seconds between tries
+
+
+def judge(question: str, answer: str, prediction: str, *, attempts: int | None = None,
+          wait: float | None = None) -> tuple[str, int]:
+    """The judge's (verdict, score) for one prediction; retries a failed request or an unreadable reply
+    (`JUDGE_ATTEMPTS` tries, `JUDGE_WAIT` s apart), then raises JudgeError (a run is never scored 0 silently)."""
     import urllib.error
     import urllib.request
+
+    attempts = JUDGE_ATTEMPTS if attempts is None else attempts
+    wait = JUDGE_WAIT if wait is None else wait
 
     url, key, model = judge_settings()
     payload = json.dumps({"model": model, "messages": judge_messages(question, answer, prediction),

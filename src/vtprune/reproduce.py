@@ -2,10 +2,12 @@
 
 A table (`TABLES`) lists its rows (the full model, then each method without and with debiasing) and its
 benchmarks (lmms-eval tasks, the metric each reports and how the paper scales it). `commands` gives one
-lmms-eval command per row (all benchmarks of the row in one run, the `vtprune_llava_hf` plugin with
-`profile=benchmark`: each task uses its own published profile, as the paper's code did); `collect` reads the
-newest `*_results.json` lmms-eval wrote under each row's folder and averages the benchmarks; `markdown` and
-`to_json` write the table with the published numbers beside.
+lmms-eval command per row (all benchmarks of the row in one run, the table's plugin model with
+`profile=benchmark`: each task uses its own published profile where one exists, as the paper's code did);
+`collect` reads the newest `*_results.json` lmms-eval wrote under each row's folder and averages the
+benchmarks; `markdown` and `to_json` write the table with the published numbers beside. paper-llava15 runs
+lmms-eval's image benchmarks; paper-videollava runs vtprune's video QA tasks (`vtprune.lmms.video_qa`), built
+into OUT/tasks from Video-LLaVA's evaluation data by `prepare` and passed with --include_path.
 
 Published numbers: arXiv 2508.17807 as summarised in the project's reference notes (averages only, LLaVA-1.5-7B
 at 128 visual tokens). How the average is formed: every benchmark on 0-100, MME as its perception score /

@@ -102,7 +102,7 @@ def test_generate_with_and_without_a_press(docs, simple):
     assert all(r["method"] == "fastv" and r["debias"] == "both" and r["profile"] == "testbed/fastv" for r in logged)
     assert all(r["schedule"] == [{"layer": 2, "keep": 0.1}] for r in logged)
     unpruned_logged = [o.token_counts.to_dict()["vtprune"] for o in plain.generate_until(requests(docs, chat=not simple))]
-    assert all(r == {"method": "none", "pruned": False, "images": 1} for r in unpruned_logged)
+    assert all(r == {"method": "none", "pruned": False, "images": 1, "videos": 0} for r in unpruned_logged)
 
     # the same press run by vtprune itself gives the same answers
     from vtprune import Debias, FastV

@@ -10,6 +10,7 @@ import json
 import os
 
 import pytest
+import torch
 
 try:
     import lmms_eval.models as lmms_models
@@ -229,3 +230,36 @@ def test_reproduce_commands_parse_in_lmms_eval(docs, slug):
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
     kept = [r["kept"] for r in lm.vtprune_requests]
     assert kept == ([None, None] if row.method is None else [kept[0]] * 2) and (row.method is None or kept[0] < 144)
+
+
+def test_a_qwen_video_request_goes_through_the_press(tmp_path):
+    """Video inputs reach the press through the plugin's generate(), here Qwen2.5-VL's (lmms-eval's qwen2_5_vl
+    wrapper reads videos with qwen-vl-utils, which needs torchvision: the wrapper is stood in for by the part the
+    plugin uses, a model and a processor): pruned at the budget, recorded as a video, keep-all == unpruned."""
+    from families import build_qwen2_5_vl, qwen_inputs
+
+    from vtprune.lmms.base import PressMixin
+
+    config = build_qwen2_5_vl().config
+    config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    config.save_pretrained(tmp_path)  # what the checks before loading read
+
+    class Wrapper:
+        def __init__(self, pretrained: str = ""):
+            self.model = build_qwen2_5_vl()
+            self.processor = None
+
+    class Plugin(PressMixin, Wrapper):
+        processor_attribute = "processor"
+
+    inputs = qwen_inputs([([], [(2, 8, 8)], [5, 6, 7])])  # one video: 2 temporal groups of 4x4 merged patches
+    outputs = {}
+    for name, args in {"none": {}, "fastv": {"method": "fastv", "budget": "0.25", "debias": "none"},
+                       "keep-all": {"method": "fastv", "keep": "1.0", "debias": "none"}}.items():
+        lm = Plugin(pretrained=str(tmp_path), **args)
+        with torch.no_grad():
+            outputs[name] = lm.model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        outputs[name + " record"] = lm.vtprune_requests[-1]
+    assert outputs["fastv record"] == {"task": None, "images": 0, "videos": 1, "visual": 32, "kept": 8}
+    assert outputs["keep-all record"]["kept"] == 32 and outputs["none record"]["kept"] is None
+    assert torch.equal(outputs["keep-all"], outputs["none"])

@@ -248,3 +248,16 @@ def test_videollava_run_through_a_stand_in_for_lmms_eval(tmp_path, monkeypatch):
     rows = json.loads((tmp_path / "out" / "table.json").read_text())["rows"]
     assert [r["average"] for r in rows] == [55.0, 55.0, 60.0] and rows[1]["published"] == 57.3
     assert "| FastV | +5.0 | +0.6 |" in (tmp_path / "out" / "table.md").read_text()
+
+
+def test_videollava_model_args_build_presses_at_a_quarter_of_the_tokens():
+    from vtprune.lmms.options import PressOptions
+
+    spec = rep.table("paper-videollava")
+    for row in spec.rows:
+        args = dict(part.split("=", 1) for part in rep.model_args(spec, row, budget=512).split(","))
+        options = PressOptions.pop_from(args)
+        assert set(args) == {"pretrained"} and options.pad_to_square is None
+        assert options.budget == (None if row.method is None else 0.25)
+        press = options.press()
+        assert (press is None) == (row.method is None) and (press is None or (press.debias is not None) == row.debias)

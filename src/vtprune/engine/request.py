@@ -76,7 +76,6 @@ class _Request:
     ids: _Ids
     base_len: int
     slots: torch.Tensor  # (B, N_cur) id of each slot, -1 = engine padding
-    next_rank: torch.Tensor  # (B,) the rank the next inserted token of each sample gets
     # host bookkeeping (exact: known from the keep counts, so that no cut needs to read the device)
     present: list[int]  # per sample, visual tokens present (inserted ones included)
     other: list[int]  # per sample, the other slots of its row (text and batch padding; not engine padding)
@@ -110,6 +109,15 @@ class _Request:
     captured: bool = False
     current: dict | None = None  # what layers after the last cut receive instead of the model's tensors
     step: dict = field(default_factory=dict)  # decode: per-step values
+    inserted_ranks: torch.Tensor | None = None  # (B,) ranks given to inserted tokens so far (None: none yet)
+    unpadded: bool = False  # host fact: the prompt has no batch padding (every attention-mask entry is 1)
+    kept_slots: tuple | None = None  # the deciding stage's kept tokens' slots, when known (`StageContext.slots_of`)
+
+    @property
+    def next_rank(self) -> torch.Tensor:
+        """(B,) the rank the next inserted token of each sample gets (made when a stage first inserts)."""
+        first = torch.tensor(self.layout.num_visual, device=self.slots.device)
+        return first if self.inserted_ranks is None else first + self.inserted_ranks
 
     def image_span(self) -> torch.Tensor:
         """(B, 2) prompt positions of each sample's first and last visual token (computed when first asked)."""
@@ -163,7 +171,7 @@ class _RequestSetup:
         batch, length = input_ids.shape
         device = input_ids.device
         visual = layout.visual_mask(length, device)
-        rank = torch.where(visual, visual.long().cumsum(dim=1) - 1, -1)
+        rank = visual.cumsum(dim=1) * visual - 1  # visual rank, -1 for text
         if attention_mask is not None and attention_mask.dim() == 2:
             valid0 = attention_mask.to(device=device).bool()
         else:
@@ -185,7 +193,6 @@ class _RequestSetup:
             ids=_Ids.of(prompt, rank, valid0, prompt),
             base_len=length,
             slots=prompt,
-            next_rank=torch.tensor(num_visual, device=device),
             present=list(num_visual),
             other=[length - count for count in num_visual],
             rank_bound=max(num_visual),

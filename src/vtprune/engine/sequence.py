@@ -10,7 +10,7 @@ import torch
 
 from ..context import LayerInput
 from ..stages import Kept
-from .masks import _compact_positions, _gather_seq, _select_mask
+from .masks import _compact_positions, _gather_embeddings, _gather_seq, _select_mask
 from .request import _Ids, _Request
 
 _LAST = torch.iinfo(torch.long).max
@@ -43,6 +43,7 @@ class _SequenceCuts:
         if position_ids is None:
             position_ids = torch.arange(length, device=embeds.device).expand(batch, length)
         new_slots, source, padded = self._apply(decision, request)
+        request.unpadded = request.unpadded and not padded  # engine padding becomes masked base slots
         hidden = _assemble(embeds, source, new_slots, decision, request, padded)
         request.set_slots(new_slots, padded)
         valid = request.slot_values("valid", False)
@@ -82,14 +83,23 @@ class _SequenceCuts:
         request.present = [k + m for k, m in zip(kept_counts, extra_counts)]
         lengths = [other + present for other, present in zip(request.other, request.present)]
         new_len, padded = max(lengths), min(lengths) < max(lengths)
-        table = torch.zeros(batch, request.rank_bound + 1, dtype=torch.bool, device=device)
-        table.scatter_(1, ranks.masked_fill(ranks < 0, request.rank_bound) if counts is not None else ranks, True)
-        keep = (rank < 0) | torch.gather(table, 1, rank.clamp(min=0))
+        known, request.kept_slots = request.kept_slots, None
+        if known is not None and known[1] is None and not extra and not padded and not request.padded:
+            # every entry is a kept token: -1 for text and kept slots, 0 for the others; kept slots first, in order
+            key = rank.clamp(max=0).scatter(1, known[0], -1)
+            source = torch.argsort(key, dim=1, stable=True)[:, :new_len]
+            return (source if request.identity else torch.gather(slots, 1, source)), source, False
+        if known is not None and known[1] is None:  # every entry is a kept token: mark their slots among the text
+            keep = (rank < 0).scatter(1, known[0], True)
+        else:  # from the kept ranks: a table of kept ranks read at each slot's rank
+            table = torch.zeros(batch, request.rank_bound + 1, dtype=torch.bool, device=device)
+            table.scatter_(1, ranks.masked_fill(ranks < 0, request.rank_bound) if counts is not None else ranks, True)
+            keep = (rank < 0) | torch.gather(table, 1, rank.clamp(min=0))
         if request.padded:
             keep = keep & (slots >= 0)
         if not extra and not padded:  # every row keeps new_len slots, in order
             source = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :new_len]
-            return torch.gather(slots, 1, source), source, False
+            return (source if request.identity else torch.gather(slots, 1, source)), source, False
         position = torch.arange(length, device=device, dtype=torch.float64).expand(batch, length)
         order_key = torch.where(keep, position, float("inf"))  # dropped slots sort last
         keys, sources = [order_key], [torch.arange(length, device=device).expand(batch, length)]
@@ -141,7 +151,8 @@ class _SequenceCuts:
         new = slice(first_new, first_new + count)
         ids.prompt[:, new] = torch.gather(ids.prompt, 1, anchor_ids)
         ids.rank[:, new] = torch.where(valid, request.next_rank[:, None] + valid.long().cumsum(dim=1) - 1, -1)
-        request.next_rank = request.next_rank + valid.sum(dim=1)
+        added = valid.sum(dim=1)
+        request.inserted_ranks = added if request.inserted_ranks is None else request.inserted_ranks + added
         ids.position_rank[:, new] = torch.gather(ids.position_rank, 1, source_ids)
         ids.valid[:, new] = valid
         ids.anchor[:, new] = torch.gather(ids.anchor, 1, anchor_ids)
@@ -173,7 +184,7 @@ class _SequenceCuts:
             position_ids = None
             if request.position_ids0 is not None:
                 position_ids = _gather_seq(request.position_ids0, source, padded)
-            position_embeddings = tuple(_gather_seq(t, source, padded) for t in request.position_embeddings0)
+            position_embeddings = _gather_embeddings(request.position_embeddings0, source, padded)
         request.segments.append({"layer": self.stages[stage_index].layer, "slots": new_slots, "anchor": anchor,
                                  "sub": sub, "shift": shift, "padded": padded, "inserted": inserted})
         request.current = {

@@ -78,7 +78,10 @@ class TokenCarve(Press):
         counts = ctx.keep_counts()
         keep = counts[0] if counts == [counts[0]] * len(counts) else torch.tensor(counts, device=ctx.ranks.device)
         indices, kept, values = carve_merge(fused.float(), states.float(), valid, keep, max(counts))
-        ranks = torch.where(kept, torch.gather(ctx.ranks, 1, indices.clamp(max=ctx.ranks.shape[1] - 1)), -1)
+        if min(counts) == max(counts):  # every index is a token
+            ranks = torch.gather(ctx.ranks, 1, indices)
+        else:
+            ranks = torch.where(kept, torch.gather(ctx.ranks, 1, indices.clamp(max=ctx.ranks.shape[1] - 1)), -1)
         return Kept(ranks=ranks, values=values.to(states.dtype), counts=None if min(counts) == max(counts) else counts)
 
     @staticmethod

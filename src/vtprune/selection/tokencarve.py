@@ -72,11 +72,15 @@ def carve_merge(fused: torch.Tensor, states: torch.Tensor, valid: torch.Tensor, 
     similarity = torch.where(in_a.unsqueeze(-2), torch.bmm(unit, unit.transpose(1, 2)), float("-inf"))
     best, target = similarity.max(dim=2)  # (B, C): best A for each candidate (the first on ties)
     order = torch.argsort(torch.where(in_b, best, float("-inf")), dim=1, descending=True, stable=True)
-    merging = torch.zeros(batch, size, dtype=torch.bool, device=device).scatter(1, order, (slot < merges).expand(batch, size))
-    totals = values.scatter_add(1, target[:, :, None].expand(-1, -1, dim), torch.where(merging[:, :, None], values, 0.0))
-    counts = torch.ones(batch, size, device=device).scatter_add(1, target, merging.float())
-    values = torch.where(in_a.unsqueeze(-1), totals / counts[:, :, None], values)
-    stays = in_a | (in_b & ~merging)
+    merging = torch.zeros(batch, size, dtype=torch.bool, device=device)  # (B, C) the B tokens merged away
+    if isinstance(merges, int):
+        merging = merging.scatter(1, order[:, :merges], True)
+    else:
+        merging = merging.scatter(1, order, (slot < merges).expand(batch, size))
+    # merged tokens are added to their A token, which is divided by its count; every other row stays as it is (/ 1)
+    totals = values.scatter_add(1, target[:, :, None].expand(-1, -1, dim), values * merging[:, :, None])
+    values = totals / torch.ones(batch, size, device=device).scatter_add(1, target, merging.float())[:, :, None]
+    stays = ~merging if isinstance(count, int) and count == size else in_a | (in_b & ~merging)  # A and B: all
     position = torch.sort(torch.where(stays, candidates, width), dim=1)  # kept token indices, ascending
     indices = position.values[:, :max_keep]
     values = torch.gather(values, 1, position.indices[:, :max_keep, None].expand(-1, -1, dim))

@@ -15,7 +15,7 @@ where a set is returned, with the invalid slots documented per function.
 | `information`, `borda`, `carve_merge` (TokenCarve) | information(states (B,R,D), valid) -> (B,R); borda(attention (B,R), information (B,R), valid, av_weight=0.5) -> fused (B,R); carve_merge(fused (B,R), states (B,R,D), valid, keep: int or (B,), max_keep: int) -> indices (B,K), kept (B,K), values (B,K,D) float32 |
 | `illava_merge` (iLLaVA) | (scores (B,R), valid (B,R), values (B,R,D), keep: int or (B,), max_keep: int, padding=None, padding_fraction=None) -> indices (B,K), kept (B,K), new values (B,K,D) |
 | `rank_order` (shared rule) | (scores (B,R), valid (B,R), padding=None, padding_fraction=None) -> order (B,R) best first, padding then invalid last |
-| `pack_rows` | (values (P,k,...), ok (P,k) prefix, row (P,), start (P,), rows, width, fill=0) -> (rows, width, ...): each problem's entries placed in its row from its start column |
+| `pack_rows` | (fields [(values (P,k,...), fill)], counts [P] host, row [P] host, rows) -> packed [(rows, width, ...)], totals [rows]: each problem's first counts[p] entries placed in its row after the earlier problems' |
 | `mask_to_indices` | (mask (B,R), k: int) -> indices (B,k) ascending (R when fewer), kept (B,k) |
 | `density_peak_clusters` (SparseVLM) | (features (P,n,C), valid (P,n), m: int, clusters (P,)) -> centres (P,m), centre_ok (P,m), assignment (P,n) |
 

@@ -25,9 +25,9 @@ sample's visual tokens, so "192" keeps a third as it does on LLaVA-1.5):
 
 * qwen2.5-vl-7b: Qwen2.5-VL-7B (28 layers, 3584 wide, MLP 18944, 28 heads / 4 KV heads, mRoPE), one 672x672
   image = a 48x48 patch grid = 576 visual tokens after the 2x2 merge (`--qwen-grid 64`: 896x896, 1,024 tokens).
-* llava-next-7b: LLaVA-v1.6-Vicuna-7B (32 layers, 4096, 11008, 32 heads), one 640x427 image through the anyres
-  processor (pinpoints of the checkpoint): base image (576) + 2x2 tiles unpadded to 32x48 (1536) = 2112 visual
-  tokens, plus 32 `image_newline` tokens that are never pruned.
+* llava-next-7b: LLaVA-v1.6-Vicuna-7B (32 layers, 4096, 11008, 32 heads), one 672x672 image through the anyres
+  processor (pinpoints of the checkpoint): base image (576) + 2x2 tiles of 24x24 (2304) = 2880 visual tokens, plus
+  48 `image_newline` tokens that are never pruned.
 * video-llava-7b: Video-LLaVA-7B (Vicuna-7B decoder), one video of 8 frames x (256 patches + the frame's [CLS]
   token, which is never pruned) = 2048 visual tokens.
 """
@@ -168,7 +168,7 @@ def build_shape(shape: str, depth: int, dtype: torch.dtype, device: str, batch: 
         model = model.to(dtype).eval()
         processor = LlavaNextImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
                                                image_grid_pinpoints=pinpoints)
-        array = np.random.default_rng(0).integers(0, 255, (427, 640, 3), dtype=np.uint8)
+        array = np.random.default_rng(0).integers(0, 255, (672, 672, 3), dtype=np.uint8)  # the 2x2 pinpoint
         out = processor(images=[Image.fromarray(array)] * batch, return_tensors="pt")
         sizes = out["image_sizes"].to(device)
         with torch.no_grad():

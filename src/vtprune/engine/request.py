@@ -47,16 +47,12 @@ class _Ids:
     def size(self) -> int:
         return self.prompt.shape[1]
 
-    def grow(self, count: int) -> None:
-        """Room for `count` more ids per sample (filled as engine padding until set)."""
-        def more(t, fill):
-            return torch.cat([t, torch.full((t.shape[0], count), fill, dtype=t.dtype, device=t.device)], dim=1)
-
+    def append(self, **columns: torch.Tensor) -> None:
+        """Add M ids per sample: every table's (B, M) values for them (the inserted tokens)."""
         if self.sub is None:
             self.sub = torch.zeros(self.prompt.shape, dtype=torch.float64, device=self.prompt.device)
-        self.prompt, self.rank, self.position_rank = more(self.prompt, -1), more(self.rank, -1), more(self.position_rank, -1)
-        self.valid, self.anchor, self.sub = more(self.valid, False), more(self.anchor, 0), more(self.sub, 0.0)
-        self.position = more(self.position, 0)
+        for name, values in columns.items():
+            setattr(self, name, torch.cat([getattr(self, name), values], dim=1))
 
     def at(self, name: str, slots: torch.Tensor, fill) -> torch.Tensor:
         """The `name` table at `slots` (B, N) ids; `fill` where the slot is engine padding (-1)."""

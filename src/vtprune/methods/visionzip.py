@@ -122,12 +122,10 @@ class VisionZip(Press):
             image = torch.tensor(images, device=device)[:, None]
             patch = (first + torch.arange(length, device=device)).clamp(max=features.shape[1] - 1)
             by_patch = lambda x: x[image, patch]  # noqa: E731
-        column = torch.arange(length, device=device)
-        valid = torch.ones(len(problems), length, dtype=torch.bool, device=device) if same else \
-            column < torch.tensor(lengths, device=device)[:, None]
+        valid = None if same else torch.arange(length, device=device) < torch.tensor(lengths, device=device)[:, None]
         padding = share = None
         if ctx.debias_padding and ctx.padding_mask is not None:
-            padding = by_rank(ctx.padding_mask) & valid
+            padding = by_rank(ctx.padding_mask) if valid is None else by_rank(ctx.padding_mask) & valid
             if ctx.padding_fractions:
                 share = by_rank(ctx.padding_share_batched)
         uniform = lambda counts: counts[0] if counts == [counts[0]] * len(counts) else torch.tensor(counts, device=device)  # noqa: E731

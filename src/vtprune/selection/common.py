@@ -5,12 +5,16 @@ from __future__ import annotations
 import torch
 
 
-def rank_order(scores: torch.Tensor, valid: torch.Tensor, padding: torch.Tensor | None = None,
+def rank_order(scores: torch.Tensor, valid: torch.Tensor | None, padding: torch.Tensor | None = None,
                padding_fraction: torch.Tensor | None = None) -> torch.Tensor:
     """`stages.rank_order` for each row of a padded batch: (B, R) indices from best to worst (stable: ties in
     prompt order), padding tokens after every real one (from the least padded to the most in a row whose valid
     tokens are all padding, when padding_fraction (B, R) is given), the invalid slots last. scores (B, R),
-    valid (B, R) bool, padding (B, R) bool or None."""
+    valid (B, R) bool (None: every slot, without padding: one argsort), padding (B, R) bool or None."""
+    if valid is None and padding is None:
+        return torch.argsort(scores, dim=1, descending=True, stable=True)
+    if valid is None:
+        valid = torch.ones_like(padding)
     real = valid if padding is None else valid & ~padding
     order = torch.argsort(torch.where(real, scores, float("-inf")), dim=1, descending=True, stable=True)
     group = torch.where(valid, 0.0, 2.0)  # real tokens, then padding, then invalid slots

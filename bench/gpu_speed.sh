@@ -4,7 +4,7 @@
 #   LLaVA-1.5-7B shape, full depth, bf16: every method at 192/128/64 (+ debias), batch 1 and 8, eager;
 #   FastV/PyramidDrop 128 compiled with CUDA graphs (mode="reduce-overhead") at batch 1;
 #   KV-cache bytes after prefill and decode ms per token over 256 tokens (FastV, PyramidDrop, HiMAP 128);
-#   the long-input shapes (LLaVA-NeXT 2,112 visual tokens, Video-LLaVA 2,048, Qwen2.5-VL 1,024) at batch 1.
+#   the long-input shapes (LLaVA-NeXT 2,880 visual tokens, Video-LLaVA 2,048, Qwen2.5-VL 1,024) at batch 1.
 #     bash bench/gpu_speed.sh            # then read $OUT/*.md; $OUT/card.txt names the GPU
 set -u
 cd "$(dirname "$0")"

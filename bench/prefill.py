@@ -16,6 +16,7 @@ overhead of debiasing.
     python bench/prefill.py --device cuda      # GPU, 32 layers, bf16
     python bench/prefill.py --repeats 5 --markdown prefill.md --methods fastv,pdrop
     python bench/prefill.py --model-shape qwen2.5-vl-7b|llava-next-7b|video-llava-7b --repeats 3
+    python bench/prefill.py --model-shape testbed-lm [--compile default]   # the shipped model, every method
 
 Other shapes (random weights; decoder hidden size, MLP width, attention and KV heads and depth of the released
 7B checkpoints; the image features precomputed with a 1-2 layer vision tower of the real width, since the rows
@@ -24,9 +25,9 @@ sample's visual tokens, so "192" keeps a third as it does on LLaVA-1.5):
 
 * qwen2.5-vl-7b: Qwen2.5-VL-7B (28 layers, 3584 wide, MLP 18944, 28 heads / 4 KV heads, mRoPE), one 672x672
   image = a 48x48 patch grid = 576 visual tokens after the 2x2 merge (`--qwen-grid 64`: 896x896, 1,024 tokens).
-* llava-next-7b: LLaVA-v1.6-Vicuna-7B (32 layers, 4096, 11008, 32 heads), one 640x427 image through the anyres
-  processor (pinpoints of the checkpoint): base image (576) + 2x2 tiles unpadded to 32x48 (1536) = 2112 visual
-  tokens, plus 32 `image_newline` tokens that are never pruned.
+* llava-next-7b: LLaVA-v1.6-Vicuna-7B (32 layers, 4096, 11008, 32 heads), one 672x672 image through the anyres
+  processor (pinpoints of the checkpoint): base image (576) + 2x2 tiles of 24x24 (2304) = 2880 visual tokens, plus
+  48 `image_newline` tokens that are never pruned.
 * video-llava-7b: Video-LLaVA-7B (Vicuna-7B decoder), one video of 8 frames x (256 patches + the frame's [CLS]
   token, which is never pruned) = 2048 visual tokens.
 """
@@ -167,7 +168,7 @@ def build_shape(shape: str, depth: int, dtype: torch.dtype, device: str, batch: 
         model = model.to(dtype).eval()
         processor = LlavaNextImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
                                                image_grid_pinpoints=pinpoints)
-        array = np.random.default_rng(0).integers(0, 255, (427, 640, 3), dtype=np.uint8)
+        array = np.random.default_rng(0).integers(0, 255, (672, 672, 3), dtype=np.uint8)  # the 2x2 pinpoint
         out = processor(images=[Image.fromarray(array)] * batch, return_tensors="pt")
         sizes = out["image_sizes"].to(device)
         with torch.no_grad():
@@ -264,6 +265,83 @@ def main_shape(args) -> None:
             handle.write("\n".join(lines) + "\n")
 
 
+def main_testbed_lm(args) -> None:
+    """Unpruned vs every registered method (plain) at the budgets, on the shipped testbed-lm (SmolLM2-135M decoder,
+    30 layers, 144 visual tokens), its vision tower included in every row, one held-out test question."""
+    from vtprune.loading import build_inputs
+    from vtprune.testbed.data import make_split
+    from vtprune.testbed.lm import load_testbed_lm
+
+    if args.device != "cpu" and not args.device.startswith("cuda"):
+        raise SystemExit(f"--device {args.device}: use cpu or cuda")
+    on_gpu = args.device.startswith("cuda")
+    model, processor = load_testbed_lm()
+    model = model.to(args.device).eval()
+    depth = len(model.model.language_model.layers)
+    sample = make_split("test", 1)[0]
+    inputs = build_inputs(processor, [sample.image] * args.batch, [sample.question] * args.batch, device=args.device)
+    visual = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
+    text = model.config.text_config
+    dims = dict(d=text.hidden_size, ffn=text.intermediate_size,
+                kv=text.num_key_value_heads * (text.hidden_size // text.num_attention_heads))
+    runner = compiled_runner(model, args)
+    methods = args.methods.split(",") if args.methods else [m for m in METHODS if m != "random"]
+    budgets = [int(b) for b in args.budgets.split(",")]
+    configs = [("unpruned", None)]
+    for budget in budgets:
+        for name in methods:
+            cls = METHODS[name]
+            configs.append((f"{cls.__name__} {budget}/576", cls(budget=budget / 576)))
+
+    def run_once(press=None) -> float:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if press is None:
+                start = _now(on_gpu)
+                runner(**inputs, logits_to_keep=1)
+            else:
+                with press(model):
+                    start = _now(on_gpu)
+                    runner(**inputs, logits_to_keep=1)
+            return _now(on_gpu) - start
+
+    times: dict[str, list[float]] = {label: [] for label, _ in configs}
+    for round_index in range(args.repeats + 1):  # interleaved rounds, round 0 warms up (and compiles)
+        for label, press in configs:
+            elapsed = run_once(press)
+            if round_index:
+                times[label].append(elapsed)
+    median = {label: statistics.median(values) for label, values in times.items()}
+    total = inputs["input_ids"].shape[1]
+    columns = ("config", "visual kept (last stage)", "visual per layer", "prefill ms", "time ratio", "FLOP ratio")
+    cells = []
+    for label, press in configs:
+        if press is None:
+            kept, per_layer, predicted = visual, float(visual), 1.0
+        else:
+            last = press.last_selection[-1]
+            kept = len(last.kept[0]) + last.extra[0]
+            per_layer = sum(tokens_per_layer(press, total, depth, visual)) / depth - (total - visual)
+            predicted = predicted_ratio(press, total, depth, visual, dims)
+        cells.append((label, str(kept), f"{per_layer:.0f}", f"{median[label] * 1e3:.1f}",
+                      f"{median[label] / median['unpruned']:.3f}", f"{predicted:.3f}"))
+    device_name = torch.cuda.get_device_name() if on_gpu else f"CPU, {torch.get_num_threads()} threads"
+    mode = f"torch.compile (mode {args.compile})" if args.compile else "eager"
+    title = (f"Prefill, testbed-lm (shipped weights), {depth} decoder layers, float32, {mode}, batch {args.batch} x "
+             f"{total} tokens ({visual} visual), vision tower included, {device_name}, median of {args.repeats} "
+             "interleaved rounds")
+    print_table(title, columns, cells)
+    note = ("Budgets b/576: the fraction of the sample's visual tokens the published LLaVA-1.5 budget b keeps (of 144 "
+            "here). FLOP ratios from the tokens each decoder layer really processed (scoring and vision tower not "
+            "counted). Visual per layer: visual tokens averaged over the decoder layers.")
+    print(note)
+    if args.markdown:
+        lines = [f"{title}.", "", "| " + " | ".join(columns) + " |", "|---" + "|---:" * (len(columns) - 1) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in cells] + ["", note]
+        with open(args.markdown, "w") as handle:
+            handle.write("\n".join(lines) + "\n")
+
+
 class FastVRecomputedKeys(FastV):
     """FastV scoring with keys recomputed from the scoring layer's input (vtprune before it reused the keys
     the layer projects anyway): the cost the reuse removes."""
@@ -294,8 +372,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help="identical prompts per prefill")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--markdown", default=None, help="also write the table as Markdown to this file")
-    parser.add_argument("--model-shape", default="llava-1.5-7b", choices=["llava-1.5-7b", *SHAPES],
-                        help="the model whose real shapes are timed (default LLaVA-1.5-7B)")
+    parser.add_argument("--model-shape", default="llava-1.5-7b", choices=["llava-1.5-7b", *SHAPES, "testbed-lm"],
+                        help="the model whose real shapes are timed (default LLaVA-1.5-7B); testbed-lm: the shipped "
+                        "model itself, real weights, on a held-out test question")
     parser.add_argument("--methods", default=None,
                         help="registered methods to time (default: all but random; fastv,pdrop for other shapes)")
     parser.add_argument("--budgets", default="192,128,64", help="budgets (visual tokens of 576, as the papers count)")
@@ -308,6 +387,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.model_shape == "testbed-lm":
+        return main_testbed_lm(args)
     if args.model_shape != "llava-1.5-7b":
         if args.with_vision:
             parser.error("--with-vision applies to the LLaVA-1.5 shape only (vision-side methods are refused on the others)")

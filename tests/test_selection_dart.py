@@ -114,3 +114,27 @@ def test_dart_op_count_is_batch_independent_and_sync_free():
             assert counter.syncs == 0, counter.sync_counts
             totals.append(counter.total)
         assert totals[0] == totals[1]
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 4), ties=st.booleans(),
+       pivot_order=st.sampled_from(["official", "ranked"]), pivots=st.sampled_from([(4, 4), (2, 2), (3, 2)]))
+def test_dart_select_without_masks_equals_with_them(seed, batch, ties, pivot_order, pivots):
+    """Every slot real (masks None) and one claim count for all (an int), host facts that leave the masks out:
+    what the all-True masks and the per-sample counts give."""
+    _, padded = make_batch(seed, batch, ties, sizes=(30, 6))
+    padded["claims"] = padded["claims"][:1].expand(batch).clone()
+    expected = dart_select(**padded, pivot_order=pivot_order, pivot_image=pivots[0], pivot_text=pivots[1])
+    padded.update(visual_valid=None, text_valid=None, claims=int(padded["claims"][0]))
+    kept = dart_select(**padded, pivot_order=pivot_order, pivot_image=pivots[0], pivot_text=pivots[1])
+    assert torch.equal(kept, expected)
+
+
+@settings(max_examples=40, deadline=None)
+@given(keys=st.lists(st.lists(st.integers(0, 2**31 - 1), min_size=8, max_size=8, unique=True), min_size=1, max_size=4),
+       width=st.integers(1, 8))
+def test_python_set_order_without_a_mask_equals_cpython(keys, width):
+    rows = [row[:width] for row in keys]
+    order = python_set_order(torch.tensor(rows), None)
+    for b, row in enumerate(rows):
+        assert order[b].tolist() == [row.index(key) for key in set(row)]

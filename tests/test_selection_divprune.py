@@ -49,3 +49,19 @@ def test_max_min_select_op_count_is_batch_independent_and_sync_free():
         assert counter.syncs == 0, counter.sync_counts
         totals.append(counter.total)
     assert totals[0] == totals[1]
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), problems=st.integers(1, 4), k=st.integers(1, 12), ties=st.booleans())
+def test_max_min_select_without_padding_equals_per_problem(seed, problems, k, ties):
+    """valid=None (every token real, a host fact that leaves the masks out) and no count: every pick kept."""
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(problems, 12, 8, generator=generator)
+    if ties:
+        features = features[:, torch.randint(0, 4, (12,), generator=generator)]
+    indices, kept = max_min_select(features, None, k)
+    assert kept.all()
+    for p in range(problems):
+        assert indices[p].tolist() == sorted(max_min_diverse(features[p], k).tolist())
+    ordered, _ = max_min_select(features, None, k, ordered=True)
+    assert [row.tolist() for row in ordered] == [max_min_diverse(f, k).tolist() for f in features]

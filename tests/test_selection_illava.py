@@ -65,3 +65,16 @@ def test_illava_op_count_is_batch_independent_and_sync_free():
         assert counter.syncs == 0, counter.sync_counts
         totals.append(counter.total)
     assert totals[0] == totals[1]
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 4), keep=st.integers(1, 20), ties=st.booleans())
+def test_full_rows_with_one_keep_equal_the_masked_form(seed, batch, keep, ties):
+    """valid=None and an int keep (host facts, no padding): what the all-True mask and the per-row keeps give."""
+    generator = torch.Generator().manual_seed(seed)
+    scores, values = torch.rand(batch, 20, generator=generator), torch.randn(batch, 20, 6, generator=generator)
+    if ties:
+        scores = (scores * 3).floor()
+    expected = illava_merge(scores, torch.ones(batch, 20, dtype=torch.bool), values, torch.full((batch,), keep), keep)
+    for got, want in zip(illava_merge(scores, None, values, keep, keep), expected):
+        assert torch.equal(got, want)

@@ -88,3 +88,23 @@ def test_recycle_op_count_is_batch_independent_and_sync_free():
         assert counter.syncs == 0, counter.sync_counts
         totals.append(counter.total)
     assert totals[0] == totals[1]
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), lengths=st.lists(st.integers(1, 60), min_size=1, max_size=4),
+       ties=st.booleans(), same=st.booleans())
+def test_recycle_with_host_counts_equals_device_counts(seed, lengths, ties, same):
+    """Given each sample's pruned count (a host fact), the same centres and means, the masks left out when every
+    sample has as many clusters as the slots."""
+    raw, features, _, pruned = make_batch(seed, len(lengths), [lengths[0]] * len(lengths) if same else lengths, ties)
+    pruned_counts = pruned.sum(dim=1).tolist()
+    n, m = recycle_sizes(max(pruned_counts))
+    if n == 0:
+        return
+    centres, merged, kept = recycle(raw, pruned, features, n, m)
+    host_centres, host_merged, host_kept = recycle(raw, pruned, features, n, m, pruned_counts)
+    if host_kept is None:  # every sample has m clusters
+        assert kept.all()
+    else:
+        assert torch.equal(host_kept, kept)
+    assert torch.equal(host_centres, centres) and torch.equal(host_merged[kept], merged[kept])

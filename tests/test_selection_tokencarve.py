@@ -75,3 +75,23 @@ def test_tokencarve_op_count_is_batch_independent_and_sync_free():
         assert with_ops.syncs == 0, with_ops.sync_counts
         totals.append(with_ops.total)
     assert totals[0] == totals[1]
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 4), keep=st.integers(1, 24), ties=st.booleans())
+def test_full_rows_given_as_none_equal_the_masks(seed, batch, keep, ties):
+    """valid=None (every slot holds a token) and an int keep (every row alike), host facts that leave masks
+    out, give what the all-True mask and the per-row tensor give."""
+    generator = torch.Generator().manual_seed(seed)
+    attention, states = torch.rand(batch, 30, generator=generator), torch.randn(batch, 30, 6, generator=generator)
+    if ties:
+        attention = (attention * 3).floor()
+    valid = torch.ones(batch, 30, dtype=torch.bool)
+    info = information(states, None)
+    assert torch.equal(info, information(states, valid))
+    fused = borda(attention, info, None, av_weight=0.3)
+    assert torch.equal(fused, borda(attention, info, valid, av_weight=0.3))
+    expected = carve_merge(fused, states, valid, torch.full((batch,), keep), keep)
+    for given_keep in (keep, torch.full((batch,), keep)):
+        for got, want in zip(carve_merge(fused, states, None, given_keep, keep), expected):
+            assert torch.equal(got, want)

@@ -106,3 +106,20 @@ def test_visionzip_op_count_is_batch_independent_and_sync_free():
         assert counter.syncs == 0, counter.sync_counts
         totals.append(counter.total)
     assert totals[0] == totals[1]
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), count=st.integers(1, 4), patches=st.integers(1, 20),
+       contextual=st.integers(1, 8), ties=st.booleans())
+def test_visionzip_select_without_masks_equals_with_them(seed, count, patches, contextual, ties):
+    """valid=None (every patch real) and int counts equal to the slots (host facts that leave the masks out):
+    what the all-True mask and the per-image counts give."""
+    generator = torch.Generator().manual_seed(seed)
+    scores, keys = torch.rand(count, 36, generator=generator), torch.randn(count, 36, 8, generator=generator)
+    if ties:
+        scores = (scores * 3).floor()
+    features, valid = torch.randn(count, 36, 5, generator=generator), torch.ones(count, 36, dtype=torch.bool)
+    expected = visionzip_select(scores, valid, keys, features, torch.full((count,), patches),
+                                torch.full((count,), contextual), patches, contextual)
+    for got, want in zip(visionzip_select(scores, None, keys, features, patches, contextual, patches, contextual), expected):
+        assert torch.equal(got, want)

@@ -37,7 +37,8 @@ class LayerInput:
     """What a decoder layer received (and projected), recorded for scoring.
 
     hidden_states: (B, N, D) the layer's input; position_embeddings: (cos, sin) it received;
-    projected_keys: (B, N, Hkv*d) its key projection's output while it ran, or None (not run yet).
+    projected_keys: (B, N, Hkv*d) its key projection's output while it ran, or None (not run yet);
+    projected_queries: (B, N, H*d) its query projection's output while it ran, or None.
     """
 
     index: int
@@ -45,6 +46,7 @@ class LayerInput:
     hidden_states: torch.Tensor
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
     projected_keys: torch.Tensor | None = None
+    projected_queries: torch.Tensor | None = None
 
 
 @dataclass
@@ -125,6 +127,7 @@ class StageContext:
     request_cache: dict = field(default_factory=dict)  # per-request values the contexts of its stages share
     kv_cache: object = None  # the request's KV cache (its layers that ran hold their rotated keys)
     dry_run: bool = False  # nothing will be cut (calibration, analysis): keep counts are not warned about
+    unpadded: bool = False  # host fact: every slot is a real token (no batch padding, no engine padding)
     # what the stage recorded for its StageSelection
     recorded_scores: torch.Tensor | list | None = None
     recorded_debiased: torch.Tensor | list | None = None
@@ -146,10 +149,8 @@ class StageContext:
             return self._tokens[kind]
         valid, visual = self.slot_valid, self.slot_visual_rank >= 0
         position = self.slot_prompt_position
-        if kind == "last":
-            length = valid.shape[1]
-            last = torch.where(valid, torch.arange(length, device=valid.device), -1).max(dim=1).values
-            out = (last[:, None], None)
+        if kind == "last":  # the first position where the count of real tokens reaches its maximum
+            out = (valid.cumsum(dim=1).argmax(dim=1, keepdim=True), None)
         elif kind == "visual":
             out = (self.slots, self.present)
         else:
@@ -302,7 +303,10 @@ class StageContext:
             raise ValueError(f"keys={keys!r}: use 'visual' or 'all'")
         record = self._input(layer)
         device = self.slot_valid.device
-        if isinstance(queries, str):
+        static_last = isinstance(queries, str) and queries == "last" and self.unpadded  # the last slot of every row
+        if static_last:
+            query_index = None
+        elif isinstance(queries, str):
             query_index, query_mask = self.query_slots(queries)
         elif isinstance(queries, torch.Tensor):
             query_index = queries.to(device).long()
@@ -318,9 +322,15 @@ class StageContext:
                 [torch.ones(c, dtype=torch.bool, device=device) for c in counts], batch_first=True)
         if query_mask is not None:  # padded queries ask as the sample's first query (zeroed below)
             query_index = torch.where(query_mask, query_index, query_index[:, :1])
-        queries_rot = rotated_queries(self.adapter, record.layer, record.hidden_states, record.position_embeddings, query_index)
-        length = self.slot_valid.shape[1]
-        allowed = self.slot_valid[:, None, :] & (torch.arange(length, device=device) <= query_index[:, :, None])
+        queries_rot = rotated_queries(self.adapter, record.layer, record.hidden_states, record.position_embeddings,
+                                      query_index, projected=record.projected_queries)
+        if static_last:
+            allowed = None  # every slot is a real token at or before it
+        elif isinstance(queries, str) and queries == "last":  # every real token is at or before it
+            allowed = self.slot_valid[:, None, :]
+        else:
+            length = self.slot_valid.shape[1]
+            allowed = self.slot_valid[:, None, :] & (torch.arange(length, device=device) <= query_index[:, :, None])
         probs = attention_probs(record.layer, queries_rot, self.keys(record.index), allowed)  # (B, H, Q, N)
         if heads == "mean":
             probs = probs.mean(dim=1)  # (B, Q, N)
@@ -508,21 +518,31 @@ class StageContext:
     def _rows_of(self, order: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """(B, K) sorted ranks of the first counts[b] entries of `order` (B, >= K) per row (-1 after)."""
         width = max(counts)
-        ranks = torch.gather(self.ranks, 1, order[:, :width])
+        chosen = order[:, :width]
+        ranks = torch.gather(self.ranks, 1, chosen)
+        slots, real = torch.gather(self.slots, 1, chosen), None  # where the kept tokens sit (any order)
         if min(counts) < width:
             limit = torch.tensor(counts, device=ranks.device)[:, None]
-            ranks = torch.where(torch.arange(width, device=ranks.device) < limit, ranks, torch.iinfo(torch.long).max)
+            real = torch.arange(width, device=ranks.device) < limit
+            ranks = torch.where(real, ranks, torch.iinfo(torch.long).max)
             ranks = torch.sort(ranks, dim=1).values
             ranks = ranks.masked_fill(ranks == torch.iinfo(torch.long).max, -1)
         else:
             ranks = torch.sort(ranks, dim=1).values
-        self._made[id(ranks)] = (ranks, counts)
+        self._made[id(ranks)] = (ranks, counts, (slots, real))
         return ranks
 
     def counts_of(self, ranks: torch.Tensor) -> list[int] | None:
         """The per-sample counts of a (B, K) rank tensor this context's `top_k` made (None for any other)."""
         made = self._made.get(id(ranks))
         return made[1] if made is not None and made[0] is ranks else None
+
+    def slots_of(self, ranks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """For a (B, K) rank tensor this context's `top_k` made: the (B, K) slots of its entries in the current
+        sequence (in no particular order) and (B, K) bool marking the kept tokens among them (None: all; the
+        others may be any slot, text included); else None."""
+        made = self._made.get(id(ranks))
+        return made[2] if made is not None and made[0] is ranks and len(made) > 2 else None
 
     def top_k(self, scores: torch.Tensor | Sequence[torch.Tensor], keep: int | float | None = None):
         """The shared selection rule: per sample, the `keep_counts` best visual ranks by `scores` (B, R);
@@ -541,7 +561,10 @@ class StageContext:
             self.recorded_scores = scores
         counts = self.keep_counts(keep)
         padding = self.padding_mask if self.debias_padding else None
-        order = torch.argsort(self._order_key(scores, padding), dim=1, stable=True)
+        if padding is None and self.all_present:  # by score alone (descending and stable: ties in sequence order)
+            order = torch.argsort(scores, dim=1, descending=True, stable=True)
+        else:
+            order = torch.argsort(self._order_key(scores, padding), dim=1, stable=True)
         if padding is not None:
             self._note_padding(padding, counts)
         return self._rows_of(order, counts)

@@ -22,15 +22,27 @@ def rotated_queries(
     layer: nn.Module,
     hidden_states: torch.Tensor,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
-    query_index: torch.Tensor,
+    query_index: torch.Tensor | None,
+    projected: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(B, H, Q, d) queries of the rows `query_index` (B, Q) of `layer`, from its input `hidden_states`
-    (B, N, D, before the input layernorm), with RoPE at those rows' positions."""
-    normed = layer.input_layernorm(hidden_states)
-    rows = torch.gather(normed, 1, query_index[:, :, None].expand(-1, -1, normed.shape[-1]))
+    """(B, H, Q, d) queries of the rows `query_index` (B, Q) of `layer` (None: the last row of every sample, Q = 1),
+    with RoPE at those rows' positions: taken from the query projection's output `projected` (B, N, H*d) captured
+    while the layer ran on this input, or else projected from its input `hidden_states` (B, N, D, before the input
+    layernorm)."""
+    def take(rows: torch.Tensor) -> torch.Tensor:  # (B, Q, X) of (B, N, X)
+        if query_index is None:
+            return rows[:, -1:]
+        return torch.gather(rows, 1, query_index[:, :, None].expand(-1, -1, rows.shape[-1]))
+
+    if projected is not None and projected.shape[:2] == hidden_states.shape[:2]:
+        queries = adapter.shape_queries(layer, take(projected))
+    else:
+        queries = adapter.project_queries(layer, take(layer.input_layernorm(hidden_states)))
+    if query_index is None:  # (b, 1, d) broadcast over the batch
+        return adapter.rotate(queries, *(t[:, -1:] for t in position_embeddings))
     cos, sin = (t.expand(hidden_states.shape[0], -1, -1) for t in position_embeddings)
     index = query_index[:, :, None].expand(-1, -1, cos.shape[-1])
-    return adapter.rotate(adapter.project_queries(layer, rows), torch.gather(cos, 1, index), torch.gather(sin, 1, index))
+    return adapter.rotate(queries, torch.gather(cos, 1, index), torch.gather(sin, 1, index))
 
 
 @torch.no_grad()
@@ -54,13 +66,16 @@ def rotated_keys(
 @torch.no_grad()
 def attention_probs(layer: nn.Module, queries: torch.Tensor, keys: torch.Tensor, key_allowed: torch.Tensor) -> torch.Tensor:
     """(B, H, Q, N) float32 softmax of queries (B, H, Q, d) against keys (B, Hkv, N, d) over the allowed keys
-    `key_allowed` (B, Q, N) bool; grouped-query heads share their key head, as in the layer."""
+    `key_allowed` (B, Q, N) bool (None: every key); grouped-query heads share their key head, as in the layer."""
     batch, heads, num_queries, head_dim = queries.shape
-    groups = heads // keys.shape[1]
-    grouped = queries.reshape(batch, keys.shape[1], groups * num_queries, head_dim)  # heads grouped by kv head
-    logits = torch.matmul(grouped.float(), keys.float().transpose(-1, -2)) * layer.self_attn.scaling
-    logits = logits.reshape(batch, heads, num_queries, keys.shape[2])
-    logits = logits.masked_fill(~key_allowed[:, None], float("-inf"))
+    kv_heads, length = keys.shape[1], keys.shape[2]
+    # one bmm over (sample, kv head): each kv head's query heads and rows grouped as (heads / kv heads) * Q rows
+    grouped = queries.reshape(batch * kv_heads, heads // kv_heads * num_queries, head_dim).float()
+    flat_keys = keys.reshape(batch * kv_heads, length, head_dim).float()
+    logits = torch.bmm(grouped, flat_keys.transpose(1, 2)) * layer.self_attn.scaling
+    logits = logits.view(batch, heads, num_queries, length)
+    if key_allowed is not None:
+        logits = logits.masked_fill(~key_allowed[:, None], float("-inf"))
     return torch.softmax(logits, dim=-1)
 
 

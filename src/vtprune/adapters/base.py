@@ -7,6 +7,8 @@ Methods and the engine never look at model classes directly.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from dataclasses import dataclass
 from typing import Callable
 
@@ -81,6 +83,20 @@ class VisualLayout:
         return len({seg.image_index for sample in self.segments for seg in sample if seg.kind != "frame"})
 
 
+_ROTATE_HALF: dict = {}
+
+
+def _rotate_half_tables(dim: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The permutation (dim,) long and sign (dim,) of rotate_half (cat(-x2, x1)), made once per device and dtype."""
+    key = (dim, str(device), dtype)
+    if key not in _ROTATE_HALF:
+        half = dim // 2
+        perm = torch.cat([torch.arange(half, dim), torch.arange(half)]).to(device)
+        sign = torch.cat([-torch.ones(half), torch.ones(dim - half)]).to(device=device, dtype=dtype)
+        _ROTATE_HALF[key] = (perm, sign)
+    return _ROTATE_HALF[key]
+
+
 class ModelAdapter:
     """Base class: one subclass per model family. See `vtprune.adapters.adapter_for`."""
 
@@ -113,6 +129,33 @@ class ModelAdapter:
         the input module's forward (grid tensors such as `image_grid_thw`, `image_sizes`), for families whose
         token count per image depends on them."""
         raise NotImplementedError
+
+    _facts: torch.Tensor | None = None
+    carried: list[int] | None = None  # the values of the facts the last `carrying` block read
+
+    @contextmanager
+    def carrying(self, facts: torch.Tensor | None):
+        """While active, `read` brings `facts` (F,) (bool or integer, on the values' device) to the host in the same
+        transfer and leaves them in `carried` (None after the block if the layout was found without `read`)."""
+        self._facts, self.carried = facts, None
+        try:
+            yield
+        finally:
+            self._facts = None
+
+    def read(self, values: torch.Tensor) -> list:
+        """`values.tolist()` for (B,) or (B, C) integer values: the layout's one host synchronisation, carrying the
+        engine's request facts (`carrying`) in the same transfer."""
+        facts, self._facts = self._facts, None
+        if facts is None:
+            return values.tolist()
+        flat = torch.cat([values if values.dim() == 1 else values.reshape(-1), facts.to(values.dtype)]).tolist()
+        count = values.numel()
+        self.carried = flat[count:]
+        if values.dim() == 1:
+            return flat[:count]
+        width = values.shape[1]
+        return [flat[i:i + width] for i in range(0, count, width)]
 
     #: whether images are padded onto the model's grid (pad-to-square, anyres unpadding): where False, padding
     #: debiasing does not apply and reports so (`no_padding_reason`) instead of needing the image geometry
@@ -199,9 +242,9 @@ class ModelAdapter:
         """Apply the family's RoPE to x (B, H, N, D) with cos/sin (B, N, D): the standard rotate-half formula
         where `standard_rope` found the family's function to be it (half the ops: the family's function rotates
         a query and a key tensor), else the family's function."""
-        if self.standard_rope:
-            half = x.shape[-1] // 2
-            return x * cos[:, None] + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin[:, None]
+        if self.standard_rope:  # rotate_half(x) = x[..., perm] * sign (exactly), the sign folded into sin
+            perm, sign = _rotate_half_tables(x.shape[-1], x.device, sin.dtype)
+            return x * cos[:, None] + x.index_select(-1, perm) * (sin * sign)[:, None]
         rotated, _ = self.rotary_fn(x, x, cos, sin)
         return rotated
 
@@ -232,8 +275,16 @@ class ModelAdapter:
     def project_queries(self, layer: nn.Module, normed: torch.Tensor) -> torch.Tensor:
         """(B, H, Q, d) queries of `layer` for normed input rows (B, Q, D), before RoPE (with the family's
         query norm, if it has one)."""
+        return self.shape_queries(layer, self.query_projection(layer)(normed))
+
+    def query_projection(self, layer: nn.Module) -> nn.Module:
+        """The module whose output is `layer`'s projected queries (B, N, H*d); hooked to reuse them."""
+        return layer.self_attn.q_proj
+
+    def shape_queries(self, layer: nn.Module, projected: torch.Tensor) -> torch.Tensor:
+        """(B, H, Q, d) queries before RoPE from rows (B, Q, H*d) of the query projection's output."""
         attn = layer.self_attn
-        query = attn.q_proj(normed).view(*normed.shape[:2], -1, attn.head_dim)
+        query = projected.view(*projected.shape[:2], -1, attn.head_dim)
         if getattr(attn, "q_norm", None) is not None:
             query = attn.q_norm(query)
         return query.transpose(1, 2)

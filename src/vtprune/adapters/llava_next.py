@@ -135,7 +135,7 @@ class LlavaNextAdapter(LlavaAdapter):
     def visual_layout(self, input_ids: torch.Tensor, inputs: dict | None = None) -> VisualLayout:
         inputs = inputs or {}
         is_image = input_ids == self.image_token_id
-        counts = is_image.sum(dim=1).tolist()
+        counts = self.read(is_image.sum(dim=1))
         grids = self._image_grids(inputs, sum(counts)) if sum(counts) else []
         expected = sum(self.tokens_per_image + r * (c + 1) for r, c in grids)
         if expected != sum(counts):

@@ -53,7 +53,7 @@ class VideoLlavaAdapter(LlavaAdapter):
         inputs = inputs or {}
         is_image = input_ids == self.image_token_id
         is_video = input_ids == self.video_token_id
-        counts = torch.stack([is_image.sum(1), is_video.sum(1)], dim=1).tolist()
+        counts = self.read(torch.stack([is_image.sum(1), is_video.sum(1)], dim=1))
         videos = inputs.get("pixel_values_videos")
         frames = int(videos.shape[1]) if isinstance(videos, torch.Tensor) and videos.dim() == 5 else None
         order = torch.argsort((~(is_image | is_video)).to(torch.int8), dim=1, stable=True)

@@ -31,6 +31,16 @@ def _gather_seq(tensor: torch.Tensor, index: torch.Tensor, padded: bool = True) 
         return torch.gather(expanded, 2, index[None].expand(tensor.shape[0], -1, -1))
     raise ValueError(f"unexpected positional tensor shape {tuple(tensor.shape)}")
 
+def _gather_embeddings(embeddings: tuple[torch.Tensor, ...], index: torch.Tensor, padded: bool) -> tuple[torch.Tensor, ...]:
+    """`_gather_seq` of the RoPE tables (cos, sin), each (b, N, d), at `index` (B, M), with one expanded index."""
+    batch, width = index.shape[0], embeddings[0].shape[-1]
+    if not all(t.dim() == 3 and t.shape[0] in (1, batch) and t.shape[1] != batch and t.shape[2] == width
+               for t in embeddings):
+        return tuple(_gather_seq(t, index, padded) for t in embeddings)
+    rows = (index.clamp(min=0) if padded else index)[:, :, None].expand(-1, -1, width)
+    return tuple(torch.gather(t.expand(batch, -1, -1), 1, rows) for t in embeddings)
+
+
 def _select_mask(mask0, rows: torch.Tensor, row_sub: torch.Tensor | None, cols: torch.Tensor,
                  col_sub: torch.Tensor | None, *, prefill: bool, padded: bool):
     """The model's attention mask restricted to query `rows` and key `cols` (B, R) / (B, C) base positions

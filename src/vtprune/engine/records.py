@@ -19,8 +19,13 @@ class _Planning:
         stage = self.stages[stage_index]
         rank = request.slot_values("rank", -1)
         width = max(request.present)
-        order = torch.argsort((rank < 0).to(torch.int8), dim=1, stable=True)[:, :width]  # visual slots first
+        # visual slots first (rank >= 0 -> 0, text -1; descending and stable: each in sequence order)
+        order = torch.argsort(rank.clamp(max=0), dim=1, descending=True, stable=True)[:, :width]
         ranks = torch.gather(rank, 1, order)
+        if request.ids.position_rank is request.ids.rank:  # every token has its own rank's position (nothing inserted)
+            position_rank = ranks
+        else:
+            position_rank = torch.gather(request.slot_values("position_rank", -1), 1, order)
         inputs = dict(request.inputs)
         if live is not None:  # the cut layer's input as the stage sees it (before its own cut)
             inputs[stage.layer] = live
@@ -32,7 +37,7 @@ class _Planning:
             ranks=ranks,
             slots=order,
             present=ranks >= 0,
-            position_rank=torch.gather(request.slot_values("position_rank", -1), 1, order),
+            position_rank=position_rank,
             slot_visual_rank=rank,
             slot_valid=request.slot_values("valid", False),
             slot_prompt_position=request.slot_values("prompt", -1),
@@ -54,6 +59,7 @@ class _Planning:
             request_cache=request.cache_values,
             kv_cache=request.cache,
             dry_run=self.dry_run,
+            unpadded=request.unpadded and not request.padded,
             notes=list(self.notes),
         )
 
@@ -66,6 +72,7 @@ class _Planning:
             _check_decision(decision, ctx, owner)
         if decision.counts is not None and min(decision.counts) == decision.ranks.shape[1]:
             decision.counts = None  # every entry is a token
+        request.kept_slots = ctx.slots_of(decision.ranks)  # known when the shared rule chose them
         num_visual = request.layout.num_visual
         notes = list(ctx.notes)
         request.selections.append(

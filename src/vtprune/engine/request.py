@@ -47,16 +47,12 @@ class _Ids:
     def size(self) -> int:
         return self.prompt.shape[1]
 
-    def grow(self, count: int) -> None:
-        """Room for `count` more ids per sample (filled as engine padding until set)."""
-        def more(t, fill):
-            return torch.cat([t, torch.full((t.shape[0], count), fill, dtype=t.dtype, device=t.device)], dim=1)
-
+    def append(self, **columns: torch.Tensor) -> None:
+        """Add M ids per sample: every table's (B, M) values for them (the inserted tokens)."""
         if self.sub is None:
             self.sub = torch.zeros(self.prompt.shape, dtype=torch.float64, device=self.prompt.device)
-        self.prompt, self.rank, self.position_rank = more(self.prompt, -1), more(self.rank, -1), more(self.position_rank, -1)
-        self.valid, self.anchor, self.sub = more(self.valid, False), more(self.anchor, 0), more(self.sub, 0.0)
-        self.position = more(self.position, 0)
+        for name, values in columns.items():
+            setattr(self, name, torch.cat([getattr(self, name), values], dim=1))
 
     def at(self, name: str, slots: torch.Tensor, fill) -> torch.Tensor:
         """The `name` table at `slots` (B, N) ids; `fill` where the slot is engine padding (-1)."""
@@ -76,7 +72,6 @@ class _Request:
     ids: _Ids
     base_len: int
     slots: torch.Tensor  # (B, N_cur) id of each slot, -1 = engine padding
-    next_rank: torch.Tensor  # (B,) the rank the next inserted token of each sample gets
     # host bookkeeping (exact: known from the keep counts, so that no cut needs to read the device)
     present: list[int]  # per sample, visual tokens present (inserted ones included)
     other: list[int]  # per sample, the other slots of its row (text and batch padding; not engine padding)
@@ -110,6 +105,15 @@ class _Request:
     captured: bool = False
     current: dict | None = None  # what layers after the last cut receive instead of the model's tensors
     step: dict = field(default_factory=dict)  # decode: per-step values
+    inserted_ranks: torch.Tensor | None = None  # (B,) ranks given to inserted tokens so far (None: none yet)
+    unpadded: bool = False  # host fact: the prompt has no batch padding (every attention-mask entry is 1)
+    kept_slots: tuple | None = None  # the deciding stage's kept tokens' slots, when known (`StageContext.slots_of`)
+
+    @property
+    def next_rank(self) -> torch.Tensor:
+        """(B,) the rank the next inserted token of each sample gets (made when a stage first inserts)."""
+        first = torch.tensor(self.layout.num_visual, device=self.slots.device)
+        return first if self.inserted_ranks is None else first + self.inserted_ranks
 
     def image_span(self) -> torch.Tensor:
         """(B, 2) prompt positions of each sample's first and last visual token (computed when first asked)."""
@@ -163,7 +167,7 @@ class _RequestSetup:
         batch, length = input_ids.shape
         device = input_ids.device
         visual = layout.visual_mask(length, device)
-        rank = torch.where(visual, visual.long().cumsum(dim=1) - 1, -1)
+        rank = visual.cumsum(dim=1) * visual - 1  # visual rank, -1 for text
         if attention_mask is not None and attention_mask.dim() == 2:
             valid0 = attention_mask.to(device=device).bool()
         else:
@@ -185,7 +189,6 @@ class _RequestSetup:
             ids=_Ids.of(prompt, rank, valid0, prompt),
             base_len=length,
             slots=prompt,
-            next_rank=torch.tensor(num_visual, device=device),
             present=list(num_visual),
             other=[length - count for count in num_visual],
             rank_bound=max(num_visual),

@@ -10,7 +10,7 @@ import torch
 
 from ..context import LayerInput
 from ..stages import Kept
-from .masks import _compact_positions, _gather_seq, _select_mask
+from .masks import _compact_positions, _gather_embeddings, _gather_seq, _select_mask
 from .request import _Ids, _Request
 
 _LAST = torch.iinfo(torch.long).max
@@ -39,14 +39,16 @@ class _SequenceCuts:
         if self.dry_run:
             return None
         batch, length = request.slots.shape
-        position_ids = kwargs.get("position_ids")
-        if position_ids is None:
-            position_ids = torch.arange(length, device=embeds.device).expand(batch, length)
+        given = kwargs.get("position_ids")
+        position_ids = given if given is not None else torch.arange(length, device=embeds.device).expand(batch, length)
         new_slots, source, padded = self._apply(decision, request)
+        unpadded_before, request.unpadded = request.unpadded, request.unpadded and not padded
         hidden = _assemble(embeds, source, new_slots, decision, request, padded)
         request.set_slots(new_slots, padded)
         valid = request.slot_values("valid", False)
-        if self._positions(0) == "compact":
+        if self._positions(0) == "compact" and given is None and request.unpadded and unpadded_before:
+            new_positions = torch.arange(new_slots.shape[1], device=embeds.device).expand(batch, -1)  # 0.. per row
+        elif self._positions(0) == "compact":
             new_positions = _compact_positions(position_ids, request.valid0, valid)
         else:
             new_positions = _gather_seq(position_ids, request.slot_values("position", 0))
@@ -82,76 +84,100 @@ class _SequenceCuts:
         request.present = [k + m for k, m in zip(kept_counts, extra_counts)]
         lengths = [other + present for other, present in zip(request.other, request.present)]
         new_len, padded = max(lengths), min(lengths) < max(lengths)
-        table = torch.zeros(batch, request.rank_bound + 1, dtype=torch.bool, device=device)
-        table.scatter_(1, ranks.masked_fill(ranks < 0, request.rank_bound) if counts is not None else ranks, True)
-        keep = (rank < 0) | torch.gather(table, 1, rank.clamp(min=0))
+        known, request.kept_slots = request.kept_slots, None
+        if known is not None and known[1] is None and not extra and not padded and not request.padded:
+            # every entry is a kept token: -1 for text and kept slots, 0 for the others; kept slots first, in order
+            key = rank.clamp(max=0).scatter(1, known[0], -1)
+            source = torch.argsort(key, dim=1, stable=True)[:, :new_len]
+            return (source if request.identity else torch.gather(slots, 1, source)), source, False
+        if known is not None and known[1] is None:  # every entry is a kept token: mark their slots among the text
+            keep = (rank < 0).scatter(1, known[0], True)
+        else:  # from the kept ranks: a table of kept ranks read at each slot's rank
+            table = torch.zeros(batch, request.rank_bound + 1, dtype=torch.bool, device=device)
+            table.scatter_(1, ranks.masked_fill(ranks < 0, request.rank_bound) if counts is not None else ranks, True)
+            keep = (rank < 0) | torch.gather(table, 1, rank.clamp(min=0))
         if request.padded:
             keep = keep & (slots >= 0)
         if not extra and not padded:  # every row keeps new_len slots, in order
             source = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :new_len]
-            return torch.gather(slots, 1, source), source, False
+            return (source if request.identity else torch.gather(slots, 1, source)), source, False
         position = torch.arange(length, device=device, dtype=torch.float64).expand(batch, length)
         order_key = torch.where(keep, position, float("inf"))  # dropped slots sort last
-        keys, sources = [order_key], [torch.arange(length, device=device).expand(batch, length)]
+        first_new = request.ids.size
         if extra:
-            first_new = request.ids.size
-            request.ids.grow(extra)
-            keys.append(self._register_inserted(decision, rank, first_new, request))
-            sources.append(length + torch.arange(extra, device=device).expand(batch, extra))
+            order_key = torch.cat([order_key, self._register_inserted(decision, rank, request)], dim=1)
             request.inserted = True
             request.rank_bound += extra
-        order_key, source = torch.cat(keys, dim=1), torch.cat(sources, dim=1)
-        order = torch.argsort(order_key, dim=1, stable=True)[:, :new_len]
-        source = torch.gather(source, 1, order)
+        # where each new slot comes from: a current slot, or N_cur + j for the sample's j-th inserted token
+        source = torch.argsort(order_key, dim=1, stable=True)[:, :new_len]
         if padded:  # left-pad: move each row's tokens to the end
             shift = torch.tensor([new_len - n for n in lengths], device=device)[:, None]
             column = torch.arange(new_len, device=device).expand(batch, new_len)
             valid = column >= shift
             source = torch.where(valid, torch.gather(source, 1, (column - shift).clamp(min=0)), -1)
-        all_ids = slots
-        if extra:
-            all_ids = torch.cat([slots, first_new + torch.arange(extra, device=device).expand(batch, -1)], 1)
-        new_slots = torch.gather(all_ids, 1, source.clamp(min=0) if padded else source)
+        if request.identity and first_new == length:  # slots 0..N-1 and the inserted ids right after: the same numbers
+            new_slots = source.clamp(min=0) if padded else source
+        else:
+            all_ids = slots
+            if extra:
+                all_ids = torch.cat([slots, first_new + torch.arange(extra, device=device).expand(batch, -1)], 1)
+            new_slots = torch.gather(all_ids, 1, source.clamp(min=0) if padded else source)
         if padded:
             new_slots = new_slots.masked_fill(source < 0, -1)
         return new_slots, source, padded
 
-    def _register_inserted(self, decision: Kept, slot_rank: torch.Tensor, first_new: int,
-                           request: _Request) -> torch.Tensor:
-        """Fill the id tables of the inserted tokens (B, M); return their sequence order keys (B, M) float64
+    def _register_inserted(self, decision: Kept, slot_rank: torch.Tensor, request: _Request) -> torch.Tensor:
+        """Append the id tables of the inserted tokens (B, M); return their sequence order keys (B, M) float64
         (inf for the entries of `extra_valid` that are not tokens)."""
         ids, slots = request.ids, request.slots
         batch, count = decision.extra.shape[:2]
-        device = slots.device
-        valid = decision.extra_valid if decision.extra_valid is not None else torch.ones(batch, count, dtype=torch.bool, device=device)
+        valid = decision.extra_valid  # None: every entry is a token
         after = decision.extra_after
         if after is None:  # the last kept rank of each row
             last = decision.ranks.masked_fill(decision.ranks < 0, -1).max(dim=1, keepdim=True).values
             after = last.expand(batch, count)
-        before = decision.extra_before.bool() if decision.extra_before is not None else torch.zeros_like(valid)
-        sources = after if decision.extra_positions is None else decision.extra_positions
-        anchor_slots = _slots_of_ranks(slot_rank, after)  # (B, M)
-        source_slots = _slots_of_ranks(slot_rank, sources)
-        anchor_ids, source_ids = torch.gather(slots, 1, anchor_slots), torch.gather(slots, 1, source_slots)
+        before = decision.extra_before.bool() if decision.extra_before is not None else None  # None: all after
+        slot_of = _rank_slots(slot_rank, request.rank_bound)
+        anchor_slots = torch.gather(slot_of, 1, after.clamp(0, request.rank_bound))  # (B, M)
+        anchor_ids = torch.gather(slots, 1, anchor_slots)
+        if decision.extra_positions is None:
+            source_ids = anchor_ids
+        else:
+            source_ids = torch.gather(slots, 1, torch.gather(slot_of, 1, decision.extra_positions.clamp(0, request.rank_bound)))
         # tokens on the same side of the same anchor keep their order: fractions (j + 1) / (n + 1) in their group
-        same = ((anchor_slots[:, None, :] == anchor_slots[:, :, None]) & (before[:, None, :] == before[:, :, None])
-                & valid[:, None, :])
-        earlier = torch.tril(same, diagonal=-1).sum(dim=2).double()
-        within = (earlier + 1) / (same.sum(dim=2).double() + 1)
-        new = slice(first_new, first_new + count)
-        ids.prompt[:, new] = torch.gather(ids.prompt, 1, anchor_ids)
-        ids.rank[:, new] = torch.where(valid, request.next_rank[:, None] + valid.long().cumsum(dim=1) - 1, -1)
-        request.next_rank = request.next_rank + valid.sum(dim=1)
-        ids.position_rank[:, new] = torch.gather(ids.position_rank, 1, source_ids)
-        ids.valid[:, new] = valid
-        ids.anchor[:, new] = torch.gather(ids.anchor, 1, anchor_ids)
-        own = torch.gather(ids.sub, 1, anchor_ids)
-        after_sub = own + within * _sub_gap(ids, anchor_ids, above=True)
-        before_sub = own - (1 - within) * _sub_gap(ids, anchor_ids, above=False)
-        ids.sub[:, new] = torch.where(before, before_sub, after_sub)
-        ids.position[:, new] = torch.gather(ids.position, 1, source_ids)
-        key = torch.where(before, anchor_slots.double() - 1 + within, anchor_slots.double() + within)
-        return torch.where(valid, key, float("inf"))
+        same = anchor_slots[:, None, :] == anchor_slots[:, :, None]  # (B, M, M)
+        if before is not None:
+            same = same & (before[:, None, :] == before[:, :, None])
+        if valid is not None:
+            same = same & valid[:, None, :]
+        earlier = torch.tril(same, diagonal=-1).sum(dim=2)
+        within = (earlier + 1) / (same.sum(dim=2) + 1).double()
+        if ids.sub is None:  # the first insertion: every token has sub order 0 and none of its anchor's is near
+            after_sub, before_sub = within, within - 1
+        else:
+            own = torch.gather(ids.sub, 1, anchor_ids)
+            after_sub = own + within * _sub_gap(ids, anchor_ids, above=True)
+            before_sub = None if before is None else own - (1 - within) * _sub_gap(ids, anchor_ids, above=False)
+        numbered = torch.ones(batch, count, dtype=torch.long, device=slots.device) if valid is None else valid.long()
+        if request.inserted_ranks is None and len(set(request.layout.num_visual)) == 1:  # ranks continue after V
+            rank = numbered.cumsum(dim=1) + (request.layout.num_visual[0] - 1)
+        else:
+            rank = request.next_rank[:, None] + numbered.cumsum(dim=1) - 1
+        added = numbered.sum(dim=1)
+        request.inserted_ranks = added if request.inserted_ranks is None else request.inserted_ranks + added
+        ids.append(
+            prompt=torch.gather(ids.prompt, 1, anchor_ids),
+            rank=rank if valid is None else rank.masked_fill(~valid, -1),
+            position_rank=torch.gather(ids.position_rank, 1, source_ids),
+            valid=torch.ones(batch, count, dtype=torch.bool, device=slots.device) if valid is None else valid,
+            anchor=torch.gather(ids.anchor, 1, anchor_ids),
+            sub=after_sub if before is None else torch.where(before, before_sub, after_sub),
+            position=torch.gather(ids.position, 1, source_ids),
+        )
+        key = anchor_slots + within
+        if before is not None:
+            key = key - before.double()
+        return key if valid is None else key.masked_fill(~valid, float("inf"))
 
     def _cut(self, stage_index: int, hidden: torch.Tensor, decision: Kept, request: _Request) -> torch.Tensor:
         """Apply this stage's decision to `hidden` (B, N_cur, D) and rebuild what later layers receive."""
@@ -165,7 +191,12 @@ class _SequenceCuts:
         if self._positions(stage_index) == "compact":
             valid = request.slot_values("valid", False)
             base_valid = request.ids.valid[:, : request.base_len]
-            position_ids = _compact_positions(request.position_ids0, base_valid, valid)
+            first = request.position_ids0
+            if request.unpadded and not padded and (first is None or first.dim() == 2):  # every token real: count up
+                start = 0 if first is None else first[:, :1]
+                position_ids = (start + torch.arange(new_slots.shape[1], device=hidden.device)).expand(hidden.shape[0], -1)
+            else:
+                position_ids = _compact_positions(first, base_valid, valid)
             position_embeddings = self.adapter.position_embeddings(hidden, position_ids)
             shift = base_valid.sum(1) - valid.sum(1)
         else:
@@ -173,7 +204,7 @@ class _SequenceCuts:
             position_ids = None
             if request.position_ids0 is not None:
                 position_ids = _gather_seq(request.position_ids0, source, padded)
-            position_embeddings = tuple(_gather_seq(t, source, padded) for t in request.position_embeddings0)
+            position_embeddings = _gather_embeddings(request.position_embeddings0, source, padded)
         request.segments.append({"layer": self.stages[stage_index].layer, "slots": new_slots, "anchor": anchor,
                                  "sub": sub, "shift": shift, "padded": padded, "inserted": inserted})
         request.current = {
@@ -194,10 +225,13 @@ class _SequenceCuts:
         return cached[id(mask)][1]
 
 
-def _slots_of_ranks(slot_rank: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
-    """(B, M) slots holding each of `ranks` (B, M), given the rank of every slot (B, N) (-1: not visual)."""
-    match = slot_rank[:, None, :] == ranks[:, :, None]  # (B, M, N)
-    return match.long().argmax(dim=2)
+def _rank_slots(slot_rank: torch.Tensor, bound: int) -> torch.Tensor:
+    """(B, bound + 2) the slot holding each visual rank 0..bound-1, given the rank of every slot (B, N) (-1: not
+    visual); 0 for a rank no slot holds (column bound + 1 collects the other slots)."""
+    batch, length = slot_rank.shape
+    index = slot_rank.masked_fill(slot_rank < 0, bound + 1)
+    table = torch.zeros(batch, bound + 2, dtype=torch.long, device=slot_rank.device)
+    return table.scatter_(1, index, torch.arange(length, device=slot_rank.device).expand(batch, length))
 
 
 def _sub_gap(ids: _Ids, anchor_ids: torch.Tensor, above: bool = True) -> torch.Tensor:

@@ -143,8 +143,9 @@ class PruningSession(_RequestSetup, _Planning, _SequenceCuts, _CacheCuts, _Visio
             if self.adapter.adds_visual_features:
                 self._handles.append(layer.register_forward_hook(self._make_addition_hook(index)))
             if index in self.key_layers:
-                module = self.adapter.key_projection(layer)
-                self._handles.append(module.register_forward_hook(self._make_key_hook(index)))
+                for module, name in ((self.adapter.key_projection(layer), "projected_keys"),
+                                     (self.adapter.query_projection(layer), "projected_queries")):
+                    self._handles.append(module.register_forward_hook(self._make_projection_hook(index, name)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -178,7 +179,13 @@ class PruningSession(_RequestSetup, _Planning, _SequenceCuts, _CacheCuts, _Visio
             request.phase = "decode"
             request.step = {"generated": past - request.base_len, "query_len": int(input_ids.shape[1])}
             return None
-        layout = self.adapter.visual_layout(input_ids, kwargs)
+        mask = kwargs.get("attention_mask")
+        # whether the batch has padding rides on the layout's one synchronisation, where the adapter reads through
+        # `read` (else: assumed padded, the general path)
+        smallest = mask.amin(dim=1) if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None  # (B,)
+        with self.adapter.carrying(smallest):
+            layout = self.adapter.visual_layout(input_ids, kwargs)
+        unpadded = mask is None or (smallest is not None and self.adapter.carried is not None and min(self.adapter.carried) > 0)
         if past > 0:
             if sum(layout.num_visual) == 0:
                 self._request = None  # a cache we did not prune: nothing to do
@@ -204,8 +211,9 @@ class PruningSession(_RequestSetup, _Planning, _SequenceCuts, _CacheCuts, _Visio
                     f"lengths; got {type(cache).__name__}. Remove cache_implementation=... or pass DynamicCache()."
                 )
         self._sizes = request_image_sizes(self.image_sizes, kwargs.get("image_sizes") if self.adapter.sizes_in_inputs else None, layout)
-        self._request = self._new_request(input_ids, kwargs.get("attention_mask"), layout)
+        self._request = self._new_request(input_ids, mask, layout)
         self._request.cache = cache
+        self._request.unpadded = unpadded
         for (kind, index), hidden in self._pending_vision.items():  # the images of this request's vision pass
             if hidden.shape[0] != layout.num_images:
                 continue  # from another call; not these images
@@ -227,11 +235,13 @@ class PruningSession(_RequestSetup, _Planning, _SequenceCuts, _CacheCuts, _Visio
 
         return hook
 
-    def _make_key_hook(self, index: int):
+    def _make_projection_hook(self, index: int, name: str):
+        """Keeps a score layer's key (or query) projection output on its recorded input, to score without
+        recomputing it."""
         def hook(module, args, output):
             request = self._request
             if request is not None and request.phase == "prefill" and index in request.inputs:
-                request.inputs[index].projected_keys = output
+                setattr(request.inputs[index], name, output)
             return None
 
         return hook

@@ -21,7 +21,7 @@ import torch
 
 from ..context import StageContext
 from ..press import REFERENCE_LAYERS, Press, budget_fraction, layer_list
-from ..selection import dart_select, mask_to_indices
+from ..selection import dart_select
 from ..stages import Kept, Positions, Stage
 
 
@@ -79,20 +79,22 @@ class DART(Press):
         keys = ctx.keys()  # (B, Hkv, N, d) layer K-1, with RoPE
         norms = keys.float().abs().sum(dim=(1, 3))  # (B, N): the L1 norm over all heads (shared kv heads count once)
         units = torch.nn.functional.normalize(ctx.adapter.final_norm(ctx.hidden_states(ctx.stage.layer)).float(), dim=-1)
-        text, text_ok = ctx.query_slots("instruction")
+        text, text_ok = ctx.query_slots("instruction")  # text_ok None: every row has as many
         text_counts = ctx.request_cache[("count", "instruction")]  # host, counted once per request
-        text_ok = torch.ones_like(text, dtype=torch.bool) if text_ok is None else text_ok
         present = ctx.present_counts
+        visual_ok = None if all(count == ctx.ranks.shape[1] for count in present) else ctx.present  # host facts
         claims = [min(self.claims(visual), count) for visual, count in zip(ctx.num_visual, present)]
-        kept = dart_select(units, norms, ctx.slot_prompt_position, ctx.slots, ctx.present, text, text_ok,
-                           torch.tensor(claims, device=ctx.ranks.device), self.pivot_image, self.pivot_text,
-                           self.pivot_order)  # (B, R) bool
+        kept = dart_select(units, norms, ctx.slot_prompt_position, ctx.slots, visual_ok, text, text_ok,
+                           claims[0] if claims == [claims[0]] * len(claims) else torch.tensor(claims, device=ctx.ranks.device),
+                           self.pivot_image, self.pivot_text, self.pivot_order)  # (B, R) bool
         counts = []
         for count, texts, claim in zip(present, text_counts, claims):
             image_pivots = min(self.pivot_image, count)
             counts.append(min(count, image_pivots + (image_pivots + min(self.pivot_text, texts)) * claim))
-        indices, ok = mask_to_indices(kept, max(counts))
-        ranks = torch.where(ok, torch.gather(ctx.ranks, 1, indices.clamp(max=ctx.ranks.shape[1] - 1)), -1)
+        indices = torch.argsort(kept, dim=1, descending=True, stable=True)[:, : max(counts)]  # kept first, ascending
+        ranks = torch.gather(ctx.ranks, 1, indices)
+        if min(counts) < max(counts):
+            ranks = torch.where(torch.gather(kept, 1, indices), ranks, -1)
         return Kept(ranks=ranks, counts=None if min(counts) == max(counts) else counts)
 
     def equivalent_tokens(self, num_visual: int = 576, num_layers: int = REFERENCE_LAYERS) -> float:

@@ -51,6 +51,11 @@ class DivPrune(Press):
                   for _, segment in problems]
         width = max(2, max(segment.length for _, segment in problems))  # the nearest-other search needs 2 columns
         device = ctx.ranks.device
+        if [b for b, _ in problems] == list(range(ctx.num_samples)) and counts == [counts[0]] * len(counts) \
+                and all(segment.offset == 0 and segment.length == width == ctx.ranks.shape[1] for _, segment in problems):
+            # one image per sample, filling its row, the same count each: no padding, no packing
+            picks, _ = max_min_select(ctx.visual_hidden_states(0), None, counts[0])
+            return Kept(ranks=torch.gather(ctx.ranks, 1, picks))  # ascending: the ranks are in order here
         sample = torch.tensor([b for b, _ in problems], device=device)
         offset = torch.tensor([segment.offset for _, segment in problems], device=device)
         length = torch.tensor([segment.length for _, segment in problems], device=device)

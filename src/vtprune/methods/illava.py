@@ -97,8 +97,13 @@ class ILLaVA(Press):
         padding = ctx.padding_mask if ctx.debias_padding else None
         share = ctx.padding_share_batched if padding is not None and ctx.padding_fractions else None
         counts = ctx.keep_counts()
+        same = min(counts) == max(counts)
+        full = all(count == ctx.ranks.shape[1] for count in ctx.present_counts)  # host facts: no mask, one keep
         indices, kept, values = illava_merge(
-            scores.float(), ctx.present, ctx.visual_hidden_states(ctx.stage.layer),  # what enters layer K
-            torch.tensor(counts, device=ctx.ranks.device), max(counts), padding, share)
-        ranks = torch.where(kept, torch.gather(ctx.ranks, 1, indices.clamp(max=ctx.ranks.shape[1] - 1)), -1)
+            scores.float(), None if full else ctx.present, ctx.visual_hidden_states(ctx.stage.layer),  # what enters layer K
+            counts[0] if same else torch.tensor(counts, device=ctx.ranks.device), max(counts), padding, share)
+        if same:  # every index is a token
+            ranks = torch.gather(ctx.ranks, 1, indices)
+        else:
+            ranks = torch.where(kept, torch.gather(ctx.ranks, 1, indices.clamp(max=ctx.ranks.shape[1] - 1)), -1)
         return Kept(ranks=ranks, values=values, counts=None if min(counts) == max(counts) else counts)

@@ -99,7 +99,7 @@ class SparseVLM(Press):
             ctx.state["raters"] = torch.where(above, torch.gather(ctx.slot_prompt_position, 1, text), -1)
         raters = ctx.state["raters"]
         mask = (ctx.slot_prompt_position[:, :, None] == raters[:, None, :]).any(dim=2) & ctx.slot_valid & (ctx.slot_visual_rank < 0)  # (B, N)
-        slots = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, : raters.shape[1]]
+        slots = torch.argsort(mask, dim=1, descending=True, stable=True)[:, : raters.shape[1]]  # the raters first
         return slots, torch.gather(mask, 1, slots)
 
     def score(self, ctx: StageContext) -> torch.Tensor:
@@ -117,9 +117,9 @@ class SparseVLM(Press):
         # the best pruned tokens by raw score, clustered; the scoring layer's output hidden states
         pruned = ctx.present & ~(ctx.ranks[:, :, None] == kept[:, None, :]).any(dim=2)
         features = ctx.visual_hidden_states(ctx.stage.layer)
-        centres, merged, clustered = recycle(raw, pruned, features, n, m)
-        clusters = [recycle_sizes(count)[1] for count in pruned_counts]
-        positions = torch.gather(ctx.ranks, 1, centres.clamp(max=ctx.ranks.shape[1] - 1))
+        centres, merged, clustered = recycle(raw, pruned, features, n, m, pruned_counts)
+        clusters = None if clustered is None else [recycle_sizes(count)[1] for count in pruned_counts]
+        positions = torch.gather(ctx.ranks, 1, centres if clustered is None else centres.clamp(max=ctx.ranks.shape[1] - 1))
         return Kept(ranks=kept, counts=None if min(counts) == max(counts) else counts, extra=merged,
                     extra_positions=positions, extra_valid=clustered, extra_counts=clusters)
 

@@ -70,14 +70,18 @@ class TokenCarve(Press):
         if self.debias_target == "attention":
             attention = ctx.debias(attention)
         states = ctx.visual_hidden_states(ctx.stage.layer)  # layer K-1's output, (B, R, D)
-        valid = ctx.present
+        full = all(count == ctx.ranks.shape[1] for count in ctx.present_counts)
+        valid = None if full else ctx.present  # None: every slot holds a token (a host fact)
         fused = borda(attention.float(), information(states.float(), valid), valid, self.av_weight)
         if self.debias_target == "fused":
             fused = ctx.debias(fused)
         counts = ctx.keep_counts()
-        indices, kept, values = carve_merge(fused.float(), states.float(), valid,
-                                            torch.tensor(counts, device=valid.device), max(counts))
-        ranks = torch.where(kept, torch.gather(ctx.ranks, 1, indices.clamp(max=ctx.ranks.shape[1] - 1)), -1)
+        keep = counts[0] if counts == [counts[0]] * len(counts) else torch.tensor(counts, device=ctx.ranks.device)
+        indices, kept, values = carve_merge(fused.float(), states.float(), valid, keep, max(counts))
+        if min(counts) == max(counts):  # every index is a token
+            ranks = torch.gather(ctx.ranks, 1, indices)
+        else:
+            ranks = torch.where(kept, torch.gather(ctx.ranks, 1, indices.clamp(max=ctx.ranks.shape[1] - 1)), -1)
         return Kept(ranks=ranks, values=values.to(states.dtype), counts=None if min(counts) == max(counts) else counts)
 
     @staticmethod

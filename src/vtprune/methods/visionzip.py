@@ -101,68 +101,65 @@ class VisionZip(Press):
         keys = ctx.vision_keys(self.vision_layer).mean(dim=1)  # (N_img, T, d): head-mean keys
         first, device = ctx.adapter.vision_first_patch, ctx.ranks.device
         problems = [(b, segment) for b, segments in enumerate(ctx.segments) for segment in segments]
+        samples = [b for b, _ in problems]
         splits = [self.split(segment.length) for _, segment in problems]
-        max_patches, max_contextual = max(s[0] for s in splits), max(s[1] for s in splits)
-        length = max(segment.length for _, segment in problems)
-        sample = torch.tensor([b for b, _ in problems], device=device)
-        offset = torch.tensor([segment.offset for _, segment in problems], device=device)
-        image = torch.tensor([segment.image_index for _, segment in problems], device=device)
-        column = torch.arange(length, device=device)
-        valid = column < torch.tensor([segment.length for _, segment in problems], device=device)[:, None]
-        rank_column = torch.where(valid, offset[:, None] + column, 0)  # (P, L) column of ctx.ranks
-        row = sample[:, None]
+        patches, contextual = [s[0] for s in splits], [s[1] for s in splits]
+        lengths = [segment.length for _, segment in problems]
+        length = max(lengths)
+        same = lengths == [length] * len(problems)
+        if samples == list(range(ctx.num_samples)) and same and all(s.offset == 0 for _, s in problems) \
+                and length == ctx.ranks.shape[1]:
+            by_rank = lambda x: x  # noqa: E731  one image per sample, filling its row: nothing to gather
+        else:
+            offset = torch.tensor([[s.offset + min(c, s.length - 1) for c in range(length)] for _, s in problems],
+                                  device=device)  # (P, L) column of ctx.ranks (the last one past the image)
+            row = torch.tensor(samples, device=device)[:, None]
+            by_rank = lambda x: x[row, offset]  # noqa: E731
+        images = [segment.image_index for _, segment in problems]
+        if images == list(range(features.shape[0])) and same and first + length == features.shape[1]:
+            by_patch = lambda x: x[:, first:]  # noqa: E731
+        else:
+            image = torch.tensor(images, device=device)[:, None]
+            patch = (first + torch.arange(length, device=device)).clamp(max=features.shape[1] - 1)
+            by_patch = lambda x: x[image, patch]  # noqa: E731
+        valid = None if same else torch.arange(length, device=device) < torch.tensor(lengths, device=device)[:, None]
         padding = share = None
         if ctx.debias_padding and ctx.padding_mask is not None:
-            padding = ctx.padding_mask[row, rank_column] & valid
+            padding = by_rank(ctx.padding_mask) if valid is None else by_rank(ctx.padding_mask) & valid
             if ctx.padding_fractions:
-                share = ctx.padding_share_batched[row, rank_column]
-        patch = (first + column).clamp(max=features.shape[1] - 1)
-        dominant, dominant_ok, targets, merged, targets_ok = visionzip_select(
-            scores[row, rank_column].float(), valid, keys[image[:, None], patch], features[image[:, None], patch],
-            torch.tensor([s[0] for s in splits], device=device), torch.tensor([s[1] for s in splits], device=device),
-            max_patches, max(1, max_contextual), padding, share)
-        ranks_of = ctx.ranks[row, rank_column]  # (P, L) the rank of each patch
+                share = by_rank(ctx.padding_share_batched)
+        uniform = lambda counts: counts[0] if counts == [counts[0]] * len(counts) else torch.tensor(counts, device=device)  # noqa: E731
+        dominant, _, targets, merged, _ = visionzip_select(
+            by_rank(scores).float(), valid, by_patch(keys), by_patch(features), uniform(patches), uniform(contextual),
+            max(patches), max(1, max(contextual)), padding, share)
+        ranks_of = by_rank(ctx.ranks)  # (P, L) the rank of each patch
         dominant_ranks = torch.gather(ranks_of, 1, dominant.clamp(max=length - 1))
-        counts, starts = self._layout([s[0] for s in splits], [b for b, _ in problems], ctx.num_samples)
-        ranks = pack_rows(dominant_ranks, dominant_ok, sample, torch.tensor(starts, device=device),
-                          ctx.num_samples, max(counts), fill=-1)
+        (ranks,), counts = pack_rows([(dominant_ranks, -1)], patches, samples, ctx.num_samples)
         ranks_counts = None if min(counts) == max(counts) else counts
         cls = int(self.include_cls and not self.keeps_everything)
-        if not cls and not max_contextual:
+        width = max(contextual)
+        if not cls and not width:
             return Kept(ranks=ranks, counts=ranks_counts)
         # per image: [CLS] (right before its first dominant patch, at its first position), then its contextual
         # tokens (after its last dominant patch, each at its target's position)
-        last_dominant = torch.gather(dominant_ranks, 1, (dominant_ok.sum(dim=1, keepdim=True) - 1))
-        target_ranks = torch.gather(ranks_of, 1, targets.clamp(max=length - 1))
-        contextual = targets_ok if max_contextual else targets_ok[:, :0]
-        values, ok = merged[:, : contextual.shape[1]], contextual
-        after = last_dominant.expand_as(contextual)
-        before = torch.zeros_like(contextual)
-        positions = target_ranks[:, : contextual.shape[1]]
+        values = merged[:, :width]
         if cls:
-            cls_features = features[image, ctx.adapter.vision_cls_index][:, None]  # (P, 1, D)
+            cls_index = ctx.adapter.vision_cls_index
+            cls_features = features[:, cls_index: cls_index + 1] if images == list(range(features.shape[0])) \
+                else features[images, cls_index][:, None]  # (P, 1, D)
             values = torch.cat([cls_features, values], dim=1)
-            ok = torch.cat([torch.ones_like(ok[:, :1]), ok], dim=1)
-            after = torch.cat([dominant_ranks[:, :1], after], dim=1)
-            before = torch.cat([torch.ones_like(before[:, :1]), before], dim=1)
-            positions = torch.cat([ranks_of[:, :1], positions], dim=1)
-        extra_counts, extra_starts = self._layout([cls + s[1] for s in splits], [b for b, _ in problems], ctx.num_samples)
-        extra_start, width = torch.tensor(extra_starts, device=device), max(extra_counts)
-        pack = lambda x, fill=0: pack_rows(x, ok, sample, extra_start, ctx.num_samples, width, fill)  # noqa: E731
-        extra_valid = pack(ok, False)
-        return Kept(ranks=ranks, counts=ranks_counts, extra=ctx.adapter.project_visual(pack(values)),
-                    extra_after=pack(after), extra_before=pack(before, False), extra_positions=pack(positions),
-                    extra_valid=None if min(extra_counts) == width else extra_valid,
-                    extra_counts=None if min(extra_counts) == width else extra_counts)
-
-    @staticmethod
-    def _layout(counts: list[int], samples: list[int], num_samples: int) -> tuple[list[int], list[int]]:
-        """Per sample, the total of its problems' counts, and per problem, where its entries start in its row."""
-        totals, starts = [0] * num_samples, []
-        for b, count in zip(samples, counts):
-            starts.append(totals[b])
-            totals[b] += count
-        return totals, starts
+        last = [[0] * cls + [count - 1] * width for count in patches]  # columns of dominant_ranks
+        after = torch.gather(dominant_ranks, 1, torch.tensor(last, device=device))
+        before = torch.tensor([[True] * cls + [False] * width] * len(problems), device=device)
+        positions = torch.gather(ranks_of, 1, torch.nn.functional.pad(targets[:, :width].clamp(max=length - 1), (cls, 0)))
+        valid = torch.ones_like(before)
+        (values, after, before, positions, valid), extra_counts = pack_rows(
+            [(values, 0), (after, 0), (before, False), (positions, 0), (valid, False)],
+            [cls + count for count in contextual], samples, ctx.num_samples)
+        ragged = min(extra_counts) < max(extra_counts)
+        return Kept(ranks=ranks, counts=ranks_counts, extra=ctx.adapter.project_visual(values),
+                    extra_after=after, extra_before=before, extra_positions=positions,
+                    extra_valid=valid if ragged else None, extra_counts=extra_counts if ragged else None)
 
     def equivalent_tokens(self, num_visual: int = REFERENCE_TOKENS, num_layers: int = REFERENCE_LAYERS) -> float:
         patches, contextual = self.split(num_visual)

@@ -5,12 +5,16 @@ from __future__ import annotations
 import torch
 
 
-def rank_order(scores: torch.Tensor, valid: torch.Tensor, padding: torch.Tensor | None = None,
+def rank_order(scores: torch.Tensor, valid: torch.Tensor | None, padding: torch.Tensor | None = None,
                padding_fraction: torch.Tensor | None = None) -> torch.Tensor:
     """`stages.rank_order` for each row of a padded batch: (B, R) indices from best to worst (stable: ties in
     prompt order), padding tokens after every real one (from the least padded to the most in a row whose valid
     tokens are all padding, when padding_fraction (B, R) is given), the invalid slots last. scores (B, R),
-    valid (B, R) bool, padding (B, R) bool or None."""
+    valid (B, R) bool (None: every slot, without padding: one argsort), padding (B, R) bool or None."""
+    if valid is None and padding is None:
+        return torch.argsort(scores, dim=1, descending=True, stable=True)
+    if valid is None:
+        valid = torch.ones_like(padding)
     real = valid if padding is None else valid & ~padding
     order = torch.argsort(torch.where(real, scores, float("-inf")), dim=1, descending=True, stable=True)
     group = torch.where(valid, 0.0, 2.0)  # real tokens, then padding, then invalid slots
@@ -32,12 +36,26 @@ def mask_to_indices(mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     return indices, indices < width
 
 
-def pack_rows(values: torch.Tensor, ok: torch.Tensor, row: torch.Tensor, start: torch.Tensor, rows: int, width: int,
-              fill=0) -> torch.Tensor:
-    """Concatenate, per output row, the entries of the problems that belong to it: values (P, k, ...), ok (P, k)
-    bool (a prefix of each problem's k), row (P,) the output row of each problem, start (P,) the column where its
-    entries begin (host-known counts make these static). Returns (rows, width, ...) with `fill` elsewhere."""
-    column = torch.where(ok, start[:, None] + torch.arange(ok.shape[1], device=ok.device), width)  # spare column
-    out = torch.full((rows, width + 1, *values.shape[2:]), fill, dtype=values.dtype, device=values.device)
-    out = out.index_put_((row[:, None].expand_as(column), column), values)
-    return out[:, :width]
+def pack_rows(fields: list[tuple[torch.Tensor, object]], counts: list[int], row: list[int],
+              rows: int) -> tuple[list[torch.Tensor], list[int]]:
+    """Concatenate, per output row, the entries of the problems that belong to it. fields: (values (P, k, ...),
+    fill) pairs of one layout; problem p uses its first counts[p] entries and goes to output row row[p] (host
+    facts; a row's problems in turn). Returns the packed fields (rows, width, ...), `fill` past a row's entries,
+    and each row's total (width = the largest). One problem per row, in order, each using all k entries: the
+    fields as they are, no op; else 2 ops a field and 2 for the layout."""
+    totals, starts = [0] * rows, []
+    for p, count in zip(row, counts):
+        starts.append(totals[p])
+        totals[p] += count
+    width, k = max(totals), fields[0][0].shape[1]
+    if row == list(range(rows)) and all(count == k for count in counts):
+        return [values for values, _ in fields], totals
+    device = fields[0][0].device
+    column = torch.tensor([[start + j if j < count else width for j in range(k)] for start, count in zip(starts, counts)],
+                          device=device)  # (P, k): a spare column for the unused entries
+    target = torch.tensor([[p] * k for p in row], device=device)
+    packed = []
+    for values, fill in fields:
+        out = torch.full((rows, width + 1, *values.shape[2:]), fill, dtype=values.dtype, device=device)
+        packed.append(out.index_put_((target, column), values)[:, :width])
+    return packed, totals

@@ -22,12 +22,10 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
+from .apps.errors import UsageError
+
 console = Console()  # tables and results: stdout
 status = Console(stderr=True)  # progress bars and status lines: stderr (stdout stays clean for --json)
-
-
-class UsageError(Exception):
-    """A mistake in the command line or in a file it names: one line on stderr, exit code 2."""
 
 
 def _one_line(text: object) -> str:
@@ -60,9 +58,9 @@ def _report(error: BaseException) -> int:
 
 def _input_errors() -> tuple:
     """Errors in what the user gave that can only be found while a command runs: exit code 2."""
-    from .images import ImageError
+    from .apps.images import ImageError
     from .io import OutputError
-    from .loading import InputTooLong
+    from .apps.loading import InputTooLong
 
     return (ImageError, OutputError, InputTooLong)
 
@@ -255,7 +253,7 @@ def _debias(profile: str | None, padding: bool = True):
 
 def _open_image(path: Path):
     """The image of --image, upright (EXIF orientation applied) and 8-bit RGB (`images.read_image`)."""
-    from .images import ImageError, read_image
+    from .apps.images import ImageError, read_image
 
     if path.is_dir():
         raise UsageError(f"--image {path} is a directory: give an image file")
@@ -268,7 +266,7 @@ def _open_image(path: Path):
 
 
 def _check_runtime(device: str, dtype: str) -> None:
-    from .loading import check_device, check_dtype
+    from .apps.loading import check_device, check_dtype
 
     try:
         check_dtype(dtype)
@@ -282,7 +280,7 @@ def _check_runtime(device: str, dtype: str) -> None:
 
 def _inspect_model(spec: str, press=None):
     """The model's config, checked (and the press's schedule against its depth) before any weights load."""
-    from .loading import inspect_model
+    from .apps.loading import inspect_model
 
     try:
         info = inspect_model(spec)
@@ -299,7 +297,7 @@ def _inspect_model(spec: str, press=None):
 def _load(info, device: str, dtype: str):
     from transformers.utils import logging as hf_logging
 
-    from .loading import load_model
+    from .apps.loading import load_model
 
     hf_logging.disable_progress_bar()  # the weights of these models load in seconds; keep stderr for what matters
     try:
@@ -380,7 +378,7 @@ def _check_text(text: str, option: str) -> None:
 
 def _check_generation_length(info, max_new_tokens: int) -> None:
     """--max-new-tokens within the model's positions (checked against its config before the weights load)."""
-    from .loading import max_positions
+    from .apps.loading import max_positions
 
     limit = max_positions(info.config)
     if limit is not None and max_new_tokens >= limit:
@@ -450,7 +448,7 @@ def run(
 
     import torch
 
-    from .runner import compare_one
+    from .apps.runner import compare_one
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -506,7 +504,7 @@ def demo(
 ) -> None:
     """What debiasing changes, offline, in about a minute on a CPU: a shipped model answers held-out questions
     unpruned, with FastV and with debiased FastV; prints each accuracy with its 95% interval and the paired
-    difference, and draws the first questions whose two FastV answers differ (see vtprune.demo)."""
+    difference, and draws the first questions whose two FastV answers differ (see vtprune.apps.demo)."""
     amount = budget_option(keep, "--keep")
     if model_name not in ("testbed-lm", "testbed"):
         raise UsageError(f"--model {model_name}: the demo runs 'testbed-lm' or 'testbed' (`vtprune run` takes any model)")
@@ -527,8 +525,8 @@ def demo(
     _lock_output(out_dir, "--out-dir", wait=wait)
     import torch
 
-    from .demo import run_demo, summary_lines
-    from .loading import load_model
+    from .apps.demo import run_demo, summary_lines
+    from .apps.loading import load_model
 
     torch.set_num_threads(min(4, torch.get_num_threads()))
     model, processor = load_model(model_name)
@@ -551,7 +549,7 @@ def methods() -> None:
     from rich import box
 
     from .methods import METHODS
-    from .press import REFERENCE_LAYERS, REFERENCE_TOKENS
+    from .core.press import REFERENCE_LAYERS, REFERENCE_TOKENS
 
     table = Table(title="pruning methods (defaults for LLaVA-1.5-7B: 32 layers, 576 visual tokens)",
                   box=box.SIMPLE_HEAD, title_justify="left")
@@ -660,7 +658,7 @@ SPLITS = ("train", "val", "test")
 
 
 def _load_data(data: str, images: Optional[Path], samples: int, split: str):
-    from .datasets import load_examples
+    from .apps.datasets import load_examples
 
     if split not in SPLITS:
         raise UsageError(f"--split {split!r}: use {', '.join(SPLITS)} (for --data testbed)")
@@ -704,8 +702,8 @@ def calibrate(
 
     Progress is saved beside OUT (OUT.partial.json): rerunning the same command resumes (and says so); if OUT
     already holds the same calibration it is reused, not recomputed (--force recomputes)."""
-    from .calibration import calibrate as run_calibration
-    from .calibration import calibration_settings, read_progress, reusable
+    from .apps.calibration import calibrate as run_calibration
+    from .apps.calibration import calibration_settings, read_progress, reusable
     from .debias.profiles import load_profile
 
     _positive(samples, "--samples")
@@ -817,8 +815,8 @@ def analyze(
     _lock_output(out_dir, "--out-dir", wait=wait)
 
     from .adapters import adapter_for
-    from .analysis import bias_report
-    from .plots import plot_keep_frequency, plot_score_heatmap, plot_score_vs_position, plot_selection
+    from .apps.analysis import bias_report
+    from .apps.plots import plot_keep_frequency, plot_score_heatmap, plot_score_vs_position, plot_selection
     model, processor = _load(info, device, dtype)
     records = _analyze_records(model, processor, examples, press, batch_size, out_dir / "report.partial.json")
     report = bias_report(records)
@@ -869,9 +867,9 @@ def analyze(
 def _analyze_records(model, processor, examples, press, batch_size: int, state: Path) -> list:
     """The first-stage records of `examples` (dry run), saved to `state` every few batches so that an
     interrupted analysis resumes (and says so); `state` is removed at the end."""
-    from .calibration import data_fingerprint, model_fingerprint, read_saved_records
+    from .apps.calibration import data_fingerprint, model_fingerprint, read_saved_records
     from .io import atomic_write_json
-    from .runner import record_from_json, record_to_json, run_examples
+    from .apps.runner import record_from_json, record_to_json, run_examples
 
     key = {"model": model_fingerprint(model), "data": data_fingerprint(examples), "press": repr(press)}
     records, problem = read_saved_records(state, "key", key, record_from_json, "of another analysis")
@@ -941,7 +939,7 @@ def eval_command(
     Prints a table (accuracy with its 95% Wilson interval, the paired difference of debiased to plain at the
     same method and budget, visual tokens, prefill ms, decode ms per token, peak memory) and writes
     OUT/results.json and OUT/results.csv. Finished settings are saved in OUT/cells.json: rerunning resumes."""
-    from .evaluation import build_grid
+    from .apps.evaluation import build_grid
 
     _positive(max_new_tokens, "--max-new-tokens")
     _positive(batch_size, "--batch-size")
@@ -984,14 +982,14 @@ def eval_command(
     except (TypeError, ValueError) as error:
         raise UsageError(str(error)) from None
     questions = _load_questions(data, images, samples, split)
-    from . import sharding
+    from .apps import sharding
 
     if (sharding.launched() or (0, 1))[0] == 0:  # under a launcher, rank 0 holds --out for every rank
         _lock_output(out_dir, "--out", wait=wait)
 
     import torch
 
-    from .evaluation import markdown_table, run_grid, table_rows, write_results, TABLE_COLUMNS
+    from .apps.evaluation import markdown_table, run_grid, table_rows, write_results, TABLE_COLUMNS
 
     sharded = processes > 1 or sharding.launched() is not None
     if processes > len(questions):
@@ -1001,7 +999,7 @@ def eval_command(
     if not sharded:
         model, processor = _load(info, device, dtype)
         if pad_to_square is not None:
-            from .loading import set_pad_to_square
+            from .apps.loading import set_pad_to_square
 
             set_pad_to_square(processor, pad_to_square)
     for name, chosen in resolved.items():
@@ -1070,7 +1068,7 @@ def eval_command(
 
 
 def _load_questions(data: str, images: Optional[Path], samples: Optional[int], split: str):
-    from .evaluation import load_questions
+    from .apps.evaluation import load_questions
 
     try:
         return load_questions(data, images, samples, split=split)  # unreadable images: one warning line
@@ -1095,7 +1093,7 @@ def reproduce(
     and the results collected into one table beside the published numbers (OUT/table.md, OUT/table.json)."""
     import shlex
 
-    from . import reproduce as rep
+    from .apps import reproduce as rep
 
     try:
         spec = rep.table(name)
@@ -1188,7 +1186,5 @@ def main() -> None:  # pragma: no cover
     app()
 
 
-if __name__ == "__main__":  # pragma: no cover - `python -m vtprune.cli`: run the package's module, whose
-    from vtprune.cli import main as package_main  # UsageError is the one the testbed commands raise
-
-    package_main()
+if __name__ == "__main__":  # pragma: no cover - `python -m vtprune.cli`
+    main()

@@ -122,7 +122,7 @@ class VideoLlavaAdapter(LlavaAdapter):
         return self.image_geometry(image_processor)
 
     def padding_fractions(self, layout: VisualLayout, image_sizes, processor) -> list[torch.Tensor]:
-        from ..geometry import padded_fraction
+        from .geometry import padded_fraction
 
         geometry = None
         out = []

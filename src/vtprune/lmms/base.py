@@ -171,7 +171,7 @@ class PressMixin:
 
     def _check_supported(self, pretrained: str) -> None:
         """A one-line error, before any weights load, when vtprune cannot prune this model."""
-        from ..loading import inspect_model
+        from ..apps.loading import inspect_model
 
         try:
             inspect_model(str(pretrained))
@@ -194,7 +194,7 @@ class PressMixin:
         if pad is not None:
             if not is_llava:
                 raise ValueError(f"{self.plugin_name}: pad_to_square applies to LLaVA-1.5 models only")
-            from ..loading import set_pad_to_square
+            from ..apps.loading import set_pad_to_square
 
             set_pad_to_square(processor, pad)
         self.vtprune_pad_to_square = pad

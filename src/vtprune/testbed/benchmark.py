@@ -24,8 +24,8 @@ import numpy as np
 
 from ..debias import Debias
 from ..methods import METHODS
-from ..results import cells_problem, load_cells, paired_delta, save_cells, wilson
-from ..runner import run_examples
+from ..apps.results import cells_problem, load_cells, paired_delta, save_cells, wilson
+from ..apps.runner import run_examples
 from .data import accuracy
 
 #: budgets of the benchmark (None: no pruning); 0.0625 = 9 of the testbed's 144 tokens ("6%")
@@ -176,8 +176,8 @@ def run_benchmark(
     cells of the same model and questions are reused; `log` says how many). progress(done, total, name) is
     called before each cell and at the end."""
     from ..adapters import adapter_for
-    from ..analysis import bias_report
-    from ..calibration import data_fingerprint, model_fingerprint
+    from ..apps.analysis import bias_report
+    from ..apps.calibration import data_fingerprint, model_fingerprint
 
     table = settings()
     names = list(names or [s.name for s in settings_for(model_name(model))])

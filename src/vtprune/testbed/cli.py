@@ -19,7 +19,7 @@ status = Console(stderr=True)
 
 
 def _usage(message: str):
-    from vtprune.cli import UsageError
+    from ..apps.errors import UsageError
 
     return UsageError(message)
 
@@ -122,7 +122,7 @@ def train_lm_cmd(
     for option, value in (("--lr", lr), ("--lora-lr", lora_lr)):
         if not value > 0:
             raise _usage(f"{option} {value}: must be > 0")
-    from vtprune.loading import check_device
+    from vtprune.apps.loading import check_device
     from vtprune.testbed.lm import LMTrainConfig, availability_problem, train_lm
     from vtprune.testbed.train import check_output, check_work_dir
 
@@ -182,7 +182,7 @@ def eval_cmd(
         n = 150 if model_name == "testbed-lm" else 1000
     if n < 1:
         raise _usage(f"--n {n}: evaluate at least one question")
-    from vtprune.datasets import TESTBED_MAX
+    from vtprune.apps.datasets import TESTBED_MAX
 
     if n > TESTBED_MAX:
         raise _usage(f"--n {n}: the testbed generates at most {TESTBED_MAX:,} questions per split")
@@ -243,9 +243,9 @@ def eval_cmd(
         state = state or (Path(str(out) + ".partial.json") if out else Path("runs/testbed-eval.partial.json"))
         lock = OutputLock(state, option="--state" if out is None else "--out", is_dir=False, wait=wait,
                           note=lambda text: status.print(f"note: {text}")).acquire()  # one writer of these results
-        from vtprune.cli import _current_context
+        from typer._click.globals import get_current_context
 
-        _current_context().call_on_close(lock.release)
+        get_current_context().call_on_close(lock.release)  # the lock is released when the command ends
 
     torch.set_num_threads(min(4, torch.get_num_threads()))
     if model_name == "testbed-lm":

@@ -19,6 +19,8 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..apps.models import NamedData, register_data
+
 Split = Literal["train", "val", "test"]
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "diamond")
@@ -365,3 +367,6 @@ def describe(sample: Sample) -> str:
     objs = sorted(sample.meta["objects"], key=lambda o: (o["quadrant"][0], o["quadrant"][1], o["box"][0]))
     rows, cols = ("top", "bottom"), ("left", "right")
     return " , ".join(f"{o['colour']} {o['shape']} {rows[o['quadrant'][0]]} {cols[o['quadrant'][1]]}" for o in objs)
+
+
+register_data(NamedData("testbed", make_split))

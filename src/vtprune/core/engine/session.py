@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from torch import nn
 
-from ..adapters import adapter_for
+from ...adapters import adapter_for
 from ..context import LayerInput
-from ..geometry import request_image_sizes
+from ...adapters.geometry import request_image_sizes
 from ..stages import Stage, validate_stages
 from .cache import _CacheCuts, _cache_kwarg
 from .records import _Planning
@@ -21,7 +21,7 @@ from .sequence import _SequenceCuts
 from .vision import _VisionSide
 
 if TYPE_CHECKING:
-    from ..debias import Debias
+    from ...debias import Debias
 
 #: the session active on each model (its input module), so that a second press on the same model is refused
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, PruningSession]" = weakref.WeakKeyDictionary()

@@ -1,5 +1,5 @@
 """What a pruning method declares and decides, as plain data: stages, per-sample decisions, and the record of
-what each stage did. No model code lives here; the engine (`vtprune.engine`) acts on these.
+what each stage did. No model code lives here; the engine (`vtprune.core.engine`) acts on these.
 
 Index spaces used throughout:
 
@@ -17,7 +17,7 @@ from typing import Literal, Sequence
 
 import torch
 
-from .adapters.base import VisualSegment
+from ..adapters.base import VisualSegment
 
 Positions = Literal["original", "compact"]
 

@@ -162,12 +162,11 @@ def load_questions(data: str, images: str | Path | None = None, samples: int | N
     if samples is not None and samples < 1:
         raise ValueError(f"--samples must be positive, got {samples}")
     if data == "testbed":
-        from .datasets import check_testbed_samples
-        from .testbed.data import make_split
+        from .datasets import testbed_split, check_testbed_samples
 
         check_testbed_samples(samples)
         return [Question(image=s.image, question=s.question, answers=(s.answer,), meta=dict(s.meta))
-                for s in make_split(split, samples or 100)]
+                for s in testbed_split(split, samples or 100)]
     from .datasets import load_jsonl
 
     examples, _ = load_jsonl(data, images, samples)
@@ -221,14 +220,14 @@ class Setting:
     def label(self) -> str:
         if self.method is None:
             return "unpruned"
-        from .methods import METHODS
+        from ..methods import METHODS
 
         name = METHODS[self.method].__name__ if self.method in METHODS else self.method
         return f"{name} {self.budget:g}" + ("" if self.debias == "none" else f" +{self.debias}")
 
     def debias_object(self):
         """The `Debias` of this cell, or None."""
-        from .debias import Debias
+        from ..debias import Debias
 
         positional = self.profile if self.debias in ("positional", "both") else None
         if self.debias == "none":
@@ -239,7 +238,7 @@ class Setting:
         """The press of this cell (None for the unpruned model)."""
         if self.method is None:
             return None
-        from .methods import method as method_class
+        from ..methods import method as method_class
 
         return method_class(self.method).create(budget=self.budget, debias=self.debias_object())
 
@@ -248,7 +247,7 @@ def build_grid(methods: Sequence[str], budgets: Sequence[int | float], debias: S
                profile_for: Callable[[str], str]) -> tuple[list[Setting], list[str]]:
     """The unpruned setting, then every method x budget x debias mode (methods that rank without attention:
     "none" only); notes say what was left out. profile_for(method) gives the positional profile."""
-    from .methods import method as method_class
+    from ..methods import method as method_class
 
     for mode in debias:
         if mode not in DEBIAS_MODES:
@@ -418,7 +417,7 @@ def _median(values: Sequence[float]) -> float | None:
 def measure(model, processor, questions: Sequence[Question], setting: Setting, *, batch_size: int = 1,
             max_new_tokens: int = 16, progress: Callable[[int], None] | None = None) -> CellResult:
     """Answer every question with `setting`'s press (greedy), score, time and measure the run."""
-    from .adapters import adapter_for
+    from ..adapters import adapter_for
     from .runner import run_examples
 
     press = setting.press()
@@ -457,7 +456,7 @@ def measure(model, processor, questions: Sequence[Question], setting: Setting, *
 def run_key(model, questions: Sequence[Question], *, batch_size: int, max_new_tokens: int) -> dict:
     """What saved cells must share to be reused: model weights, questions and answers, generation settings,
     device and dtype (timings and memory depend on them)."""
-    from . import __version__
+    from .. import __version__
     from .calibration import model_fingerprint
 
     parameter = next(model.parameters())
@@ -554,7 +553,7 @@ def csv_rows(cells: Sequence[CellResult]) -> list[dict]:
 def write_results(out_dir: str | Path, cells: Sequence[CellResult], meta: dict) -> tuple[Path, Path]:
     """results.json (settings, every cell with its per-question answers and scores) and results.csv (one row
     per cell) in `out_dir`, each written atomically."""
-    from .io import atomic_open, atomic_write_json
+    from ..io import atomic_open, atomic_write_json
 
     out_dir = Path(out_dir)
     json_path, csv_path = out_dir / "results.json", out_dir / "results.csv"

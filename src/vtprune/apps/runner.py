@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .adapters.base import VisualSegment
+from ..adapters.base import VisualSegment
 from .loading import build_inputs, check_input_length
-from .press import Press
+from ..core.press import Press
 
 
 class Example(Protocol):

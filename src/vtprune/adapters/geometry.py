@@ -330,7 +330,7 @@ def no_padding_message(processor) -> str:
     return (
         f"padding debiasing is on, but {name} does not pad images ({settings}): no visual token is padding, so it "
         f"changes nothing. To pad to a square as LLaVA-1.5 was trained, set {name}.do_pad=True on a LLaVA image "
-        "processor (vtprune.loading.set_pad_to_square(processor) does it for any LLaVA-1.5 processor); else pass "
+        "processor (vtprune.apps.loading.set_pad_to_square(processor) does it for any LLaVA-1.5 processor); else pass "
         "Debias(padding=False)."
     )
 

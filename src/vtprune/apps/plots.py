@@ -21,13 +21,13 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from .calibration import PositionCurve  # noqa: E402
-from .debias.fit import ExpFit, relative_positions  # noqa: E402
+from ..debias.fit import ExpFit, relative_positions  # noqa: E402
 
 PAD_COLOUR = (122, 116, 104)  # CLIP's mean colour, what LLaVA pads with
 
 
 def _save(fig, path: str | Path) -> Path:
-    from .io import atomic_open
+    from ..io import atomic_open
 
     path = Path(path)
     with atomic_open(path, "wb") as handle:  # a temporary file, then a rename

@@ -3,7 +3,7 @@
 A press declares *what* to prune: its stages (before which decoder layer, how many visual tokens to keep,
 which layer's attention to score with) and, per stage, *which* visual tokens stay (`select`), from what a
 `StageContext` offers (attention of any query tokens, keys, hidden states, debiasing). The engine
-(`vtprune.engine`) does all the cutting; a press never touches caches, masks or positions.
+(`vtprune.core.engine`) does all the cutting; a press never touches caches, masks or positions.
 
     press = FastV(keep=64, layer=2, debias=Debias(profile="llava-1.5-7b/fastv"))
     with press(model, processor=processor, image_sizes=[image.size]):
@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from .context import StageContext
-from .debias import Debias
+from ..debias import Debias
 from .engine import PruningSession
-from .geometry import combine_image_sizes
+from ..adapters.geometry import combine_image_sizes
 from .budgets import keeps_for_budget
 from .selections import LastSelection
 from .stages import Kept, Stage, StageSelection, as_list, equivalent_tokens, validate_stages
@@ -152,7 +152,7 @@ class Press(LastSelection):
 
     def _check_family(self, model: nn.Module) -> None:
         """Refuse, naming the methods that work, a method that reads a vision tower vtprune cannot read."""
-        from .adapters import adapter_for
+        from ..adapters import adapter_for
 
         reason = adapter_for(model).vision_side_unsupported
         if reason and _reads_vision_tower(self):

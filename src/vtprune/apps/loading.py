@@ -12,6 +12,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .models import named_model
+
 #: LLaVA-1.5's conversation format, used when a processor has no chat template
 LLAVA15_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
 #: the dtypes `load_model` takes ("auto": float32 on CPU, bfloat16 on GPUs)
@@ -58,23 +60,16 @@ def inspect_model(spec: str) -> ModelInfo:
     to pass instead, including model classes vtprune does not support."""
     from transformers import AutoConfig
 
-    from .adapters import supported_model_classes
+    from ..adapters import supported_model_classes
 
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError("no model given: pass a local model directory, a hub id (org/name), 'testbed' or 'testbed-lm'")
-    if spec == "testbed":
-        from .testbed.model import CHECKPOINT_DIR
-
-        if not (CHECKPOINT_DIR / "config.json").is_file():
-            raise ValueError(f"the testbed checkpoint is missing from the installed package ({CHECKPOINT_DIR}): reinstall vtprune")
-        source, path, name = "testbed", str(CHECKPOINT_DIR), "testbed"
-    elif spec == "testbed-lm":
-        from .testbed.lm import CHECKPOINT_DIR as LM_CHECKPOINT_DIR, availability_problem
-
-        problem = availability_problem()
+    named = named_model(spec)
+    if named is not None:  # vtprune's own models ("testbed", "testbed-lm"), registered by the testbed
+        problem = named.problem()
         if problem:
             raise ValueError(problem)
-        source, path, name = "testbed", str(LM_CHECKPOINT_DIR), "testbed-lm"
+        source, path, name = "testbed", str(named.checkpoint_dir), named.name
     else:
         local = Path(spec).expanduser()
         if local.exists():
@@ -157,19 +152,11 @@ def load_model(
     bfloat16 on GPUs, or a torch dtype name.
     """
     torch_dtype = _resolve_dtype(dtype, device)
-    if spec == "testbed":
-        from .testbed.model import load_testbed
-
-        model, processor = load_testbed()
-        if dtype != "auto":  # the testbed is float32 everywhere unless asked otherwise
-            model = model.to(dtype=torch_dtype)
-        return model.to(device).eval(), processor
-    if spec == "testbed-lm":
-        from .testbed.lm import load_testbed_lm
-
+    named = named_model(spec)
+    if named is not None:
         inspect_model(spec)
-        model, processor = load_testbed_lm(attn_implementation=attn_implementation)
-        if dtype != "auto":
+        model, processor = named.load(attn_implementation=attn_implementation)
+        if dtype != "auto":  # vtprune's own models are float32 everywhere unless asked otherwise
             model = model.to(dtype=torch_dtype)
         return model.to(device).eval(), processor
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -298,7 +285,7 @@ def check_pair(model, processor, spec: str = "the model") -> None:
             f"the processor of {spec} makes {side[0]}x{side[1]} images but the model's vision tower takes "
             f"{vision.image_size}x{vision.image_size}: the processor belongs to another model"
         )
-    from .adapters import LlavaAdapter, adapter_for
+    from ..adapters import LlavaAdapter, adapter_for
 
     adapter = adapter_for(model)
     if type(adapter) is not LlavaAdapter:  # token counts that depend on the image: the adapter's own check
@@ -324,7 +311,7 @@ def set_pad_to_square(processor, pad: bool = True):
     processor in place and returns it. A processor whose image processor is not LLaVA's gets a LLaVA image
     processor (the PIL one unless the current one runs on torchvision) with the same resize, crop and
     normalisation."""
-    from .geometry import _LLAVA, _owner
+    from ..adapters.geometry import _LLAVA, _owner
 
     holder = processor if getattr(processor, "image_processor", None) is not None else None
     image_processor = holder.image_processor if holder is not None else processor

@@ -22,7 +22,7 @@ where a set is returned, with the invalid slots documented per function.
 `opcount.OpCounter` / `opcount.count_ops` count the aten ops a call dispatches (and the sync-type ones).
 """
 
-from ..debias.fit import auto_trend
+from ...debias.fit import auto_trend
 from .common import mask_to_indices, pack_rows, rank_order
 from .dart import dart_claims, dart_select, python_set_order, top_pivots
 from .divprune import max_min_select

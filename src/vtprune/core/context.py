@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Callable, Literal, Sequence
 import torch
 from torch import nn
 
-from .adapters.base import ModelAdapter, VisualSegment
+from ..adapters.base import ModelAdapter, VisualSegment
 from .scoring import attention_probs, rotated_keys, rotated_queries
 from .stages import Stage, resolve_keep
 
 if TYPE_CHECKING:
-    from .debias import Debias
+    from ..debias import Debias
 
 TokenKind = Literal["visual", "text", "system", "instruction", "last"]
 

@@ -15,7 +15,6 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -59,8 +58,8 @@ def _report(error: BaseException) -> int:
 def _input_errors() -> tuple:
     """Errors in what the user gave that can only be found while a command runs: exit code 2."""
     from .apps.images import ImageError
-    from .io import OutputError
     from .apps.loading import InputTooLong
+    from .io import OutputError
 
     return (ImageError, OutputError, InputTooLong)
 
@@ -138,12 +137,12 @@ def _amount(part: str, option: str) -> int | float:
         except ValueError:
             raise UsageError(f"{option} {text!r} is not a number: give {AMOUNT_FORMS}") from None
         if not math.isfinite(value) or value <= 0:
-            raise UsageError(f"{option} {text}: give {AMOUNT_FORMS}")
+            raise UsageError(f"{option} {text}: give {AMOUNT_FORMS}") from None
         if value <= 1:
             return value
         if value.is_integer():
             return int(value)
-        raise UsageError(f"{option} {text}: a count must be a whole number and a fraction must lie in (0, 1]")
+        raise UsageError(f"{option} {text}: a count must be a whole number and a fraction must lie in (0, 1]") from None
     if value < 1:
         raise UsageError(
             f"{option} {text}: a count must be >= 1 (to keep a share of the visual tokens, give a fraction in "
@@ -189,7 +188,7 @@ def layer_option(text: str | None):
 SEED_LIMIT = 2**63 - 1
 
 
-def _check_seed(seed: Optional[int]) -> None:
+def _check_seed(seed: int | None) -> None:
     if seed is not None and not 0 <= seed <= SEED_LIMIT:
         raise UsageError(f"--seed {seed}: give an integer in 0..{SEED_LIMIT} (2^63 - 1)")
 
@@ -219,7 +218,7 @@ def make_press(method: str, *, debias=None, **options):
         debias = None  # nothing to debias
     from dataclasses import fields
 
-    accepted = {f.name for f in fields(cls) if f.init} - {"debias"}
+    accepted = {f.name for f in fields(cls) if f.init} - {"debias"}  # type: ignore[arg-type]  # every method is a dataclass
     for option, value in options.items():
         if value is not None and option not in accepted:
             takes = ", ".join(f"--{name}" for name in sorted(accepted))
@@ -358,7 +357,7 @@ def _current_context():
 WAIT_HELP = "if another vtprune run is writing the same output, wait for it to finish instead of stopping"
 
 
-def _check_threads(threads: Optional[int]) -> None:
+def _check_threads(threads: int | None) -> None:
     """--threads within 1 .. the machine's CPUs (torch starts that many threads; far more crash it)."""
     if threads is None:
         return
@@ -401,24 +400,24 @@ def run(
     image: Path = typer.Option(..., "--image", exists=True, help="image file"),
     prompt: str = typer.Option(..., "--prompt", help="question about the image"),
     method: str = typer.Option("fastv", "--method", help="pruning method (see `vtprune methods`)"),
-    budget: Optional[str] = typer.Option(
+    budget: str | None = typer.Option(
         None, "--budget", help="token budget as the papers label it: a count of 576 or a fraction (e.g. 0.25)"
     ),
-    keep: Optional[str] = typer.Option(
+    keep: str | None = typer.Option(
         None, "--keep", help="visual tokens kept per stage: a count or a fraction, or a list (192,64)"
     ),
-    layer: Optional[str] = typer.Option(None, "--layer", help="layer(s) before which tokens are pruned (default: the method's)"),
-    positions: Optional[str] = typer.Option(None, "--positions", help="original or compact (default: the method's)"),
+    layer: str | None = typer.Option(None, "--layer", help="layer(s) before which tokens are pruned (default: the method's)"),
+    positions: str | None = typer.Option(None, "--positions", help="original or compact (default: the method's)"),
     no_debias: bool = typer.Option(False, "--no-debias", help="rank by raw attention scores"),
-    profile: Optional[str] = typer.Option(
+    profile: str | None = typer.Option(
         None, "--profile", help="positional profile: built-in name (see `vtprune profiles`), JSON path, 'auto' or 'none'"
     ),
-    seed: Optional[int] = typer.Option(None, "--seed", help="seed of the random method"),
+    seed: int | None = typer.Option(None, "--seed", help="seed of the random method"),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="answer length limit (>= 1)"),
     repeats: int = typer.Option(5, "--repeats", help="timed prefills of each (unpruned, pruned), after a warm-up"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or mps"),
     dtype: str = typer.Option("auto", "--dtype", help="auto (fp32 on CPU, bf16 on GPU; the testbed: fp32), float32, bfloat16, float16"),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads of torch (default: torch's; 1 is fastest for small models on a busy CPU)"),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads of torch (default: torch's; 1 is fastest for small models on a busy CPU)"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Answer a question about an image unpruned and pruned: answers, tokens, prefill times and the speed-up."""
@@ -431,8 +430,8 @@ def run(
         raise UsageError("--prompt is empty: ask a question about the image")
     if "<image>" in prompt:
         raise UsageError("--prompt contains the image placeholder <image>: vtprune adds it; give only the question")
-    options = dict(budget=budget_option(budget), keep=number_option(keep, "--keep"), layer=layer_option(layer),
-                   positions=positions, seed=seed)
+    options = {"budget": budget_option(budget), "keep": number_option(keep, "--keep"), "layer": layer_option(layer),
+               "positions": positions, "seed": seed}
     press = make_press(method, **options)
     _check_profile_choice(press, profile, no_debias)
     debias_wanted = not no_debias and press.query is not None
@@ -499,7 +498,7 @@ def demo(
     questions: int = typer.Option(48, "--questions", help="held-out test questions answered (the first N of the test split)"),
     count: int = typer.Option(4, "--count", help="pictures of questions whose FastV answers differ (1-20)"),
     out_dir: Path = typer.Option(Path("vtprune-demo"), "--out-dir", help="where the PNGs go"),
-    profile: Optional[str] = typer.Option(None, "--profile", help="positional profile (default: the model's calibrated one)"),
+    profile: str | None = typer.Option(None, "--profile", help="positional profile (default: the model's calibrated one)"),
     wait: bool = typer.Option(False, "--wait", help=WAIT_HELP),
 ) -> None:
     """What debiasing changes, offline, in about a minute on a CPU: a shipped model answers held-out questions
@@ -548,8 +547,8 @@ def methods() -> None:
     """List the pruning methods (the registry every command uses) with their defaults."""
     from rich import box
 
-    from .methods import METHODS
     from .core.press import REFERENCE_LAYERS, REFERENCE_TOKENS
+    from .methods import METHODS
 
     table = Table(title="pruning methods (defaults for LLaVA-1.5-7B: 32 layers, 576 visual tokens)",
                   box=box.SIMPLE_HEAD, title_justify="left")
@@ -591,7 +590,7 @@ def _profile_groups():
 @app.command()
 def profiles(
     show_all: bool = typer.Option(False, "--all", help="list every profile (one per benchmark), also those of methods vtprune does not ship"),
-    method: Optional[str] = typer.Option(None, "--method", help="only this method's profiles (a `vtprune methods` name)"),
+    method: str | None = typer.Option(None, "--method", help="only this method's profiles (a `vtprune methods` name)"),
     as_json: bool = typer.Option(False, "--json", help="print every profile as JSON"),
 ) -> None:
     """List the built-in positional debiasing profiles: by default one line per model and method (its default
@@ -646,7 +645,14 @@ def profiles(
 
 
 def _progress(label: str):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(
         TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -657,7 +663,7 @@ def _progress(label: str):
 SPLITS = ("train", "val", "test")
 
 
-def _load_data(data: str, images: Optional[Path], samples: int, split: str):
+def _load_data(data: str, images: Path | None, samples: int, split: str):
     from .apps.datasets import load_examples
 
     if split not in SPLITS:
@@ -682,14 +688,14 @@ DATA_HELP = "calibration data: a LLaVA-style jsonl ({'image': path, 'text': ques
 def calibrate(
     model_path: str = typer.Option(..., "--model", help="local model directory, hub id, 'testbed' or 'testbed-lm'"),
     method: str = typer.Option("fastv", "--method", help="attention-based method whose scores are calibrated"),
-    layer: Optional[str] = typer.Option(None, "--layer", help="the method's pruning layer(s) (default: the method's); its first stage is calibrated"),
+    layer: str | None = typer.Option(None, "--layer", help="the method's pruning layer(s) (default: the method's); its first stage is calibrated"),
     data: str = typer.Option(..., "--data", help=DATA_HELP),
-    images: Optional[Path] = typer.Option(None, "--images", help="folder the jsonl's image paths are relative to"),
+    images: Path | None = typer.Option(None, "--images", help="folder the jsonl's image paths are relative to"),
     samples: int = typer.Option(256, "--samples", help="examples to use (the first N)"),
     split: str = typer.Option("val", "--split", help="testbed split for --data testbed"),
     out: Path = typer.Option(..., "--out", help="profile JSON to write"),
     curve: bool = typer.Option(False, "--curve", help="store a smoothed per-position curve (used instead of the exp fit)"),
-    name: Optional[str] = typer.Option(None, "--name", help="profile name (default MODEL/METHOD/calibrated)"),
+    name: str | None = typer.Option(None, "--name", help="profile name (default MODEL/METHOD/calibrated)"),
     no_padding: bool = typer.Option(False, "--no-padding", help="do not exclude padding tokens from the fit"),
     force: bool = typer.Option(False, "--force", help="recompute even if OUT already holds this calibration"),
     wait: bool = typer.Option(False, "--wait", help=WAIT_HELP),
@@ -780,11 +786,11 @@ def calibrate(
 def analyze(
     model_path: str = typer.Option(..., "--model", help="local model directory, hub id, 'testbed' or 'testbed-lm'"),
     method: str = typer.Option("fastv", "--method"),
-    layer: Optional[str] = typer.Option(None, "--layer", help="pruning layer(s) (default: the method's)"),
-    budget: Optional[str] = typer.Option(None, "--budget", help="token budget (count of 576 or fraction); default 0.25 unless --keep"),
-    keep: Optional[str] = typer.Option(None, "--keep", help="visual tokens kept per stage: a count or a fraction, or a list"),
+    layer: str | None = typer.Option(None, "--layer", help="pruning layer(s) (default: the method's)"),
+    budget: str | None = typer.Option(None, "--budget", help="token budget (count of 576 or fraction); default 0.25 unless --keep"),
+    keep: str | None = typer.Option(None, "--keep", help="visual tokens kept per stage: a count or a fraction, or a list"),
     data: str = typer.Option(..., "--data", help=DATA_HELP),
-    images: Optional[Path] = typer.Option(None, "--images"),
+    images: Path | None = typer.Option(None, "--images"),
     samples: int = typer.Option(256, "--samples"),
     split: str = typer.Option("val", "--split"),
     profile: str = typer.Option("auto", "--profile", help="positional debiasing: built-in name, JSON path, 'auto' or 'none'"),
@@ -868,8 +874,8 @@ def _analyze_records(model, processor, examples, press, batch_size: int, state: 
     """The first-stage records of `examples` (dry run), saved to `state` every few batches so that an
     interrupted analysis resumes (and says so); `state` is removed at the end."""
     from .apps.calibration import data_fingerprint, model_fingerprint, read_saved_records
-    from .io import atomic_write_json
     from .apps.runner import record_from_json, record_to_json, run_examples
+    from .io import atomic_write_json
 
     key = {"model": model_fingerprint(model), "data": data_fingerprint(examples), "press": repr(press)}
     records, problem = read_saved_records(state, "key", key, record_from_json, "of another analysis")
@@ -915,8 +921,8 @@ def _budgets_option(text: str) -> list:
 def eval_command(
     model_path: str = typer.Option(..., "--model", help="local model directory, hub id, 'testbed' or 'testbed-lm'"),
     data: str = typer.Option(..., "--data", help="a LLaVA-style jsonl with an answer per line, or 'testbed'"),
-    images: Optional[Path] = typer.Option(None, "--images", help="folder the jsonl's image paths are relative to (default: the jsonl's)"),
-    samples: Optional[int] = typer.Option(None, "--samples", help="the first N questions (default: all; testbed: 100)"),
+    images: Path | None = typer.Option(None, "--images", help="folder the jsonl's image paths are relative to (default: the jsonl's)"),
+    samples: int | None = typer.Option(None, "--samples", help="the first N questions (default: all; testbed: 100)"),
     split: str = typer.Option("test", "--split", help="testbed split for --data testbed"),
     methods: str = typer.Option("fastv", "--methods", help="comma-separated methods (`vtprune methods`)"),
     budgets: str = typer.Option("128", "--budgets", help="comma-separated budgets: counts of 576 (192,128,64) or fractions"),
@@ -924,13 +930,13 @@ def eval_command(
     profile: str = typer.Option("default", "--profile", help="positional profile: 'default' (the model's built-in one per method, else auto), a name, a JSON path or 'auto'"),
     max_new_tokens: int = typer.Option(16, "--max-new-tokens", help="answer length limit (>= 1)"),
     batch_size: int = typer.Option(1, "--batch-size", help="questions per generate() call (timings are per call)"),
-    pad_to_square: Optional[bool] = typer.Option(None, "--pad-to-square/--no-pad-to-square", help="pad images to a square (LLaVA-1.5's own preprocessing) or not; default: the processor as it is"),
+    pad_to_square: bool | None = typer.Option(None, "--pad-to-square/--no-pad-to-square", help="pad images to a square (LLaVA-1.5's own preprocessing) or not; default: the processor as it is"),
     out_dir: Path = typer.Option(Path("vtprune-eval"), "--out", help="folder for results.json, results.csv and the saved cells"),
     force: bool = typer.Option(False, "--force", help="measure every setting again instead of reusing saved cells"),
     wait: bool = typer.Option(False, "--wait", help=WAIT_HELP),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or mps"),
     dtype: str = typer.Option("auto", "--dtype"),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads of torch"),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads of torch"),
     as_json: bool = typer.Option(False, "--json", help="print results.json to stdout"),
     processes: int = typer.Option(1, "--processes", help="answer the questions in N processes, one model replica each (CPU: threads divided; cuda: one GPU each); under `accelerate launch`/`torchrun` each rank answers its share"),
 ) -> None:
@@ -989,7 +995,7 @@ def eval_command(
 
     import torch
 
-    from .apps.evaluation import markdown_table, run_grid, table_rows, write_results, TABLE_COLUMNS
+    from .apps.evaluation import TABLE_COLUMNS, markdown_table, run_grid, table_rows, write_results
 
     sharded = processes > 1 or sharding.launched() is not None
     if processes > len(questions):
@@ -1067,7 +1073,7 @@ def eval_command(
     console.print(f"wrote {json_path}, {csv_path} and {out_dir / 'results.md'}")
 
 
-def _load_questions(data: str, images: Optional[Path], samples: Optional[int], split: str):
+def _load_questions(data: str, images: Path | None, samples: int | None, split: str):
     from .apps.evaluation import load_questions
 
     try:
@@ -1079,13 +1085,13 @@ def _load_questions(data: str, images: Optional[Path], samples: Optional[int], s
 @app.command()
 def reproduce(
     name: str = typer.Argument(..., help="the paper table: paper-llava15 (or paper-videollava, not runnable yet)"),
-    budget: Optional[int] = typer.Option(None, "--budget", help="visual tokens of 576 (default: the table's, 128)"),
+    budget: int | None = typer.Option(None, "--budget", help="visual tokens of 576 (default: the table's, 128)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the lmms-eval command of every row, run nothing"),
     collect_only: bool = typer.Option(False, "--collect", help="only collect the results already in --out"),
     out_dir: Path = typer.Option(Path("vtprune-reproduce"), "--out", help="one folder per row, table.md and table.json"),
-    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="the checkpoint (default: the table's, llava-hf/llava-1.5-7b-hf)"),
-    methods: Optional[str] = typer.Option(None, "--methods", help="only these methods' rows (and the full model)"),
-    limit: Optional[int] = typer.Option(None, "--limit", help="lmms-eval --limit: the first N questions per task (a smoke test, not the paper's numbers)"),
+    pretrained: str | None = typer.Option(None, "--pretrained", help="the checkpoint (default: the table's, llava-hf/llava-1.5-7b-hf)"),
+    methods: str | None = typer.Option(None, "--methods", help="only these methods' rows (and the full model)"),
+    limit: int | None = typer.Option(None, "--limit", help="lmms-eval --limit: the first N questions per task (a smoke test, not the paper's numbers)"),
     launcher: str = typer.Option("python -m lmms_eval", "--launcher", help="how to start lmms-eval, e.g. 'accelerate launch --num_processes 8 -m lmms_eval'"),
     force: bool = typer.Option(False, "--force", help="rerun rows whose results are already there"),
 ) -> None:

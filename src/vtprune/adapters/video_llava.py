@@ -29,7 +29,7 @@ class VideoLlavaAdapter(LlavaAdapter):
         "does not map onto the layout for vision-side scores yet"
     )
 
-    def __init__(self, model: nn.Module):  # noqa: D107
+    def __init__(self, model: nn.Module):
         ModelAdapter.__init__(self, model)  # not LlavaAdapter.__init__: its checks are LLaVA-1.5's
         config = self.base.config
         self._read_patch_grid(config)

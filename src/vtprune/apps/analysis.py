@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .calibration import PositionCurve, keep_frequency, mean_score_curve
 from ..debias.fit import ExpFit
+from .calibration import PositionCurve, keep_frequency, mean_score_curve
 
 
 @dataclass

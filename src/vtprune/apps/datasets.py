@@ -18,7 +18,6 @@ from PIL import Image, UnidentifiedImageError
 from .images import ImageError, read_image
 from .models import named_data
 
-
 #: the most questions the testbed generator makes per request (each is drawn on the fly; more would run for hours)
 TESTBED_MAX = 100_000
 
@@ -97,7 +96,8 @@ def load_jsonl(path: str | Path, images: str | Path | None, samples: int | None 
     if missing:
         shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
         raise ValueError(f"{len(missing)} of {len(rows)} images are missing from {folder} ({shown}): check --images")
-    examples, report = [], LoadReport()
+    examples: list[Example] = []
+    report = LoadReport()
     for number, row, text in rows:
         if samples is not None and len(examples) == samples:
             break

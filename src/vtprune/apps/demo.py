@@ -10,9 +10,9 @@ chosen by a fixed rule (`differing_questions`), never by hand.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 from ..debias import Debias
 from ..methods import FastV

@@ -31,9 +31,10 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,7 +47,7 @@ DEBIAS_MODES = ("none", "positional", "padding", "both")
 #: LLaVA-1.5's multiple-choice instruction (its ScienceQA / MMBench prompts)
 CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-_NUMBER_WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+_NUMBER_WORDS = {w: str(i) for i, w in enumerate(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"])}
 _ARTICLES = {"a", "an", "the"}
 
 
@@ -106,7 +107,7 @@ def _listed_choices(text: str) -> tuple[str, ...] | None:
     """Options listed in a question's text as 'A. cat' / 'B) dog' lines, in order from A; None if there are
     fewer than two."""
     found = re.findall(r"^\s*([A-Z])[.)]\s+(.+?)\s*$", text, flags=re.MULTILINE)
-    options = []
+    options: list[str] = []
     for letter, option in found:
         if letter != LETTERS[len(options)]:
             break
@@ -162,7 +163,7 @@ def load_questions(data: str, images: str | Path | None = None, samples: int | N
     if samples is not None and samples < 1:
         raise ValueError(f"--samples must be positive, got {samples}")
     if data == "testbed":
-        from .datasets import testbed_split, check_testbed_samples
+        from .datasets import check_testbed_samples, testbed_split
 
         check_testbed_samples(samples)
         return [Question(image=s.image, question=s.question, answers=(s.answer,), meta=dict(s.meta))
@@ -326,7 +327,7 @@ class Meter:
             if rss is not None:
                 self.peak_bytes = max(self.peak_bytes, rss)
 
-    def __enter__(self) -> "Meter":
+    def __enter__(self) -> Meter:
         if self.cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -372,7 +373,7 @@ class Meter:
 @dataclass
 class CellResult:
     """One measured setting. accuracy and ci in [0, 1]; delta: (mean, low, high) paired difference to
-    `baseline` (the same method and budget without debiasing), in [−1, 1]; visual_tokens: mean visual tokens
+    `baseline` (the same method and budget without debiasing), in [-1, 1]; visual_tokens: mean visual tokens
     after the last stage; equivalent: visual tokens per decoder layer, averaged; prefill_ms: median per
     request (a batch of `batch_size`); decode_ms_per_token: median decode step; peak_memory_mib: as
     `memory_kind` says."""
@@ -403,10 +404,10 @@ class CellResult:
     baseline: str | None = None
 
     @classmethod
-    def from_dict(cls, data: dict) -> "CellResult":
+    def from_dict(cls, data: dict) -> CellResult:
         cell = cls(**data)
-        cell.ci = tuple(cell.ci)
-        cell.delta = None if cell.delta is None else tuple(cell.delta)
+        cell.ci = (cell.ci[0], cell.ci[1])  # JSON gives lists
+        cell.delta = None if cell.delta is None else (cell.delta[0], cell.delta[1], cell.delta[2])
         return cell
 
 
@@ -570,7 +571,7 @@ def table_rows(cells: Sequence[CellResult]) -> list[tuple[str, ...]]:
     """Rows of the printed table: setting, accuracy % [95% CI], paired difference (points, 95%), visual
     tokens (after the last stage / per decoder layer, averaged), prefill ms (speed-up over unpruned),
     decode ms/token, peak MiB."""
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for c in cells:
         accuracy = f"{100 * c.accuracy:.1f} [{100 * c.ci[0]:.1f}, {100 * c.ci[1]:.1f}]"
         delta = "" if c.delta is None else f"{100 * c.delta[0]:+.1f} [{100 * c.delta[1]:+.1f}, {100 * c.delta[2]:+.1f}]"

@@ -26,15 +26,15 @@ import json
 import math
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")  # headless; must precede pyplot
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 PNG_METADATA = {"Software": None}  # no version string in the file: the same numbers give the same bytes
 
@@ -314,7 +314,7 @@ def _wrap(text: str, width: int) -> str:
             line = word
         else:
             line = f"{line} {word}".strip()
-    return "\n".join(lines + [line])
+    return "\n".join([*lines, line])
 
 
 def plot_position(report: dict, path: str | Path, title: str = "") -> Path:
@@ -370,7 +370,7 @@ DOCS_FIGURES: tuple[tuple[str, str, tuple[str, ...], dict], ...] = (
 def draw(kind: str, inputs: Sequence[Path], out: Path, settings: Sequence[str] | None = None, title: str = "") -> list[Path]:
     """Draw one figure of `kind` from `inputs` into `out` (and, for accuracy, its CSV beside it)."""
     if kind == "accuracy":
-        cells, meta = read_accuracy(inputs[0])
+        cells, _meta = read_accuracy(inputs[0])
         written = [plot_accuracy(cells, out, settings, title)]
         written.append(write_accuracy_csv(cells, out.with_suffix(".csv"), settings))
         return written

@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,7 +34,7 @@ class ModelInfo:
     source: str
     path: str
     name: str
-    config: object
+    config: Any  # a transformers PretrainedConfig
 
     @property
     def num_layers(self) -> int:
@@ -142,7 +143,7 @@ def load_model(
     device: str = "cpu",
     dtype: str = "auto",
     attn_implementation: str = "sdpa",
-) -> tuple[nn.Module, object]:
+) -> tuple[nn.Module, Any]:
     """Load (model, processor) from a local directory or hub id with `from_pretrained`.
 
     spec "testbed" loads the small model shipped with vtprune, "testbed-lm" the one on SmolLM2-135M-Instruct (its
@@ -159,7 +160,7 @@ def load_model(
         if dtype != "auto":  # vtprune's own models are float32 everywhere unless asked otherwise
             model = model.to(dtype=torch_dtype)
         return model.to(device).eval(), processor
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     inspect_model(spec)
     try:
@@ -176,7 +177,7 @@ def load_model(
     except OSError as error:
         raise ValueError(f"cannot load the model weights of {spec}: {' '.join(str(error).split())}") from None
     check_pair(model, processor, spec)
-    return model.to(device).eval(), processor
+    return model.to(device).eval(), processor  # type: ignore[arg-type]  # transformers types the wrapped `to` wrongly
 
 
 def load_processor(path: str):
@@ -199,7 +200,7 @@ def load_processor(path: str):
         import transformers
         from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 
-        options = {}
+        options: dict[str, Any] = {}
         for name in ("processor_config.json", "preprocessor_config.json"):
             try:
                 from transformers.utils import cached_file
@@ -238,12 +239,12 @@ def load_processor(path: str):
                 return None
             return original(self, name, argument)
 
-        ProcessorMixin.check_argument_for_proper_class = check
+        ProcessorMixin.check_argument_for_proper_class = check  # type: ignore[method-assign]  # for this call only
         try:
             extra = {"video_processor": None} if "video_processor" in accepted else {}
             return cls(image_processor=image_processor, tokenizer=tokenizer, **extra, **kwargs)
         finally:
-            ProcessorMixin.check_argument_for_proper_class = original
+            ProcessorMixin.check_argument_for_proper_class = original  # type: ignore[method-assign]
 
 
 def _chat_template(path: str) -> str | None:
@@ -332,7 +333,9 @@ def set_pad_to_square(processor, pad: bool = True):
     if getattr(image_processor, "backend", "pil") == "torchvision":
         from transformers.models.llava.image_processing_llava import LlavaImageProcessor as LlavaImages
     else:
-        from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil as LlavaImages
+        from transformers.models.llava.image_processing_pil_llava import (  # type: ignore[assignment]  # either backend's class
+            LlavaImageProcessorPil as LlavaImages,
+        )
     try:
         holder.image_processor = LlavaImages(**settings, do_pad=True)
     except (TypeError, ValueError) as error:

@@ -8,9 +8,10 @@ vLLM's plugins are found), so the dependency points from the testbed to this int
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class NamedData:
     `image`, `question`, `answer`, `meta`)."""
 
     name: str
-    make_split: Callable[[str, int], Sequence[Any]]
+    make_split: Callable[..., Sequence[Any]]
 
 
 #: where each built-in name registers itself; imported on first use

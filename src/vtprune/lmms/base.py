@@ -242,7 +242,7 @@ class PressMixin:
         if len(pending) != samples:  # the wrapper built this batch's visuals some other way: one record for all
             pending = pending[:1]
         for b, index in enumerate(pending):
-            b = b if len(pending) == samples else slice(None)
+            b = b if len(pending) == samples else slice(None)  # type: ignore[assignment]  # one record for all
             self._vtprune_records[index] = {
                 "pruned": True,
                 "visual_tokens": first.num_visual[b] if isinstance(b, int) else sum(first.num_visual),

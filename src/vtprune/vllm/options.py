@@ -69,7 +69,7 @@ class PluginOptions:
                 raise ValueError(f"vtprune: dominant={self.dominant} keeps no patch (it counts the [CLS] token)")
 
     @classmethod
-    def from_config(cls, hf_config) -> "PluginOptions":
+    def from_config(cls, hf_config) -> PluginOptions:
         """The options in `hf_config.vtprune` (a dict; absent: the defaults); unknown keys are an error."""
         raw = getattr(hf_config, "vtprune", None) or {}
         if not isinstance(raw, dict):

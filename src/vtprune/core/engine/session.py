@@ -83,7 +83,7 @@ class PruningSession(_RequestSetup, _Planning, _SequenceCuts, _CacheCuts, _Visio
         self.first_active = min([s.layer for s in self.stages] + list(self.record_layers))
         self.vision_stages = self._vision_stages()
         if getattr(self.adapter, "rotary_fn", None) is not None:
-            self.adapter.standard_rope  # decided once, here rather than inside a forward
+            self.adapter.standard_rope  # noqa: B018 - a cached property: decided once, here rather than inside a forward
         self._handles: list = []
         self._request: _Request | None = None
         self._pending_vision: dict = {}

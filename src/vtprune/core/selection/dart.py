@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 
@@ -77,7 +79,7 @@ def python_set_order(keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         return free.scatter(1, slot, 0), slot
 
     free = torch.ones(batch, 8, dtype=torch.long, device=keys.device)
-    slots8 = []
+    slots8: Any = []  # the slots per probe, then their (B, n) tensor
     for probes in small[:5]:
         free, slot = insert(free, probes)
         slots8.append(slot)
@@ -86,7 +88,7 @@ def python_set_order(keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         moved = torch.argsort(slots8, dim=1)
         order = torch.cat([moved, torch.arange(5, n, device=keys.device).expand(batch, n - 5)], dim=1)
         free = torch.ones(batch, 32, dtype=torch.long, device=keys.device)
-        slots32 = []
+        slots32: Any = []
         for probes in torch.gather(large, 1, order[:, :, None].expand_as(large)).unbind(1):
             free, slot = insert(free, probes)
             slots32.append(slot)

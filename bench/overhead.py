@@ -28,7 +28,7 @@ from rich.table import Table
 
 from prefill import build_model, prompt_ids
 from vtprune.methods import METHODS
-from vtprune.selection.opcount import OpCounter
+from vtprune.core.selection.opcount import OpCounter
 
 
 def count_syncs(fn) -> tuple[int, list[tuple[str, int]]]:

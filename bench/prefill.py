@@ -268,7 +268,7 @@ def main_shape(args) -> None:
 def main_testbed_lm(args) -> None:
     """Unpruned vs every registered method (plain) at the budgets, on the shipped testbed-lm (SmolLM2-135M decoder,
     30 layers, 144 visual tokens), its vision tower included in every row, one held-out test question."""
-    from vtprune.loading import build_inputs
+    from vtprune.apps.loading import build_inputs
     from vtprune.testbed.data import make_split
     from vtprune.testbed.lm import load_testbed_lm
 

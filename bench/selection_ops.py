@@ -1,4 +1,4 @@
-"""Aten ops dispatched by each batched selection function (`vtprune.selection`, `debias.fit.auto_trend`) at
+"""Aten ops dispatched by each batched selection function (`vtprune.core.selection`, `debias.fit.auto_trend`) at
 batch 1 and 8, at LLaVA-1.5's geometry (576 visual tokens per image, budget 128), with the sync-type ops in their
 own column, next to the current per-sample code run on each sample in turn where it is one function call.
 Counts do not depend on the machine (a TorchDispatchMode counter).
@@ -19,7 +19,7 @@ from vtprune.debias import Debias
 from vtprune.methods.divprune import max_min_diverse
 from vtprune.methods.sparsevlm import density_peak_clusters as density_peak_clusters_one
 from vtprune.methods.tokencarve import TokenCarve
-from vtprune.selection import (auto_trend, borda, carve_merge, count_ops, dart_select, illava_merge, information,
+from vtprune.core.selection import (auto_trend, borda, carve_merge, count_ops, dart_select, illava_merge, information,
                                max_min_select, recycle, recycle_sizes, visionzip_select)
 
 TOKENS, BUDGET, WIDTH, TEXT = 576, 128, 64, 30

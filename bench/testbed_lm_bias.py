@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vtprune.debias.fit import fit_exponential
-from vtprune.loading import build_inputs
+from vtprune.apps.loading import build_inputs
 from vtprune.testbed.data import make_split
 from vtprune.testbed.lm import build_processor, compose, language_model_dir, load_testbed_lm
 

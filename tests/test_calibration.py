@@ -13,12 +13,12 @@ from PIL import Image
 
 from vtprune import Debias, FastV
 from vtprune.adapters.base import VisualSegment
-from vtprune.analysis import bias_report
-from vtprune.datasets import load_jsonl
-from vtprune.calibration import calibrate, keep_frequency, mean_score_curve, profile_from_records
+from vtprune.apps.analysis import bias_report
+from vtprune.apps.datasets import load_jsonl
+from vtprune.apps.calibration import calibrate, keep_frequency, mean_score_curve, profile_from_records
 from vtprune.debias.fit import fit_robust, relative_positions
 from vtprune.debias.profiles import load_profile
-from vtprune.runner import ScoreRecord, run_examples
+from vtprune.apps.runner import ScoreRecord, run_examples
 
 GRID = (12, 12)
 L = GRID[0] * GRID[1]
@@ -121,7 +121,7 @@ def test_keep_frequency_counts_real_tokens_only():
 
 def test_plots_are_drawn(tmp_path, processor):
     from vtprune.adapters.llava import LlavaAdapter
-    from vtprune.plots import plot_keep_frequency, plot_score_heatmap, plot_score_vs_position, plot_selection
+    from vtprune.apps.plots import plot_keep_frequency, plot_score_heatmap, plot_score_vs_position, plot_selection
 
     rng = np.random.default_rng(7)
     records = [synthetic_record(rng, mu=1.0, sigma=1.0, pad_rows=1) for _ in range(50)]
@@ -141,7 +141,7 @@ def test_plots_are_drawn(tmp_path, processor):
 
 
 def test_calibrate_a_model_end_to_end(tmp_path, processor, model):
-    from vtprune.datasets import Example
+    from vtprune.apps.datasets import Example
 
     examples = [Example(make_image(40 + 17 * i, 90, seed=i), "what is the colour of the circle ?") for i in range(6)]
     state = tmp_path / "state.json"
@@ -170,14 +170,14 @@ def test_calibrate_a_model_end_to_end(tmp_path, processor, model):
 
 def test_calibrating_random_is_an_error(processor, model):
     from vtprune import Random
-    from vtprune.datasets import Example
+    from vtprune.apps.datasets import Example
 
     with pytest.raises(ValueError, match="no positional trend"):
         calibrate(model, processor, [Example(make_image(50, 50), "x")], Random())
 
 
 def test_runner_answers_and_records(processor, model):
-    from vtprune.datasets import Example
+    from vtprune.apps.datasets import Example
 
     examples = [Example(make_image(60, 90, seed=i), "what is the colour ?") for i in range(3)]
     press = FastV(keep=0.5, layer=2, debias=Debias(padding=True))

@@ -69,7 +69,7 @@ def test_images_are_answered_as_their_8_bit_upright_copies(checkpoint, pictures,
 
 
 def test_read_image_scales_every_grey_mode(pictures):
-    from vtprune.images import read_image, to_rgb
+    from vtprune.apps.images import read_image, to_rgb
 
     expected = np.asarray(read_image(pictures / "grey8.png"))
     grey = np.asarray(Image.open(pictures / "grey8.png"))
@@ -119,12 +119,12 @@ def test_run_options(checkpoint, pictures, args, code, message):
 
 
 def test_a_runtime_value_error_is_exit_code_1(checkpoint, pictures, monkeypatch):
-    import vtprune.runner
+    import vtprune.apps.runner
 
     def broken(*args, **kwargs):
         raise ValueError("operands could not be broadcast together")
 
-    monkeypatch.setattr(vtprune.runner, "compare_one", broken)
+    monkeypatch.setattr(vtprune.apps.runner, "compare_one", broken)
     result = runner.invoke(app, ["run", "--model", str(checkpoint), "--image", str(pictures / "upright.png"),
                                  "--prompt", "what ?"])
     assert result.exit_code == 1
@@ -181,12 +181,12 @@ def test_eval_refuses_a_question_longer_than_the_positions(checkpoint, pictures,
 
 @pytest.mark.parametrize("command", ["eval", "calibrate", "analyze", "demo"])
 def test_unwritable_outputs_fail_before_any_model_loads(checkpoint, pictures, qa, tmp_path, monkeypatch, command):
-    import vtprune.loading
+    import vtprune.apps.loading
 
     def never(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(vtprune.loading, "load_model", never)
+    monkeypatch.setattr(vtprune.apps.loading, "load_model", never)
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     data = qa([{"image": str(pictures / "upright.png"), "text": "what ?", "answer": "red"}])
@@ -243,7 +243,7 @@ def test_analyze_resumes_past_a_malformed_state_record(checkpoint, pictures, qa,
     original = cli._analyze_records
 
     def capture(model, processor, examples, press, batch_size, state):
-        from vtprune.calibration import data_fingerprint, model_fingerprint
+        from vtprune.apps.calibration import data_fingerprint, model_fingerprint
 
         key = {"model": model_fingerprint(model), "data": data_fingerprint(examples), "press": repr(press)}
         state.write_text(json.dumps({"key": key, "records": [{"debiased": None}]}))

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from vtprune.cli import app
-from vtprune.demo import DEBIASED, PLAIN, differing_questions, run_demo, summary_lines
+from vtprune.apps.demo import DEBIASED, PLAIN, differing_questions, run_demo, summary_lines
 
 runner = CliRunner()
 
@@ -47,7 +47,7 @@ def test_rule_properties(rows, count):
 
 
 def test_summary_agrees_with_the_answers(tmp_path):
-    from vtprune.loading import load_model
+    from vtprune.apps.loading import load_model
 
     model, processor = load_model("testbed")
     result = run_demo(model, processor, model_name="testbed", keep=0.0625, profile="testbed/fastv", questions=12,

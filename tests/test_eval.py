@@ -13,7 +13,7 @@ from conftest import IMAGE_PX, build_processor, inputs_for, make_image, prompt
 from typer.testing import CliRunner
 
 from vtprune.cli import app
-from vtprune.evaluation import (
+from vtprune.apps.evaluation import (
     Meter,
     Question,
     Setting,
@@ -22,7 +22,7 @@ from vtprune.evaluation import (
     normalize,
     question_from_row,
 )
-from vtprune.results import paired_delta
+from vtprune.apps.results import paired_delta
 
 runner = CliRunner()
 
@@ -119,7 +119,7 @@ def test_meter_times_prefill_and_decode(model, processor):
 # --- padding debiasing with a processor that never pads ------------------------------------------------------
 def test_warns_once_when_the_processor_never_pads(model):
     from vtprune import Debias, FastV
-    from vtprune.engine import _NEVER_PADS_WARNED
+    from vtprune.core.engine import _NEVER_PADS_WARNED
 
     cropping = build_processor(do_pad=False)
     images = [make_image(120, 60)]
@@ -147,8 +147,8 @@ def test_set_pad_to_square():
     from transformers import LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    from vtprune.geometry import geometry_from_processor
-    from vtprune.loading import set_pad_to_square
+    from vtprune.adapters.geometry import geometry_from_processor
+    from vtprune.apps.loading import set_pad_to_square
 
     base = build_processor(do_pad=False)
     clip = CLIPImageProcessorPil(size={"shortest_edge": IMAGE_PX}, crop_size={"height": IMAGE_PX, "width": IMAGE_PX},
@@ -209,7 +209,7 @@ def test_eval_cli_on_the_testbed(qa, tmp_path):
     assert data["meta"]["profiles"] == {"fastv@64/both[testbed/fastv]": "testbed/fastv"}
     cells = {c["key"]: c for c in data["cells"]}
     assert list(cells) == ["unpruned", "fastv@64/none", "fastv@64/both[testbed/fastv]", "random@64/none"]
-    from vtprune.evaluation import load_questions
+    from vtprune.apps.evaluation import load_questions
 
     questions = load_questions(str(qa / "qa.jsonl"), qa / "images")
     for cell in cells.values():  # accuracy is the scoring of the recorded answers

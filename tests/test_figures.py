@@ -1,4 +1,4 @@
-"""`python -m vtprune.figures`: it reads back exactly what `vtprune testbed eval` (--out JSON and --markdown),
+"""`python -m vtprune.apps.figures`: it reads back exactly what `vtprune testbed eval` (--out JSON and --markdown),
 `bench/prefill.py --markdown` and `vtprune analyze` write, draws PNGs, and rejects other files with one line."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import csv
 import numpy as np
 import pytest
 
-from vtprune import figures
+from vtprune.apps import figures
 from vtprune.testbed.benchmark import Cell, markdown_tables, save_results
 
 
@@ -65,8 +65,8 @@ def test_speed_and_position(tmp_path):
     assert title == "Prefill, a test" and [r.time_ratio for r in rows] == [1.0, 0.5, 0.52]
     assert figures.draw("speed", [table], tmp_path / "speed.png")[0].stat().st_size > 10000
 
-    from vtprune.analysis import BeforeAfter, BiasReport
-    from vtprune.calibration import PositionCurve
+    from vtprune.apps.analysis import BeforeAfter, BiasReport
+    from vtprune.apps.calibration import PositionCurve
     from vtprune.debias.fit import fit_exponential
 
     x = np.linspace(0, 1, 16)
@@ -87,5 +87,5 @@ def test_wrong_files_are_one_line_errors(tmp_path, capsys):
     assert figures.main(["speed", str(tmp_path / "missing.md")]) == 2
     assert figures.main(["position", str(tmp_path / "other.md")]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
-    assert len(errors) == 3 and all(line.startswith("vtprune.figures: error: ") for line in errors)
+    assert len(errors) == 3 and all(line.startswith("vtprune.apps.figures: error: ") for line in errors)
     assert "vtprune testbed eval --markdown" in errors[0] and "bench/prefill.py" in errors[1]

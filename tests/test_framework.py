@@ -17,7 +17,7 @@ from conftest import build_model, inputs_for, make_image, prompt
 from test_engine import oracle_logits
 
 from vtprune import FastV, Kept, Press, Random, Stage
-from vtprune.stages import equivalent_tokens
+from vtprune.core.stages import equivalent_tokens
 
 GEN = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True, suppress_tokens=[4])
 
@@ -337,31 +337,82 @@ def test_press_errors(model5):
         FastV(keep=[8, 4], layer=2)(model5)
 
 
-LAYERS = {  # package modules, lowest first; a module may import only from its own layer or lower ones
-    0: {"adapters", "geometry", "debias", "stages", "scoring", "results", "io", "images", "budgets", "selections", "selection"},
-    1: {"context"},
-    2: {"engine"},
-    3: {"press"},
-    4: {"methods"},
-    5: {"runner", "loading", "datasets", "calibration", "analysis", "plots", "figures", "demo", "testbed", "cli", "evaluation",
-        "reproduce", "lmms", "sharding", "vllm"},
+LAYERS = {  # the package's folders (and top-level modules), lowest first; a module imports only its own layer or lower
+    0: {"io"},  # atomic writes and output locks: imports nothing of vtprune
+    1: {"adapters"},  # one file per model family, and geometry (what a processor does to an image)
+    2: {"debias"},  # profiles, fits, corrections
+    3: {"core"},  # press, stages, context, scoring, selection, the engine
+    4: {"methods"},  # one press per file
+    5: {"apps"},  # loading, runner, datasets, calibration, analysis, evaluation, reproduce, figures, demo
+    6: {"testbed", "lmms", "vllm"},  # the testbeds and the two plugins, built on the applications
+    7: {"cli"},  # the command line assembles the applications' and the testbed's commands
 }
+SRC = Path(__file__).resolve().parents[1] / "src" / "vtprune"
 
 
 def _layer_of(module: str) -> int:
     return next(level for level, names in LAYERS.items() if module in names)
 
 
-def test_lower_layers_never_import_higher_ones():
-    root = Path(__file__).resolve().parents[1] / "src" / "vtprune"
-    for path in root.rglob("*.py"):
-        parts = path.relative_to(root).with_suffix("").parts
-        if parts[0] in ("__init__", "__main__"):
-            continue
-        own = _layer_of(parts[0])
+def _imports() -> dict[str, set[str]]:
+    """Every module of the package (dotted, below `vtprune`) -> the package modules it imports, lazily or not
+    (an edge names the module imported, `adapters` for `from ..adapters import adapter_for`)."""
+    def dotted(parts: tuple[str, ...]) -> str:
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    modules = {dotted(p.relative_to(SRC).with_suffix("").parts) for p in SRC.rglob("*.py")} - {""}
+    graph = {}
+    for path in SRC.rglob("*.py"):
+        parts = path.relative_to(SRC).with_suffix("").parts
+        package = parts[:-1]
+        name = dotted(parts)
+        targets = set()
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level > 0 and node.module:
-                target = (parts[: len(parts) - node.level] + tuple(node.module.split(".")))
-                top = target[0] if target else node.module.split(".")[0]
-                if top in {p for names in LAYERS.values() for p in names}:
-                    assert _layer_of(top) <= own, f"{path.relative_to(root)} imports {node.module} (a higher layer)"
+            if isinstance(node, ast.ImportFrom) and node.level > 0:
+                base = ".".join(package[: len(package) - node.level + 1] + tuple((node.module or "").split(".")))
+                candidates = [f"{base}.{alias.name}".strip(".") for alias in node.names] + [base.strip(".")]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("vtprune."):
+                base = node.module.removeprefix("vtprune.")
+                candidates = [f"{base}.{alias.name}" for alias in node.names] + [base]
+            elif isinstance(node, ast.Import):
+                candidates = [a.name.removeprefix("vtprune.") for a in node.names if a.name.startswith("vtprune.")]
+            else:
+                continue
+            # `from .apps import sharding` imports the module apps.sharding; `from .x import name` the module x
+            targets |= {next(c for c in candidates if c in modules)} if any(c in modules for c in candidates) else set()
+        graph[name] = targets - {name}
+    return graph
+
+
+def test_lower_layers_never_import_higher_ones():
+    for module, targets in _imports().items():
+        if module == "":  # vtprune/__init__.py: the public names, imported lazily by name
+            continue
+        own = _layer_of(module.split(".")[0])
+        for target in targets:
+            assert _layer_of(target.split(".")[0]) <= own, f"{module} imports {target} (a higher layer)"
+
+
+def test_no_import_cycles():
+    """No circle of imports between the package's modules (lazy imports inside functions count: a circle is a
+    design fault even where Python would resolve it). A package's __init__ importing its own submodules is not one."""
+    graph = _imports()
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(module: str) -> None:
+        state[module] = 1
+        path.append(module)
+        for target in sorted(graph.get(module, ())):
+            if state.get(target) == 1:
+                circle = path[path.index(target):] + [target]
+                if not all(m == target or m.startswith(target + ".") for m in circle):  # __init__ -> own submodule
+                    raise AssertionError("import circle: " + " -> ".join(circle))
+            elif target not in state:
+                visit(target)
+        path.pop()
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module)

@@ -16,7 +16,7 @@ from transformers.image_utils import get_image_size_for_max_height_width
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
-from vtprune.geometry import ImageGeometry, Resize, geometry_from_processor, padded_fraction, padding_mask
+from vtprune.adapters.geometry import ImageGeometry, Resize, geometry_from_processor, padded_fraction, padding_mask
 
 PATCH = 14
 # resampling blurs the image border over about one output pixel on each side

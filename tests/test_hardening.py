@@ -13,7 +13,7 @@ import torch
 from conftest import build_model, inputs_for, make_image, prompt
 from typer.testing import CliRunner
 
-import vtprune.loading
+import vtprune.apps.loading
 from vtprune import Debias, FastV, PyramidDrop
 from vtprune.cli import app
 
@@ -26,7 +26,7 @@ def no_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(vtprune.loading, "load_model", refuse)
+    monkeypatch.setattr(vtprune.apps.loading, "load_model", refuse)
 
 
 @pytest.fixture(scope="module")
@@ -163,9 +163,9 @@ def test_other_usage_errors_are_one_line_before_loading(no_loading, files, args,
 
 
 def test_dtype_applies_to_the_testbed():
-    model, _ = vtprune.loading.load_model("testbed", dtype="bfloat16")
+    model, _ = vtprune.apps.loading.load_model("testbed", dtype="bfloat16")
     assert next(model.parameters()).dtype == torch.bfloat16
-    model, _ = vtprune.loading.load_model("testbed")  # auto: the testbed stays float32
+    model, _ = vtprune.apps.loading.load_model("testbed")  # auto: the testbed stays float32
     assert next(model.parameters()).dtype == torch.float32
 
 
@@ -393,8 +393,8 @@ def test_processor_of_another_model_is_refused(checkpoint, tmp_path):
 
 
 def test_calibrate_resumes_and_reuses_and_names_the_model(checkpoint, processor, tmp_path):
-    from vtprune.calibration import calibrate
-    from vtprune.datasets import load_examples
+    from vtprune.apps.calibration import calibrate
+    from vtprune.apps.datasets import load_examples
 
     rows = [{"image": f"{i}.png", "text": "what is the colour of the circle ?"} for i in range(12)]
     for i in range(12):
@@ -404,7 +404,7 @@ def test_calibrate_resumes_and_reuses_and_names_the_model(checkpoint, processor,
     args = ["calibrate", "--model", str(checkpoint), "--data", str(tmp_path / "data.jsonl"), "--samples", "12",
             "--out", str(out), "--batch-size", "1", "--layer", "2"]
     # an interrupted calibration: the first chunk (8 examples at batch size 1) is saved, then Ctrl-C
-    model, loaded = vtprune.loading.load_model(str(checkpoint))
+    model, loaded = vtprune.apps.loading.load_model(str(checkpoint))
     examples, _ = load_examples(str(tmp_path / "data.jsonl"), None, 12)
     done = []
 
@@ -427,7 +427,7 @@ def test_calibrate_resumes_and_reuses_and_names_the_model(checkpoint, processor,
 
 
 def test_calibrated_testbed_profile_is_named_testbed(processor):
-    from vtprune.calibration import calibrate
+    from vtprune.apps.calibration import calibrate
 
     model = build_model(processor)
     model.config.vtprune_model = "testbed"
@@ -454,14 +454,14 @@ def test_analyze_report_records_its_settings(checkpoint, tmp_path):
 
 
 def test_analyze_resumes_after_an_interruption(checkpoint, tmp_path, monkeypatch):
-    import vtprune.runner
+    import vtprune.apps.runner
 
     for i in range(10):
         make_image(60 + 7 * i, 90, seed=i).save(tmp_path / f"{i}.png")
     (tmp_path / "data.jsonl").write_text("\n".join(json.dumps({"image": f"{i}.png", "text": "what colour ?"}) for i in range(10)))
     args = ["analyze", "--model", str(checkpoint), "--data", str(tmp_path / "data.jsonl"), "--samples", "10",
             "--keep", "8", "--layer", "2", "--out-dir", str(tmp_path / "out"), "--batch-size", "1", "--json"]
-    real = vtprune.runner.run_examples
+    real = vtprune.apps.runner.run_examples
     calls = []
 
     def interrupted(*args, **kwargs):
@@ -470,11 +470,11 @@ def test_analyze_resumes_after_an_interruption(checkpoint, tmp_path, monkeypatch
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(vtprune.runner, "run_examples", interrupted)
+    monkeypatch.setattr(vtprune.apps.runner, "run_examples", interrupted)
     result = runner.invoke(app, args)
     assert result.exit_code == 130 and "interrupted: progress is saved in" in result.stderr
     assert (tmp_path / "out" / "report.partial.json").is_file()
-    monkeypatch.setattr(vtprune.runner, "run_examples", real)
+    monkeypatch.setattr(vtprune.apps.runner, "run_examples", real)
     resumed = runner.invoke(app, args)
     assert resumed.exit_code == 0, resumed.output
     assert "resuming: 8 of 10 examples were done" in resumed.stderr

@@ -107,7 +107,7 @@ def test_generate_with_and_without_a_press(docs, simple):
 
     # the same press run by vtprune itself gives the same answers
     from vtprune import Debias, FastV
-    from vtprune.runner import run_examples
+    from vtprune.apps.runner import run_examples
     from vtprune.testbed.model import load_testbed
 
     model, processor = load_testbed()
@@ -199,7 +199,7 @@ def test_pad_to_square_is_the_default_for_llava(tmp_path, docs):
     texts(padded.generate_until(requests(docs, chat=False)[:1]))
     assert padded.vtprune_requests[0]["kept"] <= 8
 
-    from vtprune.engine import _NEVER_PADS_WARNED
+    from vtprune.core.engine import _NEVER_PADS_WARNED
 
     _NEVER_PADS_WARNED.clear()
     cropped = load("vtprune_llava_hf", base + ",pad_to_square=False", docs, simple=True)
@@ -219,7 +219,7 @@ def test_loglikelihood_is_refused_while_pruning(docs):
 @pytest.mark.parametrize("slug", ["full", "pdrop-debias"])
 def test_reproduce_commands_parse_in_lmms_eval(docs, slug):
     """The model_args `vtprune reproduce` prints, parsed by lmms-eval itself, build a working model."""
-    from vtprune import reproduce as rep
+    from vtprune.apps import reproduce as rep
 
     spec = rep.table("paper-llava15")
     row = next(r for r in spec.rows if r.slug == slug)

@@ -137,7 +137,7 @@ def test_budgets_above_the_published_ones_are_reached(name, num_layers, num_visu
     with the budget up to every token at the full count."""
     import numpy as np
 
-    from vtprune.budgets import equivalent_share
+    from vtprune.core.budgets import equivalent_share
 
     cls = METHODS[name]
     top = {"pdrop": 128, "himap": 128, "sparsevlm": 192, "visionzip": 192}[name]

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 from typer.testing import CliRunner
 
-from vtprune import reproduce as rep
+from vtprune.apps import reproduce as rep
 from vtprune.cli import app
 
 runner = CliRunner()

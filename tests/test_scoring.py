@@ -6,7 +6,7 @@ import torch
 from conftest import inputs_for, make_image, prompt
 
 from vtprune.adapters import adapter_for
-from vtprune.scoring import attention_rows
+from vtprune.core.scoring import attention_rows
 
 
 def test_recomputed_rows_equal_eager_probabilities(processor, eager_model):

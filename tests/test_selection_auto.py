@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 from vtprune.adapters.base import VisualSegment
 from vtprune.debias import Debias
 from vtprune.debias.fit import auto_trend
-from vtprune.selection.opcount import count_ops
+from vtprune.core.selection.opcount import count_ops
 
 
 def make_batch(seed: int, batch: int, max_axes: int = 3, max_length: int = 24, ties: bool = False):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from hypothesis import given, settings, strategies as st
 
-from vtprune.selection import count_ops, dart_select, python_set_order
+from vtprune.core.selection import count_ops, dart_select, python_set_order
 
 
 def reference(units, norms, prompt, visual, text, claims, pivot_order, pivot_image=4, pivot_text=4):

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from vtprune.methods.divprune import max_min_diverse
-from vtprune.selection import count_ops, max_min_select
+from vtprune.core.selection import count_ops, max_min_select
 
 
 def make_problems(seed: int, problems: int, max_tokens: int = 30, width: int = 8, ties: bool = False):

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from hypothesis import given, settings, strategies as st
 
-from vtprune.selection import count_ops, illava_merge
-from vtprune.stages import rank_order
+from vtprune.core.selection import count_ops, illava_merge
+from vtprune.core.stages import rank_order
 
 
 def reference(scores, values, keep, padding, share):

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from vtprune.methods.sparsevlm import RECYCLE_SHARE, density_peak_clusters
-from vtprune.selection import count_ops, recycle, recycle_sizes
-from vtprune.stages import member
+from vtprune.core.selection import count_ops, recycle, recycle_sizes
+from vtprune.core.stages import member
 
 
 def reference(raw, kept, features):

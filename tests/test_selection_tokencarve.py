@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from vtprune.methods.tokencarve import TokenCarve
-from vtprune.selection import borda, carve_merge, count_ops, information
+from vtprune.core.selection import borda, carve_merge, count_ops, information
 
 
 def make_batch(seed, batch, ties, width=6, max_tokens=40):

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 from hypothesis import given, settings, strategies as st
 
-from vtprune.selection import count_ops, mask_to_indices, rank_order, visionzip_select
-from vtprune.stages import rank_order as rank_order_one
+from vtprune.core.selection import count_ops, mask_to_indices, rank_order, visionzip_select
+from vtprune.core.stages import rank_order as rank_order_one
 
 
 def reference(scores, padding, share, keys, image, patches, contextual):

@@ -1,4 +1,4 @@
-"""`vtprune eval` across processes (`vtprune.sharding`): the shards' cells merge back into the single-process
+"""`vtprune eval` across processes (`vtprune.apps.sharding`): the shards' cells merge back into the single-process
 result, question for question; `--processes 2` (two spawned workers) equals one process on the testbed."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import json
 from typer.testing import CliRunner
 
 from vtprune.cli import app
-from vtprune.evaluation import CellResult, add_deltas
-from vtprune.results import wilson
-from vtprune.sharding import merge, process_device, shard_indices
+from vtprune.apps.evaluation import CellResult, add_deltas
+from vtprune.apps.results import wilson
+from vtprune.apps.sharding import merge, process_device, shard_indices
 
 runner = CliRunner()
 

@@ -10,7 +10,7 @@ from conftest import build_model, inputs_for, make_image, prompt
 
 from vtprune import FastV, HiMAP, PyramidDrop, Random
 from vtprune.methods import DART, DivPrune, FasterVLM, ILLaVA, SparseVLM, TokenCarve, VisionZip
-from vtprune.selection.opcount import OpCounter
+from vtprune.core.selection.opcount import OpCounter
 
 
 def _count(model, inputs, press=None) -> OpCounter:

@@ -135,7 +135,7 @@ def test_save_and_load_roundtrip(processor, tmp_path):
 
 def test_patch_targets_follow_the_processor_geometry(processor):
     """The training-only patch labels sit under the objects as the processor places them."""
-    from vtprune.geometry import geometry_from_processor
+    from vtprune.adapters.geometry import geometry_from_processor
     from vtprune.testbed.data import COLOURS
     from vtprune.testbed.train import patch_targets
 

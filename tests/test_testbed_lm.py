@@ -52,7 +52,7 @@ def test_missing_language_model_is_a_clear_error(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from vtprune.cli import app
-    from vtprune.loading import inspect_model
+    from vtprune.apps.loading import inspect_model
     from vtprune.testbed import lm
 
     monkeypatch.setenv("VTPRUNE_CACHE", str(tmp_path))  # nothing converted yet
@@ -84,7 +84,7 @@ def _require_testbed_lm():
 @pytest.fixture(scope="module")
 def testbed_lm():
     _require_testbed_lm()
-    from vtprune.loading import load_model
+    from vtprune.apps.loading import load_model
 
     return load_model("testbed-lm")
 
@@ -92,7 +92,7 @@ def testbed_lm():
 def test_testbed_lm_is_a_plain_llava_on_smollm2(testbed_lm):
     from transformers import LlavaForConditionalGeneration
 
-    from vtprune.loading import inspect_model
+    from vtprune.apps.loading import inspect_model
 
     model, processor = testbed_lm
     assert type(model) is LlavaForConditionalGeneration
@@ -106,7 +106,7 @@ def test_testbed_lm_is_a_plain_llava_on_smollm2(testbed_lm):
 
 def test_training_rows_equal_the_evaluation_prompt(testbed_lm):
     """A packed training branch sees exactly what evaluation feeds the model: same logits at its answer."""
-    from vtprune.loading import build_inputs
+    from vtprune.apps.loading import build_inputs
     from vtprune.testbed.data import make_split
     from vtprune.testbed.lm import encode_packed
 
@@ -127,7 +127,7 @@ def test_training_rows_equal_the_evaluation_prompt(testbed_lm):
 
 def test_testbed_lm_reads_the_image_and_keep_all_is_exact(testbed_lm):
     from vtprune import FastV
-    from vtprune.runner import run_examples
+    from vtprune.apps.runner import run_examples
     from vtprune.testbed.data import make_split
 
     model, processor = testbed_lm

@@ -68,7 +68,7 @@ def samples():
 @pytest.fixture(scope="session")
 def hf_model(checkpoint):
     """testbed-lm in transformers, loaded from the exported directory's source (vtprune's loader)."""
-    from vtprune.loading import load_model
+    from vtprune.apps.loading import load_model
 
     model, _ = load_model("testbed-lm")
     return model
@@ -97,7 +97,7 @@ def vllm_answers(llm, processor, samples, *, one_by_one: bool = False):
     """[(generated token ids, their logprobs, prompt token ids)] greedy, MAX_NEW_TOKENS, per sample."""
     from vllm import SamplingParams
 
-    from vtprune.loading import build_prompt
+    from vtprune.apps.loading import build_prompt
 
     params = SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0, logprobs=0)
     requests = [{"prompt": build_prompt(processor, s.question), "multi_modal_data": {"image": s.image}}
@@ -120,7 +120,7 @@ def hf_answers(model, processor, samples, press=None):
     [(generated token ids up to and including EOS, their logprobs from the raw logits, kept prompt length)]."""
     import torch
 
-    from vtprune.loading import build_inputs
+    from vtprune.apps.loading import build_inputs
 
     eos = processor.tokenizer.eos_token_id
     results = []

@@ -41,7 +41,7 @@ def build(data: str, out: Path, *, task: str = "vtprune_qa", images: str | None 
     """Write OUT/TASK.parquet, OUT/TASK.yaml and OUT/utils.py; returns the YAML's path."""
     from datasets import Dataset, Features, Image, Sequence, Value
 
-    from vtprune.evaluation import load_questions
+    from vtprune.apps.evaluation import load_questions
 
     questions = load_questions(data, images, samples, split=split)
     features = Features({"id": Value("int64"), "image": Image(), "question": Value("string"),

@@ -5,7 +5,7 @@ multiple choice), the accepted answers and the options (empty for exact-match qu
 `vtprune eval` uses: exact match after normalisation, or the option letter the answer picks.
 """
 
-from vtprune.evaluation import Question
+from vtprune.apps.evaluation import Question
 
 
 def doc_to_visual(doc):

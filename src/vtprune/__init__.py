@@ -10,7 +10,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-_HOMES = {"Debias": ".debias", "Press": ".press", "Stage": ".stages", "StageSelection": ".stages", "Kept": ".stages"}
+_HOMES = {"Debias": ".debias", "Press": ".core.press", "Stage": ".core.stages", "StageSelection": ".core.stages", "Kept": ".core.stages"}
 
 
 def __getattr__(name: str):

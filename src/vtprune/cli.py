@@ -15,19 +15,16 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
+from .apps.errors import UsageError
+
 console = Console()  # tables and results: stdout
 status = Console(stderr=True)  # progress bars and status lines: stderr (stdout stays clean for --json)
-
-
-class UsageError(Exception):
-    """A mistake in the command line or in a file it names: one line on stderr, exit code 2."""
 
 
 def _one_line(text: object) -> str:
@@ -60,9 +57,9 @@ def _report(error: BaseException) -> int:
 
 def _input_errors() -> tuple:
     """Errors in what the user gave that can only be found while a command runs: exit code 2."""
-    from .images import ImageError
+    from .apps.images import ImageError
+    from .apps.loading import InputTooLong
     from .io import OutputError
-    from .loading import InputTooLong
 
     return (ImageError, OutputError, InputTooLong)
 
@@ -140,12 +137,12 @@ def _amount(part: str, option: str) -> int | float:
         except ValueError:
             raise UsageError(f"{option} {text!r} is not a number: give {AMOUNT_FORMS}") from None
         if not math.isfinite(value) or value <= 0:
-            raise UsageError(f"{option} {text}: give {AMOUNT_FORMS}")
+            raise UsageError(f"{option} {text}: give {AMOUNT_FORMS}") from None
         if value <= 1:
             return value
         if value.is_integer():
             return int(value)
-        raise UsageError(f"{option} {text}: a count must be a whole number and a fraction must lie in (0, 1]")
+        raise UsageError(f"{option} {text}: a count must be a whole number and a fraction must lie in (0, 1]") from None
     if value < 1:
         raise UsageError(
             f"{option} {text}: a count must be >= 1 (to keep a share of the visual tokens, give a fraction in "
@@ -191,7 +188,7 @@ def layer_option(text: str | None):
 SEED_LIMIT = 2**63 - 1
 
 
-def _check_seed(seed: Optional[int]) -> None:
+def _check_seed(seed: int | None) -> None:
     if seed is not None and not 0 <= seed <= SEED_LIMIT:
         raise UsageError(f"--seed {seed}: give an integer in 0..{SEED_LIMIT} (2^63 - 1)")
 
@@ -221,7 +218,7 @@ def make_press(method: str, *, debias=None, **options):
         debias = None  # nothing to debias
     from dataclasses import fields
 
-    accepted = {f.name for f in fields(cls) if f.init} - {"debias"}
+    accepted = {f.name for f in fields(cls) if f.init} - {"debias"}  # type: ignore[arg-type]  # every method is a dataclass
     for option, value in options.items():
         if value is not None and option not in accepted:
             takes = ", ".join(f"--{name}" for name in sorted(accepted))
@@ -255,7 +252,7 @@ def _debias(profile: str | None, padding: bool = True):
 
 def _open_image(path: Path):
     """The image of --image, upright (EXIF orientation applied) and 8-bit RGB (`images.read_image`)."""
-    from .images import ImageError, read_image
+    from .apps.images import ImageError, read_image
 
     if path.is_dir():
         raise UsageError(f"--image {path} is a directory: give an image file")
@@ -268,7 +265,7 @@ def _open_image(path: Path):
 
 
 def _check_runtime(device: str, dtype: str) -> None:
-    from .loading import check_device, check_dtype
+    from .apps.loading import check_device, check_dtype
 
     try:
         check_dtype(dtype)
@@ -282,7 +279,7 @@ def _check_runtime(device: str, dtype: str) -> None:
 
 def _inspect_model(spec: str, press=None):
     """The model's config, checked (and the press's schedule against its depth) before any weights load."""
-    from .loading import inspect_model
+    from .apps.loading import inspect_model
 
     try:
         info = inspect_model(spec)
@@ -299,7 +296,7 @@ def _inspect_model(spec: str, press=None):
 def _load(info, device: str, dtype: str):
     from transformers.utils import logging as hf_logging
 
-    from .loading import load_model
+    from .apps.loading import load_model
 
     hf_logging.disable_progress_bar()  # the weights of these models load in seconds; keep stderr for what matters
     try:
@@ -360,7 +357,7 @@ def _current_context():
 WAIT_HELP = "if another vtprune run is writing the same output, wait for it to finish instead of stopping"
 
 
-def _check_threads(threads: Optional[int]) -> None:
+def _check_threads(threads: int | None) -> None:
     """--threads within 1 .. the machine's CPUs (torch starts that many threads; far more crash it)."""
     if threads is None:
         return
@@ -380,7 +377,7 @@ def _check_text(text: str, option: str) -> None:
 
 def _check_generation_length(info, max_new_tokens: int) -> None:
     """--max-new-tokens within the model's positions (checked against its config before the weights load)."""
-    from .loading import max_positions
+    from .apps.loading import max_positions
 
     limit = max_positions(info.config)
     if limit is not None and max_new_tokens >= limit:
@@ -403,24 +400,24 @@ def run(
     image: Path = typer.Option(..., "--image", exists=True, help="image file"),
     prompt: str = typer.Option(..., "--prompt", help="question about the image"),
     method: str = typer.Option("fastv", "--method", help="pruning method (see `vtprune methods`)"),
-    budget: Optional[str] = typer.Option(
+    budget: str | None = typer.Option(
         None, "--budget", help="token budget as the papers label it: a count of 576 or a fraction (e.g. 0.25)"
     ),
-    keep: Optional[str] = typer.Option(
+    keep: str | None = typer.Option(
         None, "--keep", help="visual tokens kept per stage: a count or a fraction, or a list (192,64)"
     ),
-    layer: Optional[str] = typer.Option(None, "--layer", help="layer(s) before which tokens are pruned (default: the method's)"),
-    positions: Optional[str] = typer.Option(None, "--positions", help="original or compact (default: the method's)"),
+    layer: str | None = typer.Option(None, "--layer", help="layer(s) before which tokens are pruned (default: the method's)"),
+    positions: str | None = typer.Option(None, "--positions", help="original or compact (default: the method's)"),
     no_debias: bool = typer.Option(False, "--no-debias", help="rank by raw attention scores"),
-    profile: Optional[str] = typer.Option(
+    profile: str | None = typer.Option(
         None, "--profile", help="positional profile: built-in name (see `vtprune profiles`), JSON path, 'auto' or 'none'"
     ),
-    seed: Optional[int] = typer.Option(None, "--seed", help="seed of the random method"),
+    seed: int | None = typer.Option(None, "--seed", help="seed of the random method"),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="answer length limit (>= 1)"),
     repeats: int = typer.Option(5, "--repeats", help="timed prefills of each (unpruned, pruned), after a warm-up"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or mps"),
     dtype: str = typer.Option("auto", "--dtype", help="auto (fp32 on CPU, bf16 on GPU; the testbed: fp32), float32, bfloat16, float16"),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads of torch (default: torch's; 1 is fastest for small models on a busy CPU)"),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads of torch (default: torch's; 1 is fastest for small models on a busy CPU)"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Answer a question about an image unpruned and pruned: answers, tokens, prefill times and the speed-up."""
@@ -433,8 +430,8 @@ def run(
         raise UsageError("--prompt is empty: ask a question about the image")
     if "<image>" in prompt:
         raise UsageError("--prompt contains the image placeholder <image>: vtprune adds it; give only the question")
-    options = dict(budget=budget_option(budget), keep=number_option(keep, "--keep"), layer=layer_option(layer),
-                   positions=positions, seed=seed)
+    options = {"budget": budget_option(budget), "keep": number_option(keep, "--keep"), "layer": layer_option(layer),
+               "positions": positions, "seed": seed}
     press = make_press(method, **options)
     _check_profile_choice(press, profile, no_debias)
     debias_wanted = not no_debias and press.query is not None
@@ -450,7 +447,7 @@ def run(
 
     import torch
 
-    from .runner import compare_one
+    from .apps.runner import compare_one
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -501,12 +498,12 @@ def demo(
     questions: int = typer.Option(48, "--questions", help="held-out test questions answered (the first N of the test split)"),
     count: int = typer.Option(4, "--count", help="pictures of questions whose FastV answers differ (1-20)"),
     out_dir: Path = typer.Option(Path("vtprune-demo"), "--out-dir", help="where the PNGs go"),
-    profile: Optional[str] = typer.Option(None, "--profile", help="positional profile (default: the model's calibrated one)"),
+    profile: str | None = typer.Option(None, "--profile", help="positional profile (default: the model's calibrated one)"),
     wait: bool = typer.Option(False, "--wait", help=WAIT_HELP),
 ) -> None:
     """What debiasing changes, offline, in about a minute on a CPU: a shipped model answers held-out questions
     unpruned, with FastV and with debiased FastV; prints each accuracy with its 95% interval and the paired
-    difference, and draws the first questions whose two FastV answers differ (see vtprune.demo)."""
+    difference, and draws the first questions whose two FastV answers differ (see vtprune.apps.demo)."""
     amount = budget_option(keep, "--keep")
     if model_name not in ("testbed-lm", "testbed"):
         raise UsageError(f"--model {model_name}: the demo runs 'testbed-lm' or 'testbed' (`vtprune run` takes any model)")
@@ -527,8 +524,8 @@ def demo(
     _lock_output(out_dir, "--out-dir", wait=wait)
     import torch
 
-    from .demo import run_demo, summary_lines
-    from .loading import load_model
+    from .apps.demo import run_demo, summary_lines
+    from .apps.loading import load_model
 
     torch.set_num_threads(min(4, torch.get_num_threads()))
     model, processor = load_model(model_name)
@@ -550,8 +547,8 @@ def methods() -> None:
     """List the pruning methods (the registry every command uses) with their defaults."""
     from rich import box
 
+    from .core.press import REFERENCE_LAYERS, REFERENCE_TOKENS
     from .methods import METHODS
-    from .press import REFERENCE_LAYERS, REFERENCE_TOKENS
 
     table = Table(title="pruning methods (defaults for LLaVA-1.5-7B: 32 layers, 576 visual tokens)",
                   box=box.SIMPLE_HEAD, title_justify="left")
@@ -593,7 +590,7 @@ def _profile_groups():
 @app.command()
 def profiles(
     show_all: bool = typer.Option(False, "--all", help="list every profile (one per benchmark), also those of methods vtprune does not ship"),
-    method: Optional[str] = typer.Option(None, "--method", help="only this method's profiles (a `vtprune methods` name)"),
+    method: str | None = typer.Option(None, "--method", help="only this method's profiles (a `vtprune methods` name)"),
     as_json: bool = typer.Option(False, "--json", help="print every profile as JSON"),
 ) -> None:
     """List the built-in positional debiasing profiles: by default one line per model and method (its default
@@ -648,7 +645,14 @@ def profiles(
 
 
 def _progress(label: str):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(
         TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -659,8 +663,8 @@ def _progress(label: str):
 SPLITS = ("train", "val", "test")
 
 
-def _load_data(data: str, images: Optional[Path], samples: int, split: str):
-    from .datasets import load_examples
+def _load_data(data: str, images: Path | None, samples: int, split: str):
+    from .apps.datasets import load_examples
 
     if split not in SPLITS:
         raise UsageError(f"--split {split!r}: use {', '.join(SPLITS)} (for --data testbed)")
@@ -684,14 +688,14 @@ DATA_HELP = "calibration data: a LLaVA-style jsonl ({'image': path, 'text': ques
 def calibrate(
     model_path: str = typer.Option(..., "--model", help="local model directory, hub id, 'testbed' or 'testbed-lm'"),
     method: str = typer.Option("fastv", "--method", help="attention-based method whose scores are calibrated"),
-    layer: Optional[str] = typer.Option(None, "--layer", help="the method's pruning layer(s) (default: the method's); its first stage is calibrated"),
+    layer: str | None = typer.Option(None, "--layer", help="the method's pruning layer(s) (default: the method's); its first stage is calibrated"),
     data: str = typer.Option(..., "--data", help=DATA_HELP),
-    images: Optional[Path] = typer.Option(None, "--images", help="folder the jsonl's image paths are relative to"),
+    images: Path | None = typer.Option(None, "--images", help="folder the jsonl's image paths are relative to"),
     samples: int = typer.Option(256, "--samples", help="examples to use (the first N)"),
     split: str = typer.Option("val", "--split", help="testbed split for --data testbed"),
     out: Path = typer.Option(..., "--out", help="profile JSON to write"),
     curve: bool = typer.Option(False, "--curve", help="store a smoothed per-position curve (used instead of the exp fit)"),
-    name: Optional[str] = typer.Option(None, "--name", help="profile name (default MODEL/METHOD/calibrated)"),
+    name: str | None = typer.Option(None, "--name", help="profile name (default MODEL/METHOD/calibrated)"),
     no_padding: bool = typer.Option(False, "--no-padding", help="do not exclude padding tokens from the fit"),
     force: bool = typer.Option(False, "--force", help="recompute even if OUT already holds this calibration"),
     wait: bool = typer.Option(False, "--wait", help=WAIT_HELP),
@@ -704,8 +708,8 @@ def calibrate(
 
     Progress is saved beside OUT (OUT.partial.json): rerunning the same command resumes (and says so); if OUT
     already holds the same calibration it is reused, not recomputed (--force recomputes)."""
-    from .calibration import calibrate as run_calibration
-    from .calibration import calibration_settings, read_progress, reusable
+    from .apps.calibration import calibrate as run_calibration
+    from .apps.calibration import calibration_settings, read_progress, reusable
     from .debias.profiles import load_profile
 
     _positive(samples, "--samples")
@@ -782,11 +786,11 @@ def calibrate(
 def analyze(
     model_path: str = typer.Option(..., "--model", help="local model directory, hub id, 'testbed' or 'testbed-lm'"),
     method: str = typer.Option("fastv", "--method"),
-    layer: Optional[str] = typer.Option(None, "--layer", help="pruning layer(s) (default: the method's)"),
-    budget: Optional[str] = typer.Option(None, "--budget", help="token budget (count of 576 or fraction); default 0.25 unless --keep"),
-    keep: Optional[str] = typer.Option(None, "--keep", help="visual tokens kept per stage: a count or a fraction, or a list"),
+    layer: str | None = typer.Option(None, "--layer", help="pruning layer(s) (default: the method's)"),
+    budget: str | None = typer.Option(None, "--budget", help="token budget (count of 576 or fraction); default 0.25 unless --keep"),
+    keep: str | None = typer.Option(None, "--keep", help="visual tokens kept per stage: a count or a fraction, or a list"),
     data: str = typer.Option(..., "--data", help=DATA_HELP),
-    images: Optional[Path] = typer.Option(None, "--images"),
+    images: Path | None = typer.Option(None, "--images"),
     samples: int = typer.Option(256, "--samples"),
     split: str = typer.Option("val", "--split"),
     profile: str = typer.Option("auto", "--profile", help="positional debiasing: built-in name, JSON path, 'auto' or 'none'"),
@@ -817,8 +821,8 @@ def analyze(
     _lock_output(out_dir, "--out-dir", wait=wait)
 
     from .adapters import adapter_for
-    from .analysis import bias_report
-    from .plots import plot_keep_frequency, plot_score_heatmap, plot_score_vs_position, plot_selection
+    from .apps.analysis import bias_report
+    from .apps.plots import plot_keep_frequency, plot_score_heatmap, plot_score_vs_position, plot_selection
     model, processor = _load(info, device, dtype)
     records = _analyze_records(model, processor, examples, press, batch_size, out_dir / "report.partial.json")
     report = bias_report(records)
@@ -869,9 +873,9 @@ def analyze(
 def _analyze_records(model, processor, examples, press, batch_size: int, state: Path) -> list:
     """The first-stage records of `examples` (dry run), saved to `state` every few batches so that an
     interrupted analysis resumes (and says so); `state` is removed at the end."""
-    from .calibration import data_fingerprint, model_fingerprint, read_saved_records
+    from .apps.calibration import data_fingerprint, model_fingerprint, read_saved_records
+    from .apps.runner import record_from_json, record_to_json, run_examples
     from .io import atomic_write_json
-    from .runner import record_from_json, record_to_json, run_examples
 
     key = {"model": model_fingerprint(model), "data": data_fingerprint(examples), "press": repr(press)}
     records, problem = read_saved_records(state, "key", key, record_from_json, "of another analysis")
@@ -917,8 +921,8 @@ def _budgets_option(text: str) -> list:
 def eval_command(
     model_path: str = typer.Option(..., "--model", help="local model directory, hub id, 'testbed' or 'testbed-lm'"),
     data: str = typer.Option(..., "--data", help="a LLaVA-style jsonl with an answer per line, or 'testbed'"),
-    images: Optional[Path] = typer.Option(None, "--images", help="folder the jsonl's image paths are relative to (default: the jsonl's)"),
-    samples: Optional[int] = typer.Option(None, "--samples", help="the first N questions (default: all; testbed: 100)"),
+    images: Path | None = typer.Option(None, "--images", help="folder the jsonl's image paths are relative to (default: the jsonl's)"),
+    samples: int | None = typer.Option(None, "--samples", help="the first N questions (default: all; testbed: 100)"),
     split: str = typer.Option("test", "--split", help="testbed split for --data testbed"),
     methods: str = typer.Option("fastv", "--methods", help="comma-separated methods (`vtprune methods`)"),
     budgets: str = typer.Option("128", "--budgets", help="comma-separated budgets: counts of 576 (192,128,64) or fractions"),
@@ -926,13 +930,13 @@ def eval_command(
     profile: str = typer.Option("default", "--profile", help="positional profile: 'default' (the model's built-in one per method, else auto), a name, a JSON path or 'auto'"),
     max_new_tokens: int = typer.Option(16, "--max-new-tokens", help="answer length limit (>= 1)"),
     batch_size: int = typer.Option(1, "--batch-size", help="questions per generate() call (timings are per call)"),
-    pad_to_square: Optional[bool] = typer.Option(None, "--pad-to-square/--no-pad-to-square", help="pad images to a square (LLaVA-1.5's own preprocessing) or not; default: the processor as it is"),
+    pad_to_square: bool | None = typer.Option(None, "--pad-to-square/--no-pad-to-square", help="pad images to a square (LLaVA-1.5's own preprocessing) or not; default: the processor as it is"),
     out_dir: Path = typer.Option(Path("vtprune-eval"), "--out", help="folder for results.json, results.csv and the saved cells"),
     force: bool = typer.Option(False, "--force", help="measure every setting again instead of reusing saved cells"),
     wait: bool = typer.Option(False, "--wait", help=WAIT_HELP),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or mps"),
     dtype: str = typer.Option("auto", "--dtype"),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads of torch"),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads of torch"),
     as_json: bool = typer.Option(False, "--json", help="print results.json to stdout"),
     processes: int = typer.Option(1, "--processes", help="answer the questions in N processes, one model replica each (CPU: threads divided; cuda: one GPU each); under `accelerate launch`/`torchrun` each rank answers its share"),
 ) -> None:
@@ -941,7 +945,7 @@ def eval_command(
     Prints a table (accuracy with its 95% Wilson interval, the paired difference of debiased to plain at the
     same method and budget, visual tokens, prefill ms, decode ms per token, peak memory) and writes
     OUT/results.json and OUT/results.csv. Finished settings are saved in OUT/cells.json: rerunning resumes."""
-    from .evaluation import build_grid
+    from .apps.evaluation import build_grid
 
     _positive(max_new_tokens, "--max-new-tokens")
     _positive(batch_size, "--batch-size")
@@ -984,14 +988,14 @@ def eval_command(
     except (TypeError, ValueError) as error:
         raise UsageError(str(error)) from None
     questions = _load_questions(data, images, samples, split)
-    from . import sharding
+    from .apps import sharding
 
     if (sharding.launched() or (0, 1))[0] == 0:  # under a launcher, rank 0 holds --out for every rank
         _lock_output(out_dir, "--out", wait=wait)
 
     import torch
 
-    from .evaluation import markdown_table, run_grid, table_rows, write_results, TABLE_COLUMNS
+    from .apps.evaluation import TABLE_COLUMNS, markdown_table, run_grid, table_rows, write_results
 
     sharded = processes > 1 or sharding.launched() is not None
     if processes > len(questions):
@@ -1001,7 +1005,7 @@ def eval_command(
     if not sharded:
         model, processor = _load(info, device, dtype)
         if pad_to_square is not None:
-            from .loading import set_pad_to_square
+            from .apps.loading import set_pad_to_square
 
             set_pad_to_square(processor, pad_to_square)
     for name, chosen in resolved.items():
@@ -1069,8 +1073,8 @@ def eval_command(
     console.print(f"wrote {json_path}, {csv_path} and {out_dir / 'results.md'}")
 
 
-def _load_questions(data: str, images: Optional[Path], samples: Optional[int], split: str):
-    from .evaluation import load_questions
+def _load_questions(data: str, images: Path | None, samples: int | None, split: str):
+    from .apps.evaluation import load_questions
 
     try:
         return load_questions(data, images, samples, split=split)  # unreadable images: one warning line
@@ -1081,14 +1085,14 @@ def _load_questions(data: str, images: Optional[Path], samples: Optional[int], s
 @app.command()
 def reproduce(
     name: str = typer.Argument(..., help="the paper table: paper-llava15 or paper-videollava"),
-    budget: Optional[int] = typer.Option(None, "--budget", help="visual tokens kept, of the model's (paper-llava15: of 576, default 128; paper-videollava: of 2048, default 512)"),
+    budget: int | None = typer.Option(None, "--budget", help="visual tokens kept, of the model's (paper-llava15: of 576, default 128; paper-videollava: of 2048, default 512)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the lmms-eval command of every row, run nothing"),
     collect_only: bool = typer.Option(False, "--collect", help="only collect the results already in --out"),
     out_dir: Path = typer.Option(Path("vtprune-reproduce"), "--out", help="one folder per row, table.md and table.json"),
-    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="the checkpoint (default: the table's, llava-hf/llava-1.5-7b-hf or LanguageBind/Video-LLaVA-7B-hf)"),
-    data: Optional[str] = typer.Option(None, "--data", help="paper-videollava: Video-LLaVA's evaluation data folder (GPT_Zero_Shot_QA), built into OUT/tasks"),
-    methods: Optional[str] = typer.Option(None, "--methods", help="only these methods' rows (and the full model)"),
-    limit: Optional[int] = typer.Option(None, "--limit", help="lmms-eval --limit: the first N questions per task (a smoke test, not the paper's numbers)"),
+    pretrained: str | None = typer.Option(None, "--pretrained", help="the checkpoint (default: the table's, llava-hf/llava-1.5-7b-hf or LanguageBind/Video-LLaVA-7B-hf)"),
+    data: str | None = typer.Option(None, "--data", help="paper-videollava: Video-LLaVA's evaluation data folder (GPT_Zero_Shot_QA), built into OUT/tasks"),
+    methods: str | None = typer.Option(None, "--methods", help="only these methods' rows (and the full model)"),
+    limit: int | None = typer.Option(None, "--limit", help="lmms-eval --limit: the first N questions per task (a smoke test, not the paper's numbers)"),
     launcher: str = typer.Option("python -m lmms_eval", "--launcher", help="how to start lmms-eval, e.g. 'accelerate launch --num_processes 8 -m lmms_eval'"),
     force: bool = typer.Option(False, "--force", help="rerun rows whose results are already there"),
 ) -> None:
@@ -1096,7 +1100,7 @@ def reproduce(
     and the results collected into one table beside the published numbers (OUT/table.md, OUT/table.json)."""
     import shlex
 
-    from . import reproduce as rep
+    from .apps import reproduce as rep
 
     try:
         spec = rep.table(name)
@@ -1198,7 +1202,5 @@ def main() -> None:  # pragma: no cover
     app()
 
 
-if __name__ == "__main__":  # pragma: no cover - `python -m vtprune.cli`: run the package's module, whose
-    from vtprune.cli import main as package_main  # UsageError is the one the testbed commands raise
-
-    package_main()
+if __name__ == "__main__":  # pragma: no cover - `python -m vtprune.cli`
+    main()

@@ -21,9 +21,9 @@ import socket
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Callable, Iterator
 
 try:
     import fcntl
@@ -70,20 +70,17 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs) -> Iterator:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        try:  # mkstemp makes the file private (0600): give it the target's mode, or what open() would
+        # mkstemp makes the file private (0600): give it the target's mode, or what open() would
+        with suppress(OSError, AttributeError):
             os.fchmod(handle, os.stat(path).st_mode & 0o7777 if path.exists() else 0o666 & ~_UMASK)
-        except (OSError, AttributeError):
-            pass
         with os.fdopen(handle, mode, **kwargs) as file:
             yield file
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
     except BaseException:
-        try:
+        with suppress(OSError):
             os.unlink(temporary)
-        except OSError:
-            pass
         raise
     _fsync_dir(path.parent)
 
@@ -185,7 +182,7 @@ class OutputLock:
     def held(self) -> bool:
         return self._handle is not None
 
-    def acquire(self) -> "OutputLock":
+    def acquire(self) -> OutputLock:
         if self._handle is not None:
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -232,13 +229,11 @@ class OutputLock:
         handle, self._handle = self._handle, None
         if handle is None:
             return
-        try:
+        with suppress(OSError):
             os.unlink(self.path)  # while still locked: a waiter then finds the file gone and locks a new one
-        except OSError:
-            pass
         os.close(handle)
 
-    def __enter__(self) -> "OutputLock":
+    def __enter__(self) -> OutputLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

@@ -20,18 +20,7 @@ def supported_model_classes() -> list[str]:
 
 
 #: model classes refused on purpose, with the reason
-REFUSED: dict[str, str] = {
-    name: (
-        "Qwen3.5 mixes full-attention layers with Gated DeltaNet linear-attention layers (3 of every 4): those keep "
-        "a fixed-size recurrent state and a short causal convolution over neighbouring tokens instead of "
-        "per-token keys and values, and give no attention scores. vtprune's engine keeps a KV cache per token in "
-        "every layer it cuts after, and the attention-score methods score at the layer before their cut, which "
-        "is a linear-attention layer at the published depths; pruning inside this decoder is not supported (see "
-        "the README)"
-    )
-    for name in ("Qwen3_5ForConditionalGeneration", "Qwen3_5Model", "Qwen3_5MoeForConditionalGeneration",
-                 "Qwen3_5MoeModel")
-}
+REFUSED: dict[str, str] = dict.fromkeys(("Qwen3_5ForConditionalGeneration", "Qwen3_5Model", "Qwen3_5MoeForConditionalGeneration", "Qwen3_5MoeModel"), "Qwen3.5 mixes full-attention layers with Gated DeltaNet linear-attention layers (3 of every 4): those keep " "a fixed-size recurrent state and a short causal convolution over neighbouring tokens instead of " "per-token keys and values, and give no attention scores. vtprune's engine keeps a KV cache per token in " "every layer it cuts after, and the attention-score methods score at the layer before their cut, which " "is a linear-attention layer at the published depths; pruning inside this decoder is not supported (see " "the README)")
 
 
 def adapter_for(model: nn.Module) -> ModelAdapter:

@@ -7,10 +7,9 @@ Methods and the engine never look at model classes directly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
-
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn

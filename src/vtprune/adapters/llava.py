@@ -89,7 +89,7 @@ class LlavaAdapter(ModelAdapter):
 
     def image_geometry(self, processor):
         """The `ImageGeometry` of `processor` for this model's vision tower (checked against its grid)."""
-        from ..geometry import geometry_from_processor
+        from .geometry import geometry_from_processor
 
         geometry = geometry_from_processor(processor, patch_size=self.patch_size, image_size=self.image_size)
         if tuple(geometry.grid) != self.grid:
@@ -100,7 +100,7 @@ class LlavaAdapter(ModelAdapter):
         return geometry
 
     def padding_fractions(self, layout: VisualLayout, image_sizes, processor) -> list[torch.Tensor]:
-        from ..geometry import padded_fraction
+        from .geometry import padded_fraction
 
         geometry = self.image_geometry(processor)
         out = []

@@ -38,7 +38,7 @@ class LlavaNextAdapter(LlavaAdapter):
         "tower's [CLS] attention has no one-to-one map onto them in vtprune yet"
     )
 
-    def __init__(self, model: nn.Module):  # noqa: D107 - LlavaAdapter's checks, another grid
+    def __init__(self, model: nn.Module):
         ModelAdapter.__init__(self, model)  # not LlavaAdapter.__init__: its checks are LLaVA-1.5's
         config = self.base.config
         self._read_patch_grid(config)
@@ -181,7 +181,7 @@ class LlavaNextAdapter(LlavaAdapter):
         pinpoints = getattr(image_processor, "image_grid_pinpoints", None)
         crop = getattr(image_processor, "crop_size", None)
         crop_h = crop.get("height") if isinstance(crop, dict) else getattr(crop, "height", None)
-        if pinpoints is not None and [tuple(p) for p in pinpoints] != self.pinpoints or (crop_h and crop_h != self.image_size):
+        if (pinpoints is not None and [tuple(p) for p in pinpoints] != self.pinpoints) or (crop_h and crop_h != self.image_size):
             raise ValueError(
                 "the processor's image_grid_pinpoints or tile size differ from the model's: pass the processor that "
                 "belongs to this model"

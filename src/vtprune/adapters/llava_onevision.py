@@ -44,7 +44,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     )
     vision_cls_index = None
 
-    def __init__(self, model: nn.Module):  # noqa: D107 - no [CLS] requirement: SigLIP's "full" keeps every patch
+    def __init__(self, model: nn.Module):
         ModelAdapter.__init__(self, model)  # not LlavaAdapter.__init__: its checks are LLaVA-1.5's
         config = self.base.config
         self._read_patch_grid(config)

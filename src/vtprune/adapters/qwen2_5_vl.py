@@ -29,7 +29,7 @@ from .llava import _rotary_fn_for
 
 
 class Qwen2_5_VLAdapter(ModelAdapter):
-    model_classes = (
+    model_classes: tuple[str, ...] = (
         "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel",
         "Qwen2VLForConditionalGeneration", "Qwen2VLModel",
     )
@@ -93,7 +93,7 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         if positions3 is not None and (positions3.dim() != 3 or positions3.shape[0] not in (3, 4)):
             positions3 = None
         have_grid = {"image": inputs.get("image_grid_thw") is not None, "video": inputs.get("video_grid_thw") is not None}
-        queues = {}
+        queues: dict[str, list | None] = {}
         for kind, total, key in (("image", counts[0], "image_grid_thw"), ("video", counts[1], "video_grid_thw")):
             if total and not have_grid[kind] and positions3 is not None:
                 queues[kind] = None  # derived from the positions, run by run

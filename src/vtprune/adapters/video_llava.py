@@ -29,7 +29,7 @@ class VideoLlavaAdapter(LlavaAdapter):
         "does not map onto the layout for vision-side scores yet"
     )
 
-    def __init__(self, model: nn.Module):  # noqa: D107
+    def __init__(self, model: nn.Module):
         ModelAdapter.__init__(self, model)  # not LlavaAdapter.__init__: its checks are LLaVA-1.5's
         config = self.base.config
         self._read_patch_grid(config)
@@ -122,7 +122,7 @@ class VideoLlavaAdapter(LlavaAdapter):
         return self.image_geometry(image_processor)
 
     def padding_fractions(self, layout: VisualLayout, image_sizes, processor) -> list[torch.Tensor]:
-        from ..geometry import padded_fraction
+        from .geometry import padded_fraction
 
         geometry = None
         out = []

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field, replace
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 
@@ -51,7 +51,7 @@ class Debias:
     drop_padding: bool | None = None
     stages: Literal["first", "all"] = "first"
     video_axis: Literal["video", "frame"] = "video"
-    _loaded: object = field(default=None, init=False, repr=False, compare=False)
+    _loaded: Any = field(default=None, init=False, repr=False, compare=False)  # the loaded Profile
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -73,7 +73,7 @@ class Debias:
         if self.profile is not None and self.profile not in ("auto", "default"):
             from .profiles import load_profile
 
-            object.__setattr__(self, "_loaded", load_profile(self.profile))
+            object.__setattr__(self, "_loaded", load_profile(self.profile))  # type: ignore[arg-type]  # a Profile is an object
 
     def for_model(self, config, method: str, profile_name: str | None = None) -> "Debias":
         """A copy with profile="default" resolved to the built-in profile of this model and method."""
@@ -230,7 +230,7 @@ class Debias:
             inside_of.append(inside)
         sigma = robust_sigma(y, x, use).clamp(-SIGMA_LIMIT, SIGMA_LIMIT)  # (P,); steeper fits overflow float32
         trends = [torch.ones_like(s) for s in scores]
-        for p, (b, segment) in enumerate(problems):
+        for p, (b, _segment) in enumerate(problems):
             count = len(scores[b])
             trend = torch.exp(sigma[p] * x[p, :count]).to(trends[b].dtype)
             trends[b] = torch.where(inside_of[p], trend, trends[b])

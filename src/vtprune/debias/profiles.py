@@ -113,7 +113,7 @@ class Profile:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Profile":
-        known = {f for f in cls.__dataclass_fields__}
+        known = set(cls.__dataclass_fields__)
         values = {k: v for k, v in data.items() if k in known}
         extra = dict(values.pop("extra", None) or {})
         extra.update({k: v for k, v in data.items() if k not in known and k != "format"})
@@ -147,7 +147,7 @@ def _builtin_index() -> dict[str, Profile]:
         if not entry.name.endswith(".json"):
             continue
         data = json.loads(entry.read_text())
-        for item in data["profiles"] if "profiles" in data else [data]:  # a collection, or one calibrated profile
+        for item in data.get("profiles", [data]):  # a collection, or one calibrated profile
             profile = Profile.from_dict(item)
             profiles[profile.name] = profile
         for alias, target in data.get("aliases", {}).items():

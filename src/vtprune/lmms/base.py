@@ -181,7 +181,7 @@ class PressMixin:
 
     def _check_supported(self, pretrained: str) -> None:
         """A one-line error, before any weights load, when vtprune cannot prune this model."""
-        from ..loading import inspect_model
+        from ..apps.loading import inspect_model
 
         try:
             inspect_model(str(pretrained))
@@ -204,7 +204,7 @@ class PressMixin:
         if pad is not None:
             if not is_llava:
                 raise ValueError(f"{self.plugin_name}: pad_to_square applies to LLaVA-1.5 models only")
-            from ..loading import set_pad_to_square
+            from ..apps.loading import set_pad_to_square
 
             set_pad_to_square(processor, pad)
         self.vtprune_pad_to_square = pad
@@ -252,7 +252,7 @@ class PressMixin:
         if len(pending) != samples:  # the wrapper built this batch's visuals some other way: one record for all
             pending = pending[:1]
         for b, index in enumerate(pending):
-            b = b if len(pending) == samples else slice(None)
+            b = b if len(pending) == samples else slice(None)  # type: ignore[assignment]  # one record for all
             self._vtprune_records[index] = {
                 "pruned": True, "images": len(images), "videos": videos,
                 "visual_tokens": first.num_visual[b] if isinstance(b, int) else sum(first.num_visual),

@@ -39,7 +39,7 @@ def _numbers(value, name: str):
     parts = [p.strip() for p in re.split(r"[;,]", text.strip("[]() ")) if p.strip()]
     if not parts:
         raise ValueError(f"{name}={value!r}: give a number or a list such as [184,92,46]")
-    out = []
+    out: list[int | float] = []
     for part in parts:
         try:
             out.append(int(part))

@@ -77,13 +77,13 @@ def _is_one_video(videos) -> bool:
 @contextmanager
 def _processor_without_torchvision():
     """While the wrapper loads: VideoLlavaProcessor.from_pretrained builds the processor without its video slot
-    where torchvision is missing (`vtprune.loading.load_processor`) and then handles videos frame by frame."""
+    where torchvision is missing (`vtprune.apps.loading.load_processor`) and then handles videos frame by frame."""
     real = _wrapper_module.VideoLlavaProcessor
 
     class Loader:
         @staticmethod
         def from_pretrained(path, **kwargs):
-            from ..loading import load_processor
+            from ..apps.loading import load_processor
 
             processor = load_processor(str(path))
             if getattr(processor, "video_processor", None) is None:

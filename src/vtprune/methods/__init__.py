@@ -3,7 +3,7 @@ name (CLI `--method`) to its press class."""
 
 from __future__ import annotations
 
-from ..press import Press
+from ..core.press import Press
 from .dart import DART
 from .divprune import DivPrune
 from .fastervlm import FasterVLM

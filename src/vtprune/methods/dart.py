@@ -19,10 +19,10 @@ from typing import ClassVar, Literal
 
 import torch
 
-from ..context import StageContext
-from ..press import REFERENCE_LAYERS, Press, budget_fraction, layer_list
-from ..selection import dart_select
-from ..stages import Kept, Positions, Stage
+from ..core.context import StageContext
+from ..core.press import REFERENCE_LAYERS, Press, budget_fraction, layer_list
+from ..core.selection import dart_select
+from ..core.stages import Kept, Positions, Stage
 
 
 @dataclass

@@ -14,10 +14,10 @@ from typing import ClassVar
 
 import torch
 
-from ..context import StageContext
-from ..press import REFERENCE_LAYERS, Press
-from ..selection import max_min_select
-from ..stages import Kept, Positions, Stage, resolve_keep
+from ..core.context import StageContext
+from ..core.press import REFERENCE_LAYERS, Press
+from ..core.selection import max_min_select
+from ..core.stages import Kept, Positions, Stage, resolve_keep
 
 
 @dataclass

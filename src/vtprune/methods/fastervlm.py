@@ -15,10 +15,10 @@ from typing import ClassVar
 
 import torch
 
-from ..context import StageContext
+from ..core.context import StageContext
 from ..debias import Debias
-from ..press import REFERENCE_LAYERS, Press
-from ..stages import Positions, Stage
+from ..core.press import REFERENCE_LAYERS, Press
+from ..core.stages import Positions, Stage
 
 
 @dataclass

@@ -20,10 +20,10 @@ from typing import ClassVar, Sequence
 
 import torch
 
-from ..context import StageContext
+from ..core.context import StageContext
 from ..debias import Debias
-from ..press import REFERENCE_LAYERS, Press, layer_list
-from ..stages import Positions, Stage
+from ..core.press import REFERENCE_LAYERS, Press, layer_list
+from ..core.stages import Positions, Stage
 
 #: published schedule (debias runs): budget -> visual tokens present after each stage (of 576)
 SCHEDULES = {128: (115, 90)}

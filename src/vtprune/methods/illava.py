@@ -24,11 +24,11 @@ from typing import ClassVar, Sequence
 
 import torch
 
-from ..context import StageContext, VisionStageContext
+from ..core.context import StageContext, VisionStageContext
 from ..debias import Debias
-from ..press import REFERENCE_LAYERS, Press, budget_fraction, layer_list
-from ..selection import illava_merge
-from ..stages import Kept, Positions, Stage, VisionStage
+from ..core.press import REFERENCE_LAYERS, Press, budget_fraction, layer_list
+from ..core.selection import illava_merge
+from ..core.stages import Kept, Positions, Stage, VisionStage
 
 
 @dataclass

@@ -8,9 +8,9 @@ from typing import ClassVar, Sequence
 
 import torch
 
-from ..context import StageContext
-from ..press import REFERENCE_LAYERS, Press
-from ..stages import Positions, Stage
+from ..core.context import StageContext
+from ..core.press import REFERENCE_LAYERS, Press
+from ..core.stages import Positions, Stage
 
 
 @dataclass

@@ -27,11 +27,11 @@ from typing import ClassVar, Sequence
 
 import torch
 
-from ..context import StageContext
-from ..selection import recycle, recycle_sizes
+from ..core.context import StageContext
+from ..core.selection import recycle, recycle_sizes
 from ..debias import Debias
-from ..press import REFERENCE_LAYERS, REFERENCE_TOKENS, Press
-from ..stages import Kept, Positions, Stage, resolve_keep
+from ..core.press import REFERENCE_LAYERS, REFERENCE_TOKENS, Press
+from ..core.stages import Kept, Positions, Stage, resolve_keep
 
 #: published keep table: budget -> top-k size at each stage (of 576)
 SCHEDULES = {192: (300, 200, 110), 128: (303, 110, 36), 64: (66, 30, 17)}

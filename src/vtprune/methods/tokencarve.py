@@ -20,11 +20,11 @@ from typing import ClassVar, Literal
 
 import torch
 
-from ..context import StageContext
+from ..core.context import StageContext
 from ..debias import Debias
-from ..press import REFERENCE_LAYERS, Press, layer_list
-from ..selection import borda, carve_merge, information
-from ..stages import Kept, Positions, Stage
+from ..core.press import REFERENCE_LAYERS, Press, layer_list
+from ..core.selection import borda, carve_merge, information
+from ..core.stages import Kept, Positions, Stage
 
 
 @dataclass

@@ -20,12 +20,12 @@ from typing import ClassVar
 
 import torch
 
-from ..context import StageContext
+from ..core.context import StageContext
 from ..debias import Debias
-from ..press import REFERENCE_LAYERS, REFERENCE_TOKENS, Press, budget_fraction, interpolate_table
-from ..budgets import split_for_budget
-from ..selection import pack_rows, visionzip_select
-from ..stages import Kept, Positions, Stage
+from ..core.press import REFERENCE_LAYERS, REFERENCE_TOKENS, Press, budget_fraction, interpolate_table
+from ..core.budgets import split_for_budget
+from ..core.selection import pack_rows, visionzip_select
+from ..core.stages import Kept, Positions, Stage
 
 #: published split of each budget: (dominant tokens incl. [CLS], contextual tokens), of 576 patches
 SPLITS = {192: (162, 30), 128: (108, 20), 64: (54, 10)}

@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
+from ..apps.results import cells_problem, load_cells, paired_delta, save_cells, wilson
+from ..apps.runner import run_examples
 from ..debias import Debias
 from ..methods import METHODS
-from ..results import cells_problem, load_cells, paired_delta, save_cells, wilson
-from ..runner import run_examples
 from .data import accuracy
 
 #: budgets of the benchmark (None: no pruning); 0.0625 = 9 of the testbed's 144 tokens ("6%")
@@ -99,7 +99,7 @@ def lm_settings() -> list[Setting]:
     """testbed-lm's table: every registered method plain, and each attention-based one debiased four ways
     (positional only, padding only, both, and the uncalibrated positional fit "auto" with padding), all at the
     methods' official position numbering, and Random."""
-    return _method_rows(["positional", "padding", "debias", "auto+padding"]) + [Setting("Random", "random")]
+    return [*_method_rows(["positional", "padding", "debias", "auto+padding"]), Setting("Random", "random")]
 
 
 def settings_for(model: str) -> list[Setting]:
@@ -176,8 +176,8 @@ def run_benchmark(
     cells of the same model and questions are reused; `log` says how many). progress(done, total, name) is
     called before each cell and at the end."""
     from ..adapters import adapter_for
-    from ..analysis import bias_report
-    from ..calibration import data_fingerprint, model_fingerprint
+    from ..apps.analysis import bias_report
+    from ..apps.calibration import data_fingerprint, model_fingerprint
 
     table = settings()
     names = list(names or [s.name for s in settings_for(model_name(model))])
@@ -257,8 +257,8 @@ def _load_state(path, key) -> dict:
     for name, item in load_cells(path, key).items():
         try:
             cell = Cell(**item["cell"])
-            cell.ci = tuple(cell.ci)
-            cell.delta = None if cell.delta is None else tuple(cell.delta)
+            cell.ci = (cell.ci[0], cell.ci[1])  # JSON gives lists
+            cell.delta = None if cell.delta is None else (cell.delta[0], cell.delta[1], cell.delta[2])
             out[name] = (cell, None if item["bias"] is None else BiasSummary(**item["bias"]))
         except (KeyError, TypeError, ValueError) as error:  # a malformed cell is measured again
             warnings.warn(f"{path}: cell {name} is malformed ({type(error).__name__}: {error}); measuring it again",

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
 
 #: the checkpoint shipped inside the package (`vtprune.testbed.model.CHECKPOINT_DIR`, without importing torch)
 SHIPPED_CHECKPOINT = Path(__file__).resolve().parent / "checkpoint"
@@ -19,7 +18,7 @@ status = Console(stderr=True)
 
 
 def _usage(message: str):
-    from vtprune.cli import UsageError
+    from ..apps.errors import UsageError
 
     return UsageError(message)
 
@@ -34,7 +33,7 @@ def train_cmd(
     val_size: int = typer.Option(300, help="Validation questions."),
     workers: int = typer.Option(0, help="Data-generation worker processes (0: in the main process; fastest on 2 cores)."),
     work_dir: Path = typer.Option(Path("runs/testbed"), help="Resumable state (optimizer, step)."),
-    out: Optional[Path] = typer.Option(
+    out: Path | None = typer.Option(
         None, help="Where the best model and processor are saved (default WORK_DIR/checkpoint; never inside the package)."
     ),
     force: bool = typer.Option(False, "--force", help="Replace a checkpoint at OUT even with a worse model."),
@@ -103,9 +102,9 @@ def train_lm_cmd(
     eval_every: int = typer.Option(100, help="Validate (and save when improved) every N steps."),
     val_size: int = typer.Option(200, help="Validation questions."),
     work_dir: Path = typer.Option(Path("runs/testbed-lm"), help="Resumable state (trainable weights, optimizer, step)."),
-    out: Optional[Path] = typer.Option(None, help="Where the best model is saved (default WORK_DIR/checkpoint)."),
-    device: Optional[str] = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
-    init_from: Optional[Path] = typer.Option(
+    out: Path | None = typer.Option(None, help="Where the best model is saved (default WORK_DIR/checkpoint)."),
+    device: str | None = typer.Option(None, help="cpu, cuda, ... (default: cuda when available)."),
+    init_from: Path | None = typer.Option(
         None, help="Start a new run from a trained testbed-lm ('shipped': the one in the package) instead of the "
         "alignment stage; it needs that model's --lora-rank and --lora-from-layer."),
 ) -> None:
@@ -119,10 +118,10 @@ def train_lm_cmd(
                                    ("--align-steps", align_steps, 0)):
         if value < minimum:
             raise _usage(f"{option} {value}: must be >= {minimum}")
-    for option, value in (("--lr", lr), ("--lora-lr", lora_lr)):
-        if not value > 0:
-            raise _usage(f"{option} {value}: must be > 0")
-    from vtprune.loading import check_device
+    for option, rate in (("--lr", lr), ("--lora-lr", lora_lr)):
+        if not rate > 0:
+            raise _usage(f"{option} {rate}: must be > 0")
+    from vtprune.apps.loading import check_device
     from vtprune.testbed.lm import LMTrainConfig, availability_problem, train_lm
     from vtprune.testbed.train import check_output, check_work_dir
 
@@ -141,7 +140,8 @@ def train_lm_cmd(
                         lora_lr=lora_lr, lora_rank=lora_rank, lora_from_layer=lora_from_layer, align_steps=align_steps,
                         seed=seed, eval_every=eval_every, val_size=val_size)
     if init_from is not None:
-        from vtprune.testbed.lm import CHECKPOINT_DIR as LM_CHECKPOINT, DELTA_FILE
+        from vtprune.testbed.lm import CHECKPOINT_DIR as LM_CHECKPOINT
+        from vtprune.testbed.lm import DELTA_FILE
 
         init_from = LM_CHECKPOINT if str(init_from) == "shipped" else init_from
         if not (init_from / DELTA_FILE).is_file():
@@ -156,11 +156,11 @@ def train_lm_cmd(
 
 @testbed_app.command("eval")
 def eval_cmd(
-    n: Optional[int] = typer.Option(
+    n: int | None = typer.Option(
         None, help="Test questions (the first N of the test split; default 1000 for testbed, 150 for testbed-lm: "
         "its full table then takes about 31 minutes on 2 cores)."),
     model_name: str = typer.Option("testbed", "--model", help="'testbed' (the small model) or 'testbed-lm' (on SmolLM2-135M-Instruct)."),
-    path: Optional[Path] = typer.Option(None, help="Checkpoint directory of that model (default: the shipped one)."),
+    path: Path | None = typer.Option(None, help="Checkpoint directory of that model (default: the shipped one)."),
     keeps: str = typer.Option("all,0.5,0.25,0.125,0.0625", help="Comma-separated budgets ('all' = unpruned)."),
     settings: str = typer.Option("", help="Comma-separated settings (default: all; `--list` shows them)."),
     methods: str = typer.Option("", help="Only the settings of these methods (comma-separated registry names)."),
@@ -169,7 +169,7 @@ def eval_cmd(
     out: Path = typer.Option(None, help="Also write the results as JSON here."),
     markdown: Path = typer.Option(None, help="Also write the tables as Markdown here."),
     blind: bool = typer.Option(False, help="Only the unpruned model with every image replaced by flat grey (text prior)."),
-    state: Optional[Path] = typer.Option(
+    state: Path | None = typer.Option(
         None, help="Finished cells are saved here so that an interrupted run resumes (default OUT.partial.json, or "
         "runs/testbed-eval.partial.json without --out); removed when the run completes."
     ),
@@ -182,7 +182,7 @@ def eval_cmd(
         n = 150 if model_name == "testbed-lm" else 1000
     if n < 1:
         raise _usage(f"--n {n}: evaluate at least one question")
-    from vtprune.datasets import TESTBED_MAX
+    from vtprune.apps.datasets import TESTBED_MAX
 
     if n > TESTBED_MAX:
         raise _usage(f"--n {n}: the testbed generates at most {TESTBED_MAX:,} questions per split")
@@ -191,7 +191,8 @@ def eval_cmd(
     if model_name not in ("testbed", "testbed-lm"):
         raise _usage(f"--model {model_name}: choose 'testbed' or 'testbed-lm' (`vtprune eval` evaluates other models)")
     if model_name == "testbed-lm":
-        from vtprune.testbed.lm import CHECKPOINT_DIR as LM_CHECKPOINT, DELTA_FILE, availability_problem
+        from vtprune.testbed.lm import CHECKPOINT_DIR as LM_CHECKPOINT
+        from vtprune.testbed.lm import DELTA_FILE, availability_problem
 
         if path is None:
             problem = availability_problem()
@@ -243,9 +244,9 @@ def eval_cmd(
         state = state or (Path(str(out) + ".partial.json") if out else Path("runs/testbed-eval.partial.json"))
         lock = OutputLock(state, option="--state" if out is None else "--out", is_dir=False, wait=wait,
                           note=lambda text: status.print(f"note: {text}")).acquire()  # one writer of these results
-        from vtprune.cli import _current_context
+        from typer._click.globals import get_current_context
 
-        _current_context().call_on_close(lock.release)
+        get_current_context().call_on_close(lock.release)  # the lock is released when the command ends
 
     torch.set_num_threads(min(4, torch.get_num_threads()))
     if model_name == "testbed-lm":

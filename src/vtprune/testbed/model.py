@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import cast
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
@@ -26,6 +27,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from vtprune.apps.models import NamedModel, register_model
 from vtprune.testbed.data import ANSWER_VOCAB, all_question_texts, prompt_for
 
 CHECKPOINT_DIR: Path = Path(__file__).resolve().parent / "checkpoint"
@@ -132,7 +134,7 @@ def build_model(
         num_attention_heads=heads,
         num_key_value_heads=heads,
         max_position_embeddings=512,
-        rope_theta=10000.0,
+        rope_theta=10000.0,  # type: ignore[call-arg]  # not in the signature; LlamaConfig takes it at run time
         tie_word_embeddings=True,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
@@ -171,4 +173,13 @@ def load_testbed(
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32, **kwargs)
     processor = AutoProcessor.from_pretrained(path, backend="pil")
     model.eval()
-    return model, processor
+    return cast(LlavaForConditionalGeneration, model), processor
+
+
+def _checkpoint_problem() -> str | None:
+    if not (CHECKPOINT_DIR / "config.json").is_file():
+        return f"the testbed checkpoint is missing from the installed package ({CHECKPOINT_DIR}): reinstall vtprune"
+    return None
+
+
+register_model(NamedModel("testbed", CHECKPOINT_DIR, _checkpoint_problem, lambda attn_implementation=None: load_testbed()))

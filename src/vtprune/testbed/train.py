@@ -24,9 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset
-
 from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset
 
 from vtprune.testbed.data import (
     COLOURS,
@@ -133,7 +132,10 @@ def encode_packed(processor, samples: Sequence[Sample], branches: Sequence[Seque
             labels += [-100] * start + part[start:]
             positions += list(range(len(head), len(head) + len(part)))
             branch_of += [k] * len(part)
-        rows.append(ids), label_rows.append(labels), position_rows.append(positions), branch_rows.append(branch_of)
+        rows.append(ids)
+        label_rows.append(labels)
+        position_rows.append(positions)
+        branch_rows.append(branch_of)
     return {"pixel_values": prefix["pixel_values"], **pack_branches(rows, label_rows, position_rows, branch_rows, tok.pad_token_id)}
 
 
@@ -175,7 +177,7 @@ def patch_targets(sample: Sample, image_size: int = IMAGE_SIZE, patch_size: int 
     canvas = Image.new("L", (side, side), 0)
     canvas.paste(Image.fromarray(labels), ((side - w) // 2, (side - h) // 2))
     grid = image_size // patch_size
-    pixels = np.asarray(canvas.resize((image_size, image_size), Image.NEAREST), dtype=np.int64)
+    pixels = np.asarray(canvas.resize((image_size, image_size), Image.Resampling.NEAREST), dtype=np.int64)
     counts = np.eye(len(objects) + 1, dtype=np.int32)[pixels]  # (S, S, 1 + objects) one-hot
     counts = counts.reshape(grid, patch_size, grid, patch_size, -1).sum(axis=(1, 3)).reshape(grid * grid, -1)
     best = counts[:, 1:].argmax(axis=1) if len(objects) else np.zeros(grid * grid, dtype=np.int64)
@@ -235,8 +237,8 @@ def _lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def predict(model, processor, samples: Sequence[Sample], batch_size: int = 50) -> list[str]:
-    """Greedy answers of the unpruned model (`vtprune.runner.run_examples`, up to 3 new tokens)."""
-    from vtprune.runner import run_examples
+    """Greedy answers of the unpruned model (`vtprune.apps.runner.run_examples`, up to 3 new tokens)."""
+    from vtprune.apps.runner import run_examples
 
     model.eval()
     return run_examples(model, processor, samples, None, max_new_tokens=3, batch_size=batch_size).answers

@@ -26,10 +26,10 @@ def vllm_key(key: str) -> str:
 
 
 def export(spec: str, out: str | Path) -> Path:
-    """Load `spec` with `vtprune.loading.load_model`, write it to `out` in vLLM's layout; returns `out`."""
+    """Load `spec` with `vtprune.apps.loading.load_model`, write it to `out` in vLLM's layout; returns `out`."""
     from safetensors.torch import load_file, save_file
 
-    from ..loading import load_model
+    from ..apps.loading import load_model
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):

@@ -4,11 +4,11 @@ Two pieces, registered together for the architecture `VtpruneLlavaForConditional
 
 * the processor side (`VtpruneLlavaProcessingInfo`, `VtpruneLlavaMultiModalProcessor`) puts K placeholders per
   image into the prompt instead of the tower's P patches, and adds two per-image fields to the request: the
-  padded share of every patch (`vtprune.geometry.padded_fraction` from the image's original size and the HF
+  padded share of every patch (`vtprune.adapters.geometry.padded_fraction` from the image's original size and the HF
   processor's geometry) and the placeholder count K it used;
 * the model side (`VtpruneLlavaForConditionalGeneration`) runs the tower, reads the [CLS] attention of the
   chosen vision layer from that layer's fused q/k/v projection (a forward hook), ranks and selects with
-  `vtprune.selection`, and returns K embeddings per image. It refuses a request whose placeholder count is
+  `vtprune.core.selection`, and returns K embeddings per image. It refuses a request whose placeholder count is
   not the number of embeddings it returns (vLLM itself would silently use the first ones).
 
 Everything is batched over the images of an encoder call (no loop over images).
@@ -30,8 +30,8 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.multimodal.parse import ImageProcessorItems
 
-from ..geometry import geometry_from_processor, padded_fraction
-from ..selection import max_min_select, rank_order, visionzip_select
+from ..adapters.geometry import geometry_from_processor, padded_fraction
+from ..core.selection import max_min_select, rank_order, visionzip_select
 from .options import PluginOptions, cls_attention, head_mean_keys, random_scores
 
 ARCHITECTURE = "VtpruneLlavaForConditionalGeneration"
@@ -89,10 +89,10 @@ class VtpruneLlavaMultiModalProcessor(LlavaMultiModalProcessor):
 
 def check_counts(embeddings: torch.Tensor, placeholders: torch.Tensor) -> None:
     """Refuse a batch of images whose placeholder counts (N,) are not the rows of their embeddings (N, K, D)."""
-    placeholders = placeholders.reshape(-1).tolist()
-    if len(placeholders) != embeddings.shape[0] or any(count != embeddings.shape[1] for count in placeholders):
+    counts = placeholders.reshape(-1).tolist()
+    if len(counts) != embeddings.shape[0] or any(count != embeddings.shape[1] for count in counts):
         raise ValueError(
-            f"vtprune: the prompt holds {placeholders} image placeholders but the pruned model returns "
+            f"vtprune: the prompt holds {counts} image placeholders but the pruned model returns "
             f"{embeddings.shape[1]} embeddings for each of {embeddings.shape[0]} image(s); vLLM would silently use "
             "the first ones. The processor and the model must read the same vtprune options: serve the model "
             f"with hf_overrides {{\"architectures\": [\"{ARCHITECTURE}\"], \"vtprune\": {{...}}}} and restart it "
@@ -136,7 +136,7 @@ class VtpruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
 
     def _process_image_input(self, image_input, padding: torch.Tensor | None = None) -> torch.Tensor:
         """(N, K, D) language-model embeddings of the N images, K kept per image."""
-        captured = {}
+        captured: dict = {}
         hooks = []
         if self._score_layer is not None:
             hooks.append(self._score_layer.self_attn.qkv_proj.register_forward_hook(
@@ -165,7 +165,7 @@ def prune(options: PluginOptions, embeddings: torch.Tensor, features: torch.Tens
     """The kept embeddings (N, K, D) of N images: embeddings (N, P, D) projected, features (N, P, D_vision) the
     tower's output, captured["qkv"] (N, 1 + P, 3 D_vision) / captured["output"] (N, 1 + P, D_vision) the scoring
     layer's fused projection and output, padding (N, P) the patches' padded shares."""
-    images, patches, width = embeddings.shape
+    images, patches, _width = embeddings.shape
     device = embeddings.device
     valid = torch.ones(images, patches, dtype=torch.bool, device=device)
     if options.method == "none":

@@ -1,5 +1,5 @@
 """The plugin's options (read from the model config's `vtprune` entry, set with vLLM's `hf_overrides`) and the small
-pure functions the pruned model needs besides `vtprune.selection` and `vtprune.geometry`. No vLLM import here.
+pure functions the pruned model needs besides `vtprune.core.selection` and `vtprune.adapters.geometry`. No vLLM import here.
 
     hf_overrides={"architectures": ["VtpruneLlavaForConditionalGeneration"],
                   "vtprune": {"method": "fastervlm", "keep": 36, "debias_padding": true}}
@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from ..stages import resolve_keep, validate_keep
+from ..core.stages import resolve_keep, validate_keep
 
 METHODS = ("fastervlm", "visionzip", "divprune", "random", "none")
 #: the methods that rank by the vision tower's [CLS] attention (the only ones padding debiasing acts on)
@@ -69,7 +69,7 @@ class PluginOptions:
                 raise ValueError(f"vtprune: dominant={self.dominant} keeps no patch (it counts the [CLS] token)")
 
     @classmethod
-    def from_config(cls, hf_config) -> "PluginOptions":
+    def from_config(cls, hf_config) -> PluginOptions:
         """The options in `hf_config.vtprune` (a dict; absent: the defaults); unknown keys are an error."""
         raw = getattr(hf_config, "vtprune", None) or {}
         if not isinstance(raw, dict):

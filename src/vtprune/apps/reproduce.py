@@ -237,9 +237,15 @@ def prepare(spec: PaperTable, out_dir: Path, data: str | None, environ=None) -> 
             raise ValueError(f"{spec.name} runs vtprune's video QA tasks, built from Video-LLaVA's evaluation data: "
                              "give --data GPT_Zero_Shot_QA (its folder with MSVD_Zero_Shot_QA, ...)")
         return
-    from .lmms import video_qa
+    # the tasks belong to the lmms-eval plugin (a layer above the apps): built by its own command
+    import subprocess
+    import sys
 
-    video_qa.build(Path(data), folder, wanted)
+    args = build_command(spec, out_dir, data)
+    done = subprocess.run([sys.executable, *args[1:]], capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = (done.stderr or done.stdout).strip().splitlines()
+        raise ValueError(lines[-1].removeprefix("error: ") if lines else f"building the video QA tasks failed (exit {done.returncode})")
 
 
 def command(spec: PaperTable, row: Row, out_dir: Path, *, budget: int, pretrained: str | None = None,

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..adapters.base import VisualLayout
+from ...adapters.base import VisualLayout
 from ..context import LayerInput
 from ..stages import StageSelection
 
@@ -145,7 +145,7 @@ _NEVER_PADS_WARNED: set = set()
 def _warn_if_processor_never_pads(adapter, processor) -> None:
     """Warn, once per processor class and settings, when padding debiasing is on but the processor never pads
     (e.g. the center-cropping CLIP processor of converted LLaVA-1.5 checkpoints): it would silently do nothing."""
-    from ..geometry import no_padding_message
+    from ...adapters.geometry import no_padding_message
 
     images = getattr(processor, "image_processor", None) or processor
     key = (type(images).__name__, repr(sorted((k, repr(v)) for k, v in vars(images).items() if k.startswith("do_"))))

@@ -17,14 +17,14 @@ positions no real token ever occupied).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
 
-from .debias.fit import ExpFit, fit_exponential, relative_positions
-from .debias.profiles import OWN_MODELS, Profile
+from ..debias.fit import ExpFit, fit_exponential, relative_positions
+from ..debias.profiles import OWN_MODELS, Profile
 
 
 @dataclass
@@ -225,7 +225,7 @@ def model_label(model) -> str:
 def calibration_settings(model, examples: Sequence, press, *, padding: bool = True) -> dict:
     """What a calibration's records depend on (model weights, data, method, layer, padding): saved progress is
     resumed, and a written profile reused, only when these match."""
-    from .adapters import adapter_for
+    from ..adapters import adapter_for
 
     stage = press.validate(len(adapter_for(model).decoder_layers))[0]
     method = getattr(press, "name", "") or type(press).__name__.lower()
@@ -323,9 +323,9 @@ def calibrate(
     """
     from pathlib import Path
 
-    from . import __version__
-    from .adapters import adapter_for
-    from .io import atomic_write_json
+    from .. import __version__
+    from ..adapters import adapter_for
+    from ..io import atomic_write_json
     from .runner import run_examples
 
     if not examples:
@@ -385,7 +385,7 @@ def _record_to_json(record) -> dict:
 
 
 def _record_from_json(data: dict):
-    from .adapters.base import VisualSegment
+    from ..adapters.base import VisualSegment
     from .runner import ScoreRecord, check_record
 
     raw = np.array([np.nan if v is None else v for v in data["raw"]], dtype=np.float32)

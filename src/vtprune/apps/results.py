@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -52,7 +52,7 @@ def load_cells(path: str | Path | None, key: dict) -> dict[str, dict]:
 
 def save_cells(path: str | Path, key: dict, cells: dict[str, dict]) -> None:
     """Write `cells` under `key` to `path` atomically (`io.atomic_write_json`: a temporary file, fsync, rename)."""
-    from .io import atomic_write_json
+    from ..io import atomic_write_json
 
     atomic_write_json(path, {"key": key, "cells": cells}, indent=None)
 

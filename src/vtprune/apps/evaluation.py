@@ -31,9 +31,10 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,7 +47,7 @@ DEBIAS_MODES = ("none", "positional", "padding", "both")
 #: LLaVA-1.5's multiple-choice instruction (its ScienceQA / MMBench prompts)
 CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-_NUMBER_WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+_NUMBER_WORDS = {w: str(i) for i, w in enumerate(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"])}
 _ARTICLES = {"a", "an", "the"}
 
 
@@ -106,7 +107,7 @@ def _listed_choices(text: str) -> tuple[str, ...] | None:
     """Options listed in a question's text as 'A. cat' / 'B) dog' lines, in order from A; None if there are
     fewer than two."""
     found = re.findall(r"^\s*([A-Z])[.)]\s+(.+?)\s*$", text, flags=re.MULTILINE)
-    options = []
+    options: list[str] = []
     for letter, option in found:
         if letter != LETTERS[len(options)]:
             break
@@ -162,12 +163,11 @@ def load_questions(data: str, images: str | Path | None = None, samples: int | N
     if samples is not None and samples < 1:
         raise ValueError(f"--samples must be positive, got {samples}")
     if data == "testbed":
-        from .datasets import check_testbed_samples
-        from .testbed.data import make_split
+        from .datasets import check_testbed_samples, testbed_split
 
         check_testbed_samples(samples)
         return [Question(image=s.image, question=s.question, answers=(s.answer,), meta=dict(s.meta))
-                for s in make_split(split, samples or 100)]
+                for s in testbed_split(split, samples or 100)]
     from .datasets import load_jsonl
 
     examples, _ = load_jsonl(data, images, samples)
@@ -221,14 +221,14 @@ class Setting:
     def label(self) -> str:
         if self.method is None:
             return "unpruned"
-        from .methods import METHODS
+        from ..methods import METHODS
 
         name = METHODS[self.method].__name__ if self.method in METHODS else self.method
         return f"{name} {self.budget:g}" + ("" if self.debias == "none" else f" +{self.debias}")
 
     def debias_object(self):
         """The `Debias` of this cell, or None."""
-        from .debias import Debias
+        from ..debias import Debias
 
         positional = self.profile if self.debias in ("positional", "both") else None
         if self.debias == "none":
@@ -239,7 +239,7 @@ class Setting:
         """The press of this cell (None for the unpruned model)."""
         if self.method is None:
             return None
-        from .methods import method as method_class
+        from ..methods import method as method_class
 
         return method_class(self.method).create(budget=self.budget, debias=self.debias_object())
 
@@ -248,7 +248,7 @@ def build_grid(methods: Sequence[str], budgets: Sequence[int | float], debias: S
                profile_for: Callable[[str], str]) -> tuple[list[Setting], list[str]]:
     """The unpruned setting, then every method x budget x debias mode (methods that rank without attention:
     "none" only); notes say what was left out. profile_for(method) gives the positional profile."""
-    from .methods import method as method_class
+    from ..methods import method as method_class
 
     for mode in debias:
         if mode not in DEBIAS_MODES:
@@ -327,7 +327,7 @@ class Meter:
             if rss is not None:
                 self.peak_bytes = max(self.peak_bytes, rss)
 
-    def __enter__(self) -> "Meter":
+    def __enter__(self) -> Meter:
         if self.cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -373,7 +373,7 @@ class Meter:
 @dataclass
 class CellResult:
     """One measured setting. accuracy and ci in [0, 1]; delta: (mean, low, high) paired difference to
-    `baseline` (the same method and budget without debiasing), in [−1, 1]; visual_tokens: mean visual tokens
+    `baseline` (the same method and budget without debiasing), in [-1, 1]; visual_tokens: mean visual tokens
     after the last stage; equivalent: visual tokens per decoder layer, averaged; prefill_ms: median per
     request (a batch of `batch_size`); decode_ms_per_token: median decode step; peak_memory_mib: as
     `memory_kind` says."""
@@ -404,10 +404,10 @@ class CellResult:
     baseline: str | None = None
 
     @classmethod
-    def from_dict(cls, data: dict) -> "CellResult":
+    def from_dict(cls, data: dict) -> CellResult:
         cell = cls(**data)
-        cell.ci = tuple(cell.ci)
-        cell.delta = None if cell.delta is None else tuple(cell.delta)
+        cell.ci = (cell.ci[0], cell.ci[1])  # JSON gives lists
+        cell.delta = None if cell.delta is None else (cell.delta[0], cell.delta[1], cell.delta[2])
         return cell
 
 
@@ -418,7 +418,7 @@ def _median(values: Sequence[float]) -> float | None:
 def measure(model, processor, questions: Sequence[Question], setting: Setting, *, batch_size: int = 1,
             max_new_tokens: int = 16, progress: Callable[[int], None] | None = None) -> CellResult:
     """Answer every question with `setting`'s press (greedy), score, time and measure the run."""
-    from .adapters import adapter_for
+    from ..adapters import adapter_for
     from .runner import run_examples
 
     press = setting.press()
@@ -457,7 +457,7 @@ def measure(model, processor, questions: Sequence[Question], setting: Setting, *
 def run_key(model, questions: Sequence[Question], *, batch_size: int, max_new_tokens: int) -> dict:
     """What saved cells must share to be reused: model weights, questions and answers, generation settings,
     device and dtype (timings and memory depend on them)."""
-    from . import __version__
+    from .. import __version__
     from .calibration import model_fingerprint
 
     parameter = next(model.parameters())
@@ -554,7 +554,7 @@ def csv_rows(cells: Sequence[CellResult]) -> list[dict]:
 def write_results(out_dir: str | Path, cells: Sequence[CellResult], meta: dict) -> tuple[Path, Path]:
     """results.json (settings, every cell with its per-question answers and scores) and results.csv (one row
     per cell) in `out_dir`, each written atomically."""
-    from .io import atomic_open, atomic_write_json
+    from ..io import atomic_open, atomic_write_json
 
     out_dir = Path(out_dir)
     json_path, csv_path = out_dir / "results.json", out_dir / "results.csv"
@@ -571,7 +571,7 @@ def table_rows(cells: Sequence[CellResult]) -> list[tuple[str, ...]]:
     """Rows of the printed table: setting, accuracy % [95% CI], paired difference (points, 95%), visual
     tokens (after the last stage / per decoder layer, averaged), prefill ms (speed-up over unpruned),
     decode ms/token, peak MiB."""
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for c in cells:
         accuracy = f"{100 * c.accuracy:.1f} [{100 * c.ci[0]:.1f}, {100 * c.ci[1]:.1f}]"
         delta = "" if c.delta is None else f"{100 * c.delta[0]:+.1f} [{100 * c.delta[1]:+.1f}, {100 * c.delta[2]:+.1f}]"

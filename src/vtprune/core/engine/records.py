@@ -156,6 +156,6 @@ def _check_decision(decision: Kept, ctx: StageContext, owner: str) -> None:
 
 @torch.compiler.disable
 def _record(press, selections: list) -> None:
-    """`press.last_selection = selections`, run eagerly: the record is kept per thread (`vtprune.selections`), which
+    """`press.last_selection = selections`, run eagerly: the record is kept per thread (`vtprune.core.selections`), which
     a compiled graph cannot replay."""
     press.last_selection = selections

@@ -19,7 +19,7 @@ def rank_order(scores: torch.Tensor, valid: torch.Tensor | None, padding: torch.
     order = torch.argsort(torch.where(real, scores, float("-inf")), dim=1, descending=True, stable=True)
     group = torch.where(valid, 0.0, 2.0)  # real tokens, then padding, then invalid slots
     if padding is not None:
-        fraction = 0.0
+        fraction: float | torch.Tensor = 0.0
         if padding_fraction is not None:  # 0 unless every valid token of the row is padding: no reordering
             all_padding = (padding | ~valid).all(dim=1, keepdim=True)
             fraction = torch.where(all_padding, padding_fraction.float() / 2, 0.0)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import torch
 from torch import nn
+
+from .models import named_model
 
 #: LLaVA-1.5's conversation format, used when a processor has no chat template
 LLAVA15_TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"
@@ -31,7 +34,7 @@ class ModelInfo:
     source: str
     path: str
     name: str
-    config: object
+    config: Any  # a transformers PretrainedConfig
 
     @property
     def num_layers(self) -> int:
@@ -58,23 +61,16 @@ def inspect_model(spec: str) -> ModelInfo:
     to pass instead, including model classes vtprune does not support."""
     from transformers import AutoConfig
 
-    from .adapters import supported_model_classes
+    from ..adapters import supported_model_classes
 
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError("no model given: pass a local model directory, a hub id (org/name), 'testbed' or 'testbed-lm'")
-    if spec == "testbed":
-        from .testbed.model import CHECKPOINT_DIR
-
-        if not (CHECKPOINT_DIR / "config.json").is_file():
-            raise ValueError(f"the testbed checkpoint is missing from the installed package ({CHECKPOINT_DIR}): reinstall vtprune")
-        source, path, name = "testbed", str(CHECKPOINT_DIR), "testbed"
-    elif spec == "testbed-lm":
-        from .testbed.lm import CHECKPOINT_DIR as LM_CHECKPOINT_DIR, availability_problem
-
-        problem = availability_problem()
+    named = named_model(spec)
+    if named is not None:  # vtprune's own models ("testbed", "testbed-lm"), registered by the testbed
+        problem = named.problem()
         if problem:
             raise ValueError(problem)
-        source, path, name = "testbed", str(LM_CHECKPOINT_DIR), "testbed-lm"
+        source, path, name = "testbed", str(named.checkpoint_dir), named.name
     else:
         local = Path(spec).expanduser()
         if local.exists():
@@ -147,7 +143,7 @@ def load_model(
     device: str = "cpu",
     dtype: str = "auto",
     attn_implementation: str = "sdpa",
-) -> tuple[nn.Module, object]:
+) -> tuple[nn.Module, Any]:
     """Load (model, processor) from a local directory or hub id with `from_pretrained`.
 
     spec "testbed" loads the small model shipped with vtprune, "testbed-lm" the one on SmolLM2-135M-Instruct (its
@@ -157,22 +153,14 @@ def load_model(
     bfloat16 on GPUs, or a torch dtype name.
     """
     torch_dtype = _resolve_dtype(dtype, device)
-    if spec == "testbed":
-        from .testbed.model import load_testbed
-
-        model, processor = load_testbed()
-        if dtype != "auto":  # the testbed is float32 everywhere unless asked otherwise
-            model = model.to(dtype=torch_dtype)
-        return model.to(device).eval(), processor
-    if spec == "testbed-lm":
-        from .testbed.lm import load_testbed_lm
-
+    named = named_model(spec)
+    if named is not None:
         inspect_model(spec)
-        model, processor = load_testbed_lm(attn_implementation=attn_implementation)
-        if dtype != "auto":
+        model, processor = named.load(attn_implementation=attn_implementation)
+        if dtype != "auto":  # vtprune's own models are float32 everywhere unless asked otherwise
             model = model.to(dtype=torch_dtype)
         return model.to(device).eval(), processor
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     inspect_model(spec)
     try:
@@ -189,7 +177,7 @@ def load_model(
     except OSError as error:
         raise ValueError(f"cannot load the model weights of {spec}: {' '.join(str(error).split())}") from None
     check_pair(model, processor, spec)
-    return model.to(device).eval(), processor
+    return model.to(device).eval(), processor  # type: ignore[arg-type]  # transformers types the wrapped `to` wrongly
 
 
 def load_processor(path: str):
@@ -212,7 +200,7 @@ def load_processor(path: str):
         import transformers
         from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 
-        options = {}
+        options: dict[str, Any] = {}
         for name in ("processor_config.json", "preprocessor_config.json"):
             try:
                 from transformers.utils import cached_file
@@ -251,12 +239,12 @@ def load_processor(path: str):
                 return None
             return original(self, name, argument)
 
-        ProcessorMixin.check_argument_for_proper_class = check
+        ProcessorMixin.check_argument_for_proper_class = check  # type: ignore[method-assign]  # for this call only
         try:
             extra = {"video_processor": None} if "video_processor" in accepted else {}
             return cls(image_processor=image_processor, tokenizer=tokenizer, **extra, **kwargs)
         finally:
-            ProcessorMixin.check_argument_for_proper_class = original
+            ProcessorMixin.check_argument_for_proper_class = original  # type: ignore[method-assign]
 
 
 def _chat_template(path: str) -> str | None:
@@ -298,7 +286,7 @@ def check_pair(model, processor, spec: str = "the model") -> None:
             f"the processor of {spec} makes {side[0]}x{side[1]} images but the model's vision tower takes "
             f"{vision.image_size}x{vision.image_size}: the processor belongs to another model"
         )
-    from .adapters import LlavaAdapter, adapter_for
+    from ..adapters import LlavaAdapter, adapter_for
 
     adapter = adapter_for(model)
     if type(adapter) is not LlavaAdapter:  # token counts that depend on the image: the adapter's own check
@@ -324,7 +312,7 @@ def set_pad_to_square(processor, pad: bool = True):
     processor in place and returns it. A processor whose image processor is not LLaVA's gets a LLaVA image
     processor (the PIL one unless the current one runs on torchvision) with the same resize, crop and
     normalisation."""
-    from .geometry import _LLAVA, _owner
+    from ..adapters.geometry import _LLAVA, _owner
 
     holder = processor if getattr(processor, "image_processor", None) is not None else None
     image_processor = holder.image_processor if holder is not None else processor
@@ -345,7 +333,9 @@ def set_pad_to_square(processor, pad: bool = True):
     if getattr(image_processor, "backend", "pil") == "torchvision":
         from transformers.models.llava.image_processing_llava import LlavaImageProcessor as LlavaImages
     else:
-        from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil as LlavaImages
+        from transformers.models.llava.image_processing_pil_llava import (  # type: ignore[assignment]  # either backend's class
+            LlavaImageProcessorPil as LlavaImages,
+        )
     try:
         holder.image_processor = LlavaImages(**settings, do_pad=True)
     except (TypeError, ValueError) as error:

@@ -16,18 +16,19 @@ and decide in ranks (`ranks[b]` lists the ranks still present, in sequence order
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Literal, Sequence
+from typing import TYPE_CHECKING, Literal, overload
 
 import torch
 from torch import nn
 
-from .adapters.base import ModelAdapter, VisualSegment
+from ..adapters.base import ModelAdapter, VisualSegment
 from .scoring import attention_probs, rotated_keys, rotated_queries
 from .stages import Stage, resolve_keep
 
 if TYPE_CHECKING:
-    from .debias import Debias
+    from ..debias import Debias
 
 TokenKind = Literal["visual", "text", "system", "instruction", "last"]
 
@@ -118,7 +119,7 @@ class StageContext:
     vision_inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # vision layer -> (N_img, T, D) input
     vision_outputs: dict[int, torch.Tensor] = field(default_factory=dict)  # vision layer -> (N_img, T, D) output
     vision_tokens: torch.Tensor | None = None  # (N_img, T') vision tokens left by the press's vision stages
-    debias_config: "Debias | None" = None
+    debias_config: Debias | None = None
     debias_active: bool = False
     padding_marks: list[torch.Tensor | None] = field(default_factory=list)  # per sample (V_b,) bool, or None
     padding_fractions: list[torch.Tensor | None] = field(default_factory=list)  # per sample (V_b,) padded share
@@ -149,6 +150,7 @@ class StageContext:
             return self._tokens[kind]
         valid, visual = self.slot_valid, self.slot_visual_rank >= 0
         position = self.slot_prompt_position
+        out: tuple[torch.Tensor, torch.Tensor | None]
         if kind == "last":  # the first position where the count of real tokens reaches its maximum
             out = (valid.cumsum(dim=1).argmax(dim=1, keepdim=True), None)
         elif kind == "visual":
@@ -367,7 +369,8 @@ class StageContext:
                 for segment in segments:
                     span = slice(segment.offset, segment.offset + segment.length)
                     row_image[span], row_patch[span] = [segment.image_index] * segment.length, range(segment.length)
-                image.append(row_image), patch.append(row_patch)
+                image.append(row_image)
+                patch.append(row_patch)
             device = self.ranks.device
             self.request_cache["rank_tables"] = (torch.tensor(image, device=device), torch.tensor(patch, device=device))
         return self.request_cache["rank_tables"]
@@ -455,6 +458,12 @@ class StageContext:
     def debias_padding(self) -> bool:
         """Whether padding debiasing applies at this stage."""
         return self.debias_active and self.debias_config.padding
+
+    @overload
+    def debias(self, scores: torch.Tensor) -> torch.Tensor: ...
+
+    @overload
+    def debias(self, scores: Sequence[torch.Tensor]) -> list[torch.Tensor]: ...
 
     def debias(self, scores: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
         """Debias the scores (B, R) of the visual tokens present: divide by the positional trend and zero padding
@@ -618,7 +627,9 @@ class StageContext:
                     count = max(1, min(count, real[b][index]))
                 start_row[index], budget_row[index] = start, count
                 start += present
-            starts.append(start_row), budgets.append(budget_row), counts.append(sum(budget_row))
+            starts.append(start_row)
+            budgets.append(budget_row)
+            counts.append(sum(budget_row))
         image, original = self._image_of_present()
         group = torch.where(original, image, images)  # (B, R): absent and inserted tokens after every image
         order = torch.argsort(self._order_key(scores, padding), dim=1, stable=True)

@@ -16,7 +16,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from .images import ImageError, read_image
-
+from .models import named_data
 
 #: the most questions the testbed generator makes per request (each is drawn on the fly; more would run for hours)
 TESTBED_MAX = 100_000
@@ -26,6 +26,12 @@ def check_testbed_samples(samples: int | None, option: str = "--samples") -> Non
     """Refuse more testbed questions than `TESTBED_MAX`."""
     if samples is not None and samples > TESTBED_MAX:
         raise ValueError(f"{option} {samples}: the testbed generates at most {TESTBED_MAX:,} questions per split")
+
+
+def testbed_split(split: str, samples: int) -> list:
+    """The first `samples` questions of the testbed's `split` (`vtprune.testbed.data.make_split`, found by name in
+    `vtprune.apps.models`: the applications never import the testbed)."""
+    return list(named_data("testbed").make_split(split, samples))
 
 
 #: fields of a jsonl row kept in `Example.meta` (what `vtprune eval` scores with)
@@ -90,7 +96,8 @@ def load_jsonl(path: str | Path, images: str | Path | None, samples: int | None 
     if missing:
         shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
         raise ValueError(f"{len(missing)} of {len(rows)} images are missing from {folder} ({shown}): check --images")
-    examples, report = [], LoadReport()
+    examples: list[Example] = []
+    report = LoadReport()
     for number, row, text in rows:
         if samples is not None and len(examples) == samples:
             break
@@ -121,11 +128,9 @@ def load_examples(data: str, images: str | Path | None, samples: int, split: str
     if samples is not None and samples <= 0:
         raise ValueError(f"--samples must be positive, got {samples}")
     if data == "testbed":
-        from .testbed.data import make_split
-
         check_testbed_samples(samples)
-        return list(make_split(split, samples)), LoadReport()
+        return list(testbed_split(split, samples)), LoadReport()
     return load_jsonl(data, images, samples)
 
 
-__all__ = ["EXTRA_FIELDS", "Example", "LoadReport", "load_jsonl", "load_examples"]
+__all__ = ["EXTRA_FIELDS", "Example", "LoadReport", "load_jsonl", "load_examples", "testbed_split"]

@@ -10,12 +10,12 @@ chosen by a fixed rule (`differing_questions`), never by hand.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
-from .debias import Debias
-from .methods import FastV
+from ..debias import Debias
+from ..methods import FastV
 from .results import paired_delta, wilson
 from .runner import RunResult, run_examples
 
@@ -82,9 +82,9 @@ def run_demo(model, processor, *, model_name: str, keep: float = 0.25, profile: 
              progress: Callable[[str], None] | None = None) -> DemoResult:
     """Answer the first `questions` test questions with each setting (batches of `batch_size`), measure, and
     write up to `pictures` PNGs of differing questions into `out_dir` (`differing_questions` picks them)."""
-    from .testbed.data import make_split
+    from .datasets import testbed_split
 
-    samples = make_split("test", questions)
+    samples = testbed_split("test", questions)
     runs: dict[str, RunResult] = {}
     for name, press in demo_presses(keep, profile).items():
         if progress is not None:
@@ -111,7 +111,7 @@ def run_demo(model, processor, *, model_name: str, keep: float = 0.25, profile: 
 
 def _draw(model, processor, sample, index: int, runs: dict[str, RunResult], out_dir: Path) -> DemoPicture:
     """The image as the model sees it, once per FastV setting: its kept tokens bright, padding crossed out."""
-    from .adapters import adapter_for
+    from ..adapters import adapter_for
     from .plots import plot_selection
 
     answers = {name: run.answers[index] or "" for name, run in runs.items()}

@@ -80,7 +80,7 @@ def _fit_short_and_long(height: int, width: int, size: int, max_size: int) -> tu
     low, high = float(min(height, width)), float(max(height, width))
     if high / low * size > max_size:
         raw = max_size * low / high
-        size = int(round(raw))
+        size = round(raw)
     if (height <= width and height == size) or (width <= height and width == size):
         return height, width
     base = size if raw is None else raw
@@ -264,7 +264,7 @@ def geometry_from_processor(image_processor: Any, *, patch_size: int, image_size
             if not (pad_size.get("height") and pad_size.get("width")):
                 raise ValueError(f"{name}.pad_size={pad_size!r} needs 'height' and 'width' when do_pad=True")
             pad_to = (int(pad_size["height"]), int(pad_size["width"]))
-    backend = "torchvision" if getattr(processor, "backend", "pil") == "torchvision" else "pil"
+    backend: Literal["pil", "torchvision"] = "torchvision" if getattr(processor, "backend", "pil") == "torchvision" else "pil"
     geometry = ImageGeometry(
         pad_to_square=llava and do_pad, resize=resize, crop=crop, pad_to=pad_to,
         image_size=image_size, patch_size=patch_size, backend=backend,
@@ -278,6 +278,7 @@ def _check_fixed_output(geometry: ImageGeometry, name: str) -> None:
     few aspect ratios mild enough that no standard resize rule collapses a side to zero."""
     side = geometry.image_size
     for probe in ((side, side), (1, 1), (5, 3), (3 * side + 1, side), (side, 2 * side + 3)):
+        output: tuple[int, int] | ValueError
         try:
             output = geometry.trace(probe)[0]
         except ValueError as error:
@@ -330,7 +331,7 @@ def no_padding_message(processor) -> str:
     return (
         f"padding debiasing is on, but {name} does not pad images ({settings}): no visual token is padding, so it "
         f"changes nothing. To pad to a square as LLaVA-1.5 was trained, set {name}.do_pad=True on a LLaVA image "
-        "processor (vtprune.loading.set_pad_to_square(processor) does it for any LLaVA-1.5 processor); else pass "
+        "processor (vtprune.apps.loading.set_pad_to_square(processor) does it for any LLaVA-1.5 processor); else pass "
         "Debias(padding=False)."
     )
 

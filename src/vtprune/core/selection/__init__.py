@@ -23,7 +23,7 @@ take valid=None where every slot is real and an int where every row has the same
 `opcount.OpCounter` / `opcount.count_ops` count the aten ops a call dispatches (and the sync-type ones).
 """
 
-from ..debias.fit import auto_trend
+from ...debias.fit import auto_trend
 from .common import mask_to_indices, pack_rows, rank_order
 from .dart import dart_claims, dart_select, python_set_order, top_pivots
 from .divprune import max_min_select

@@ -8,17 +8,18 @@ prefill or `generate()`, and turns the press's first-stage selection into one `S
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-from .adapters.base import VisualSegment
+from ..adapters.base import VisualSegment
+from ..core.press import Press
 from .loading import build_inputs, check_input_length
-from .press import Press
 
 
 class Example(Protocol):

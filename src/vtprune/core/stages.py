@@ -1,5 +1,5 @@
 """What a pruning method declares and decides, as plain data: stages, per-sample decisions, and the record of
-what each stage did. No model code lives here; the engine (`vtprune.engine`) acts on these.
+what each stage did. No model code lives here; the engine (`vtprune.core.engine`) acts on these.
 
 Index spaces used throughout:
 
@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 
-from .adapters.base import VisualSegment
+from ..adapters.base import VisualSegment
 
 Positions = Literal["original", "compact"]
 

@@ -3,7 +3,7 @@
 A press declares *what* to prune: its stages (before which decoder layer, how many visual tokens to keep,
 which layer's attention to score with) and, per stage, *which* visual tokens stay (`select`), from what a
 `StageContext` offers (attention of any query tokens, keys, hidden states, debiasing). The engine
-(`vtprune.engine`) does all the cutting; a press never touches caches, masks or positions.
+(`vtprune.core.engine`) does all the cutting; a press never touches caches, masks or positions.
 
     press = FastV(keep=64, layer=2, debias=Debias(profile="llava-1.5-7b/fastv"))
     with press(model, processor=processor, image_sizes=[image.size]):
@@ -18,16 +18,17 @@ scores (B, R) over the visual tokens present (`ctx.ranks`), decisions (B, K) vis
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
-from .context import StageContext
-from .debias import Debias
-from .engine import PruningSession
-from .geometry import combine_image_sizes
+from ..adapters.geometry import combine_image_sizes
+from ..debias import Debias
 from .budgets import keeps_for_budget
+from .context import StageContext
+from .engine import PruningSession
 from .selections import LastSelection
 from .stages import Kept, Stage, StageSelection, as_list, equivalent_tokens, validate_stages
 
@@ -65,6 +66,11 @@ class Press(LastSelection):
         if cls.__dict__.get("name") and cls.__module__.startswith("vtprune.methods"):
             _METHODS[cls.name] = cls
 
+    #: the schedule fields of the methods that have them (dataclass fields there; absent on a method without them)
+    keep: Any
+    layer: Any
+    budget: Any
+
     #: registry / CLI name, e.g. "fastv"
     name: ClassVar[str] = ""
     #: one line for tables and --help
@@ -82,7 +88,7 @@ class Press(LastSelection):
     checked: ClassVar[bool] = True
 
     debias: Debias | None = None
-    positions: "Positions" = "original"
+    positions: Positions = "original"
     last_selection: list[StageSelection]  # per thread (`selections.LastSelection`)
 
     # --- what a method implements ----------------------------------------------------------------------
@@ -123,12 +129,12 @@ class Press(LastSelection):
 
     # --- shared machinery --------------------------------------------------------------------------------
     @classmethod
-    def create(cls, **options) -> "Press":
+    def create(cls, **options) -> Press:
         """Build from generic options (the CLI's): those set to None are left at the method's defaults; an
         option the method does not take is an error naming it."""
         from dataclasses import fields
 
-        accepted = {f.name for f in fields(cls) if f.init}
+        accepted = {f.name for f in fields(cls) if f.init}  # type: ignore[arg-type]  # every method is a dataclass
         given = {k: v for k, v in options.items() if v is not None}
         unknown = sorted(set(given) - accepted)
         if unknown:
@@ -152,7 +158,7 @@ class Press(LastSelection):
 
     def _check_family(self, model: nn.Module) -> None:
         """Refuse, naming the methods that work, a method that reads a vision tower vtprune cannot read."""
-        from .adapters import adapter_for
+        from ..adapters import adapter_for
 
         reason = adapter_for(model).vision_side_unsupported
         if reason and _reads_vision_tower(self):

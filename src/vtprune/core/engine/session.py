@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from torch import nn
 
-from ..adapters import adapter_for
+from ...adapters import adapter_for
 from ..context import LayerInput
-from ..geometry import request_image_sizes
+from ...adapters.geometry import request_image_sizes
 from ..stages import Stage, validate_stages
 from .cache import _CacheCuts, _cache_kwarg
 from .records import _Planning
@@ -21,7 +21,7 @@ from .sequence import _SequenceCuts
 from .vision import _VisionSide
 
 if TYPE_CHECKING:
-    from ..debias import Debias
+    from ...debias import Debias
 
 #: the session active on each model (its input module), so that a second press on the same model is refused
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, PruningSession]" = weakref.WeakKeyDictionary()
@@ -83,7 +83,7 @@ class PruningSession(_RequestSetup, _Planning, _SequenceCuts, _CacheCuts, _Visio
         self.first_active = min([s.layer for s in self.stages] + list(self.record_layers))
         self.vision_stages = self._vision_stages()
         if getattr(self.adapter, "rotary_fn", None) is not None:
-            self.adapter.standard_rope  # decided once, here rather than inside a forward
+            self.adapter.standard_rope  # noqa: B018 - a cached property: decided once, here rather than inside a forward
         self._handles: list = []
         self._request: _Request | None = None
         self._pending_vision: dict = {}

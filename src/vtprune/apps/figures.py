@@ -1,9 +1,9 @@
 """Figures drawn from the results files that vtprune's own commands write, never by hand.
 
-    python -m vtprune.figures accuracy RESULTS [--settings A,B] [--out FIG.png]   # accuracy against budget
-    python -m vtprune.figures speed TABLE.md [TABLE.md ...] [--out FIG.png]      # time ratio against FLOP ratio
-    python -m vtprune.figures position REPORT.json [--out FIG.png]               # mean score against position
-    python -m vtprune.figures docs [--results docs/results] [--out docs/figures] # every figure of the docs
+    python -m vtprune.apps.figures accuracy RESULTS [--settings A,B] [--out FIG.png]   # accuracy against budget
+    python -m vtprune.apps.figures speed TABLE.md [TABLE.md ...] [--out FIG.png]      # time ratio against FLOP ratio
+    python -m vtprune.apps.figures position REPORT.json [--out FIG.png]               # mean score against position
+    python -m vtprune.apps.figures docs [--results docs/results] [--out docs/figures] # every figure of the docs
 
 Inputs:
 
@@ -26,15 +26,15 @@ import json
 import math
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")  # headless; must precede pyplot
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 PNG_METADATA = {"Software": None}  # no version string in the file: the same numbers give the same bytes
 
@@ -174,7 +174,7 @@ def read_position_report(path: str | Path) -> dict:
 
 
 def _save(fig, path: str | Path) -> Path:
-    from .io import atomic_open
+    from ..io import atomic_open
 
     path = Path(path)
     with atomic_open(path, "wb") as handle:  # a temporary file in the folder (created if needed), then a rename
@@ -255,7 +255,7 @@ def plot_accuracy(cells: Sequence[AccuracyCell], path: str | Path, settings: Seq
 def write_accuracy_csv(cells: Sequence[AccuracyCell], path: str | Path, settings: Sequence[str] | None = None) -> Path:
     """The plotted cells as CSV (percent): setting, budget, accuracy, interval, paired difference."""
     wanted = {name for panel in accuracy_panels(cells, settings) for name in panel} | {"unpruned", "Random"}
-    from .io import atomic_open
+    from ..io import atomic_open
 
     path = Path(path)
     with atomic_open(path, "w", newline="") as handle:
@@ -314,7 +314,7 @@ def _wrap(text: str, width: int) -> str:
             line = word
         else:
             line = f"{line} {word}".strip()
-    return "\n".join(lines + [line])
+    return "\n".join([*lines, line])
 
 
 def plot_position(report: dict, path: str | Path, title: str = "") -> Path:
@@ -370,7 +370,7 @@ DOCS_FIGURES: tuple[tuple[str, str, tuple[str, ...], dict], ...] = (
 def draw(kind: str, inputs: Sequence[Path], out: Path, settings: Sequence[str] | None = None, title: str = "") -> list[Path]:
     """Draw one figure of `kind` from `inputs` into `out` (and, for accuracy, its CSV beside it)."""
     if kind == "accuracy":
-        cells, meta = read_accuracy(inputs[0])
+        cells, _meta = read_accuracy(inputs[0])
         written = [plot_accuracy(cells, out, settings, title)]
         written.append(write_accuracy_csv(cells, out.with_suffix(".csv"), settings))
         return written
@@ -390,7 +390,7 @@ def draw_docs(results: Path, out: Path) -> list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vtprune.figures", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m vtprune.apps.figures", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="kind", required=True)
     accuracy = sub.add_parser("accuracy", help="accuracy against budget from `vtprune testbed eval` results")
     accuracy.add_argument("results", type=Path, help="the .json of --out or the .md of --markdown")
@@ -420,7 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             written = draw("position", [args.report], args.out, title=args.title)
     except FigureInputError as error:
-        sys.stderr.write(f"vtprune.figures: error: {error}\n")
+        sys.stderr.write(f"vtprune.apps.figures: error: {error}\n")
         return 2
     print("wrote " + ", ".join(str(p) for p in written))
     return 0

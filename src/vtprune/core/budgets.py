@@ -11,7 +11,7 @@ depth; the full count (`budget=1.0` or 576) keeps every token, so the press prun
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 REFERENCE_TOKENS = 576
 

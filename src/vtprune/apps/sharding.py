@@ -17,11 +17,10 @@ the merged prefill and decode times are the median of the processes' medians.
 
 from __future__ import annotations
 
-import math
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Callable, Sequence
 
 from .evaluation import CellResult, Question, Setting, add_deltas, run_grid
 
@@ -56,6 +55,16 @@ def merge(shards: Sequence[Sequence[CellResult]], world: int, count: int) -> lis
     answers."""
     from .results import wilson
 
+    def weighted(live, name):
+        values = [(getattr(p, name), p.n) for p in live if getattr(p, name) is not None]
+        return sum(v * n for v, n in values) / sum(n for _, n in values) if values else None
+
+    def median_of(live, name):
+        import numpy as np
+
+        values = [getattr(p, name) for p in live if getattr(p, name) is not None]
+        return float(np.median(values)) if values else None
+
     ranks = [rank for rank, shard in enumerate(shards) if shard]
     merged = []
     for parts in zip(*(shards[rank] for rank in ranks)):
@@ -65,25 +74,14 @@ def merge(shards: Sequence[Sequence[CellResult]], world: int, count: int) -> lis
                 correct[index], answers[index] = hit, answer
         live = [p for p in parts if p.n]
         hits = sum(correct)
-
-        def weighted(name):
-            values = [(getattr(p, name), p.n) for p in live if getattr(p, name) is not None]
-            return sum(v * n for v, n in values) / sum(n for _, n in values) if values else None
-
-        def median_of(name):
-            import numpy as np
-
-            values = [getattr(p, name) for p in live if getattr(p, name) is not None]
-            return float(np.median(values)) if values else None
-
         notes = list(dict.fromkeys(note for p in parts for note in p.notes))
         notes.append(f"answered by {world} processes (question i by process i mod {world}); prefill and decode "
                      "times are the median of the processes' medians")
         first = parts[0]
         merged.append(replace(
             first, n=count, hits=hits, accuracy=hits / count if count else 0.0, ci=wilson(hits, count),
-            visual_tokens=weighted("visual_tokens"), equivalent=first.equivalent, prefill_ms=median_of("prefill_ms"),
-            decode_ms_per_token=median_of("decode_ms_per_token"),
+            visual_tokens=weighted(live, "visual_tokens"), equivalent=first.equivalent, prefill_ms=median_of(live, "prefill_ms"),
+            decode_ms_per_token=median_of(live, "decode_ms_per_token"),
             peak_memory_mib=max(p.peak_memory_mib for p in parts), seconds=max(p.seconds for p in parts),
             requests=sum(p.requests for p in parts), correct=correct, answers=answers, notes=notes,
             delta=None, baseline=None,
@@ -160,8 +158,9 @@ def run_grid_sharded(spec: str, questions: Sequence[Question], settings: Sequenc
     results: dict[int, list[CellResult]] = {}
     dtype_name = None
     with multiprocessing.get_context("spawn").Pool(world) as pool:
-        for rank, cells, dtype_name in pool.imap_unordered(_worker, jobs):
+        for rank, cells, dtype in pool.imap_unordered(_worker, jobs):
             results[rank] = [CellResult.from_dict(c) for c in cells]
+            dtype_name = dtype  # every process loads the model in the same dtype
             if log is not None:
                 log(f"process {rank + 1} of {world} finished ({len(jobs[rank][6])} questions)")
             if progress is not None:

@@ -10,24 +10,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")  # headless; must precede pyplot
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from PIL import Image
 
-from .calibration import PositionCurve  # noqa: E402
-from .debias.fit import ExpFit, relative_positions  # noqa: E402
+from ..debias.fit import ExpFit, relative_positions
+from .calibration import PositionCurve
 
 PAD_COLOUR = (122, 116, 104)  # CLIP's mean colour, what LLaVA pads with
 
 
 def _save(fig, path: str | Path) -> Path:
-    from .io import atomic_open
+    from ..io import atomic_open
 
     path = Path(path)
     with atomic_open(path, "wb") as handle:  # a temporary file, then a rename
@@ -95,7 +95,7 @@ def model_view(image: Image.Image, geometry) -> Image.Image:
     """The image as the vision tower sees it: placed on the padded square canvas (`ImageGeometry.trace`)."""
     (height, width), (x0, y0, x1, y1) = geometry.trace(image.size)
     canvas = Image.new("RGB", (width, height), PAD_COLOUR)
-    box = (int(round(x0)), int(round(y0)), int(round(x1)), int(round(y1)))
+    box = (round(x0), round(y0), round(x1), round(y1))
     if box[2] > box[0] and box[3] > box[1]:
         canvas.paste(image.convert("RGB").resize((box[2] - box[0], box[3] - box[1])), box[:2])
     return canvas

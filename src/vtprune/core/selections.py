@@ -32,7 +32,10 @@ class LastSelection:
         key = id(self)
         entry = records.get(key)
         if entry is None or entry[0]() is not self:  # forget the record when the press is garbage collected
-            reference = weakref.ref(self, lambda _, key=key, records=records: records.pop(key, None))
+            def forget(_: object) -> None:
+                records.pop(key, None)
+
+            reference = weakref.ref(self, forget)
         else:
             reference = entry[0]
         records[key] = (reference, value)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..debias.fit import ExpFit
 from .calibration import PositionCurve, keep_frequency, mean_score_curve
-from .debias.fit import ExpFit
 
 
 @dataclass
@@ -49,7 +49,7 @@ class BiasReport:
         return data
 
     def save(self, path: str | Path) -> Path:
-        from .io import atomic_write_json
+        from ..io import atomic_write_json
 
         return atomic_write_json(path, self.to_dict())
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .adapters.base import ModelAdapter
+from ..adapters.base import ModelAdapter
 
 
 @torch.no_grad()

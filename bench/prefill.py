@@ -35,6 +35,7 @@ sample's visual tokens, so "192" keeps a third as it does on LLaVA-1.5):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 import warnings
@@ -226,12 +227,8 @@ def main_shape(args) -> None:
                     runner(**inputs, logits_to_keep=1)
             return _now(on_gpu) - start
 
-    times: dict[str, list[float]] = {label: [] for label, _ in configs}
-    for round_index in range(args.repeats + 1):  # interleaved rounds, round 0 warms up
-        for label, press in configs:
-            elapsed = run_once(press)
-            if round_index:
-                times[label].append(elapsed)
+    times = time_configs(model, inputs, [(label, press, {}) for label, press in configs], args, on_gpu,
+                         lambda press, **_: run_once(press))
     median = {label: statistics.median(values) for label, values in times.items()}
     total = inputs["input_ids"].shape[1]
     columns = ("config", "visual kept (last stage)", "visual per layer", "prefill ms", "time ratio", "FLOP ratio")
@@ -249,7 +246,7 @@ def main_shape(args) -> None:
     device_name = torch.cuda.get_device_name() if on_gpu else f"CPU, {torch.get_num_threads()} threads"
     title = (f"Prefill, {title_name}, {depth} decoder layers, {str(dtype).split('.')[-1]}, batch {args.batch} x "
              f"{total} tokens ({visual} visual), features precomputed, {device_name}, median of {args.repeats} "
-             "interleaved rounds")
+             f"{'rounds, compiled per config' if args.compile else 'interleaved rounds'}")
     print_table(title, columns, cells)
     if args.decode:
         decode_table(model, runner, inputs, [(label, press, {}) for label, press in configs], args.decode, on_gpu,
@@ -305,12 +302,7 @@ def main_testbed_lm(args) -> None:
                     runner(**inputs, logits_to_keep=1)
             return _now(on_gpu) - start
 
-    times: dict[str, list[float]] = {label: [] for label, _ in configs}
-    for round_index in range(args.repeats + 1):  # interleaved rounds, round 0 warms up (and compiles)
-        for label, press in configs:
-            elapsed = run_once(press)
-            if round_index:
-                times[label].append(elapsed)
+    times = time_configs(model, inputs, [(label, press, {}) for label, press in configs], args, on_gpu, run_once)
     median = {label: statistics.median(values) for label, values in times.items()}
     total = inputs["input_ids"].shape[1]
     columns = ("config", "visual kept (last stage)", "visual per layer", "prefill ms", "time ratio", "FLOP ratio")
@@ -326,10 +318,10 @@ def main_testbed_lm(args) -> None:
         cells.append((label, str(kept), f"{per_layer:.0f}", f"{median[label] * 1e3:.1f}",
                       f"{median[label] / median['unpruned']:.3f}", f"{predicted:.3f}"))
     device_name = torch.cuda.get_device_name() if on_gpu else f"CPU, {torch.get_num_threads()} threads"
-    mode = f"torch.compile (mode {args.compile})" if args.compile else "eager"
+    mode = f"torch.compile (mode {args.compile}), one config after another" if args.compile else "eager"
     title = (f"Prefill, testbed-lm (shipped weights), {depth} decoder layers, float32, {mode}, batch {args.batch} x "
              f"{total} tokens ({visual} visual), vision tower included, {device_name}, median of {args.repeats} "
-             "interleaved rounds")
+             f"{'rounds, compiled per config' if args.compile else 'interleaved rounds'}")
     print_table(title, columns, cells)
     note = ("Budgets b/576: the fraction of the sample's visual tokens the published LLaVA-1.5 budget b keeps (of 144 "
             "here). FLOP ratios from the tokens each decoder layer really processed (scoring and vision tower not "
@@ -449,13 +441,8 @@ def main() -> None:
                                 geometry, label))
                 configs.append((f"{label}, keys recomputed", FastVRecomputedKeys(budget=budget), {}, label))
         configs.append((f"Random {budget}", METHODS["random"](budget=budget), {}, None))
-    # interleaved rounds (round 0 warms up): slow drift of the machine affects every config alike
-    times: dict[str, list[float]] = {label: [] for label, *_ in configs}
-    for round_index in range(args.repeats + 1):
-        for label, press, kwargs, _ in configs:
-            elapsed = run_once(press, **kwargs)
-            if round_index:
-                times[label].append(elapsed)
+    times = time_configs(model, inputs, [(label, press, kwargs) for label, press, kwargs, _ in configs], args, on_gpu,
+                         run_once)
     median = {label: statistics.median(values) for label, values in times.items()}
 
     total = ids.shape[1]
@@ -471,7 +458,8 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if on_gpu else f"CPU, {torch.get_num_threads()} threads"
     vision_note = f", vision tower included ({len(model.model.vision_tower.encoder.layers)} layers)" if with_vision else ""
     title = (f"Prefill, LLaVA-1.5-7B shape{vision_note}, {depth} decoder layers, {str(dtype).split('.')[-1]}, batch {args.batch} x {total} tokens, "
-             f"{device_name}, median of {args.repeats} interleaved rounds")
+             f"{device_name}, median of {args.repeats} "
+             f"{'rounds, compiled per config' if args.compile else 'interleaved rounds'}")
     columns = ("config", "visual kept (last stage)", "visual per layer", "prefill ms", "time ratio", "FLOP ratio",
                "overhead vs plain")
     cells = [
@@ -496,6 +484,34 @@ def main() -> None:
         lines += ["", note]
         with open(args.markdown, "w") as handle:
             handle.write("\n".join(lines) + "\n")
+
+
+def time_configs(model, inputs, configs, args, on_gpu: bool, run_once) -> dict[str, list[float]]:
+    """Prefill seconds per config label: eager in interleaved rounds (round 0 warms up; slow drift of the machine
+    affects every config alike); compiled one config after another, each press attached before its own fresh
+    compile (dynamo does not guard on module hooks: a graph traced without a press's hooks would ignore them),
+    round 0 compiling."""
+    times: dict[str, list[float]] = {label: [] for label, *_ in configs}
+    if not args.compile:
+        for round_index in range(args.repeats + 1):
+            for label, press, kwargs in configs:
+                elapsed = run_once(press, **kwargs)
+                if round_index:
+                    times[label].append(elapsed)
+        return times
+    for label, press, kwargs in configs:
+        torch._dynamo.reset()
+        compiled = torch.compile(model, mode=None if args.compile == "default" else args.compile)
+        with torch.no_grad(), warnings.catch_warnings(), contextlib.ExitStack() as stack:
+            warnings.simplefilter("ignore")
+            if press is not None:
+                stack.enter_context(press(model, **kwargs))
+            for round_index in range(args.repeats + 1):
+                start = _now(on_gpu)
+                compiled(**inputs, logits_to_keep=1)
+                if round_index:
+                    times[label].append(_now(on_gpu) - start)
+    return times
 
 
 def compiled_runner(model, args):

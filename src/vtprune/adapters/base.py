@@ -221,15 +221,17 @@ class ModelAdapter:
     vision_cls_index: int | None = 0
     vision_first_patch: int = 1
 
-    def vision_attention(self, layer: nn.Module, hidden_states: torch.Tensor, query_index: torch.Tensor) -> torch.Tensor:
+    def vision_attention(self, layer: nn.Module, hidden_states: torch.Tensor,
+                         query_index: torch.Tensor | slice) -> torch.Tensor:
         """(N, H, Q, T) float32 attention probabilities of vision-tower `layer` for the query rows `query_index`
-        (Q,) of every image, from the layer's input `hidden_states` (N, T, D) (pre-norm ViT layers: layer_norm1,
+        (Q,) (or a slice of rows) of every image, from the layer's input `hidden_states` (N, T, D) (pre-norm ViT layers: layer_norm1,
         biased q/k projections, no mask, softmax over all T tokens)."""
         attn = layer.self_attn
         normed = layer.layer_norm1(hidden_states)
         images, length, _ = normed.shape
         head_dim = attn.head_dim
-        queries = attn.q_proj(normed[:, query_index]).view(images, len(query_index), -1, head_dim).transpose(1, 2)
+        rows = normed[:, query_index]
+        queries = attn.q_proj(rows).view(images, rows.shape[1], -1, head_dim).transpose(1, 2)
         keys = attn.k_proj(normed).view(images, length, -1, head_dim).transpose(1, 2)
         logits = torch.matmul(queries.float(), keys.float().transpose(-1, -2)) * attn.scale
         return torch.softmax(logits, dim=-1)

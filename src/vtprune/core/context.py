@@ -386,18 +386,20 @@ class StageContext:
         if heads not in ("mean", "all"):
             raise ValueError(f"heads={heads!r}: use 'mean' or 'all'")
         hidden = self.vision_hidden_states(layer)
-        rows = torch.tensor([self.adapter.vision_cls_index], device=hidden.device)
-        probs = self.adapter.vision_attention(self._vision_layer(layer), hidden, rows)[:, :, 0]  # (N, H, T)
+        cls = self.adapter.vision_cls_index
+        probs = self.adapter.vision_attention(self._vision_layer(layer), hidden, slice(cls, cls + 1))[:, :, 0]  # (N, H, T)
         patches = probs[:, :, self.adapter.vision_first_patch:]  # (N, H, P)
         if heads == "mean":
             patches = patches.mean(dim=1, keepdim=True)
         image_of, patch_of = self._rank_tables()
-        original = self.present & (self.ranks < image_of.shape[1])
-        rank = torch.where(original, self.ranks, 0)
+        untouched = self.all_present and not any(self.dropped_any)  # every entry an original token (host fact)
+        original = None if untouched else self.present & (self.ranks < image_of.shape[1])
+        rank = self.ranks if original is None else torch.where(original, self.ranks, 0)
         image = torch.gather(image_of, 1, rank)  # (B, R)
         patch = torch.gather(patch_of, 1, rank).clamp(max=patches.shape[-1] - 1)
         out = patches[image, :, patch].movedim(-1, 1)  # (B, H, R)
-        out = out * original[:, None, :]
+        if original is not None:
+            out = out * original[:, None, :]
         return out[:, 0] if heads == "mean" else out
 
     def _vision_index(self, layer: int) -> int:

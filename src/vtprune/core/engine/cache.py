@@ -64,7 +64,8 @@ class _CacheCuts:
         if position_ids is None:  # what the unpruned model would have used
             position_ids = (request.prompt_len + generated + torch.arange(query_len, device=device)).expand(batch, -1)
         if request.base_shift_applies:
-            position_ids = position_ids - request.base_shift[:, None]
+            shift = request.base_shift
+            position_ids = position_ids - (shift if isinstance(shift, int) else shift[:, None])
         return (), dict(kwargs, attention_mask=mask, position_ids=position_ids)
 
     def _decode_layer(self, index: int, request: _Request, args, kwargs):

@@ -49,7 +49,7 @@ class _Ids:
 
     def append(self, **columns: torch.Tensor) -> None:
         """Add M ids per sample: every table's (B, M) values for them (the inserted tokens)."""
-        if self.sub is None:
+        if self.sub is None and "sub" in columns:
             self.sub = torch.zeros(self.prompt.shape, dtype=torch.float64, device=self.prompt.device)
         for name, values in columns.items():
             setattr(self, name, torch.cat([getattr(self, name), values], dim=1))
@@ -96,7 +96,7 @@ class _Request:
     decided: bool = False  # every stage has decided
     # the language model's input after a layer-0 cut: prompt column of each base token, and tokens dropped
     base_prompt_columns: torch.Tensor | None = None
-    base_shift: torch.Tensor | None = None
+    base_shift: torch.Tensor | int | None = None  # (B,) tokens the layer-0 cut removed (an int: the same in every row)
     base_shift_applies: bool = False  # decode positions continue the cut input's numbering (compact)
     # the model's inputs for the base sequence, captured at decoder layer 0
     mask0: object = None

@@ -40,25 +40,31 @@ class _SequenceCuts:
             return None
         batch, length = request.slots.shape
         given = kwargs.get("position_ids")
-        position_ids = given if given is not None else torch.arange(length, device=embeds.device).expand(batch, length)
-        new_slots, source, padded = self._apply(decision, request)
+        new_slots, source, padded = self._apply(decision, request, base_cut=True)
         unpadded_before, request.unpadded = request.unpadded, request.unpadded and not padded
         hidden = _assemble(embeds, source, new_slots, decision, request, padded)
         request.set_slots(new_slots, padded)
         valid = request.slot_values("valid", False)
         if self._positions(0) == "compact" and given is None and request.unpadded and unpadded_before:
             new_positions = torch.arange(new_slots.shape[1], device=embeds.device).expand(batch, -1)  # 0.. per row
-        elif self._positions(0) == "compact":
-            new_positions = _compact_positions(position_ids, request.valid0, valid)
         else:
-            new_positions = _gather_seq(position_ids, request.slot_values("position", 0))
+            position_ids = given if given is not None else torch.arange(length, device=embeds.device).expand(batch, length)
+            if self._positions(0) == "compact":
+                new_positions = _compact_positions(position_ids, request.valid0, valid)
+            else:
+                new_positions = _gather_seq(position_ids, request.slot_values("position", 0))
         # the cut sequence becomes the base sequence of every decoder layer (engine padding: masked base slots)
         request.base_prompt_columns = request.slot_values("prompt", -1)
-        request.base_shift = request.valid0.sum(1) - valid.sum(1)
+        if unpadded_before and request.unpadded:  # every token real before and after: one shift for the batch
+            request.base_shift = length - new_slots.shape[1]
+        else:
+            request.base_shift = request.valid0.sum(1) - valid.sum(1)
         request.base_shift_applies = self._positions(0) == "compact"
         new_len = new_slots.shape[1]
-        ids = _Ids.base(request.base_prompt_columns, request.slot_values("rank", -1), valid)
-        ids.position_rank = request.slot_values("position_rank", -1)
+        ranks = request.slot_values("rank", -1)
+        same = request.ids.position_rank is request.ids.rank  # every token at its own rank's position
+        ids = _Ids.base(request.base_prompt_columns, ranks, valid)
+        ids.position_rank = ranks if same else request.slot_values("position_rank", -1)
         request.ids = ids
         request.slots, request.identity, request.padded, request.inserted, request.slot_cache = ids.anchor, True, False, False, {}
         request.other = [new_len - count for count in request.present]  # engine padding became masked base slots
@@ -66,7 +72,7 @@ class _SequenceCuts:
         new_kwargs = dict(kwargs, inputs_embeds=hidden, attention_mask=valid.long(), position_ids=new_positions)
         return args, new_kwargs
 
-    def _apply(self, decision: Kept, request: _Request) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    def _apply(self, decision: Kept, request: _Request, base_cut: bool = False) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """Apply `decision` to the current slots. Returns the new slots (B, N_new) of ids (kept tokens in order,
         inserted tokens after their anchors, samples left-padded to one length), per new slot where its row comes
         from (B, N_new): a current slot, N_cur + j for the sample's j-th inserted token, -1 for engine padding;
@@ -105,7 +111,7 @@ class _SequenceCuts:
         order_key = torch.where(keep, position, float("inf"))  # dropped slots sort last
         first_new = request.ids.size
         if extra:
-            order_key = torch.cat([order_key, self._register_inserted(decision, rank, request)], dim=1)
+            order_key = torch.cat([order_key, self._register_inserted(decision, rank, request, base_cut)], dim=1)
             request.inserted = True
             request.rank_bound += extra
         # where each new slot comes from: a current slot, or N_cur + j for the sample's j-th inserted token
@@ -126,9 +132,11 @@ class _SequenceCuts:
             new_slots = new_slots.masked_fill(source < 0, -1)
         return new_slots, source, padded
 
-    def _register_inserted(self, decision: Kept, slot_rank: torch.Tensor, request: _Request) -> torch.Tensor:
+    def _register_inserted(self, decision: Kept, slot_rank: torch.Tensor, request: _Request,
+                           base_cut: bool = False) -> torch.Tensor:
         """Append the id tables of the inserted tokens (B, M); return their sequence order keys (B, M) float64
-        (inf for the entries of `extra_valid` that are not tokens)."""
+        (inf for the entries of `extra_valid` that are not tokens). base_cut: the cut makes a new base sequence
+        (layer 0), which keeps no anchors or sub orders: those are not registered."""
         ids, slots = request.ids, request.slots
         batch, count = decision.extra.shape[:2]
         valid = decision.extra_valid  # None: every entry is a token
@@ -152,31 +160,33 @@ class _SequenceCuts:
             same = same & valid[:, None, :]
         earlier = torch.tril(same, diagonal=-1).sum(dim=2)
         within = (earlier + 1) / (same.sum(dim=2) + 1).double()
-        if ids.sub is None:  # the first insertion: every token has sub order 0 and none of its anchor's is near
+        if base_cut:
+            after_sub = before_sub = None
+        elif ids.sub is None:  # the first insertion: every token has sub order 0 and none of its anchor's is near
             after_sub, before_sub = within, within - 1
         else:
             own = torch.gather(ids.sub, 1, anchor_ids)
             after_sub = own + within * _sub_gap(ids, anchor_ids, above=True)
             before_sub = None if before is None else own - (1 - within) * _sub_gap(ids, anchor_ids, above=False)
-        numbered = torch.ones(batch, count, dtype=torch.long, device=slots.device) if valid is None else valid.long()
+        numbered = torch.ones(batch, count, dtype=torch.bool, device=slots.device) if valid is None else valid
         if request.inserted_ranks is None and len(set(request.layout.num_visual)) == 1:  # ranks continue after V
             rank = numbered.cumsum(dim=1) + (request.layout.num_visual[0] - 1)
         else:
             rank = request.next_rank[:, None] + numbered.cumsum(dim=1) - 1
         added = numbered.sum(dim=1)
         request.inserted_ranks = added if request.inserted_ranks is None else request.inserted_ranks + added
-        ids.append(
+        columns = dict(
             prompt=torch.gather(ids.prompt, 1, anchor_ids),
             rank=rank if valid is None else rank.masked_fill(~valid, -1),
             position_rank=torch.gather(ids.position_rank, 1, source_ids),
-            valid=torch.ones(batch, count, dtype=torch.bool, device=slots.device) if valid is None else valid,
-            anchor=torch.gather(ids.anchor, 1, anchor_ids),
-            sub=after_sub if before is None else torch.where(before, before_sub, after_sub),
+            valid=numbered,
             position=torch.gather(ids.position, 1, source_ids),
         )
-        key = anchor_slots + within
-        if before is not None:
-            key = key - before.double()
+        if not base_cut:
+            columns["anchor"] = torch.gather(ids.anchor, 1, anchor_ids)
+            columns["sub"] = after_sub if before is None else torch.where(before, before_sub, after_sub)
+        ids.append(**columns)
+        key = anchor_slots + within if before is None else anchor_slots + (within - before.double())
         return key if valid is None else key.masked_fill(~valid, float("inf"))
 
     def _cut(self, stage_index: int, hidden: torch.Tensor, decision: Kept, request: _Request) -> torch.Tensor:

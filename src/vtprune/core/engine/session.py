@@ -109,6 +109,7 @@ class PruningSession(_RequestSetup, _Planning, _SequenceCuts, _CacheCuts, _Visio
             )
         _ACTIVE[self.adapter.input_module] = self
         self.press.last_selection = []
+        self._seen_input = False
         # the input hook starts a request (host bookkeeping, the layout's one synchronisation): under
         # torch.compile it runs eagerly, so that no guard depends on the session's state between requests
         hook = self.adapter.input_module.register_forward_pre_hook(torch.compiler.disable(self._on_input), with_kwargs=True)
@@ -149,6 +150,15 @@ class PruningSession(_RequestSetup, _Planning, _SequenceCuts, _CacheCuts, _Visio
         return self
 
     def __exit__(self, *exc) -> None:
+        if not getattr(self, "_seen_input", True) and exc[0] is None:
+            warnings.warn(
+                f"{type(self.press).__name__} saw no forward pass of the model while it was attached: nothing was "
+                "pruned. If the model was compiled (torch.compile) before the press was attached, its graph ignores "
+                "the press's hooks (dynamo does not guard on module hooks): attach the press before the first "
+                "compiled call, or call torch._dynamo.reset() after attaching it.",
+                UserWarning,
+                stacklevel=2,
+            )
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -164,6 +174,7 @@ class PruningSession(_RequestSetup, _Planning, _SequenceCuts, _CacheCuts, _Visio
         return None
 
     def _on_input(self, module, args, kwargs):
+        self._seen_input = True
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = _cache_kwarg(kwargs)
         past = cache.get_seq_length() if cache is not None else 0

@@ -374,6 +374,8 @@ def main() -> None:
                         help="time torch.compile(model, mode=...) (round 0 compiles every config)")
     parser.add_argument("--decode", type=int, default=0,
                         help="also time N generated tokens per config and report the KV-cache bytes after prefill")
+    parser.add_argument("--plain", action="store_true",
+                        help="LLaVA-1.5 shape: only the plain rows (no debias rows, no recomputed keys)")
     parser.add_argument("--with-vision", action="store_true",
                         help="time the vision tower too in every row (needed for vision-side methods)")
     args = parser.parse_args()
@@ -429,7 +431,7 @@ def main() -> None:
             cls = METHODS[name]
             label = f"{cls.__name__} {budget}"
             configs.append((label, cls(budget=budget), {}, None))
-            if cls.query is None:
+            if cls.query is None or args.plain:
                 continue  # ranks without attention: nothing to debias
             profile = f"llava-1.5-7b/{cls.profile_name or cls.name}"
             if profile not in {p.name for p in builtin_profiles()} | set(builtin_aliases()):

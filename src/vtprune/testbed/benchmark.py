@@ -35,7 +35,16 @@ DEBIAS = {  # setting suffix -> Debias factory given the method's calibrated pro
     "positional": lambda profile: Debias(profile=profile, padding=False),
     "padding": lambda profile: Debias(padding=True),
     "auto+padding": lambda profile: Debias(profile="auto", padding=True),
+    # issue 23's corrections beyond the exponential, each with padding, paired with the paper's "+debias"
+    "tempered": lambda profile: Debias(profile=f"{profile}/tempered", padding=True),
+    "curve": lambda profile: Debias(profile=f"{profile}/curve", padding=True),
+    "rowcol": lambda profile: Debias(profile=f"{profile}/rowcol", padding=True),
+    "rowrank": lambda profile: Debias(profile="rowrank", padding=True),
+    "rowmean": lambda profile: Debias(profile="rowmean", padding=True),
 }
+#: the positional corrections compared with the paper's exponential on testbed-lm (`bench/corrections.py`
+#: calibrates the profiled ones on the validation split)
+CORRECTIONS = ("tempered", "curve", "rowcol", "rowrank", "rowmean")
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,18 @@ def lm_settings() -> list[Setting]:
     return _method_rows(["positional", "padding", "debias", "auto+padding"]) + [Setting("Random", "random")]
 
 
+def correction_settings() -> list[Setting]:
+    """testbed-lm's corrections comparison: each of the paper's six attention methods with each correction of
+    `CORRECTIONS` (padding on), paired with the method's "+debias" (the paper's exponential with padding)."""
+    return [Setting(f"{label(name)}+{kind}", name, kind, baseline=f"{label(name)}+debias")
+            for name in ("fastv", "pdrop", "himap", "sparsevlm", "tokencarve", "illava") for kind in CORRECTIONS]
+
+
+def selectable_for(model: str) -> list[Setting]:
+    """The settings `--settings` may name for `model`: its default rows, and for testbed-lm the corrections."""
+    return settings_for(model) + (correction_settings() if model == "testbed-lm" else [])
+
+
 def settings_for(model: str) -> list[Setting]:
     """The default rows of `model`'s table ("testbed" or "testbed-lm")."""
     return lm_settings() if model == "testbed-lm" else default_settings()
@@ -109,7 +130,7 @@ def settings_for(model: str) -> list[Setting]:
 
 def settings() -> dict[str, Setting]:
     """Every known setting by name (both models' tables)."""
-    return {s.name: s for s in default_settings() + lm_settings()}
+    return {s.name: s for s in default_settings() + lm_settings() + correction_settings()}
 
 
 @dataclass
@@ -367,4 +388,4 @@ def save_results(path: str | Path, cells: Sequence[Cell], bias: Sequence[BiasSum
     return atomic_write_json(path, data)
 
 
-__all__ = ["KEEPS", "Setting", "default_settings", "lm_settings", "settings_for", "settings", "wilson", "paired_delta", "evaluate", "run_benchmark", "markdown_tables", "save_results"]
+__all__ = ["KEEPS", "Setting", "default_settings", "lm_settings", "correction_settings", "selectable_for", "settings_for", "settings", "wilson", "paired_delta", "evaluate", "run_benchmark", "markdown_tables", "save_results"]

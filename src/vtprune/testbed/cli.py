@@ -216,25 +216,27 @@ def eval_cmd(
     import torch
     from PIL import Image
 
-    from vtprune.testbed.benchmark import keep_label, markdown_tables, run_benchmark, save_results, settings_for, wilson
+    from vtprune.testbed.benchmark import (keep_label, markdown_tables, run_benchmark, save_results, selectable_for,
+                                           settings_for, wilson)
 
     all_settings = settings_for(model_name)
     if list_settings:
-        for setting in all_settings:
+        for setting in selectable_for(model_name):
             extra = f" (paired with {setting.baseline})" if setting.baseline else ""
             console.print(f"{setting.name}: method {setting.method}, debias {setting.debias or 'off'}, "
                           f"positions {setting.positions or 'official'}{extra}")
         return
     names = [s.strip() for s in settings.split(",") if s.strip()]
     chosen_methods = [m.strip() for m in methods.split(",") if m.strip()]
-    known = {s.name for s in all_settings}
+    known = {s.name for s in selectable_for(model_name)}
     if set(names) - known:
         raise _usage(f"--settings: unknown {', '.join(sorted(set(names) - known))}; `vtprune testbed eval --list` shows them")
     if chosen_methods:
         unknown = set(chosen_methods) - {s.method for s in all_settings}
         if unknown:
             raise _usage(f"--methods: unknown {', '.join(sorted(unknown))}; choose from {', '.join(sorted({s.method for s in all_settings}))}")
-        names = [s.name for s in all_settings if s.method in chosen_methods and (not names or s.name in names)]
+        pool = selectable_for(model_name) if names else all_settings  # the corrections only when named
+        names = [s.name for s in pool if s.method in chosen_methods and (not names or s.name in names)]
 
     from vtprune.testbed.data import Sample, make_split
     from vtprune.testbed.model import load_testbed

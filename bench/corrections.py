@@ -76,7 +76,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=512, help="validation questions")
     parser.add_argument("--methods", default="fastv,pdrop,himap,sparsevlm,tokencarve,illava")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--write", action="store_true", help="write the profiles into the package's built-in ones")
+    parser.add_argument("--write", action="store_true", help="write the profiles (into --profile-dir)")
+    parser.add_argument("--profile-dir", type=Path, default=PROFILE_DIR, help="default: the package's built-in profiles")
     parser.add_argument("--markdown", type=Path, help="also write the table as Markdown here")
     args = parser.parse_args()
     torch.set_num_threads(min(4, torch.get_num_threads()))
@@ -126,7 +127,7 @@ def main() -> None:
         }
         if args.write:
             for kind, profile in profiles.items():
-                profile.save(PROFILE_DIR / f"testbed-lm-{method}-{kind}.json")
+                profile.save(args.profile_dir / f"testbed-lm-{method}-{kind}.json")
         # how each correction leaves the kept tokens on the validation questions
         raw = np.stack([r.raw for r in records]).astype(np.float64)
         real = ~np.stack([r.padding for r in records]) & np.isfinite(raw)

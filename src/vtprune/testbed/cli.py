@@ -174,6 +174,8 @@ def eval_cmd(
         "runs/testbed-eval.partial.json without --out); removed when the run completes."
     ),
     wait: bool = typer.Option(False, "--wait", help="if another run is writing the same results, wait for it to finish instead of stopping"),
+    keep_state: bool = typer.Option(False, "--keep-state", help="keep the --state file when the run completes, so that "
+                                    "a later run with more settings or budgets reuses its cells"),
 ) -> None:
     """Accuracy on the test split for each budget x setting (every registered method with and without
     debiasing, FastV's ablations, the other position numbering, Random), with 95% intervals, paired
@@ -276,7 +278,8 @@ def eval_cmd(
         except KeyboardInterrupt:
             bar.console.print(f"interrupted: finished cells are saved in {state}; rerun the same command to resume")
             raise
-    state.unlink(missing_ok=True)
+    if not keep_state:
+        state.unlink(missing_ok=True)
     table = Table(title=f"{model_name} accuracy, {n} test questions (95% Wilson interval; paired difference to the "
                         "baseline); tok/layer: visual tokens per decoder layer, averaged (what the setting costs)")
     table.add_column("setting")

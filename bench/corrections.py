@@ -79,6 +79,8 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="write the profiles (into --profile-dir)")
     parser.add_argument("--profile-dir", type=Path, default=PROFILE_DIR, help="default: the package's built-in profiles")
     parser.add_argument("--markdown", type=Path, help="also write the table as Markdown here")
+    parser.add_argument("--measure-saved", action="store_true",
+                        help="without --write: measure the built-in testbed-lm/<method>/<kind> profiles instead of the new fits")
     args = parser.parse_args()
     torch.set_num_threads(min(4, torch.get_num_threads()))
     model, processor = load_testbed_lm()
@@ -128,6 +130,8 @@ def main() -> None:
         if args.write:
             for kind, profile in profiles.items():
                 profile.save(args.profile_dir / f"testbed-lm-{method}-{kind}.json")
+        elif args.measure_saved:  # the table measures the profiles calibrated earlier (on their own questions)
+            profiles = {kind: load_profile(f"testbed-lm/{method}/{kind}") for kind in profiles}
         # how each correction leaves the kept tokens on the validation questions
         raw = np.stack([r.raw for r in records]).astype(np.float64)
         real = ~np.stack([r.padding for r in records]) & np.isfinite(raw)

@@ -190,12 +190,14 @@ def run_benchmark(
     log: Callable[[str], None] | None = None,
     state_path: str | Path | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    saved_only: bool = False,
 ) -> tuple[list[Cell], list[BiasSummary]]:
     """Every (budget, setting) cell, and the bias measured from each method's debiased runs.
 
     state_path: a JSON file where every finished cell is saved, so that an interrupted benchmark resumes (only
     cells of the same model and questions are reused; `log` says how many). progress(done, total, name) is
-    called before each cell and at the end."""
+    called before each cell and at the end. saved_only: measure nothing; only the cells saved in `state_path`
+    (the others are left out: assembles the tables of runs made with different settings or budgets)."""
     from ..adapters import adapter_for
     from ..analysis import bias_report
     from ..calibration import data_fingerprint, model_fingerprint
@@ -234,6 +236,8 @@ def run_benchmark(
                 done[name] = cell
                 cells.append(cell)
                 bias += [summary] if summary is not None else []
+                continue
+            if saved_only:
                 continue
             setting = table.get(name)
             press = None if keep is None else setting.press(keep, model_name(model))

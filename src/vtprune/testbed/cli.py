@@ -176,6 +176,8 @@ def eval_cmd(
     wait: bool = typer.Option(False, "--wait", help="if another run is writing the same results, wait for it to finish instead of stopping"),
     keep_state: bool = typer.Option(False, "--keep-state", help="keep the --state file when the run completes, so that "
                                     "a later run with more settings or budgets reuses its cells"),
+    saved_only: bool = typer.Option(False, "--saved-only", help="measure nothing: the tables of the cells saved in "
+                                    "--state only (the others left empty), e.g. of runs with different settings"),
 ) -> None:
     """Accuracy on the test split for each budget x setting (every registered method with and without
     debiasing, FastV's ablations, the other position numbering, Random), with 95% intervals, paired
@@ -190,6 +192,8 @@ def eval_cmd(
         raise _usage(f"--n {n}: the testbed generates at most {TESTBED_MAX:,} questions per split")
     if batch_size < 1:
         raise _usage(f"--batch-size {batch_size}: must be >= 1")
+    if saved_only and (state is None or not state.is_file()):
+        raise _usage(f"--saved-only needs the --state file of earlier runs ({state or 'no --state given'}): it measures nothing")
     if model_name not in ("testbed", "testbed-lm"):
         raise _usage(f"--model {model_name}: choose 'testbed' or 'testbed-lm' (`vtprune eval` evaluates other models)")
     if model_name == "testbed-lm":
@@ -274,11 +278,12 @@ def eval_cmd(
 
         try:
             cells, bias = run_benchmark(model, processor, test, keeps=keep_values, names=names or None,
-                                        batch_size=batch_size, log=bar.console.print, state_path=state, progress=progress)
+                                        batch_size=batch_size, log=bar.console.print, state_path=state, progress=progress,
+                                        saved_only=saved_only)
         except KeyboardInterrupt:
             bar.console.print(f"interrupted: finished cells are saved in {state}; rerun the same command to resume")
             raise
-    if not keep_state:
+    if not (keep_state or saved_only):
         state.unlink(missing_ok=True)
     table = Table(title=f"{model_name} accuracy, {n} test questions (95% Wilson interval; paired difference to the "
                         "baseline); tok/layer: visual tokens per decoder layer, averaged (what the setting costs)")

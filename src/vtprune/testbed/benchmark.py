@@ -113,9 +113,14 @@ def lm_settings() -> list[Setting]:
 
 def correction_settings() -> list[Setting]:
     """testbed-lm's corrections comparison: each of the paper's six attention methods with each correction of
-    `CORRECTIONS` (padding on), paired with the method's "+debias" (the paper's exponential with padding)."""
+    `CORRECTIONS` (padding on), paired with the method's "+debias" (the paper's exponential with padding); the
+    calibrated kinds only where `bench/corrections.py` wrote the method's profile (FastV and PyramidDrop)."""
+    from ..debias.profiles import builtin_profiles
+
+    shipped = {profile.name for profile in builtin_profiles()}
     return [Setting(f"{label(name)}+{kind}", name, kind, baseline=f"{label(name)}+debias")
-            for name in ("fastv", "pdrop", "himap", "sparsevlm", "tokencarve", "illava") for kind in CORRECTIONS]
+            for name in ("fastv", "pdrop", "himap", "sparsevlm", "tokencarve", "illava") for kind in CORRECTIONS
+            if kind in ("rowrank", "rowmean") or f"testbed-lm/{name}/{kind}" in shipped]
 
 
 def selectable_for(model: str) -> list[Setting]:

@@ -148,10 +148,26 @@ def test_testbed_lm_cli_subset(testbed_lm, tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["testbed", "eval", "--model", "testbed-lm", "--n", "8", "--keeps", "all,0.25",
                                  "--settings", "FastV,FastV+debias", "--markdown", str(tmp_path / "t.md"),
-                                 "--state", str(tmp_path / "state.json")])
+                                 "--state", str(tmp_path / "state.json"), "--keep-state"])
     assert result.exit_code == 0, result.output
     table = (tmp_path / "t.md").read_text()
     assert "| FastV+debias |" in table and "testbed-lm/<method>" in table
+    assert (tmp_path / "state.json").is_file()  # --keep-state: a later run adds to it
+    result = runner.invoke(app, ["testbed", "eval", "--model", "testbed-lm", "--n", "8", "--keeps", "all,0.25",
+                                 "--settings", "FastV,FastV+padding", "--markdown", str(tmp_path / "saved.md"),
+                                 "--state", str(tmp_path / "state.json"), "--saved-only"])
+    assert result.exit_code == 0, result.output
+    saved = (tmp_path / "saved.md").read_text()
+    assert "| FastV |" in saved and "FastV+padding" not in saved  # measured nothing: only the saved cells
+    assert (tmp_path / "state.json").is_file()
+    result = runner.invoke(app, ["testbed", "eval", "--model", "testbed-lm", "--n", "8", "--saved-only",
+                                 "--state", str(tmp_path / "missing.json")])
+    assert result.exit_code == 2 and "--saved-only needs the --state file" in result.output
+    result = runner.invoke(app, ["testbed", "eval", "--model", "testbed-lm", "--n", "8", "--keeps", "0.25",
+                                 "--settings", "FastV+debias,FastV+rowrank", "--state", str(tmp_path / "state.json")])
+    assert result.exit_code == 0, result.output
+    assert "resuming: 1 of 2 cells" in result.output and "FastV+rowrank" in result.output
+    assert not (tmp_path / "state.json").exists()
     result = runner.invoke(app, ["analyze", "--model", "testbed-lm", "--method", "fastv", "--data", "testbed",
                                  "--samples", "6", "--out-dir", str(tmp_path / "an")])
     assert result.exit_code == 0, result.output

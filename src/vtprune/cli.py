@@ -833,7 +833,7 @@ def analyze(
         "model": info.name, "method": press.name, "layers": [s["layer"] for s in stages],
         "keep": [s["keep"] for s in stages], "budget": budget_value, "keep_option": keep_value,
         "positions": press.positions, "profile": debias.describe(),
-        "profile_name": None if debias.profile is None else ("auto" if debias.profile == "auto" else debias.loaded_profile.name),
+        "profile_name": None if debias.profile is None else (debias.profile if debias.loaded_profile is None else debias.loaded_profile.name),
         "padding": not no_padding, "data": data, "split": split if data == "testbed" else None,
         "samples": len(examples), "device": device, "dtype": dtype, "vtprune_version": __version__,
     }

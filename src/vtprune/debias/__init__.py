@@ -32,7 +32,9 @@ class Debias:
     profile: positional trend: a built-in name (see `vtprune profiles`), a path to a profile JSON, a
         `Profile`, "auto" (fit the trend on each request's own scores, robustly: no calibration), "default"
         (the built-in profile of the model and method: the published LLaVA-1.5-7B ones, the testbed's
-        calibrated ones; an error where there is none), or None for no positional debiasing.
+        calibrated ones; an error where there is none), "rowrank" or "rowmean" (per request, no calibration: each
+        score ranked within, or divided by the mean of, its image row; `debias.corrections`), or None for no
+        positional debiasing.
     padding: zero the scores of padding tokens (needs `processor=` and `image_sizes=` on the press call).
     padding_threshold: a token is padding when more than this share of its pixels is padding; None: the
         method's published value (FastV, HiMAP, SparseVLM 0.5; PyramidDrop 0.01).
@@ -70,7 +72,7 @@ class Debias:
             raise ValueError(f"video_axis={self.video_axis!r}: use 'video' (the whole visual sequence of a video) or 'frame'")
         if self.stages not in ("first", "all"):
             raise ValueError(f"stages={self.stages!r}: use 'first' or 'all'")
-        if self.profile is not None and self.profile not in ("auto", "default"):
+        if self.profile is not None and self.profile not in ("auto", "default", "rowrank", "rowmean"):
             from .profiles import load_profile
 
             object.__setattr__(self, "_loaded", load_profile(self.profile))  # type: ignore[arg-type]  # a Profile is an object
@@ -111,7 +113,7 @@ class Debias:
         return self.profile is not None
 
     def describe(self) -> str:
-        positional = "off" if self.profile is None else ("auto" if self.profile == "auto" else self._loaded.name)
+        positional = "off" if self.profile is None else (self.profile if self._loaded is None else self._loaded.name)
         return f"positional {positional}, padding {'on' if self.padding else 'off'}"
 
     def trend(self, segments: Sequence[VisualSegment]) -> torch.Tensor | None:
@@ -173,6 +175,12 @@ class Debias:
 
             start, length = self._axis_tables(segments, out.device)
             out = out / auto_trend(out, present, ranks, start, length, padding)
+        elif self.profile in ("rowrank", "rowmean"):
+            from .corrections import row_mean, row_rank
+
+            start, length = self._axis_tables(segments, out.device)
+            correct = row_rank if self.profile == "rowrank" else row_mean
+            out = correct(out, present, ranks, start, length, self._axis_columns(segments, out.device), padding)
         elif self._loaded is not None:
             table = self._trend_table(segments, out.device)  # (B, max V + 1)
             out = out / torch.gather(table, 1, ranks.clamp(min=0))
@@ -205,6 +213,17 @@ class Debias:
             self._cache[key] = (torch.tensor(start, device=device), torch.tensor(length, device=device))
         return self._cache[key]
 
+
+    def _axis_columns(self, segments, device) -> torch.Tensor:
+        """(B, A) long: the patch columns of each sample's positional axes (a video axis is one row), cached."""
+        key = ("columns", tuple(tuple((s.offset, s.length, s.kind, s.part, s.image_index, tuple(s.grid)) for s in sample)
+                                for sample in segments), str(device))
+        if key not in self._cache:
+            axes = [self.axes(sample) for sample in segments]
+            width = max(len(sample) for sample in axes)
+            columns = [[a.grid[1] for a in sample] + [1] * (width - len(sample)) for sample in axes]
+            self._cache[key] = torch.tensor(columns, device=device)
+        return self._cache[key]
 
     @staticmethod
     def _auto_trends(scores, ranks, segments, padding) -> list[torch.Tensor]:

@@ -1,7 +1,8 @@
 """Positional debiasing profiles: the trend f(i/L) that attention scores are divided by.
 
-A profile is either exponential, f(x) = mu * exp(sigma * x) with x = i / L, or a per-position curve of L
-values. Built-in profiles (package data, `vtprune profiles`) are the weights published with arXiv
+A profile is either exponential, f(x) = mu * exp(sigma * x) with x = i / L, a per-position curve of L
+values, or a 2-D "rowcol" profile (a row trend times a column trend, stored as its L values); `alpha` tempers
+any of them, f ** alpha (1, the default, as published; `debias.corrections` fits it). Built-in profiles (package data, `vtprune profiles`) are the weights published with arXiv
 2508.17807 for LLaVA-1.5-7B, and the testbed model's own, written by `vtprune calibrate` (the same JSON
 format; a built-in file holds either one profile or {"profiles": [...], "aliases": {...}}).
 """
@@ -35,7 +36,7 @@ def check_trend_range(profile: "Profile") -> None:
     above `SIGMA_LIMIT`, mu or curve values outside `SCALE_LIMITS`, a curve spanning more than exp(SIGMA_LIMIT)."""
     low, high = SCALE_LIMITS
     name = profile.name
-    if profile.kind == "exp" and abs(profile.sigma) > SIGMA_LIMIT:
+    if profile.kind == "exp" and abs(profile.alpha * profile.sigma) > SIGMA_LIMIT:
         raise ValueError(
             f"profile {name!r}: sigma={profile.sigma:g} is outside [-{SIGMA_LIMIT:g}, {SIGMA_LIMIT:g}]: its weights would "
             f"span exp({abs(profile.sigma):g}), beyond what float32 scores can be divided by (published and calibrated "
@@ -44,7 +45,7 @@ def check_trend_range(profile: "Profile") -> None:
     if not low <= profile.mu <= high:
         raise ValueError(f"profile {name!r}: mu={profile.mu:g} is outside [{low:g}, {high:g}]: rescale the profile (only "
                          "the shape of the trend matters)")
-    if profile.kind == "curve":
+    if profile.kind in ("curve", "rowcol"):
         smallest, largest = min(profile.curve), max(profile.curve)
         if smallest < low or largest > high or largest / smallest > math.exp(SIGMA_LIMIT):
             raise ValueError(
@@ -59,7 +60,7 @@ class Profile:
     keeps any further metadata (fit quality, sample count, data fingerprint, ...)."""
 
     name: str
-    kind: Literal["exp", "curve"]
+    kind: Literal["exp", "curve", "rowcol"]
     length: int
     sigma: float | None = None
     mu: float = 1.0
@@ -71,19 +72,22 @@ class Profile:
     source: str = ""
     description: str = ""
     extra: dict = field(default_factory=dict)
+    alpha: float = 1.0  # tempering: the trend is f ** alpha
 
     def __post_init__(self) -> None:
-        if self.kind not in ("exp", "curve"):
-            raise ValueError(f"profile {self.name!r}: kind must be 'exp' or 'curve', got {self.kind!r}")
+        if self.kind not in ("exp", "curve", "rowcol"):
+            raise ValueError(f"profile {self.name!r}: kind must be 'exp', 'curve' or 'rowcol', got {self.kind!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 4:
+            raise ValueError(f"profile {self.name!r}: alpha={self.alpha!r} must be a number in [0, 4] (1: untempered)")
         if not isinstance(self.length, int) or self.length <= 0:
             raise ValueError(f"profile {self.name!r}: length must be a positive int, got {self.length!r}")
         if self.kind == "exp" and (self.sigma is None or not math.isfinite(self.sigma)):
             raise ValueError(f"profile {self.name!r}: an exponential profile needs a finite sigma")
         if not (math.isfinite(self.mu) and self.mu > 0):
             raise ValueError(f"profile {self.name!r}: mu must be positive and finite")
-        if self.kind == "curve":
+        if self.kind in ("curve", "rowcol"):
             if self.curve is None or len(self.curve) != self.length:
-                raise ValueError(f"profile {self.name!r}: a curve profile needs {self.length} values")
+                raise ValueError(f"profile {self.name!r}: a {self.kind} profile needs {self.length} values")
             if not all(math.isfinite(v) and v > 0 for v in self.curve):
                 raise ValueError(f"profile {self.name!r}: curve values must be positive and finite")
         check_trend_range(self)
@@ -92,14 +96,14 @@ class Profile:
         """(length,) float32 trend f(i/L) for a sample with `length` visual tokens per image."""
         if self.kind == "exp":
             x = torch.arange(length, dtype=torch.float64) / length
-            return (self.mu * torch.exp(self.sigma * x)).float()
+            return (self.mu * torch.exp(self.sigma * x)).pow(self.alpha).float()
         if length != self.length:
             raise ValueError(
                 f"profile {self.name!r} is a per-position curve for {self.length} visual tokens, but the image "
                 f"has {length}: calibrate a profile for this model (`vtprune calibrate`) or use an "
                 "exponential profile, which is resampled on x = i/L."
             )
-        return torch.tensor(self.curve, dtype=torch.float32)
+        return torch.tensor(self.curve, dtype=torch.float64).pow(self.alpha).float()
 
     def weights(self, length: int) -> torch.Tensor:
         """(length,) multiplicative weights 1/f, normalised so that weights[0] == 1."""
@@ -125,7 +129,7 @@ class Profile:
         missing = {"name", "kind", "length"} - set(values)
         if missing:
             raise ValueError(f"profile data lacks {sorted(missing)}")
-        for key in ("sigma", "mu"):
+        for key in ("sigma", "mu", "alpha"):
             value = values.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise ValueError(f"{key}={value!r} must be a number")

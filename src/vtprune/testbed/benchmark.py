@@ -35,7 +35,16 @@ DEBIAS = {  # setting suffix -> Debias factory given the method's calibrated pro
     "positional": lambda profile: Debias(profile=profile, padding=False),
     "padding": lambda profile: Debias(padding=True),
     "auto+padding": lambda profile: Debias(profile="auto", padding=True),
+    # issue 23's corrections beyond the exponential, each with padding, paired with the paper's "+debias"
+    "tempered": lambda profile: Debias(profile=f"{profile}/tempered", padding=True),
+    "curve": lambda profile: Debias(profile=f"{profile}/curve", padding=True),
+    "rowcol": lambda profile: Debias(profile=f"{profile}/rowcol", padding=True),
+    "rowrank": lambda profile: Debias(profile="rowrank", padding=True),
+    "rowmean": lambda profile: Debias(profile="rowmean", padding=True),
 }
+#: the positional corrections compared with the paper's exponential on testbed-lm (`bench/corrections.py`
+#: calibrates the profiled ones on the validation split)
+CORRECTIONS = ("tempered", "curve", "rowcol", "rowrank", "rowmean")
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,23 @@ def lm_settings() -> list[Setting]:
     return [*_method_rows(["positional", "padding", "debias", "auto+padding"]), Setting("Random", "random")]
 
 
+def correction_settings() -> list[Setting]:
+    """testbed-lm's corrections comparison: each of the paper's six attention methods with each correction of
+    `CORRECTIONS` (padding on), paired with the method's "+debias" (the paper's exponential with padding); the
+    calibrated kinds only where `bench/corrections.py` wrote the method's profile (FastV and PyramidDrop)."""
+    from ..debias.profiles import builtin_profiles
+
+    shipped = {profile.name for profile in builtin_profiles()}
+    return [Setting(f"{label(name)}+{kind}", name, kind, baseline=f"{label(name)}+debias")
+            for name in ("fastv", "pdrop", "himap", "sparsevlm", "tokencarve", "illava") for kind in CORRECTIONS
+            if kind in ("rowrank", "rowmean") or f"testbed-lm/{name}/{kind}" in shipped]
+
+
+def selectable_for(model: str) -> list[Setting]:
+    """The settings `--settings` may name for `model`: its default rows, and for testbed-lm the corrections."""
+    return settings_for(model) + (correction_settings() if model == "testbed-lm" else [])
+
+
 def settings_for(model: str) -> list[Setting]:
     """The default rows of `model`'s table ("testbed" or "testbed-lm")."""
     return lm_settings() if model == "testbed-lm" else default_settings()
@@ -109,7 +135,7 @@ def settings_for(model: str) -> list[Setting]:
 
 def settings() -> dict[str, Setting]:
     """Every known setting by name (both models' tables)."""
-    return {s.name: s for s in default_settings() + lm_settings()}
+    return {s.name: s for s in default_settings() + lm_settings() + correction_settings()}
 
 
 @dataclass
@@ -169,12 +195,14 @@ def run_benchmark(
     log: Callable[[str], None] | None = None,
     state_path: str | Path | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    saved_only: bool = False,
 ) -> tuple[list[Cell], list[BiasSummary]]:
     """Every (budget, setting) cell, and the bias measured from each method's debiased runs.
 
     state_path: a JSON file where every finished cell is saved, so that an interrupted benchmark resumes (only
     cells of the same model and questions are reused; `log` says how many). progress(done, total, name) is
-    called before each cell and at the end."""
+    called before each cell and at the end. saved_only: measure nothing; only the cells saved in `state_path`
+    (the others are left out: assembles the tables of runs made with different settings or budgets)."""
     from ..adapters import adapter_for
     from ..apps.analysis import bias_report
     from ..apps.calibration import data_fingerprint, model_fingerprint
@@ -206,9 +234,15 @@ def run_benchmark(
             finished += 1
             if _cell_key(keep, name) in saved:
                 cell, summary = saved[_cell_key(keep, name)]
+                setting = table.get(name)
+                if cell.delta is None and setting is not None and setting.baseline in done:  # measured before its baseline
+                    cell.baseline = setting.baseline
+                    cell.delta = paired_delta(cell.correct, done[setting.baseline].correct)
                 done[name] = cell
                 cells.append(cell)
                 bias += [summary] if summary is not None else []
+                continue
+            if saved_only:
                 continue
             setting = table.get(name)
             press = None if keep is None else setting.press(keep, model_name(model))
@@ -367,4 +401,4 @@ def save_results(path: str | Path, cells: Sequence[Cell], bias: Sequence[BiasSum
     return atomic_write_json(path, data)
 
 
-__all__ = ["KEEPS", "Setting", "default_settings", "lm_settings", "settings_for", "settings", "wilson", "paired_delta", "evaluate", "run_benchmark", "markdown_tables", "save_results"]
+__all__ = ["KEEPS", "Setting", "default_settings", "lm_settings", "correction_settings", "selectable_for", "settings_for", "settings", "wilson", "paired_delta", "evaluate", "run_benchmark", "markdown_tables", "save_results"]

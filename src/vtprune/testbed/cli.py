@@ -174,6 +174,10 @@ def eval_cmd(
         "runs/testbed-eval.partial.json without --out); removed when the run completes."
     ),
     wait: bool = typer.Option(False, "--wait", help="if another run is writing the same results, wait for it to finish instead of stopping"),
+    keep_state: bool = typer.Option(False, "--keep-state", help="keep the --state file when the run completes, so that "
+                                    "a later run with more settings or budgets reuses its cells"),
+    saved_only: bool = typer.Option(False, "--saved-only", help="measure nothing: the tables of the cells saved in "
+                                    "--state only (the others left empty), e.g. of runs with different settings"),
 ) -> None:
     """Accuracy on the test split for each budget x setting (every registered method with and without
     debiasing, FastV's ablations, the other position numbering, Random), with 95% intervals, paired
@@ -188,6 +192,8 @@ def eval_cmd(
         raise _usage(f"--n {n}: the testbed generates at most {TESTBED_MAX:,} questions per split")
     if batch_size < 1:
         raise _usage(f"--batch-size {batch_size}: must be >= 1")
+    if saved_only and (state is None or not state.is_file()):
+        raise _usage(f"--saved-only needs the --state file of earlier runs ({state or 'no --state given'}): it measures nothing")
     if model_name not in ("testbed", "testbed-lm"):
         raise _usage(f"--model {model_name}: choose 'testbed' or 'testbed-lm' (`vtprune eval` evaluates other models)")
     if model_name == "testbed-lm":
@@ -217,25 +223,27 @@ def eval_cmd(
     import torch
     from PIL import Image
 
-    from vtprune.testbed.benchmark import keep_label, markdown_tables, run_benchmark, save_results, settings_for, wilson
+    from vtprune.testbed.benchmark import (keep_label, markdown_tables, run_benchmark, save_results, selectable_for,
+                                           settings_for, wilson)
 
     all_settings = settings_for(model_name)
     if list_settings:
-        for setting in all_settings:
+        for setting in selectable_for(model_name):
             extra = f" (paired with {setting.baseline})" if setting.baseline else ""
             console.print(f"{setting.name}: method {setting.method}, debias {setting.debias or 'off'}, "
                           f"positions {setting.positions or 'official'}{extra}")
         return
     names = [s.strip() for s in settings.split(",") if s.strip()]
     chosen_methods = [m.strip() for m in methods.split(",") if m.strip()]
-    known = {s.name for s in all_settings}
+    known = {s.name for s in selectable_for(model_name)}
     if set(names) - known:
         raise _usage(f"--settings: unknown {', '.join(sorted(set(names) - known))}; `vtprune testbed eval --list` shows them")
     if chosen_methods:
         unknown = set(chosen_methods) - {s.method for s in all_settings}
         if unknown:
             raise _usage(f"--methods: unknown {', '.join(sorted(unknown))}; choose from {', '.join(sorted({s.method for s in all_settings}))}")
-        names = [s.name for s in all_settings if s.method in chosen_methods and (not names or s.name in names)]
+        pool = selectable_for(model_name) if names else all_settings  # the corrections only when named
+        names = [s.name for s in pool if s.method in chosen_methods and (not names or s.name in names)]
 
     from vtprune.testbed.data import Sample, make_split
     from vtprune.testbed.model import load_testbed
@@ -271,11 +279,13 @@ def eval_cmd(
 
         try:
             cells, bias = run_benchmark(model, processor, test, keeps=keep_values, names=names or None,
-                                        batch_size=batch_size, log=bar.console.print, state_path=state, progress=progress)
+                                        batch_size=batch_size, log=bar.console.print, state_path=state, progress=progress,
+                                        saved_only=saved_only)
         except KeyboardInterrupt:
             bar.console.print(f"interrupted: finished cells are saved in {state}; rerun the same command to resume")
             raise
-    state.unlink(missing_ok=True)
+    if not (keep_state or saved_only):
+        state.unlink(missing_ok=True)
     table = Table(title=f"{model_name} accuracy, {n} test questions (95% Wilson interval; paired difference to the "
                         "baseline); tok/layer: visual tokens per decoder layer, averaged (what the setting costs)")
     table.add_column("setting")

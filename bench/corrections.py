@@ -29,14 +29,14 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from vtprune.calibration import data_fingerprint, profile_from_records
+from vtprune.apps.calibration import data_fingerprint, profile_from_records
 from vtprune.debias import Debias
 from vtprune.debias.corrections import (corrected_profile, fit_alpha, row_flatness, row_mean, row_rank, rowcol_trend,
                                         top_k_real)
 from vtprune.debias.profiles import load_profile
-from vtprune.geometry import _axis_overlap, geometry_from_processor
+from vtprune.adapters.geometry import _axis_overlap, geometry_from_processor
 from vtprune.methods import METHODS
-from vtprune.runner import run_examples
+from vtprune.apps.runner import run_examples
 from vtprune.testbed.data import make_split
 from vtprune.testbed.lm import load_testbed_lm
 

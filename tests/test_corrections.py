@@ -14,8 +14,8 @@ from vtprune.debias import Debias
 from vtprune.debias.corrections import (fit_alpha, keep_flatness, row_flatness, row_mean, row_rank, rowcol_trend,
                                         top_k_real)
 from vtprune.debias.profiles import Profile, load_profile
-from vtprune.runner import ScoreRecord
-from vtprune.selection.opcount import count_ops
+from vtprune.apps.runner import ScoreRecord
+from vtprune.core.selection.opcount import count_ops
 
 ROWS, COLS = 6, 8
 LENGTH = ROWS * COLS

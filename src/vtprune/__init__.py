@@ -10,7 +10,13 @@ import importlib
 
 __version__ = "0.1.0"
 
-_HOMES = {"Debias": ".debias", "Press": ".core.press", "Stage": ".core.stages", "StageSelection": ".core.stages", "Kept": ".core.stages"}
+_HOMES = {
+    "Debias": ".debias",
+    "Press": ".core.press",
+    "Stage": ".core.stages",
+    "StageSelection": ".core.stages",
+    "Kept": ".core.stages",
+}
 
 
 def __getattr__(name: str):
@@ -25,4 +31,23 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
-__all__ = ["Debias", "FastV", "PyramidDrop", "HiMAP", "SparseVLM", "TokenCarve", "ILLaVA", "VisionZip", "FasterVLM", "DART", "DivPrune", "Random", "Press", "Stage", "StageSelection", "Kept", "METHODS", "__version__"]
+__all__ = [
+    "Debias",
+    "FastV",
+    "PyramidDrop",
+    "HiMAP",
+    "SparseVLM",
+    "TokenCarve",
+    "ILLaVA",
+    "VisionZip",
+    "FasterVLM",
+    "DART",
+    "DivPrune",
+    "Random",
+    "Press",
+    "Stage",
+    "StageSelection",
+    "Kept",
+    "METHODS",
+    "__version__",
+]

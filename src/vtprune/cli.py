@@ -86,8 +86,9 @@ class _Group(TyperGroup):
         if not debug:
             warnings.showwarning = _show_warning
         try:
-            code = super().main(args=args, prog_name="vtprune", complete_var=complete_var,
-                                standalone_mode=False, **extra)
+            code = super().main(
+                args=args, prog_name="vtprune", complete_var=complete_var, standalone_mode=False, **extra
+            )
             code = code if isinstance(code, int) else 0
             if code == 130:
                 sys.stderr.write("vtprune: interrupted\n")
@@ -115,7 +116,9 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True, help="print the version and exit"),
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="print the version and exit"
+    ),
     debug: bool = typer.Option(False, "--debug", help="show the traceback of an error (accepted anywhere on the line)"),
 ) -> None:
     """Visual-token pruning with debiased attention."""
@@ -178,9 +181,13 @@ def layer_option(text: str | None):
     try:
         values = [int(part) for part in str(text).split(",")]
     except ValueError:
-        raise UsageError(f"--layer {text!r}: give a layer index (an integer) or a comma-separated list of them (2,10,20)") from None
+        raise UsageError(
+            f"--layer {text!r}: give a layer index (an integer) or a comma-separated list of them (2,10,20)"
+        ) from None
     if any(value < 0 for value in values):
-        raise UsageError(f"--layer {text}: layers count from 0 (the first decoder layer); negative indices are not accepted")
+        raise UsageError(
+            f"--layer {text}: layers count from 0 (the first decoder layer); negative indices are not accepted"
+        )
     return values[0] if len(values) == 1 else values
 
 
@@ -213,7 +220,9 @@ def make_press(method: str, *, debias=None, **options):
     try:
         cls = method_class(method)
     except ValueError:
-        raise UsageError(f"--method {method!r}: unknown method; choose from {', '.join(METHODS)} (`vtprune methods`)") from None
+        raise UsageError(
+            f"--method {method!r}: unknown method; choose from {', '.join(METHODS)} (`vtprune methods`)"
+        ) from None
     if cls.query is None:
         debias = None  # nothing to debias
     from dataclasses import fields
@@ -371,8 +380,9 @@ def _check_text(text: str, option: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as error:
-        raise UsageError(f"{option}: not valid UTF-8 text (undecodable byte at character {error.start}): give the "
-                         "text in UTF-8") from None
+        raise UsageError(
+            f"{option}: not valid UTF-8 text (undecodable byte at character {error.start}): give the text in UTF-8"
+        ) from None
 
 
 def _check_generation_length(info, max_new_tokens: int) -> None:
@@ -381,8 +391,9 @@ def _check_generation_length(info, max_new_tokens: int) -> None:
 
     limit = max_positions(info.config)
     if limit is not None and max_new_tokens >= limit:
-        raise UsageError(f"--max-new-tokens {max_new_tokens}: the model has {limit} positions in all (prompt "
-                         "included); give fewer")
+        raise UsageError(
+            f"--max-new-tokens {max_new_tokens}: the model has {limit} positions in all (prompt included); give fewer"
+        )
 
 
 def _print_json(data) -> None:
@@ -406,18 +417,26 @@ def run(
     keep: str | None = typer.Option(
         None, "--keep", help="visual tokens kept per stage: a count or a fraction, or a list (192,64)"
     ),
-    layer: str | None = typer.Option(None, "--layer", help="layer(s) before which tokens are pruned (default: the method's)"),
+    layer: str | None = typer.Option(
+        None, "--layer", help="layer(s) before which tokens are pruned (default: the method's)"
+    ),
     positions: str | None = typer.Option(None, "--positions", help="original or compact (default: the method's)"),
     no_debias: bool = typer.Option(False, "--no-debias", help="rank by raw attention scores"),
     profile: str | None = typer.Option(
-        None, "--profile", help="positional profile: built-in name (see `vtprune profiles`), JSON path, 'auto' or 'none'"
+        None,
+        "--profile",
+        help="positional profile: built-in name (see `vtprune profiles`), JSON path, 'auto' or 'none'",
     ),
     seed: int | None = typer.Option(None, "--seed", help="seed of the random method"),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="answer length limit (>= 1)"),
     repeats: int = typer.Option(5, "--repeats", help="timed prefills of each (unpruned, pruned), after a warm-up"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or mps"),
-    dtype: str = typer.Option("auto", "--dtype", help="auto (fp32 on CPU, bf16 on GPU; the testbed: fp32), float32, bfloat16, float16"),
-    threads: int | None = typer.Option(None, "--threads", help="CPU threads of torch (default: torch's; 1 is fastest for small models on a busy CPU)"),
+    dtype: str = typer.Option(
+        "auto", "--dtype", help="auto (fp32 on CPU, bf16 on GPU; the testbed: fp32), float32, bfloat16, float16"
+    ),
+    threads: int | None = typer.Option(
+        None, "--threads", help="CPU threads of torch (default: torch's; 1 is fastest for small models on a busy CPU)"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Answer a question about an image unpruned and pruned: answers, tokens, prefill times and the speed-up."""
@@ -430,8 +449,13 @@ def run(
         raise UsageError("--prompt is empty: ask a question about the image")
     if "<image>" in prompt:
         raise UsageError("--prompt contains the image placeholder <image>: vtprune adds it; give only the question")
-    options = {"budget": budget_option(budget), "keep": number_option(keep, "--keep"), "layer": layer_option(layer),
-               "positions": positions, "seed": seed}
+    options = {
+        "budget": budget_option(budget),
+        "keep": number_option(keep, "--keep"),
+        "layer": layer_option(layer),
+        "positions": positions,
+        "seed": seed,
+    }
     press = make_press(method, **options)
     _check_profile_choice(press, profile, no_debias)
     debias_wanted = not no_debias and press.query is not None
@@ -459,28 +483,55 @@ def run(
     notes = [note for stage in selection for note in stage.notes]
     stages = _stages(press, info.num_layers)
     if as_json:
-        _print_json({
-            "model": info.name, "method": press.name, "stages": stages, "positions": press.positions,
-            "debias": None if debias is None else debias.describe(), "image": str(image), "image_size": list(picture.size),
-            "prompt": prompt, "device": device, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-            "threads": torch.get_num_threads(),
-            "repeats": repeats, "warmup_ms": {"unpruned": result.warmup_ms[0], "pruned": result.warmup_ms[1]},
-            "unpruned": {"answer": result.unpruned.text, "prefill_ms": result.unpruned_median,
-                         "prefill_ms_runs": result.unpruned_ms, "visual_tokens": visual,
-                         "sequence_tokens": result.sequence_tokens[0]},
-            "pruned": {"answer": result.pruned.text, "prefill_ms": result.pruned_median, "prefill_ms_runs": result.pruned_ms,
-                       "visual_tokens": kept, "sequence_tokens": result.sequence_tokens[1],
-                       "kept": [int(i) for i in final.kept[0].tolist()]},
-            "speedup": result.speedup, "notes": notes,
-        })
+        _print_json(
+            {
+                "model": info.name,
+                "method": press.name,
+                "stages": stages,
+                "positions": press.positions,
+                "debias": None if debias is None else debias.describe(),
+                "image": str(image),
+                "image_size": list(picture.size),
+                "prompt": prompt,
+                "device": device,
+                "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+                "threads": torch.get_num_threads(),
+                "repeats": repeats,
+                "warmup_ms": {"unpruned": result.warmup_ms[0], "pruned": result.warmup_ms[1]},
+                "unpruned": {
+                    "answer": result.unpruned.text,
+                    "prefill_ms": result.unpruned_median,
+                    "prefill_ms_runs": result.unpruned_ms,
+                    "visual_tokens": visual,
+                    "sequence_tokens": result.sequence_tokens[0],
+                },
+                "pruned": {
+                    "answer": result.pruned.text,
+                    "prefill_ms": result.pruned_median,
+                    "prefill_ms_runs": result.pruned_ms,
+                    "visual_tokens": kept,
+                    "sequence_tokens": result.sequence_tokens[1],
+                    "kept": [int(i) for i in final.kept[0].tolist()],
+                },
+                "speedup": result.speedup,
+                "notes": notes,
+            }
+        )
         return
     layers = ", ".join(str(s["layer"]) for s in stages)
     table = Table(title=f"{info.name}: {type(press).__name__} (layers {layers}, positions {press.positions})")
     for column in ("run", "answer", "visual tokens", "sequence tokens", "prefill ms"):
         table.add_column(column, justify="right" if column.endswith(("tokens", "ms")) else "left")
-    table.add_row("unpruned", result.unpruned.text, str(visual), str(result.sequence_tokens[0]), f"{result.unpruned_median:.1f}")
-    table.add_row(press.name, result.pruned.text, f"{visual} -> {kept}", f"{result.sequence_tokens[0]} -> {result.sequence_tokens[1]}",
-                  f"{result.pruned_median:.1f}")
+    table.add_row(
+        "unpruned", result.unpruned.text, str(visual), str(result.sequence_tokens[0]), f"{result.unpruned_median:.1f}"
+    )
+    table.add_row(
+        press.name,
+        result.pruned.text,
+        f"{visual} -> {kept}",
+        f"{result.sequence_tokens[0]} -> {result.sequence_tokens[1]}",
+        f"{result.pruned_median:.1f}",
+    )
     console.print(table)
     console.print(
         f"prefill speed-up {result.speedup:.2f}x (median of {repeats} interleaved runs each, after a warm-up whose "
@@ -493,12 +544,20 @@ def run(
 
 @app.command()
 def demo(
-    model_name: str = typer.Option("testbed-lm", "--model", help="'testbed-lm' (SmolLM2-135M inside: the bias is real) or 'testbed'"),
-    keep: str = typer.Option("0.25", "--keep", help="visual tokens FastV keeps: a fraction (0.25 = 36 of 144) or a count"),
-    questions: int = typer.Option(48, "--questions", help="held-out test questions answered (the first N of the test split)"),
+    model_name: str = typer.Option(
+        "testbed-lm", "--model", help="'testbed-lm' (SmolLM2-135M inside: the bias is real) or 'testbed'"
+    ),
+    keep: str = typer.Option(
+        "0.25", "--keep", help="visual tokens FastV keeps: a fraction (0.25 = 36 of 144) or a count"
+    ),
+    questions: int = typer.Option(
+        48, "--questions", help="held-out test questions answered (the first N of the test split)"
+    ),
     count: int = typer.Option(4, "--count", help="pictures of questions whose FastV answers differ (1-20)"),
     out_dir: Path = typer.Option(Path("vtprune-demo"), "--out-dir", help="where the PNGs go"),
-    profile: str | None = typer.Option(None, "--profile", help="positional profile (default: the model's calibrated one)"),
+    profile: str | None = typer.Option(
+        None, "--profile", help="positional profile (default: the model's calibrated one)"
+    ),
     wait: bool = typer.Option(False, "--wait", help=WAIT_HELP),
 ) -> None:
     """What debiasing changes, offline, in about a minute on a CPU: a shipped model answers held-out questions
@@ -506,7 +565,9 @@ def demo(
     difference, and draws the first questions whose two FastV answers differ (see vtprune.apps.demo)."""
     amount = budget_option(keep, "--keep")
     if model_name not in ("testbed-lm", "testbed"):
-        raise UsageError(f"--model {model_name}: the demo runs 'testbed-lm' or 'testbed' (`vtprune run` takes any model)")
+        raise UsageError(
+            f"--model {model_name}: the demo runs 'testbed-lm' or 'testbed' (`vtprune run` takes any model)"
+        )
     if questions < 1:
         raise UsageError(f"--questions {questions}: answer at least one question")
     if not 1 <= count <= 20:
@@ -530,16 +591,30 @@ def demo(
     torch.set_num_threads(min(4, torch.get_num_threads()))
     model, processor = load_model(model_name)
     profile = profile or default_profile(model.config, "fastv") or "auto"
-    result = run_demo(model, processor, model_name=model_name, keep=amount, profile=profile, questions=questions,
-                      pictures=count, out_dir=out_dir, progress=lambda name: status.print(f"answering: {name}"))
+    result = run_demo(
+        model,
+        processor,
+        model_name=model_name,
+        keep=amount,
+        profile=profile,
+        questions=questions,
+        pictures=count,
+        out_dir=out_dir,
+        progress=lambda name: status.print(f"answering: {name}"),
+    )
     for line in summary_lines(result):
         console.print(line, highlight=False)
-    console.print(f"debias = padding + positional profile {profile}; pictures: the first differing questions in "
-                  "test order, alternately fixed and broken by debiasing", highlight=False)
+    console.print(
+        f"debias = padding + positional profile {profile}; pictures: the first differing questions in "
+        "test order, alternately fixed and broken by debiasing",
+        highlight=False,
+    )
     for picture in result.pictures:
         answers = ", ".join(f"{name} '{text}'" for name, text in picture.answers.items())
-        console.print(f"  question {picture.number}: {picture.question} (answer {picture.truth}): {answers} -> "
-                      f"{picture.path}", highlight=False)
+        console.print(
+            f"  question {picture.number}: {picture.question} (answer {picture.truth}): {answers} -> {picture.path}",
+            highlight=False,
+        )
 
 
 @app.command()
@@ -550,8 +625,11 @@ def methods() -> None:
     from .core.press import REFERENCE_LAYERS, REFERENCE_TOKENS
     from .methods import METHODS
 
-    table = Table(title="pruning methods (defaults for LLaVA-1.5-7B: 32 layers, 576 visual tokens)",
-                  box=box.SIMPLE_HEAD, title_justify="left")
+    table = Table(
+        title="pruning methods (defaults for LLaVA-1.5-7B: 32 layers, 576 visual tokens)",
+        box=box.SIMPLE_HEAD,
+        title_justify="left",
+    )
     table.add_column("--method", no_wrap=True)
     table.add_column("class and defaults; what it ranks by")
     for name, cls in METHODS.items():
@@ -561,9 +639,12 @@ def methods() -> None:
             for s in press.stages(REFERENCE_LAYERS)
         )
         debias = "debiasable" if cls.query else "no attention, nothing to debias"
-        table.add_row(name, f"[bold]{cls.__name__}[/bold]; stages (before layer: kept) {stages}; positions "
-                            f"{press.positions}; {debias}\n[dim]{cls.summary}[/dim]",
-                      end_section=True)
+        table.add_row(
+            name,
+            f"[bold]{cls.__name__}[/bold]; stages (before layer: kept) {stages}; positions "
+            f"{press.positions}; {debias}\n[dim]{cls.summary}[/dim]",
+            end_section=True,
+        )
     console.print(table)
 
 
@@ -573,7 +654,9 @@ def _profile_groups():
     from .debias.profiles import builtin_aliases, builtin_profiles
     from .methods import METHODS
 
-    by_profile_name = {(cls.profile_name or name): name for name, cls in METHODS.items()} | {name: name for name in METHODS}
+    by_profile_name = {(cls.profile_name or name): name for name, cls in METHODS.items()} | {
+        name: name for name in METHODS
+    }
     aliases = builtin_aliases()
     groups: dict[tuple[str, str], list] = {}
     for p in builtin_profiles():
@@ -589,7 +672,9 @@ def _profile_groups():
 
 @app.command()
 def profiles(
-    show_all: bool = typer.Option(False, "--all", help="list every profile (one per benchmark), also those of methods vtprune does not ship"),
+    show_all: bool = typer.Option(
+        False, "--all", help="list every profile (one per benchmark), also those of methods vtprune does not ship"
+    ),
     method: str | None = typer.Option(None, "--method", help="only this method's profiles (a `vtprune methods` name)"),
     as_json: bool = typer.Option(False, "--json", help="print every profile as JSON"),
 ) -> None:
@@ -603,20 +688,37 @@ def profiles(
     groups = [g for g in _profile_groups() if method is None or g[2] == method]
     if as_json:
         aliases = builtin_aliases()
-        _print_json([
-            {"name": p.name, "aliases": sorted(a for a, target in aliases.items() if target == p.name),
-             "model": model, "method": registry, "kind": p.kind, "length": p.length, "sigma": p.sigma, "mu": p.mu,
-             "layer": p.layer, "query": p.query, "source": p.source, "default": p.name == default or aliases.get(default) == p.name}
-            for model, _, registry, default, members in groups for p in members
-        ])
+        _print_json(
+            [
+                {
+                    "name": p.name,
+                    "aliases": sorted(a for a, target in aliases.items() if target == p.name),
+                    "model": model,
+                    "method": registry,
+                    "kind": p.kind,
+                    "length": p.length,
+                    "sigma": p.sigma,
+                    "mu": p.mu,
+                    "layer": p.layer,
+                    "query": p.query,
+                    "source": p.source,
+                    "default": p.name == default or aliases.get(default) == p.name,
+                }
+                for model, _, registry, default, members in groups
+                for p in members
+            ]
+        )
         return
     from rich import box
 
     shipped = [g for g in groups if g[2] is not None]
     other = [g for g in groups if g[2] is None]
     if not show_all:
-        table = Table(title="built-in positional profiles (--all lists the per-benchmark ones)", title_justify="left",
-                      box=box.SIMPLE_HEAD)
+        table = Table(
+            title="built-in positional profiles (--all lists the per-benchmark ones)",
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
+        )
         for column in ("model", "--method", "default profile", "sigma", "benchmarks"):
             table.add_column(column, no_wrap=True, justify="right" if column in ("sigma", "benchmarks") else "left")
         for model, _, registry, default, members in shipped:
@@ -627,15 +729,21 @@ def profiles(
         if other:
             count = sum(len(g[4]) for g in other)
             names = ", ".join(sorted({g[1] for g in other}))
-            console.print(f"Also built in: {count} profiles of methods vtprune does not ship yet ({names}); --all lists them.")
-        console.print("Pass a name to --profile (run, analyze) or to Debias(profile=...). Sources: arXiv 2508.17807 "
-                      "(llava-1.5-7b), `vtprune calibrate` (testbed).")
+            console.print(
+                f"Also built in: {count} profiles of methods vtprune does not ship yet ({names}); --all lists them."
+            )
+        console.print(
+            "Pass a name to --profile (run, analyze) or to Debias(profile=...). Sources: arXiv 2508.17807 "
+            "(llava-1.5-7b), `vtprune calibrate` (testbed)."
+        )
         return
     for model, label, registry, default, members in shipped + other:
         first = members[0]
         what = f"--method {registry}" if registry else "not a vtprune method yet"
-        console.print(f"[bold]{model}/{label}[/bold]: {what}; default {default}; scores of layer {first.layer}, "
-                      f"query {first.query}")
+        console.print(
+            f"[bold]{model}/{label}[/bold]: {what}; default {default}; scores of layer {first.layer}, "
+            f"query {first.query}"
+        )
         table = Table(box=box.SIMPLE_HEAD)
         for column in ("name", "kind", "L", "sigma"):
             table.add_column(column, no_wrap=True, justify="right" if column in ("L", "sigma") else "left")
@@ -655,7 +763,11 @@ def _progress(label: str):
     )
 
     return Progress(
-        TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
         console=status,
     )
 
@@ -669,7 +781,9 @@ def _load_data(data: str, images: Path | None, samples: int, split: str):
     if split not in SPLITS:
         raise UsageError(f"--split {split!r}: use {', '.join(SPLITS)} (for --data testbed)")
     if data != "testbed" and images is not None and not images.is_dir():
-        raise UsageError(f"--images {images} is not a directory: give the folder the jsonl's image paths are relative to")
+        raise UsageError(
+            f"--images {images} is not a directory: give the folder the jsonl's image paths are relative to"
+        )
     try:
         with warnings.catch_warnings():  # reported below, once
             warnings.simplefilter("ignore", UserWarning)
@@ -677,7 +791,9 @@ def _load_data(data: str, images: Path | None, samples: int, split: str):
     except ValueError as error:
         raise UsageError(f"--data: {error}") from None
     if report.unreadable:
-        status.print(f"[yellow]skipped {len(report.unreadable)} unreadable image(s)[/yellow], e.g. {report.unreadable[0][0]}")
+        status.print(
+            f"[yellow]skipped {len(report.unreadable)} unreadable image(s)[/yellow], e.g. {report.unreadable[0][0]}"
+        )
     return examples
 
 
@@ -688,13 +804,17 @@ DATA_HELP = "calibration data: a LLaVA-style jsonl ({'image': path, 'text': ques
 def calibrate(
     model_path: str = typer.Option(..., "--model", help="local model directory, hub id, 'testbed' or 'testbed-lm'"),
     method: str = typer.Option("fastv", "--method", help="attention-based method whose scores are calibrated"),
-    layer: str | None = typer.Option(None, "--layer", help="the method's pruning layer(s) (default: the method's); its first stage is calibrated"),
+    layer: str | None = typer.Option(
+        None, "--layer", help="the method's pruning layer(s) (default: the method's); its first stage is calibrated"
+    ),
     data: str = typer.Option(..., "--data", help=DATA_HELP),
     images: Path | None = typer.Option(None, "--images", help="folder the jsonl's image paths are relative to"),
     samples: int = typer.Option(256, "--samples", help="examples to use (the first N)"),
     split: str = typer.Option("val", "--split", help="testbed split for --data testbed"),
     out: Path = typer.Option(..., "--out", help="profile JSON to write"),
-    curve: bool = typer.Option(False, "--curve", help="store a smoothed per-position curve (used instead of the exp fit)"),
+    curve: bool = typer.Option(
+        False, "--curve", help="store a smoothed per-position curve (used instead of the exp fit)"
+    ),
     name: str | None = typer.Option(None, "--name", help="profile name (default MODEL/METHOD/calibrated)"),
     no_padding: bool = typer.Option(False, "--no-padding", help="do not exclude padding tokens from the fit"),
     force: bool = typer.Option(False, "--force", help="recompute even if OUT already holds this calibration"),
@@ -716,7 +836,9 @@ def calibrate(
     _positive(batch_size, "--batch-size")
     press = make_press(method, layer=layer_option(layer))
     if press.query is None:
-        raise UsageError(f"--method {method}: it ranks without attention, so there is nothing to calibrate; pick an attention method (`vtprune methods`)")
+        raise UsageError(
+            f"--method {method}: it ranks without attention, so there is nothing to calibrate; pick an attention method (`vtprune methods`)"
+        )
     if name is not None:
         _check_text(name, "--name")
     _check_output_file(out, "--out")
@@ -735,8 +857,10 @@ def calibrate(
             previous = None
         if previous is not None and reusable(previous, settings, curve=curve, name=name):
             outcome = "reused"
-            status.print(f"reused: {out} already holds this calibration (same model, data, method, layer and "
-                         "settings); nothing recomputed (--force recomputes)")
+            status.print(
+                f"reused: {out} already holds this calibration (same model, data, method, layer and "
+                "settings); nothing recomputed (--force recomputes)"
+            )
     if outcome != "reused":
         done, problem = read_progress(state, settings)
         if done:
@@ -747,8 +871,17 @@ def calibrate(
             with _progress("calibrate") as bar:
                 task = bar.add_task("calibrate", total=len(examples))
                 result = run_calibration(
-                    model, processor, examples, press, batch_size=batch_size, curve=curve, padding=not no_padding,
-                    name=name, method=method, state_path=state, progress=lambda n: bar.advance(task, n),
+                    model,
+                    processor,
+                    examples,
+                    press,
+                    batch_size=batch_size,
+                    curve=curve,
+                    padding=not no_padding,
+                    name=name,
+                    method=method,
+                    state_path=state,
+                    progress=lambda n: bar.advance(task, n),
                     model_name=info.name,
                 )
         except KeyboardInterrupt:
@@ -762,10 +895,22 @@ def calibrate(
     extra = profile.extra
     fit = {"mu": profile.mu, "sigma": profile.sigma, "r2": extra.get("r2")}
     if as_json:
-        _print_json({"outcome": outcome, "resumed_samples": result.resumed if result is not None else None,
-                     "out": str(out), "profile": profile.name, "model": profile.model, "method": profile.method,
-                     "layer": profile.layer, "query": profile.query, "kind": profile.kind, "length": profile.length,
-                     "samples": extra.get("samples"), "fit": fit})
+        _print_json(
+            {
+                "outcome": outcome,
+                "resumed_samples": result.resumed if result is not None else None,
+                "out": str(out),
+                "profile": profile.name,
+                "model": profile.model,
+                "method": profile.method,
+                "layer": profile.layer,
+                "query": profile.query,
+                "kind": profile.kind,
+                "length": profile.length,
+                "samples": extra.get("samples"),
+                "fit": fit,
+            }
+        )
         return
     residuals = extra.get("residuals") or [0.0]
     table = Table(title=f"calibrated profile {profile.name} ({outcome})", show_header=False)
@@ -787,13 +932,19 @@ def analyze(
     model_path: str = typer.Option(..., "--model", help="local model directory, hub id, 'testbed' or 'testbed-lm'"),
     method: str = typer.Option("fastv", "--method"),
     layer: str | None = typer.Option(None, "--layer", help="pruning layer(s) (default: the method's)"),
-    budget: str | None = typer.Option(None, "--budget", help="token budget (count of 576 or fraction); default 0.25 unless --keep"),
-    keep: str | None = typer.Option(None, "--keep", help="visual tokens kept per stage: a count or a fraction, or a list"),
+    budget: str | None = typer.Option(
+        None, "--budget", help="token budget (count of 576 or fraction); default 0.25 unless --keep"
+    ),
+    keep: str | None = typer.Option(
+        None, "--keep", help="visual tokens kept per stage: a count or a fraction, or a list"
+    ),
     data: str = typer.Option(..., "--data", help=DATA_HELP),
     images: Path | None = typer.Option(None, "--images"),
     samples: int = typer.Option(256, "--samples"),
     split: str = typer.Option("val", "--split"),
-    profile: str = typer.Option("auto", "--profile", help="positional debiasing: built-in name, JSON path, 'auto' or 'none'"),
+    profile: str = typer.Option(
+        "auto", "--profile", help="positional debiasing: built-in name, JSON path, 'auto' or 'none'"
+    ),
     no_padding: bool = typer.Option(False, "--no-padding", help="turn padding debiasing off"),
     out_dir: Path = typer.Option(Path("analysis"), "--out-dir", help="where report.json and the PNGs go"),
     example: int = typer.Option(0, "--example", help="index of the example drawn in selection.png"),
@@ -807,7 +958,9 @@ def analyze(
     _positive(samples, "--samples")
     _positive(batch_size, "--batch-size")
     if make_press(method).query is None:
-        raise UsageError(f"--method {method}: it uses no attention scores, so there is nothing to analyse; pick an attention method")
+        raise UsageError(
+            f"--method {method}: it uses no attention scores, so there is nothing to analyse; pick an attention method"
+        )
     debias = _debias(profile, padding=not no_padding)
     keep_value = number_option(keep, "--keep")
     budget_value = budget_option(budget) if budget is not None else (0.25 if keep_value is None else None)
@@ -823,6 +976,7 @@ def analyze(
     from .adapters import adapter_for
     from .apps.analysis import bias_report
     from .apps.plots import plot_keep_frequency, plot_score_heatmap, plot_score_vs_position, plot_selection
+
     model, processor = _load(info, device, dtype)
     records = _analyze_records(model, processor, examples, press, batch_size, out_dir / "report.partial.json")
     report = bias_report(records)
@@ -830,12 +984,24 @@ def analyze(
     from . import __version__
 
     settings = {
-        "model": info.name, "method": press.name, "layers": [s["layer"] for s in stages],
-        "keep": [s["keep"] for s in stages], "budget": budget_value, "keep_option": keep_value,
-        "positions": press.positions, "profile": debias.describe(),
-        "profile_name": None if debias.profile is None else (debias.profile if debias.loaded_profile is None else debias.loaded_profile.name),
-        "padding": not no_padding, "data": data, "split": split if data == "testbed" else None,
-        "samples": len(examples), "device": device, "dtype": dtype, "vtprune_version": __version__,
+        "model": info.name,
+        "method": press.name,
+        "layers": [s["layer"] for s in stages],
+        "keep": [s["keep"] for s in stages],
+        "budget": budget_value,
+        "keep_option": keep_value,
+        "positions": press.positions,
+        "profile": debias.describe(),
+        "profile_name": None
+        if debias.profile is None
+        else (debias.profile if debias.loaded_profile is None else debias.loaded_profile.name),
+        "padding": not no_padding,
+        "data": data,
+        "split": split if data == "testbed" else None,
+        "samples": len(examples),
+        "device": device,
+        "dtype": dtype,
+        "vtprune_version": __version__,
     }
     data_out = {"settings": settings, **report.to_dict()}
     from .io import atomic_write_json
@@ -844,18 +1010,27 @@ def analyze(
     first = stages[0]
     amount = f"budget {budget_value:g}" if budget_value is not None else f"keep {keep}"
     label = f"{method}, first stage at layer {first['layer']}, {amount}, {debias.describe()}, {len(examples)} samples"
-    plot_score_vs_position(report.curves, report.fits, out_dir / "score_vs_position.png", f"Mean score vs position ({label})")
+    plot_score_vs_position(
+        report.curves, report.fits, out_dir / "score_vs_position.png", f"Mean score vs position ({label})"
+    )
     plot_score_heatmap(report.curves["score_before"], out_dir / "score_heatmap.png", "Mean raw score per patch")
-    plot_keep_frequency(report.curves["freq_before"], report.curves.get("freq_after"), out_dir / "keep_frequency.png",
-                        f"Keep frequency ({label})")
+    plot_keep_frequency(
+        report.curves["freq_before"],
+        report.curves.get("freq_after"),
+        out_dir / "keep_frequency.png",
+        f"Keep frequency ({label})",
+    )
     record = records[example]
     segment = record.segments[0]
     part = slice(segment.offset, segment.offset + segment.length)
     inside = lambda kept: kept[(kept >= segment.offset) & (kept < segment.offset + segment.length)] - segment.offset  # noqa: E731
     plot_selection(
-        examples[example].image, adapter_for(model).image_geometry(processor), segment.grid,
+        examples[example].image,
+        adapter_for(model).image_geometry(processor),
+        segment.grid,
         [("raw scores (no debiasing)", inside(record.kept_raw)), ("debiased", inside(record.kept))],
-        None if record.padding is None else record.padding[part], out_dir / "selection.png",
+        None if record.padding is None else record.padding[part],
+        out_dir / "selection.png",
         f"{examples[example].question}",
     )
     if as_json:
@@ -889,8 +1064,16 @@ def _analyze_records(model, processor, examples, press, batch_size: int, state: 
         with _progress("analyze") as bar:
             task = bar.add_task("analyze", total=len(examples), completed=len(records))
             for start in range(len(records), len(examples), chunk):
-                records += run_examples(model, processor, examples[start:start + chunk], press, generate=False,
-                                        batch_size=batch_size, dry_run=True, progress=lambda n: bar.advance(task, n)).records
+                records += run_examples(
+                    model,
+                    processor,
+                    examples[start : start + chunk],
+                    press,
+                    generate=False,
+                    batch_size=batch_size,
+                    dry_run=True,
+                    progress=lambda n: bar.advance(task, n),
+                ).records
                 if len(records) < len(examples):
                     atomic_write_json(state, {"key": key, "records": [record_to_json(r) for r in records]}, indent=None)
     except KeyboardInterrupt:
@@ -921,24 +1104,42 @@ def _budgets_option(text: str) -> list:
 def eval_command(
     model_path: str = typer.Option(..., "--model", help="local model directory, hub id, 'testbed' or 'testbed-lm'"),
     data: str = typer.Option(..., "--data", help="a LLaVA-style jsonl with an answer per line, or 'testbed'"),
-    images: Path | None = typer.Option(None, "--images", help="folder the jsonl's image paths are relative to (default: the jsonl's)"),
+    images: Path | None = typer.Option(
+        None, "--images", help="folder the jsonl's image paths are relative to (default: the jsonl's)"
+    ),
     samples: int | None = typer.Option(None, "--samples", help="the first N questions (default: all; testbed: 100)"),
     split: str = typer.Option("test", "--split", help="testbed split for --data testbed"),
     methods: str = typer.Option("fastv", "--methods", help="comma-separated methods (`vtprune methods`)"),
-    budgets: str = typer.Option("128", "--budgets", help="comma-separated budgets: counts of 576 (192,128,64) or fractions"),
+    budgets: str = typer.Option(
+        "128", "--budgets", help="comma-separated budgets: counts of 576 (192,128,64) or fractions"
+    ),
     debias: str = typer.Option("none,both", "--debias", help="comma-separated: none, positional, padding, both"),
-    profile: str = typer.Option("default", "--profile", help="positional profile: 'default' (the model's built-in one per method, else auto), a name, a JSON path or 'auto'"),
+    profile: str = typer.Option(
+        "default",
+        "--profile",
+        help="positional profile: 'default' (the model's built-in one per method, else auto), a name, a JSON path or 'auto'",
+    ),
     max_new_tokens: int = typer.Option(16, "--max-new-tokens", help="answer length limit (>= 1)"),
     batch_size: int = typer.Option(1, "--batch-size", help="questions per generate() call (timings are per call)"),
-    pad_to_square: bool | None = typer.Option(None, "--pad-to-square/--no-pad-to-square", help="pad images to a square (LLaVA-1.5's own preprocessing) or not; default: the processor as it is"),
-    out_dir: Path = typer.Option(Path("vtprune-eval"), "--out", help="folder for results.json, results.csv and the saved cells"),
+    pad_to_square: bool | None = typer.Option(
+        None,
+        "--pad-to-square/--no-pad-to-square",
+        help="pad images to a square (LLaVA-1.5's own preprocessing) or not; default: the processor as it is",
+    ),
+    out_dir: Path = typer.Option(
+        Path("vtprune-eval"), "--out", help="folder for results.json, results.csv and the saved cells"
+    ),
     force: bool = typer.Option(False, "--force", help="measure every setting again instead of reusing saved cells"),
     wait: bool = typer.Option(False, "--wait", help=WAIT_HELP),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or mps"),
     dtype: str = typer.Option("auto", "--dtype"),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads of torch"),
     as_json: bool = typer.Option(False, "--json", help="print results.json to stdout"),
-    processes: int = typer.Option(1, "--processes", help="answer the questions in N processes, one model replica each (CPU: threads divided; cuda: one GPU each); under `accelerate launch`/`torchrun` each rank answers its share"),
+    processes: int = typer.Option(
+        1,
+        "--processes",
+        help="answer the questions in N processes, one model replica each (CPU: threads divided; cuda: one GPU each); under `accelerate launch`/`torchrun` each rank answers its share",
+    ),
 ) -> None:
     """Accuracy, speed and memory of every method x budget x debias setting on your own questions.
 
@@ -965,7 +1166,9 @@ def eval_command(
     if split not in SPLITS:
         raise UsageError(f"--split {split!r}: use {', '.join(SPLITS)} (for --data testbed)")
     if data != "testbed" and images is not None and not images.is_dir():
-        raise UsageError(f"--images {images} is not a directory: give the folder the jsonl's image paths are relative to")
+        raise UsageError(
+            f"--images {images} is not a directory: give the folder the jsonl's image paths are relative to"
+        )
     _check_output_dir(out_dir, "--out")
     _check_runtime(device, dtype)
     info = _inspect_model(model_path)
@@ -1010,7 +1213,9 @@ def eval_command(
             set_pad_to_square(processor, pad_to_square)
     for name, chosen in resolved.items():
         if chosen == "auto":
-            notes.append(f"{name}: no built-in profile for this model, positional debiasing uses 'auto' (calibration-free)")
+            notes.append(
+                f"{name}: no built-in profile for this model, positional debiasing uses 'auto' (calibration-free)"
+            )
     for note in notes:
         status.print(f"note: {note}")
     state = out_dir / "cells.json"
@@ -1020,16 +1225,36 @@ def eval_command(
             task = bar.add_task("eval", total=len(settings) * len(questions))
             if sharded:
                 cells, dtype_name = sharding.run_grid_sharded(
-                    info.spec, questions, settings, processes=processes, device=device, dtype=dtype,
-                    pad_to_square=pad_to_square, threads=threads, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                    state_dir=out_dir, force=force, progress=lambda n: bar.advance(task, n),
-                    log=lambda text: status.print(text))
+                    info.spec,
+                    questions,
+                    settings,
+                    processes=processes,
+                    device=device,
+                    dtype=dtype,
+                    pad_to_square=pad_to_square,
+                    threads=threads,
+                    batch_size=batch_size,
+                    max_new_tokens=max_new_tokens,
+                    state_dir=out_dir,
+                    force=force,
+                    progress=lambda n: bar.advance(task, n),
+                    log=lambda text: status.print(text),
+                )
                 if cells is None:
                     return  # a rank other than 0 under a launcher: rank 0 writes the results
             else:
-                cells = run_grid(model, processor, questions, settings, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                 state_path=state, force=force, progress=lambda n: bar.advance(task, n),
-                                 log=lambda text: status.print(text))
+                cells = run_grid(
+                    model,
+                    processor,
+                    questions,
+                    settings,
+                    batch_size=batch_size,
+                    max_new_tokens=max_new_tokens,
+                    state_path=state,
+                    force=force,
+                    progress=lambda n: bar.advance(task, n),
+                    log=lambda text: status.print(text),
+                )
                 dtype_name = str(next(model.parameters()).dtype).replace("torch.", "")
     except KeyboardInterrupt:
         if state.is_file():
@@ -1037,16 +1262,29 @@ def eval_command(
         raise
     from . import __version__
 
-    meta = {"model": info.name, "data": data, "images": None if images is None else str(images),
-            "split": split if data == "testbed" else None, "questions": len(questions),
-            "kinds": {kind: sum(q.kind == kind for q in questions) for kind in ("exact", "choice")},
-            "methods": method_names, "budgets": budget_values, "debias": modes, "profile": profile,
-            "profiles": {s.key: s.profile for s in settings if s.profile}, "max_new_tokens": max_new_tokens,
-            "batch_size": batch_size, "pad_to_square": pad_to_square, "device": device,
-            "dtype": dtype_name, "threads": torch.get_num_threads(),
-            "processes": sharding.launched()[1] if sharding.launched() else processes,
-            "notes": notes, "vtprune_version": __version__,
-            "load_average": None if load_before is None else [load_before, os.getloadavg()[0]]}
+    meta = {
+        "model": info.name,
+        "data": data,
+        "images": None if images is None else str(images),
+        "split": split if data == "testbed" else None,
+        "questions": len(questions),
+        "kinds": {kind: sum(q.kind == kind for q in questions) for kind in ("exact", "choice")},
+        "methods": method_names,
+        "budgets": budget_values,
+        "debias": modes,
+        "profile": profile,
+        "profiles": {s.key: s.profile for s in settings if s.profile},
+        "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size,
+        "pad_to_square": pad_to_square,
+        "device": device,
+        "dtype": dtype_name,
+        "threads": torch.get_num_threads(),
+        "processes": sharding.launched()[1] if sharding.launched() else processes,
+        "notes": notes,
+        "vtprune_version": __version__,
+        "load_average": None if load_before is None else [load_before, os.getloadavg()[0]],
+    }
     json_path, csv_path = write_results(out_dir, cells, meta)
     from .io import atomic_write_text
 
@@ -1057,19 +1295,26 @@ def eval_command(
     kinds = ", ".join(f"{n} {k}" for k, n in meta["kinds"].items() if n)
     from rich import box
 
-    table = Table(title=f"{info.name} on {data}: {len(questions)} questions ({kinds}), {meta['dtype']} on {device}",
-                  box=box.SIMPLE_HEAD, title_justify="left")
+    table = Table(
+        title=f"{info.name} on {data}: {len(questions)} questions ({kinds}), {meta['dtype']} on {device}",
+        box=box.SIMPLE_HEAD,
+        title_justify="left",
+    )
     for column in TABLE_COLUMNS:
         table.add_column(column, justify="left" if column == "setting" else "right")
     for row in table_rows(cells):
         table.add_row(*row)
     console.print(table)
     memory = cells[0].memory_kind if cells else ""
-    console.print(f"accuracy: exact match after normalisation / option letter; prefill and decode: medians per "
-                  f"request of {batch_size}; peak memory: {memory}")
+    console.print(
+        f"accuracy: exact match after normalisation / option letter; prefill and decode: medians per "
+        f"request of {batch_size}; peak memory: {memory}"
+    )
     if meta["load_average"] is not None and device == "cpu":
-        console.print(f"machine load average {meta['load_average'][0]:.1f} at the start, {meta['load_average'][1]:.1f} "
-                      f"at the end ({os.cpu_count()} CPUs): CPU timings are only comparable at a low, steady load")
+        console.print(
+            f"machine load average {meta['load_average'][0]:.1f} at the start, {meta['load_average'][1]:.1f} "
+            f"at the end ({os.cpu_count()} CPUs): CPU timings are only comparable at a low, steady load"
+        )
     console.print(f"wrote {json_path}, {csv_path} and {out_dir / 'results.md'}")
 
 
@@ -1085,15 +1330,37 @@ def _load_questions(data: str, images: Path | None, samples: int | None, split: 
 @app.command()
 def reproduce(
     name: str = typer.Argument(..., help="the paper table: paper-llava15 or paper-videollava"),
-    budget: int | None = typer.Option(None, "--budget", help="visual tokens kept, of the model's (paper-llava15: of 576, default 128; paper-videollava: of 2048, default 512)"),
+    budget: int | None = typer.Option(
+        None,
+        "--budget",
+        help="visual tokens kept, of the model's (paper-llava15: of 576, default 128; paper-videollava: of 2048, default 512)",
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the lmms-eval command of every row, run nothing"),
     collect_only: bool = typer.Option(False, "--collect", help="only collect the results already in --out"),
-    out_dir: Path = typer.Option(Path("vtprune-reproduce"), "--out", help="one folder per row, table.md and table.json"),
-    pretrained: str | None = typer.Option(None, "--pretrained", help="the checkpoint (default: the table's, llava-hf/llava-1.5-7b-hf or LanguageBind/Video-LLaVA-7B-hf)"),
-    data: str | None = typer.Option(None, "--data", help="paper-videollava: Video-LLaVA's evaluation data folder (GPT_Zero_Shot_QA), built into OUT/tasks"),
+    out_dir: Path = typer.Option(
+        Path("vtprune-reproduce"), "--out", help="one folder per row, table.md and table.json"
+    ),
+    pretrained: str | None = typer.Option(
+        None,
+        "--pretrained",
+        help="the checkpoint (default: the table's, llava-hf/llava-1.5-7b-hf or LanguageBind/Video-LLaVA-7B-hf)",
+    ),
+    data: str | None = typer.Option(
+        None,
+        "--data",
+        help="paper-videollava: Video-LLaVA's evaluation data folder (GPT_Zero_Shot_QA), built into OUT/tasks",
+    ),
     methods: str | None = typer.Option(None, "--methods", help="only these methods' rows (and the full model)"),
-    limit: int | None = typer.Option(None, "--limit", help="lmms-eval --limit: the first N questions per task (a smoke test, not the paper's numbers)"),
-    launcher: str = typer.Option("python -m lmms_eval", "--launcher", help="how to start lmms-eval, e.g. 'accelerate launch --num_processes 8 -m lmms_eval'"),
+    limit: int | None = typer.Option(
+        None,
+        "--limit",
+        help="lmms-eval --limit: the first N questions per task (a smoke test, not the paper's numbers)",
+    ),
+    launcher: str = typer.Option(
+        "python -m lmms_eval",
+        "--launcher",
+        help="how to start lmms-eval, e.g. 'accelerate launch --num_processes 8 -m lmms_eval'",
+    ),
     force: bool = typer.Option(False, "--force", help="rerun rows whose results are already there"),
 ) -> None:
     """The lmms-eval commands for every row of a paper table (--dry-run prints them), run one after the other,
@@ -1124,11 +1391,16 @@ def reproduce(
         starter = rep.launcher_argv(launcher)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    commands = {row.slug: rep.command(spec, row, out_dir, budget=budget, pretrained=pretrained, limit=limit,
-                                      launcher=starter) for row in rows}
+    commands = {
+        row.slug: rep.command(spec, row, out_dir, budget=budget, pretrained=pretrained, limit=limit, launcher=starter)
+        for row in rows
+    }
     if dry_run:
-        lines = [f"# {spec.title}", f"# budget {budget}; {len(rows)} rows x {len(spec.benchmarks)} benchmarks "
-                 f"({', '.join(b.task for b in spec.benchmarks)})"]
+        lines = [
+            f"# {spec.title}",
+            f"# budget {budget}; {len(rows)} rows x {len(spec.benchmarks)} benchmarks "
+            f"({', '.join(b.task for b in spec.benchmarks)})",
+        ]
         needs = [(b.task, b.needs) for b in spec.benchmarks if b.needs]
         lines += [f"# {task} needs {what}" for task, what in needs]
         lines += [f"# note: {note}" for note in spec.notes]
@@ -1136,10 +1408,15 @@ def reproduce(
         if build is not None:
             lines += ["", "# first: the video QA tasks, from Video-LLaVA's evaluation data", rep.shell(build)]
         for row in rows:
-            published = "" if row.published is None or budget != spec.budget else f" (published average {row.published})"
+            published = (
+                "" if row.published is None or budget != spec.budget else f" (published average {row.published})"
+            )
             lines += ["", f"# {row.label}{published}", rep.shell(commands[row.slug])]
-        lines += ["", f"# then: vtprune reproduce {name} --collect --out {shlex.quote(str(out_dir))}"
-                  + ("" if budget == spec.budget else f" --budget {budget}")]
+        lines += [
+            "",
+            f"# then: vtprune reproduce {name} --collect --out {shlex.quote(str(out_dir))}"
+            + ("" if budget == spec.budget else f" --budget {budget}"),
+        ]
         typer.echo("\n".join(lines))
         return
     _check_output_dir(out_dir, "--out")
@@ -1148,8 +1425,10 @@ def reproduce(
         from importlib.util import find_spec
 
         if "lmms_eval" in launcher and find_spec("lmms_eval") is None:
-            raise UsageError("lmms-eval is not installed: pip install 'vtprune[eval]' (where a CUDA torch is installed), "
-                             "or print the commands with --dry-run")
+            raise UsageError(
+                "lmms-eval is not installed: pip install 'vtprune[eval]' (where a CUDA torch is installed), "
+                "or print the commands with --dry-run"
+            )
         try:
             rep.prepare(spec, out_dir, data)
         except ValueError as error:

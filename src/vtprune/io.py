@@ -133,7 +133,9 @@ def prepare_output_file(path: str | os.PathLike, option: str) -> Path:
     try:
         prepare_output_dir(path.parent, option)
     except OutputError:
-        raise OutputError(f"{option} {path}: cannot create or write its folder {path.parent}: give a writable path") from None
+        raise OutputError(
+            f"{option} {path}: cannot create or write its folder {path.parent}: give a writable path"
+        ) from None
     return path
 
 
@@ -167,8 +169,17 @@ class OutputLock:
     instead of raising `LockedError`. note(text): called once with a line when a lock left by a dead process is
     taken over, or when waiting starts."""
 
-    def __init__(self, output: str | os.PathLike, *, option: str = "output", is_dir: bool = True, wait: bool = False,
-                 command: str | None = None, note: Callable[[str], None] | None = None, poll: float = 0.2):
+    def __init__(
+        self,
+        output: str | os.PathLike,
+        *,
+        option: str = "output",
+        is_dir: bool = True,
+        wait: bool = False,
+        command: str | None = None,
+        note: Callable[[str], None] | None = None,
+        poll: float = 0.2,
+    ):
         self.output = Path(output)
         self.path = lock_path_for(output, is_dir)
         self.option = option
@@ -216,8 +227,10 @@ class OutputLock:
             break
         previous = _read_holder(self.path)
         if previous.get("pid") is not None and self.note is not None:  # released locks are removed: its holder died
-            self.note(f"took over the lock of {self.output} left by {_describe(previous)}, which is no longer "
-                      "running; its saved work is kept")
+            self.note(
+                f"took over the lock of {self.output} left by {_describe(previous)}, which is no longer "
+                "running; its saved work is kept"
+            )
         record = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command, "started": time.time()}
         os.ftruncate(handle, 0)
         os.pwrite(handle, json.dumps(record).encode(), 0)
@@ -240,5 +253,16 @@ class OutputLock:
         self.release()
 
 
-__all__ = ["OutputError", "LockedError", "OutputLock", "LOCK_NAME", "lock_path_for", "atomic_open",
-           "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "prepare_output_dir", "prepare_output_file"]
+__all__ = [
+    "OutputError",
+    "LockedError",
+    "OutputLock",
+    "LOCK_NAME",
+    "lock_path_for",
+    "atomic_open",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_write_json",
+    "prepare_output_dir",
+    "prepare_output_file",
+]

@@ -12,7 +12,14 @@ from .qwen2_5_vl import Qwen2_5_VLAdapter
 from .qwen3_vl import Qwen3VLAdapter
 from .video_llava import VideoLlavaAdapter
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (LlavaAdapter, LlavaNextAdapter, LlavaOnevisionAdapter, VideoLlavaAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (
+    LlavaAdapter,
+    LlavaNextAdapter,
+    LlavaOnevisionAdapter,
+    VideoLlavaAdapter,
+    Qwen2_5_VLAdapter,
+    Qwen3VLAdapter,
+)
 
 
 def supported_model_classes() -> list[str]:
@@ -20,7 +27,15 @@ def supported_model_classes() -> list[str]:
 
 
 #: model classes refused on purpose, with the reason
-REFUSED: dict[str, str] = dict.fromkeys(("Qwen3_5ForConditionalGeneration", "Qwen3_5Model", "Qwen3_5MoeForConditionalGeneration", "Qwen3_5MoeModel"), "Qwen3.5 mixes full-attention layers with Gated DeltaNet linear-attention layers (3 of every 4): those keep " "a fixed-size recurrent state and a short causal convolution over neighbouring tokens instead of " "per-token keys and values, and give no attention scores. vtprune's engine keeps a KV cache per token in " "every layer it cuts after, and the attention-score methods score at the layer before their cut, which " "is a linear-attention layer at the published depths; pruning inside this decoder is not supported (see " "the README)")
+REFUSED: dict[str, str] = dict.fromkeys(
+    ("Qwen3_5ForConditionalGeneration", "Qwen3_5Model", "Qwen3_5MoeForConditionalGeneration", "Qwen3_5MoeModel"),
+    "Qwen3.5 mixes full-attention layers with Gated DeltaNet linear-attention layers (3 of every 4): those keep "
+    "a fixed-size recurrent state and a short causal convolution over neighbouring tokens instead of "
+    "per-token keys and values, and give no attention scores. vtprune's engine keeps a KV cache per token in "
+    "every layer it cuts after, and the attention-score methods score at the layer before their cut, which "
+    "is a linear-attention layer at the published depths; pruning inside this decoder is not supported (see "
+    "the README)",
+)
 
 
 def adapter_for(model: nn.Module) -> ModelAdapter:
@@ -39,4 +54,16 @@ def adapter_for(model: nn.Module) -> ModelAdapter:
     )
 
 
-__all__ = ["ModelAdapter", "VisualLayout", "VisualSegment", "LlavaAdapter", "LlavaNextAdapter", "LlavaOnevisionAdapter", "Qwen2_5_VLAdapter", "Qwen3VLAdapter", "VideoLlavaAdapter", "adapter_for", "supported_model_classes"]
+__all__ = [
+    "ModelAdapter",
+    "VisualLayout",
+    "VisualSegment",
+    "LlavaAdapter",
+    "LlavaNextAdapter",
+    "LlavaOnevisionAdapter",
+    "Qwen2_5_VLAdapter",
+    "Qwen3VLAdapter",
+    "VideoLlavaAdapter",
+    "adapter_for",
+    "supported_model_classes",
+]

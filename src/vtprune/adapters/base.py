@@ -48,8 +48,14 @@ class VisualLayout:
         `counts`, the other is built when first read).
     """
 
-    def __init__(self, positions: list[torch.Tensor] | None = None, segments: list[list[VisualSegment]] | None = None,
-                 *, mask: torch.Tensor | None = None, counts: list[int] | None = None):
+    def __init__(
+        self,
+        positions: list[torch.Tensor] | None = None,
+        segments: list[list[VisualSegment]] | None = None,
+        *,
+        mask: torch.Tensor | None = None,
+        counts: list[int] | None = None,
+    ):
         if positions is None and (mask is None or counts is None):
             raise ValueError("VisualLayout needs positions, or mask and counts")
         self._positions, self.segments, self._mask, self._counts = positions, segments or [], mask, counts
@@ -154,7 +160,7 @@ class ModelAdapter:
         if values.dim() == 1:
             return flat[:count]
         width = values.shape[1]
-        return [flat[i:i + width] for i in range(0, count, width)]
+        return [flat[i : i + width] for i in range(0, count, width)]
 
     #: whether images are padded onto the model's grid (pad-to-square, anyres unpadding): where False, padding
     #: debiasing does not apply and reports so (`no_padding_reason`) instead of needing the image geometry
@@ -221,8 +227,9 @@ class ModelAdapter:
     vision_cls_index: int | None = 0
     vision_first_patch: int = 1
 
-    def vision_attention(self, layer: nn.Module, hidden_states: torch.Tensor,
-                         query_index: torch.Tensor | slice) -> torch.Tensor:
+    def vision_attention(
+        self, layer: nn.Module, hidden_states: torch.Tensor, query_index: torch.Tensor | slice
+    ) -> torch.Tensor:
         """(N, H, Q, T) float32 attention probabilities of vision-tower `layer` for the query rows `query_index`
         (Q,) (or a slice of rows) of every image, from the layer's input `hidden_states` (N, T, D) (pre-norm ViT layers: layer_norm1,
         biased q/k projections, no mask, softmax over all T tokens)."""
@@ -265,7 +272,9 @@ class ModelAdapter:
                 self._standard_rope = False
         return self._standard_rope
 
-    def position_embeddings(self, hidden_states: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def position_embeddings(
+        self, hidden_states: torch.Tensor, position_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) the decoder layers receive for `position_ids` (as the language model computes them)."""
         return self.language_model.rotary_emb(hidden_states, position_ids)
 

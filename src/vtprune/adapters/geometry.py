@@ -125,7 +125,9 @@ class ImageGeometry:
         """Whether this processor leaves padding in any image (probed on a wide and a tall image): False for
         resize + center crop (CLIP) or a plain resize, where padding debiasing has nothing to act on."""
         side = self.image_size
-        return any(bool((padded_fraction(self, size) > 0).any()) for size in ((2 * side + 3, side), (side, 2 * side + 3)))
+        return any(
+            bool((padded_fraction(self, size) > 0).any()) for size in ((2 * side + 3, side), (side, 2 * side + 3))
+        )
 
     def trace(self, image_size: tuple[int, int]) -> tuple[tuple[int, int], tuple[float, float, float, float]]:
         """Follow an original (w, h) image through the steps.
@@ -264,10 +266,17 @@ def geometry_from_processor(image_processor: Any, *, patch_size: int, image_size
             if not (pad_size.get("height") and pad_size.get("width")):
                 raise ValueError(f"{name}.pad_size={pad_size!r} needs 'height' and 'width' when do_pad=True")
             pad_to = (int(pad_size["height"]), int(pad_size["width"]))
-    backend: Literal["pil", "torchvision"] = "torchvision" if getattr(processor, "backend", "pil") == "torchvision" else "pil"
+    backend: Literal["pil", "torchvision"] = (
+        "torchvision" if getattr(processor, "backend", "pil") == "torchvision" else "pil"
+    )
     geometry = ImageGeometry(
-        pad_to_square=llava and do_pad, resize=resize, crop=crop, pad_to=pad_to,
-        image_size=image_size, patch_size=patch_size, backend=backend,
+        pad_to_square=llava and do_pad,
+        resize=resize,
+        crop=crop,
+        pad_to=pad_to,
+        image_size=image_size,
+        patch_size=patch_size,
+        backend=backend,
     )
     _check_fixed_output(geometry, name)
     return geometry
@@ -326,8 +335,11 @@ def no_padding_message(processor) -> str:
     """The warning for padding debiasing with a processor that never pads, naming its settings."""
     images = getattr(processor, "image_processor", None) or processor
     name = type(images).__name__
-    settings = ", ".join(f"{attr}={getattr(images, attr)!r}" for attr in ("do_pad", "do_center_crop", "do_resize")
-                         if hasattr(images, attr))
+    settings = ", ".join(
+        f"{attr}={getattr(images, attr)!r}"
+        for attr in ("do_pad", "do_center_crop", "do_resize")
+        if hasattr(images, attr)
+    )
     return (
         f"padding debiasing is on, but {name} does not pad images ({settings}): no visual token is padding, so it "
         f"changes nothing. To pad to a square as LLaVA-1.5 was trained, set {name}.do_pad=True on a LLaVA image "
@@ -350,8 +362,10 @@ def sizes_from_images(images) -> list[tuple[int, int]]:
     for index, image in enumerate(images):
         size = getattr(image, "size", None)
         if not (isinstance(size, tuple) and len(size) == 2):
-            raise ValueError(f"images[{index}] is a {type(image).__name__}, not a PIL image: pass the PIL images the "
-                             "processor was given, or image_sizes=[(width, height), ...]")
+            raise ValueError(
+                f"images[{index}] is a {type(image).__name__}, not a PIL image: pass the PIL images the "
+                "processor was given, or image_sizes=[(width, height), ...]"
+            )
         out.append((int(size[0]), int(size[1])))
     return out
 
@@ -367,8 +381,9 @@ def combine_image_sizes(images, image_sizes):
     if image_sizes is not None:
         given = [tuple(size) for size in image_sizes]
         if given != sizes:
-            raise ValueError(f"image_sizes={given} disagrees with the sizes of images= {sizes}: give one of them "
-                             "(images= is enough)")
+            raise ValueError(
+                f"image_sizes={given} disagrees with the sizes of images= {sizes}: give one of them (images= is enough)"
+            )
     return sizes
 
 
@@ -388,12 +403,12 @@ def expand_sizes(sizes: list, layout) -> list:
     k = sum(per) // len(sizes)
     if len(per) % k:
         return sizes
-    groups = [per[g:g + k] for g in range(0, len(per), k)]
+    groups = [per[g : g + k] for g in range(0, len(per), k)]
     if any(len(set(group)) != 1 for group in groups):
         return sizes
     out, start = [], 0
     for group in groups:
-        out += sizes[start:start + group[0]] * k
+        out += sizes[start : start + group[0]] * k
         start += group[0]
     return out
 
@@ -422,12 +437,27 @@ def request_image_sizes(given, from_inputs, layout) -> list | None:
         if tuple(mine) == theirs:
             continue
         if tuple(mine) == theirs[::-1]:
-            raise ValueError(f"image_sizes[{index}]={tuple(mine)} is (height, width) of an image whose processor "
-                             f"inputs say width {theirs[0]}, height {theirs[1]}: {SIZE_CONVENTION}")
-        raise ValueError(f"image_sizes[{index}]={tuple(mine)} disagrees with the processor's image_sizes for that "
-                         f"image (width {theirs[0]}, height {theirs[1]}): give the size of each image in prompt order")
+            raise ValueError(
+                f"image_sizes[{index}]={tuple(mine)} is (height, width) of an image whose processor "
+                f"inputs say width {theirs[0]}, height {theirs[1]}: {SIZE_CONVENTION}"
+            )
+        raise ValueError(
+            f"image_sizes[{index}]={tuple(mine)} disagrees with the processor's image_sizes for that "
+            f"image (width {theirs[0]}, height {theirs[1]}): give the size of each image in prompt order"
+        )
     return given
 
 
-__all__ = ["ImageGeometry", "Resize", "geometry_from_processor", "padded_fraction", "padding_mask", "no_padding_message",
-           "SIZE_CONVENTION", "sizes_from_images", "combine_image_sizes", "expand_sizes", "request_image_sizes"]
+__all__ = [
+    "ImageGeometry",
+    "Resize",
+    "geometry_from_processor",
+    "padded_fraction",
+    "padding_mask",
+    "no_padding_message",
+    "SIZE_CONVENTION",
+    "sizes_from_images",
+    "combine_image_sizes",
+    "expand_sizes",
+    "request_image_sizes",
+]

@@ -106,8 +106,7 @@ class LlavaAdapter(ModelAdapter):
         out = []
         for sample_segments in layout.segments:
             parts = [
-                padded_fraction(geometry, tuple(image_sizes[seg.image_index])).reshape(-1)
-                for seg in sample_segments
+                padded_fraction(geometry, tuple(image_sizes[seg.image_index])).reshape(-1) for seg in sample_segments
             ]
             out.append(torch.cat(parts) if parts else torch.zeros(0))
         return out

@@ -70,8 +70,15 @@ class LlavaNextAdapter(LlavaAdapter):
             kept = int(round(width * (rows / height), 7))
             left = (cols - kept) // 2
             cols_u = cols - 2 * left
-        return {"best": (best_h, best_w), "rows": rows, "cols": cols, "top": top, "left": left,
-                "rows_u": rows_u, "cols_u": cols_u}
+        return {
+            "best": (best_h, best_w),
+            "rows": rows,
+            "cols": cols,
+            "top": top,
+            "left": left,
+            "rows_u": rows_u,
+            "cols_u": cols_u,
+        }
 
     def image_tokens(self, height: int, width: int) -> int:
         tiles = self.tile_layout(height, width)
@@ -92,8 +99,11 @@ class LlavaNextAdapter(LlavaAdapter):
         px = self.patch_size  # each token covers patch_size x patch_size pixels of the padded canvas
 
         def overlap(start, length, first, count):
-            edges = (torch.arange(first, first + count, dtype=torch.float64) * px)
-            inside = (torch.minimum(edges + px, torch.tensor(float(start + length))) - torch.maximum(edges, torch.tensor(float(start)))).clamp(min=0)
+            edges = torch.arange(first, first + count, dtype=torch.float64) * px
+            inside = (
+                torch.minimum(edges + px, torch.tensor(float(start + length)))
+                - torch.maximum(edges, torch.tensor(float(start)))
+            ).clamp(min=0)
             return inside / px
 
         rows = overlap(y0, new_h, tiles["top"], tiles["rows_u"])
@@ -107,7 +117,9 @@ class LlavaNextAdapter(LlavaAdapter):
         if sizes is not None:
             sizes = torch.as_tensor(sizes)
             if sizes.dim() != 2 or sizes.shape[1] != 2:
-                raise ValueError(f"image_sizes must have shape (number of images, 2) [height, width]; got {tuple(sizes.shape)}")
+                raise ValueError(
+                    f"image_sizes must have shape (number of images, 2) [height, width]; got {tuple(sizes.shape)}"
+                )
             grids = []
             for height, width in sizes.tolist():
                 if height <= 0 or width <= 0:
@@ -127,7 +139,7 @@ class LlavaNextAdapter(LlavaAdapter):
     def _encoded_tile_grid(self, feature: torch.Tensor, family: str) -> tuple[int, int]:
         """(rows, cols) of the unpadded tile grid of one encoded image (T, D): the base image's tokens, then rows of
         `cols` tokens each closed by `image_newline`."""
-        rows = int((feature[self.tokens_per_image:] == self.base.image_newline.to(feature)).all(dim=-1).sum())
+        rows = int((feature[self.tokens_per_image :] == self.base.image_newline.to(feature)).all(dim=-1).sum())
         if rows == 0:
             raise ValueError(f"cannot find the image_newline rows of an encoded {family} image")
         return rows, (feature.shape[0] - self.tokens_per_image) // rows - 1
@@ -160,8 +172,9 @@ class LlavaNextAdapter(LlavaAdapter):
                 newline_at = used + base_len + torch.arange(1, rows_u + 1) * (cols_u + 1) - 1
                 keep[newline_at] = False
                 sample_segments.append(VisualSegment(offset, base_len, self.grid, index, kind="base", part=part))
-                sample_segments.append(VisualSegment(offset + base_len, tiles_len, (rows_u, cols_u), index,
-                                                     kind="tiles", part=part))
+                sample_segments.append(
+                    VisualSegment(offset + base_len, tiles_len, (rows_u, cols_u), index, kind="tiles", part=part)
+                )
                 used += base_len + rows_u * (cols_u + 1)
                 offset += base_len + tiles_len
                 index, part = index + 1, part + 1
@@ -181,7 +194,9 @@ class LlavaNextAdapter(LlavaAdapter):
         pinpoints = getattr(image_processor, "image_grid_pinpoints", None)
         crop = getattr(image_processor, "crop_size", None)
         crop_h = crop.get("height") if isinstance(crop, dict) else getattr(crop, "height", None)
-        if (pinpoints is not None and [tuple(p) for p in pinpoints] != self.pinpoints) or (crop_h and crop_h != self.image_size):
+        if (pinpoints is not None and [tuple(p) for p in pinpoints] != self.pinpoints) or (
+            crop_h and crop_h != self.image_size
+        ):
             raise ValueError(
                 "the processor's image_grid_pinpoints or tile size differ from the model's: pass the processor that "
                 "belongs to this model"

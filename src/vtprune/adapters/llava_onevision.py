@@ -53,7 +53,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         aspect = str(getattr(config, "vision_aspect_ratio", "anyres_max_9"))
         if not aspect.startswith("anyres_max_"):
             raise ValueError(f"vision_aspect_ratio={aspect!r}: vtprune supports LLaVA-OneVision's anyres_max_N")
-        self.max_patches = int(aspect[len("anyres_max_"):])
+        self.max_patches = int(aspect[len("anyres_max_") :])
         self.tokens_per_image = self.side * self.side
         self.rotary_fn = _rotary_fn_for(self.base.language_model)
 
@@ -61,7 +61,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         """(rows, cols) of an image's tile tokens after unpadding and the anyres_max resize."""
         tiles = self.tile_layout(height, width)
         rows, cols = tiles["rows_u"], tiles["cols_u"]
-        ratio = math.sqrt(rows * cols / (self.max_patches * self.side ** 2))
+        ratio = math.sqrt(rows * cols / (self.max_patches * self.side**2))
         if ratio > 1.1:
             rows, cols = int(rows // ratio), int(cols // ratio)
         return rows, cols
@@ -76,10 +76,15 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         if sizes is not None:
             sizes = torch.as_tensor(sizes)
             if sizes.dim() != 2 or sizes.shape[1] != 2:
-                raise ValueError(f"image_sizes must have shape (number of images, 2) [height, width]; got {tuple(sizes.shape)}")
+                raise ValueError(
+                    f"image_sizes must have shape (number of images, 2) [height, width]; got {tuple(sizes.shape)}"
+                )
             per_sample = inputs.get("batch_num_images")
-            tiled = [True] * len(sizes) if per_sample is None else [
-                int(n) == 1 for n in torch.as_tensor(per_sample).tolist() for _ in range(int(n))]
+            tiled = (
+                [True] * len(sizes)
+                if per_sample is None
+                else [int(n) == 1 for n in torch.as_tensor(per_sample).tolist() for _ in range(int(n))]
+            )
             if len(tiled) != len(sizes):
                 raise ValueError(f"batch_num_images counts {len(tiled)} images but image_sizes has {len(sizes)}")
             grids = []
@@ -91,8 +96,12 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         encoded = (inputs.get("mm_encoder_outputs") or {}).get("image")
         features = getattr(encoded, "pooler_output", None)
         if features is not None:  # an untiled image: its base tokens and one newline
-            return [None if feature.shape[0] == self.tokens_per_image + 1 else
-                    self._encoded_tile_grid(feature, "LLaVA-OneVision") for feature in features]
+            return [
+                None
+                if feature.shape[0] == self.tokens_per_image + 1
+                else self._encoded_tile_grid(feature, "LLaVA-OneVision")
+                for feature in features
+            ]
         raise ValueError(
             f"the prompt has {count} image tokens but no image_sizes was passed: LLaVA-OneVision's token count depends "
             "on each image's size; pass every output of the processor (model(**inputs)), image_sizes included."
@@ -137,9 +146,17 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                             "tokens + 1 newline: build the prompt with the model's processor."
                         )
                     for frame in range(frames):
-                        sample_segments.append(VisualSegment(offset + frame * frame_tokens, frame_tokens,
-                                                             (self.pooled, self.pooled), video_index, kind="frame",
-                                                             frame=frame, part=part))
+                        sample_segments.append(
+                            VisualSegment(
+                                offset + frame * frame_tokens,
+                                frame_tokens,
+                                (self.pooled, self.pooled),
+                                video_index,
+                                kind="frame",
+                                frame=frame,
+                                part=part,
+                            )
+                        )
                     keep[end - 1] = False
                     offset += frames * frame_tokens
                     used, video_index = end, video_index + 1
@@ -149,18 +166,25 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                         raise ValueError(f"sample {b} has more image tokens than image_sizes describes")
                     grid = grids[image_index]
                     base_len = self.tokens_per_image
-                    sample_segments.append(VisualSegment(offset, base_len, self.grid, image_index, kind="base", part=part))
+                    sample_segments.append(
+                        VisualSegment(offset, base_len, self.grid, image_index, kind="base", part=part)
+                    )
                     if grid is None:
                         keep[used + base_len] = False
                         used, offset = used + base_len + 1, offset + base_len
                     else:
                         rows, cols = grid
                         keep[used + base_len + torch.arange(1, rows + 1) * (cols + 1) - 1] = False
-                        sample_segments.append(VisualSegment(offset + base_len, rows * cols, (rows, cols), image_index,
-                                                             kind="tiles", part=part))
+                        sample_segments.append(
+                            VisualSegment(
+                                offset + base_len, rows * cols, (rows, cols), image_index, kind="tiles", part=part
+                            )
+                        )
                         used, offset = used + base_len + rows * (cols + 1), offset + base_len + rows * cols
                     if used > count or any(kinds[start:used]):
-                        raise ValueError(f"sample {b}: image {image_index}'s tokens run into a video or past the prompt")
+                        raise ValueError(
+                            f"sample {b}: image {image_index}'s tokens run into a video or past the prompt"
+                        )
                     image_index += 1
                 part += 1
             positions.append(run[keep.to(run.device)])

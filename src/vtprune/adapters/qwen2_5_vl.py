@@ -30,8 +30,10 @@ from .llava import _rotary_fn_for
 
 class Qwen2_5_VLAdapter(ModelAdapter):
     model_classes: tuple[str, ...] = (
-        "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel",
-        "Qwen2VLForConditionalGeneration", "Qwen2VLModel",
+        "Qwen2_5_VLForConditionalGeneration",
+        "Qwen2_5_VLModel",
+        "Qwen2VLForConditionalGeneration",
+        "Qwen2VLModel",
     )
     family = "Qwen2.5-VL"
 
@@ -45,9 +47,7 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         "Qwen-VL models give each token a 3-D mRoPE position (time, row, column) with no 1-D renumbering: kept "
         "tokens keep their own positions"
     )
-    vision_side_unsupported = (
-        "its vision tower has no [CLS] token and runs on attention windows of merged patches"
-    )
+    vision_side_unsupported = "its vision tower has no [CLS] token and runs on attention windows of merged patches"
     vision_cls_index = None
 
     def __init__(self, model: nn.Module):
@@ -92,7 +92,10 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         positions3 = inputs.get("position_ids")
         if positions3 is not None and (positions3.dim() != 3 or positions3.shape[0] not in (3, 4)):
             positions3 = None
-        have_grid = {"image": inputs.get("image_grid_thw") is not None, "video": inputs.get("video_grid_thw") is not None}
+        have_grid = {
+            "image": inputs.get("image_grid_thw") is not None,
+            "video": inputs.get("video_grid_thw") is not None,
+        }
         queues: dict[str, list | None] = {}
         for kind, total, key in (("image", counts[0], "image_grid_thw"), ("video", counts[1], "video_grid_thw")):
             if total and not have_grid[kind] and positions3 is not None:
@@ -130,12 +133,18 @@ class Qwen2_5_VLAdapter(ModelAdapter):
                     frames, end = [], offset
                     while True:
                         run_end = end + 1
-                        while run_end < count and not gaps[run_end - 1] and sample_kinds[run_end] == sample_kinds[offset]:
+                        while (
+                            run_end < count and not gaps[run_end - 1] and sample_kinds[run_end] == sample_kinds[offset]
+                        ):
                             run_end += 1
                         frames += self._frames_from_positions(positions3[:, b, sample_positions[end:run_end]], kind)
                         end = run_end
-                        if (size is None or end - offset >= size or end >= count
-                                or sample_kinds[end] != sample_kinds[offset]):
+                        if (
+                            size is None
+                            or end - offset >= size
+                            or end >= count
+                            or sample_kinds[end] != sample_kinds[offset]
+                        ):
                             break
                 else:
                     if index >= len(queues[kind]):
@@ -144,17 +153,24 @@ class Qwen2_5_VLAdapter(ModelAdapter):
                     rows, cols = h // self.merge, w // self.merge
                     frames = [(rows, cols)] * t if kind == "video" else [(rows * t, cols)]
                 length = sum(r * c for r, c in frames)
-                if offset + length > count or len(set(sample_kinds[offset:offset + length])) != 1:
+                if offset + length > count or len(set(sample_kinds[offset : offset + length])) != 1:
                     raise ValueError(
                         f"sample {b}: the {kind} tokens do not match {kind} {index}'s grid ({length} tokens): pass the "
                         "grid tensor the processor returned with these input_ids."
                     )
                 start = offset
                 for frame, (rows, cols) in enumerate(frames):
-                    sample_segments.append(VisualSegment(
-                        offset=start, length=rows * cols, grid=(rows, cols), image_index=index,
-                        kind="frame" if kind == "video" else "image", frame=frame, part=part,
-                    ))
+                    sample_segments.append(
+                        VisualSegment(
+                            offset=start,
+                            length=rows * cols,
+                            grid=(rows, cols),
+                            image_index=index,
+                            kind="frame" if kind == "video" else "image",
+                            frame=frame,
+                            part=part,
+                        )
+                    )
                     start += rows * cols
                 offset += length
                 part += 1

@@ -78,7 +78,9 @@ class VideoLlavaAdapter(LlavaAdapter):
             sample_segments, used, offset, part = [], 0, 0, 0
             while used < total:
                 if not kinds[used]:
-                    sample_segments.append(VisualSegment(offset, self.tokens_per_image, self.grid, image_index, part=part))
+                    sample_segments.append(
+                        VisualSegment(offset, self.tokens_per_image, self.grid, image_index, part=part)
+                    )
                     used += self.tokens_per_image
                     offset += self.tokens_per_image
                     image_index += 1
@@ -96,8 +98,17 @@ class VideoLlavaAdapter(LlavaAdapter):
                     for _ in range(count // per_video):
                         for frame in range(per_video // self.tokens_per_frame):
                             keep[used] = False  # the frame's [CLS] token
-                            sample_segments.append(VisualSegment(offset, self.tokens_per_image, self.grid, video_index,
-                                                                 kind="frame", frame=frame, part=part))
+                            sample_segments.append(
+                                VisualSegment(
+                                    offset,
+                                    self.tokens_per_image,
+                                    self.grid,
+                                    video_index,
+                                    kind="frame",
+                                    frame=frame,
+                                    part=part,
+                                )
+                            )
                             used += self.tokens_per_frame
                             offset += self.tokens_per_image
                         video_index += 1
@@ -112,12 +123,18 @@ class VideoLlavaAdapter(LlavaAdapter):
         """The images' geometry, or False for the checkpoints' own `VideoLlavaImageProcessor` (a numpy processor
         the geometry reader does not parse) when it resizes the shortest edge to at least the crop and centre-crops
         without padding: no patch is padding."""
-        if type(image_processor).__name__ == "VideoLlavaImageProcessor" and not getattr(image_processor, "do_pad", False):
+        if type(image_processor).__name__ == "VideoLlavaImageProcessor" and not getattr(
+            image_processor, "do_pad", False
+        ):
             size = getattr(image_processor, "size", None) or {}
             crop = getattr(image_processor, "crop_size", None) or {}
             shortest = size.get("shortest_edge")
-            if (image_processor.do_resize and image_processor.do_center_crop and shortest is not None
-                    and shortest >= max(crop.get("height", 0), crop.get("width", 0))):
+            if (
+                image_processor.do_resize
+                and image_processor.do_center_crop
+                and shortest is not None
+                and shortest >= max(crop.get("height", 0), crop.get("width", 0))
+            ):
                 return False
         return self.image_geometry(image_processor)
 

@@ -55,6 +55,7 @@ class BiasReport:
 
     def rows(self) -> list[tuple[str, str, str]]:
         """(metric, before, after) formatted for a table."""
+
         def fmt(value, pct=False):
             if value is None:
                 return "n/a"
@@ -62,10 +63,22 @@ class BiasReport:
 
         return [
             ("sigma_attn (fit on mean score)", fmt(self.sigma_attn.before), fmt(self.sigma_attn.after)),
-            ("R^2 of that fit", f"{self.r2_attn.before:.3f}", "n/a" if self.r2_attn.after is None else f"{self.r2_attn.after:.3f}"),
+            (
+                "R^2 of that fit",
+                f"{self.r2_attn.before:.3f}",
+                "n/a" if self.r2_attn.after is None else f"{self.r2_attn.after:.3f}",
+            ),
             ("sigma_freq (fit on keep frequency)", fmt(self.sigma_freq.before), fmt(self.sigma_freq.after)),
-            ("padding share of total score", fmt(self.padding_score_share.before, True), fmt(self.padding_score_share.after, True)),
-            ("padding share of kept tokens", fmt(self.padding_kept_share.before, True), fmt(self.padding_kept_share.after, True)),
+            (
+                "padding share of total score",
+                fmt(self.padding_score_share.before, True),
+                fmt(self.padding_score_share.after, True),
+            ),
+            (
+                "padding share of kept tokens",
+                fmt(self.padding_kept_share.before, True),
+                fmt(self.padding_kept_share.after, True),
+            ),
         ]
 
 

@@ -117,7 +117,9 @@ def keep_frequency(records, which: str = "kept") -> PositionCurve:
     if kept_total is None:
         raise ValueError("no scored images: the records are empty")
     with np.errstate(invalid="ignore", divide="ignore"):
-        return PositionCurve(values=np.where(count > 0, kept_total / np.maximum(count, 1), np.nan), count=count, grid=grid)
+        return PositionCurve(
+            values=np.where(count > 0, kept_total / np.maximum(count, 1), np.nan), count=count, grid=grid
+        )
 
 
 def smooth_curve(curve: PositionCurve, fit: ExpFit, window: int | None = None) -> np.ndarray:
@@ -229,9 +231,16 @@ def calibration_settings(model, examples: Sequence, press, *, padding: bool = Tr
 
     stage = press.validate(len(adapter_for(model).decoder_layers))[0]
     method = getattr(press, "name", "") or type(press).__name__.lower()
-    return {"fingerprint": data_fingerprint(examples), "model": model_fingerprint(model), "method": method,
-            "layer": stage.layer, "score_layer": stage.score_layer, "padding": padding,
-            "padding_threshold": press.padding_threshold(), "samples": len(examples)}
+    return {
+        "fingerprint": data_fingerprint(examples),
+        "model": model_fingerprint(model),
+        "method": method,
+        "layer": stage.layer,
+        "score_layer": stage.score_layer,
+        "padding": padding,
+        "padding_threshold": press.padding_threshold(),
+        "samples": len(examples),
+    }
 
 
 def read_saved_records(state_path, field: str, expected, decode, other: str) -> tuple[list, str | None]:
@@ -281,8 +290,11 @@ def saved_progress(state_path, settings: dict) -> int | None:
 def reusable(profile: Profile, settings: dict, *, curve: bool, name: str | None) -> bool:
     """Whether `profile` (read back from a calibration's output) was calibrated with exactly `settings`, as
     a profile of the requested kind and name."""
-    return (profile.extra.get("calibration") == settings and profile.kind == ("curve" if curve else "exp")
-            and (name is None or profile.name == name))
+    return (
+        profile.extra.get("calibration") == settings
+        and profile.kind == ("curve" if curve else "exp")
+        and (name is None or profile.name == name)
+    )
 
 
 def check_calibratable(press) -> None:
@@ -353,7 +365,9 @@ def calibrate(
                 record.padding = None
         records += found
         if state is not None:
-            atomic_write_json(state, {"settings": settings, "records": [_record_to_json(r) for r in records]}, indent=None)
+            atomic_write_json(
+                state, {"settings": settings, "records": [_record_to_json(r) for r in records]}, indent=None
+            )
     config = model.config
     model_name = model_name or model_label(model)
     profile, mean, fit = profile_from_records(
@@ -390,18 +404,36 @@ def _record_from_json(data: dict):
 
     raw = np.array([np.nan if v is None else v for v in data["raw"]], dtype=np.float32)
     empty = np.zeros(0, dtype=np.int64)
-    return check_record(ScoreRecord(
-        raw=raw,
-        debiased=None,
-        padding=None if data["padding"] is None else np.array(data["padding"], dtype=bool),
-        kept=empty,
-        kept_raw=empty,
-        keep=0,
-        segments=[VisualSegment(offset=o, length=n, grid=tuple(g), image_index=i) for o, n, g, i in data["segments"]],
-    ))
+    return check_record(
+        ScoreRecord(
+            raw=raw,
+            debiased=None,
+            padding=None if data["padding"] is None else np.array(data["padding"], dtype=bool),
+            kept=empty,
+            kept_raw=empty,
+            keep=0,
+            segments=[
+                VisualSegment(offset=o, length=n, grid=tuple(g), image_index=i) for o, n, g, i in data["segments"]
+            ],
+        )
+    )
 
 
 __all__ = [
-    "PositionCurve", "Calibration", "calibrate", "calibration_settings", "saved_progress", "read_progress", "read_saved_records", "reusable", "model_label", "check_calibratable", "mean_score_curve", "keep_frequency",
-    "smooth_curve", "data_fingerprint", "model_fingerprint", "profile_from_records",
+    "PositionCurve",
+    "Calibration",
+    "calibrate",
+    "calibration_settings",
+    "saved_progress",
+    "read_progress",
+    "read_saved_records",
+    "reusable",
+    "model_label",
+    "check_calibratable",
+    "mean_score_curve",
+    "keep_frequency",
+    "smooth_curve",
+    "data_fingerprint",
+    "model_fingerprint",
+    "profile_from_records",
 ]

@@ -55,7 +55,9 @@ class LoadReport:
     unreadable: list[tuple[str, str]] = field(default_factory=list)
 
 
-def load_jsonl(path: str | Path, images: str | Path | None, samples: int | None = None) -> tuple[list[Example], LoadReport]:
+def load_jsonl(
+    path: str | Path, images: str | Path | None, samples: int | None = None
+) -> tuple[list[Example], LoadReport]:
     """Read up to `samples` examples (all when None) from `path`; image paths are relative to `images`
     (or to the jsonl's folder). Images are read as `images.read_image` does (EXIF orientation applied, 8-bit RGB).
     Unreadable images are skipped and reported; missing ones, images over PIL's decompression-bomb limit and
@@ -65,7 +67,9 @@ def load_jsonl(path: str | Path, images: str | Path | None, samples: int | None 
         raise ValueError(f"data file {path} does not exist: pass a jsonl file (or --data testbed)")
     folder = Path(images) if images is not None else path.parent
     if not folder.is_dir():
-        raise ValueError(f"image folder {folder} does not exist: pass the folder the jsonl's image paths are relative to")
+        raise ValueError(
+            f"image folder {folder} does not exist: pass the folder the jsonl's image paths are relative to"
+        )
     rows = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
@@ -75,18 +79,26 @@ def load_jsonl(path: str | Path, images: str | Path | None, samples: int | None 
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}:{number} is not valid JSON ({error.msg})") from None
         if not isinstance(row, dict):
-            raise ValueError(f'{path}:{number} holds a JSON {type(row).__name__}; each line must be an object like {{"image": "a.jpg", "text": "question"}}')
+            raise ValueError(
+                f'{path}:{number} holds a JSON {type(row).__name__}; each line must be an object like {{"image": "a.jpg", "text": "question"}}'
+            )
         text = next((row[k] for k in ("text", "question", "prompt") if isinstance(row.get(k), str)), None)
         if not isinstance(row.get("image"), str) or text is None:
-            raise ValueError(f'{path}:{number} needs "image" (a path) and "text" (the question), got keys {sorted(row)}')
+            raise ValueError(
+                f'{path}:{number} needs "image" (a path) and "text" (the question), got keys {sorted(row)}'
+            )
         question = text.replace("<image>", "").strip()
         if not question:
-            raise ValueError(f'{path}:{number}: the question ("text") is empty: every line needs a question about its image')
+            raise ValueError(
+                f'{path}:{number}: the question ("text") is empty: every line needs a question about its image'
+            )
         try:
             question.encode("utf-8")
         except UnicodeEncodeError as error:
-            raise ValueError(f"{path}:{number}: the question holds text that is not valid Unicode ({error.reason} at "
-                             f"character {error.start}): fix the line") from None
+            raise ValueError(
+                f"{path}:{number}: the question holds text that is not valid Unicode ({error.reason} at "
+                f"character {error.start}): fix the line"
+            ) from None
         rows.append((number, row, question))
     if not rows:
         raise ValueError(f"{path} holds no examples")
@@ -112,7 +124,9 @@ def load_jsonl(path: str | Path, images: str | Path | None, samples: int | None 
         meta = {"line": number, "image_path": str(file), **{k: row[k] for k in EXTRA_FIELDS if k in row}}
         examples.append(Example(image=image, question=text, answer=row.get("answer"), meta=meta))
     if report.unreadable:
-        warnings.warn(f"skipped {len(report.unreadable)} unreadable image(s), e.g. {report.unreadable[0][0]}", stacklevel=2)
+        warnings.warn(
+            f"skipped {len(report.unreadable)} unreadable image(s), e.g. {report.unreadable[0][0]}", stacklevel=2
+        )
     if not examples:
         raise ValueError(f"none of the images in {path} could be read ({len(report.unreadable)} unreadable)")
     if samples is not None and len(examples) < samples:
@@ -123,7 +137,9 @@ def load_jsonl(path: str | Path, images: str | Path | None, samples: int | None 
     return examples, report
 
 
-def load_examples(data: str, images: str | Path | None, samples: int, split: str = "val") -> tuple[list[Example], LoadReport]:
+def load_examples(
+    data: str, images: str | Path | None, samples: int, split: str = "val"
+) -> tuple[list[Example], LoadReport]:
     """`data` = "testbed" (the synthetic generator's `split`, first `samples`) or a jsonl path."""
     if samples is not None and samples <= 0:
         raise ValueError(f"--samples must be positive, got {samples}")

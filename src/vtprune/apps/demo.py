@@ -51,8 +51,9 @@ class DemoResult:
     visual_tokens: int = 0
 
 
-def differing_questions(plain: Sequence[bool], debiased: Sequence[bool], answers_differ: Sequence[bool],
-                        count: int) -> list[int]:
+def differing_questions(
+    plain: Sequence[bool], debiased: Sequence[bool], answers_differ: Sequence[bool], count: int
+) -> list[int]:
     """The rule that picks the questions to draw: among the questions whose two FastV answers differ, in
     test-split order, alternately the next one debiasing fixed (plain wrong, debiased right) and the next one
     it broke (plain right, debiased wrong), starting with a fixed one, while both kinds remain; then the rest of
@@ -77,9 +78,19 @@ def demo_presses(keep: float, profile: str, layer: int = 2) -> dict[str, FastV |
     }
 
 
-def run_demo(model, processor, *, model_name: str, keep: float = 0.25, profile: str, questions: int = 48,
-             pictures: int = 4, out_dir: Path, batch_size: int = 48,
-             progress: Callable[[str], None] | None = None) -> DemoResult:
+def run_demo(
+    model,
+    processor,
+    *,
+    model_name: str,
+    keep: float = 0.25,
+    profile: str,
+    questions: int = 48,
+    pictures: int = 4,
+    out_dir: Path,
+    batch_size: int = 48,
+    progress: Callable[[str], None] | None = None,
+) -> DemoResult:
     """Answer the first `questions` test questions with each setting (batches of `batch_size`), measure, and
     write up to `pictures` PNGs of differing questions into `out_dir` (`differing_questions` picks them)."""
     from .datasets import testbed_split
@@ -89,8 +100,9 @@ def run_demo(model, processor, *, model_name: str, keep: float = 0.25, profile: 
     for name, press in demo_presses(keep, profile).items():
         if progress is not None:
             progress(name)
-        runs[name] = run_examples(model, processor, samples, press, generate=True, max_new_tokens=3,
-                                  batch_size=batch_size)
+        runs[name] = run_examples(
+            model, processor, samples, press, generate=True, max_new_tokens=3, batch_size=batch_size
+        )
     correct = {name: [int(a == s.answer) for a, s in zip(run.answers, samples)] for name, run in runs.items()}
     accuracy = {name: (sum(c) / len(c), *wilson(sum(c), len(c))) for name, c in correct.items()}
     plain, debiased = correct[PLAIN], correct[DEBIASED]
@@ -99,13 +111,20 @@ def run_demo(model, processor, *, model_name: str, keep: float = 0.25, profile: 
     drawn = [_draw(model, processor, samples[i], i, runs, out_dir) for i in sorted(chosen)]
     visual = len(runs[PLAIN].records[0].raw) if runs[PLAIN].records else 0
     return DemoResult(
-        model=model_name, keep=keep, profile=profile, questions=len(samples), accuracy=accuracy,
-        delta=paired_delta(debiased, plain), differing=sum(differ),
+        model=model_name,
+        keep=keep,
+        profile=profile,
+        questions=len(samples),
+        accuracy=accuracy,
+        delta=paired_delta(debiased, plain),
+        differing=sum(differ),
         fixed=sum(1 for d, p, q in zip(differ, plain, debiased) if d and q and not p),
         broke=sum(1 for d, p, q in zip(differ, plain, debiased) if d and p and not q),
-        pictures=drawn, visual_tokens=visual,
-        kept_tokens={name: sum(len(r.kept) for r in run.records) / len(run.records) for name, run in runs.items()
-                     if run.records},
+        pictures=drawn,
+        visual_tokens=visual,
+        kept_tokens={
+            name: sum(len(r.kept) for r in run.records) / len(run.records) for name, run in runs.items() if run.records
+        },
     )
 
 
@@ -121,18 +140,30 @@ def _draw(model, processor, sample, index: int, runs: dict[str, RunResult], out_
     segment = record.segments[0]
     padding = record.padding[: segment.length] if record.padding is not None else None
     mark = {True: "right", False: "wrong"}
-    panels = [(f"{name}: '{answers[name]}' ({mark[answers[name] == sample.answer]})", runs[name].records[index].kept)
-              for name in (PLAIN, DEBIASED)]
+    panels = [
+        (f"{name}: '{answers[name]}' ({mark[answers[name] == sample.answer]})", runs[name].records[index].kept)
+        for name in (PLAIN, DEBIASED)
+    ]
     verdict = {1: "debiasing fixed the answer", -1: "debiasing broke the answer", 0: "both wrong"}[direction]
-    title = (f"test question {index + 1}: {sample.question} (answer: {sample.answer}; unpruned: "
-             f"'{answers['unpruned']}')\n{verdict}")
-    path = plot_selection(sample.image, adapter_for(model).image_geometry(processor), segment.grid, panels, padding,
-                          out_dir / f"question_{index + 1}.png", title)
+    title = (
+        f"test question {index + 1}: {sample.question} (answer: {sample.answer}; unpruned: "
+        f"'{answers['unpruned']}')\n{verdict}"
+    )
+    path = plot_selection(
+        sample.image,
+        adapter_for(model).image_geometry(processor),
+        segment.grid,
+        panels,
+        padding,
+        out_dir / f"question_{index + 1}.png",
+        title,
+    )
     return DemoPicture(index + 1, sample.question, sample.answer, answers, direction, path)
 
 
 def summary_lines(result: DemoResult) -> list[str]:
     """The demo's report: one summary line, then one line on the differing answers."""
+
     def pct(value: float) -> str:
         return f"{100 * value:.1f}"
 
@@ -140,9 +171,14 @@ def summary_lines(result: DemoResult) -> list[str]:
     for name, (acc, low, high) in result.accuracy.items():
         parts.append(f"{name} {pct(acc)}% [{pct(low)}, {pct(high)}]")
     d, dlo, dhi = result.delta
-    budget = f"{100 * result.keep:g}% of {result.visual_tokens} visual tokens" if result.visual_tokens else f"keep {result.keep:g}"
+    budget = (
+        f"{100 * result.keep:g}% of {result.visual_tokens} visual tokens"
+        if result.visual_tokens
+        else f"keep {result.keep:g}"
+    )
     lines = [
-        f"{result.model}, {result.questions} held-out questions, FastV keeping {budget}: " + "; ".join(parts)
+        f"{result.model}, {result.questions} held-out questions, FastV keeping {budget}: "
+        + "; ".join(parts)
         + f"; debiasing {100 * d:+.1f} points [{100 * dlo:+.1f}, {100 * dhi:+.1f}] (paired, 95%)",
         f"the two FastV answers differ on {result.differing} questions: debiasing fixed {result.fixed} and broke "
         f"{result.broke}",
@@ -150,5 +186,13 @@ def summary_lines(result: DemoResult) -> list[str]:
     return lines
 
 
-__all__ = ["DemoPicture", "DemoResult", "PLAIN", "DEBIASED", "differing_questions", "demo_presses", "run_demo",
-           "summary_lines"]
+__all__ = [
+    "DemoPicture",
+    "DemoResult",
+    "PLAIN",
+    "DEBIASED",
+    "differing_questions",
+    "demo_presses",
+    "run_demo",
+    "summary_lines",
+]

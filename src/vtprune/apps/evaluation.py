@@ -47,7 +47,10 @@ DEBIAS_MODES = ("none", "positional", "padding", "both")
 #: LLaVA-1.5's multiple-choice instruction (its ScienceQA / MMBench prompts)
 CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-_NUMBER_WORDS = {w: str(i) for i, w in enumerate(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"])}
+_NUMBER_WORDS = {
+    w: str(i)
+    for i, w in enumerate(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"])
+}
 _ARTICLES = {"a", "an", "the"}
 
 
@@ -131,12 +134,18 @@ def question_from_row(image, text: str, answer, answers, choices, where: str) ->
         raise ValueError(f'{where} has no "answer" (or "answers"): vtprune eval needs the correct answer on every line')
     listed = None
     if choices is not None:
-        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, (str, int, float)) for c in choices):
+        if (
+            not isinstance(choices, list)
+            or len(choices) < 2
+            or not all(isinstance(c, (str, int, float)) for c in choices)
+        ):
             raise ValueError(f'{where}: "choices" must be a list of at least two options')
         if len(choices) > len(LETTERS):
             raise ValueError(f"{where}: {len(choices)} choices; at most {len(LETTERS)} (A-Z)")
         options = tuple(str(c) for c in choices)
-        prompt = text + "\n" + "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(options)) + "\n" + CHOICE_INSTRUCTION
+        prompt = (
+            text + "\n" + "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(options)) + "\n" + CHOICE_INSTRUCTION
+        )
     else:
         listed = _listed_choices(text) if len(accepted[0].strip()) == 1 and accepted[0].strip().isupper() else None
         options, prompt = listed, text
@@ -156,8 +165,9 @@ def question_from_row(image, text: str, answer, answers, choices, where: str) ->
     return Question(image=image, question=prompt, answers=(letter,), choices=options)
 
 
-def load_questions(data: str, images: str | Path | None = None, samples: int | None = None,
-                   split: str = "test") -> list[Question]:
+def load_questions(
+    data: str, images: str | Path | None = None, samples: int | None = None, split: str = "test"
+) -> list[Question]:
     """The questions of a jsonl file (image paths relative to `images`, default the file's folder; the first
     `samples`, all when None), or of the testbed's `split` (`data="testbed"`, `samples` required)."""
     if samples is not None and samples < 1:
@@ -166,8 +176,10 @@ def load_questions(data: str, images: str | Path | None = None, samples: int | N
         from .datasets import check_testbed_samples, testbed_split
 
         check_testbed_samples(samples)
-        return [Question(image=s.image, question=s.question, answers=(s.answer,), meta=dict(s.meta))
-                for s in testbed_split(split, samples or 100)]
+        return [
+            Question(image=s.image, question=s.question, answers=(s.answer,), meta=dict(s.meta))
+            for s in testbed_split(split, samples or 100)
+        ]
     from .datasets import load_jsonl
 
     examples, _ = load_jsonl(data, images, samples)
@@ -176,7 +188,9 @@ def load_questions(data: str, images: str | Path | None = None, samples: int | N
         meta = example.meta
         where = f"{data}:{meta.get('line')}"
         choices = meta.get("choices", meta.get("options"))
-        out.append(question_from_row(example.image, example.question, example.answer, meta.get("answers"), choices, where))
+        out.append(
+            question_from_row(example.image, example.question, example.answer, meta.get("answers"), choices, where)
+        )
         out[-1].meta = dict(meta)
     return out
 
@@ -244,8 +258,9 @@ class Setting:
         return method_class(self.method).create(budget=self.budget, debias=self.debias_object())
 
 
-def build_grid(methods: Sequence[str], budgets: Sequence[int | float], debias: Sequence[str],
-               profile_for: Callable[[str], str]) -> tuple[list[Setting], list[str]]:
+def build_grid(
+    methods: Sequence[str], budgets: Sequence[int | float], debias: Sequence[str], profile_for: Callable[[str], str]
+) -> tuple[list[Setting], list[str]]:
     """The unpruned setting, then every method x budget x debias mode (methods that rank without attention:
     "none" only); notes say what was left out. profile_for(method) gives the positional profile."""
     from ..methods import method as method_class
@@ -344,8 +359,10 @@ class Meter:
                 self.peak_bytes = rss
                 self._sampler = threading.Thread(target=self._sample, daemon=True)
                 self._sampler.start()
-        self._handles = [self.model.register_forward_pre_hook(self._before, with_kwargs=True),
-                         self.model.register_forward_hook(self._after)]
+        self._handles = [
+            self.model.register_forward_pre_hook(self._before, with_kwargs=True),
+            self.model.register_forward_hook(self._after),
+        ]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -415,8 +432,16 @@ def _median(values: Sequence[float]) -> float | None:
     return float(np.median(values)) if len(values) else None
 
 
-def measure(model, processor, questions: Sequence[Question], setting: Setting, *, batch_size: int = 1,
-            max_new_tokens: int = 16, progress: Callable[[int], None] | None = None) -> CellResult:
+def measure(
+    model,
+    processor,
+    questions: Sequence[Question],
+    setting: Setting,
+    *,
+    batch_size: int = 1,
+    max_new_tokens: int = 16,
+    progress: Callable[[int], None] | None = None,
+) -> CellResult:
     """Answer every question with `setting`'s press (greedy), score, time and measure the run."""
     from ..adapters import adapter_for
     from .runner import run_examples
@@ -426,8 +451,16 @@ def measure(model, processor, questions: Sequence[Question], setting: Setting, *
     per_image = getattr(adapter, "tokens_per_image", None)
     start = time.perf_counter()
     with Meter(model) as meter:
-        result = run_examples(model, processor, questions, press, generate=True, max_new_tokens=max_new_tokens,
-                              batch_size=batch_size, progress=progress)
+        result = run_examples(
+            model,
+            processor,
+            questions,
+            press,
+            generate=True,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            progress=progress,
+        )
     seconds = time.perf_counter() - start
     correct = [int(q.correct(a)) for q, a in zip(questions, result.answers)]
     hits = sum(correct)
@@ -443,13 +476,27 @@ def measure(model, processor, questions: Sequence[Question], setting: Setting, *
     if meter.prefill_ms and len(meter.prefill_ms) != math.ceil(len(questions) / batch_size):
         notes.append(f"{len(meter.prefill_ms)} prefills timed for {math.ceil(len(questions) / batch_size)} requests")
     return CellResult(
-        key=setting.key, label=setting.label, method=setting.method, budget=setting.budget, debias=setting.debias,
+        key=setting.key,
+        label=setting.label,
+        method=setting.method,
+        budget=setting.budget,
+        debias=setting.debias,
         profile=setting.profile if setting.debias in ("positional", "both") else None,
-        n=len(questions), hits=hits, accuracy=hits / len(questions), ci=wilson(hits, len(questions)),
-        visual_tokens=visual, equivalent=equivalent, prefill_ms=_median(meter.prefill_ms),
-        decode_ms_per_token=_median(meter.decode_ms), peak_memory_mib=meter.peak_bytes / 2**20,
-        memory_kind=meter.memory_kind, seconds=seconds, batch_size=batch_size,
-        requests=math.ceil(len(questions) / batch_size), correct=correct, answers=[a or "" for a in result.answers],
+        n=len(questions),
+        hits=hits,
+        accuracy=hits / len(questions),
+        ci=wilson(hits, len(questions)),
+        visual_tokens=visual,
+        equivalent=equivalent,
+        prefill_ms=_median(meter.prefill_ms),
+        decode_ms_per_token=_median(meter.decode_ms),
+        peak_memory_mib=meter.peak_bytes / 2**20,
+        memory_kind=meter.memory_kind,
+        seconds=seconds,
+        batch_size=batch_size,
+        requests=math.ceil(len(questions) / batch_size),
+        correct=correct,
+        answers=[a or "" for a in result.answers],
         notes=notes,
     )
 
@@ -461,9 +508,15 @@ def run_key(model, questions: Sequence[Question], *, batch_size: int, max_new_to
     from .calibration import model_fingerprint
 
     parameter = next(model.parameters())
-    return {"model": model_fingerprint(model), "data": questions_fingerprint(questions), "batch_size": batch_size,
-            "max_new_tokens": max_new_tokens, "device": parameter.device.type, "dtype": str(parameter.dtype),
-            "vtprune": __version__}
+    return {
+        "model": model_fingerprint(model),
+        "data": questions_fingerprint(questions),
+        "batch_size": batch_size,
+        "max_new_tokens": max_new_tokens,
+        "device": parameter.device.type,
+        "dtype": str(parameter.dtype),
+        "vtprune": __version__,
+    }
 
 
 def warm_up(model, processor, question: Question) -> None:
@@ -473,10 +526,19 @@ def warm_up(model, processor, question: Question) -> None:
     run_examples(model, processor, [question], None, generate=True, max_new_tokens=2, batch_size=1)
 
 
-def run_grid(model, processor, questions: Sequence[Question], settings: Sequence[Setting], *,
-             batch_size: int = 1, max_new_tokens: int = 16, state_path: str | Path | None = None,
-             force: bool = False, progress: Callable[[int], None] | None = None,
-             log: Callable[[str], None] | None = None) -> list[CellResult]:
+def run_grid(
+    model,
+    processor,
+    questions: Sequence[Question],
+    settings: Sequence[Setting],
+    *,
+    batch_size: int = 1,
+    max_new_tokens: int = 16,
+    state_path: str | Path | None = None,
+    force: bool = False,
+    progress: Callable[[int], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[CellResult]:
     """Measure every setting (`measure`), in order; cells saved in `state_path` by an earlier run of the same
     model, questions and generation settings are reused unless `force` (progress still advances over them).
     Adds the paired differences (`add_deltas`)."""
@@ -487,8 +549,10 @@ def run_grid(model, processor, questions: Sequence[Question], settings: Sequence
         log(f"note: {state_path} {problem}: it is replaced by this run's cells (write to another --out to keep it)")
     reused = [s for s in settings if s.key in saved]
     if reused and log:
-        log(f"resuming: {len(reused)} of {len(settings)} settings were measured in an earlier run ({state_path}); "
-            "--force measures them again")
+        log(
+            f"resuming: {len(reused)} of {len(settings)} settings were measured in an earlier run ({state_path}); "
+            "--force measures them again"
+        )
     cells = []
     warmed = False
     for setting in settings:
@@ -500,8 +564,15 @@ def run_grid(model, processor, questions: Sequence[Question], settings: Sequence
         if not warmed:
             warm_up(model, processor, questions[0])
             warmed = True
-        cell = measure(model, processor, questions, setting, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                       progress=progress)
+        cell = measure(
+            model,
+            processor,
+            questions,
+            setting,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            progress=progress,
+        )
         cells.append(cell)
         if state_path is not None:
             saved[setting.key] = asdict(cell)
@@ -522,9 +593,30 @@ def add_deltas(cells: list[CellResult]) -> list[CellResult]:
 
 
 # --- reporting ----------------------------------------------------------------------------------------------
-CSV_COLUMNS = ("key", "method", "budget", "debias", "profile", "n", "accuracy", "ci_low", "ci_high", "delta",
-               "delta_low", "delta_high", "baseline", "visual_tokens", "equivalent", "prefill_ms",
-               "decode_ms_per_token", "prefill_speedup", "peak_memory_mib", "memory_kind", "batch_size", "seconds")
+CSV_COLUMNS = (
+    "key",
+    "method",
+    "budget",
+    "debias",
+    "profile",
+    "n",
+    "accuracy",
+    "ci_low",
+    "ci_high",
+    "delta",
+    "delta_low",
+    "delta_high",
+    "baseline",
+    "visual_tokens",
+    "equivalent",
+    "prefill_ms",
+    "decode_ms_per_token",
+    "prefill_speedup",
+    "peak_memory_mib",
+    "memory_kind",
+    "batch_size",
+    "seconds",
+)
 
 
 def speedup(cell: CellResult, cells: Sequence[CellResult]) -> float | None:
@@ -539,15 +631,32 @@ def csv_rows(cells: Sequence[CellResult]) -> list[dict]:
     rows = []
     for c in cells:
         delta = c.delta or (None, None, None)
-        rows.append({
-            "key": c.key, "method": c.method or "", "budget": "" if c.budget is None else c.budget, "debias": c.debias,
-            "profile": c.profile or "", "n": c.n, "accuracy": c.accuracy, "ci_low": c.ci[0], "ci_high": c.ci[1],
-            "delta": delta[0], "delta_low": delta[1], "delta_high": delta[2], "baseline": c.baseline or "",
-            "visual_tokens": c.visual_tokens, "equivalent": c.equivalent, "prefill_ms": c.prefill_ms,
-            "decode_ms_per_token": c.decode_ms_per_token, "prefill_speedup": speedup(c, cells),
-            "peak_memory_mib": c.peak_memory_mib, "memory_kind": c.memory_kind, "batch_size": c.batch_size,
-            "seconds": c.seconds,
-        })
+        rows.append(
+            {
+                "key": c.key,
+                "method": c.method or "",
+                "budget": "" if c.budget is None else c.budget,
+                "debias": c.debias,
+                "profile": c.profile or "",
+                "n": c.n,
+                "accuracy": c.accuracy,
+                "ci_low": c.ci[0],
+                "ci_high": c.ci[1],
+                "delta": delta[0],
+                "delta_low": delta[1],
+                "delta_high": delta[2],
+                "baseline": c.baseline or "",
+                "visual_tokens": c.visual_tokens,
+                "equivalent": c.equivalent,
+                "prefill_ms": c.prefill_ms,
+                "decode_ms_per_token": c.decode_ms_per_token,
+                "prefill_speedup": speedup(c, cells),
+                "peak_memory_mib": c.peak_memory_mib,
+                "memory_kind": c.memory_kind,
+                "batch_size": c.batch_size,
+                "seconds": c.seconds,
+            }
+        )
     return rows
 
 
@@ -563,7 +672,9 @@ def write_results(out_dir: str | Path, cells: Sequence[CellResult], meta: dict) 
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         for row in csv_rows(cells):
-            writer.writerow({k: "" if v is None else (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+            writer.writerow(
+                {k: "" if v is None else (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
+            )
     return json_path, csv_path
 
 
@@ -579,14 +690,25 @@ def table_rows(cells: Sequence[CellResult]) -> list[tuple[str, ...]]:
         if c.equivalent is not None and c.method is not None:
             tokens += f" / {c.equivalent:.0f}"
         gain = speedup(c, cells)
-        prefill = "" if c.prefill_ms is None else f"{c.prefill_ms:.1f}" + ("" if gain is None or c.method is None else f" ({gain:.2f}x)")
+        prefill = (
+            ""
+            if c.prefill_ms is None
+            else f"{c.prefill_ms:.1f}" + ("" if gain is None or c.method is None else f" ({gain:.2f}x)")
+        )
         decode = "" if c.decode_ms_per_token is None else f"{c.decode_ms_per_token:.1f}"
         rows.append((c.label, accuracy, delta, tokens, prefill, decode, f"{c.peak_memory_mib:.0f}"))
     return rows
 
 
-TABLE_COLUMNS = ("setting", "accuracy % [95% CI]", "vs no debias (pts)", "visual tokens (last / per layer)",
-                 "prefill ms", "decode ms/tok", "peak MiB")
+TABLE_COLUMNS = (
+    "setting",
+    "accuracy % [95% CI]",
+    "vs no debias (pts)",
+    "visual tokens (last / per layer)",
+    "prefill ms",
+    "decode ms/tok",
+    "peak MiB",
+)
 
 
 def markdown_table(cells: Sequence[CellResult]) -> str:
@@ -596,6 +718,25 @@ def markdown_table(cells: Sequence[CellResult]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["DEBIAS_MODES", "CHOICE_INSTRUCTION", "Question", "normalize", "choice_letter", "question_from_row",
-           "load_questions", "Setting", "build_grid", "Meter", "CellResult", "measure", "run_grid", "add_deltas",
-           "write_results", "table_rows", "markdown_table", "TABLE_COLUMNS", "csv_rows", "speedup"]
+__all__ = [
+    "DEBIAS_MODES",
+    "CHOICE_INSTRUCTION",
+    "Question",
+    "normalize",
+    "choice_letter",
+    "question_from_row",
+    "load_questions",
+    "Setting",
+    "build_grid",
+    "Meter",
+    "CellResult",
+    "measure",
+    "run_grid",
+    "add_deltas",
+    "write_results",
+    "table_rows",
+    "markdown_table",
+    "TABLE_COLUMNS",
+    "csv_rows",
+    "speedup",
+]

@@ -68,8 +68,14 @@ def read_accuracy(path: str | Path) -> tuple[list[AccuracyCell], dict]:
         try:
             data = json.loads(path.read_text())
             cells = [
-                AccuracyCell(c["setting"], c["keep"], 100 * c["accuracy"], 100 * c["ci"][0], 100 * c["ci"][1],
-                             None if c.get("delta") is None else tuple(100 * v for v in c["delta"]))
+                AccuracyCell(
+                    c["setting"],
+                    c["keep"],
+                    100 * c["accuracy"],
+                    100 * c["ci"][0],
+                    100 * c["ci"][1],
+                    None if c.get("delta") is None else tuple(100 * v for v in c["delta"]),
+                )
                 for c in data["cells"]
             ]
         except (ValueError, KeyError, TypeError) as error:
@@ -79,18 +85,22 @@ def read_accuracy(path: str | Path) -> tuple[list[AccuracyCell], dict]:
 
 
 _NUMBER = r"[+-]?\d+(?:\.\d+)?"
-_CELL = re.compile(rf"^({_NUMBER}) \[({_NUMBER}), ({_NUMBER})\](?:<br>\(({_NUMBER}) \[({_NUMBER}), ({_NUMBER})\]\))?"
-                   rf"(?:<br>{_NUMBER} tok/layer)?$")  # the last part: the setting's visual tokens per layer
+_CELL = re.compile(
+    rf"^({_NUMBER}) \[({_NUMBER}), ({_NUMBER})\](?:<br>\(({_NUMBER}) \[({_NUMBER}), ({_NUMBER})\]\))?"
+    rf"(?:<br>{_NUMBER} tok/layer)?$"
+)  # the last part: the setting's visual tokens per layer
 
 
 def _read_accuracy_markdown(path: Path) -> tuple[list[AccuracyCell], dict]:
     lines = path.read_text().splitlines()
     start = next((i for i, line in enumerate(lines) if line.startswith("Accuracy (%) on ")), None)
     if start is None:
-        raise FigureInputError(f"{path}: no 'Accuracy (%) on N test questions' table (the format of "
-                               "`vtprune testbed eval --markdown FILE`)")
+        raise FigureInputError(
+            f"{path}: no 'Accuracy (%) on N test questions' table (the format of "
+            "`vtprune testbed eval --markdown FILE`)"
+        )
     n = re.match(r"Accuracy \(%\) on (\d+) ", lines[start])
-    table = _first_table(lines[start + 1:])
+    table = _first_table(lines[start + 1 :])
     if not table or not table[0][0] == "setting":
         raise FigureInputError(f"{path}: the accuracy table has no 'setting' column")
     keeps = [_budget(label, path) for label in table[0][1:]]
@@ -149,8 +159,10 @@ def read_speed(path: str | Path) -> tuple[str, list[SpeedRow]]:
     table = _first_table(lines)
     header = table[0] if table else []
     if "config" not in header or "time ratio" not in header or "FLOP ratio" not in header:
-        raise FigureInputError(f"{path}: no table with 'config', 'time ratio' and 'FLOP ratio' columns (the format "
-                               "of `python bench/prefill.py --markdown FILE`)")
+        raise FigureInputError(
+            f"{path}: no table with 'config', 'time ratio' and 'FLOP ratio' columns (the format "
+            "of `python bench/prefill.py --markdown FILE`)"
+        )
     c, t, f = header.index("config"), header.index("time ratio"), header.index("FLOP ratio")
     rows = [SpeedRow(row[c], float(row[t]), float(row[f])) for row in table[1:]]
     return lines[0].rstrip("."), rows
@@ -178,8 +190,9 @@ def _save(fig, path: str | Path) -> Path:
 
     path = Path(path)
     with atomic_open(path, "wb") as handle:  # a temporary file in the folder (created if needed), then a rename
-        fig.savefig(handle, dpi=110, bbox_inches="tight", metadata=PNG_METADATA,
-                    format=path.suffix.lstrip(".").lower() or "png")
+        fig.savefig(
+            handle, dpi=110, bbox_inches="tight", metadata=PNG_METADATA, format=path.suffix.lstrip(".").lower() or "png"
+        )
     plt.close(fig)
     return path
 
@@ -195,15 +208,22 @@ def accuracy_panels(cells: Sequence[AccuracyCell], settings: Sequence[str] | Non
         known = {c.setting for c in cells}
         missing = [s for s in settings if s not in known]
         if missing:
-            raise FigureInputError(f"--settings: {', '.join(missing)} not in the results (they hold: "
-                                   f"{', '.join(sorted(known - {'unpruned'}))})")
+            raise FigureInputError(
+                f"--settings: {', '.join(missing)} not in the results (they hold: "
+                f"{', '.join(sorted(known - {'unpruned'}))})"
+            )
         return [list(settings)]
     names = list(dict.fromkeys(c.setting for c in cells))
     return [[name, f"{name}+debias"] for name in names if f"{name}+debias" in names]
 
 
-def plot_accuracy(cells: Sequence[AccuracyCell], path: str | Path, settings: Sequence[str] | None = None,
-                  title: str = "", columns: int = 4) -> Path:
+def plot_accuracy(
+    cells: Sequence[AccuracyCell],
+    path: str | Path,
+    settings: Sequence[str] | None = None,
+    title: str = "",
+    columns: int = 4,
+) -> Path:
     """Accuracy (%) against the budget (share of visual tokens kept, halving to the right) with 95% intervals;
     the unpruned model as a dashed line in its interval band; Random (when present) as a grey reference."""
     panels = accuracy_panels(cells, settings)
@@ -214,8 +234,13 @@ def plot_accuracy(cells: Sequence[AccuracyCell], path: str | Path, settings: Seq
     keeps = sorted({c.keep for c in cells if c.keep is not None}, reverse=True)
     columns = min(columns, len(panels))
     rows = math.ceil(len(panels) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns if len(panels) > 1 else 7.0, 3.6 * rows if len(panels) > 1 else 4.4),
-                             squeeze=False, sharey=True)
+    fig, axes = plt.subplots(
+        rows,
+        columns,
+        figsize=(4.2 * columns if len(panels) > 1 else 7.0, 3.6 * rows if len(panels) > 1 else 4.4),
+        squeeze=False,
+        sharey=True,
+    )
     colours = ["tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown"]
     for index, names in enumerate(panels):
         ax = axes[index // columns][index % columns]
@@ -223,15 +248,23 @@ def plot_accuracy(cells: Sequence[AccuracyCell], path: str | Path, settings: Seq
             ax.axhspan(unpruned.low, unpruned.high, color="grey", alpha=0.15, lw=0)
             ax.axhline(unpruned.accuracy, color="grey", ls="--", lw=1, label=f"unpruned {unpruned.accuracy:.1f}%")
         if ("Random", keeps[0]) in by and "Random" not in names:
-            ax.plot(keeps, [by[("Random", k)].accuracy if ("Random", k) in by else np.nan for k in keeps],
-                    color="grey", ls=":", marker=".", lw=1, label="Random")
+            ax.plot(
+                keeps,
+                [by[("Random", k)].accuracy if ("Random", k) in by else np.nan for k in keeps],
+                color="grey",
+                ls=":",
+                marker=".",
+                lw=1,
+                label="Random",
+            )
         for number, name in enumerate(names):
             points = [by[(name, k)] for k in keeps if (name, k) in by]
             x = np.array([p.keep for p in points]) * (1.0 + 0.035 * (number - (len(names) - 1) / 2))  # side by side
             y = np.array([p.accuracy for p in points])
             err = np.array([[p.accuracy - p.low for p in points], [p.high - p.accuracy for p in points]])
-            ax.errorbar(x, y, yerr=err, marker="o", ms=4, capsize=3, lw=1.6, color=colours[number % len(colours)],
-                        label=name)
+            ax.errorbar(
+                x, y, yerr=err, marker="o", ms=4, capsize=3, lw=1.6, color=colours[number % len(colours)], label=name
+            )
         ax.set_xscale("log", base=2)
         ax.set_xticks(keeps, [_percent(k) for k in keeps])
         ax.minorticks_off()
@@ -264,8 +297,16 @@ def write_accuracy_csv(cells: Sequence[AccuracyCell], path: str | Path, settings
         for c in cells:
             if c.setting in wanted:
                 delta = [f"{v:.1f}" for v in c.delta] if c.delta else ["", "", ""]
-                writer.writerow([c.setting, "all" if c.keep is None else _percent(c.keep), f"{c.accuracy:.1f}",
-                                 f"{c.low:.1f}", f"{c.high:.1f}", *delta])
+                writer.writerow(
+                    [
+                        c.setting,
+                        "all" if c.keep is None else _percent(c.keep),
+                        f"{c.accuracy:.1f}",
+                        f"{c.low:.1f}",
+                        f"{c.high:.1f}",
+                        *delta,
+                    ]
+                )
     return path
 
 
@@ -286,8 +327,15 @@ def plot_speed(tables: Sequence[tuple[str, Sequence[SpeedRow]]], path: str | Pat
                 continue
             colour = colours[_method_of(row.config)]
             debiased = "debias" in row.config
-            ax.scatter(row.flop_ratio, row.time_ratio, s=36, marker="s" if "auto" in row.config else "o",
-                       facecolors="none" if debiased else colour, edgecolors=colour, linewidths=1.4)
+            ax.scatter(
+                row.flop_ratio,
+                row.time_ratio,
+                s=36,
+                marker="s" if "auto" in row.config else "o",
+                facecolors="none" if debiased else colour,
+                edgecolors=colour,
+                linewidths=1.4,
+            )
         for method in methods:
             ax.scatter([], [], color=colours[method], label=method)
         ax.scatter([], [], facecolors="none", edgecolors="black", label="+ debias (hollow)")
@@ -332,15 +380,22 @@ def plot_position(report: dict, path: str | Path, title: str = "") -> Path:
         ax.scatter(x[valid], y[valid], s=8, alpha=0.55, color=colour, label=f"{label}: mean per position")
         fit = report.get("fits", {}).get(name)
         if fit:
-            ax.plot(x, fit["mu"] * np.exp(fit["sigma"] * x), color=colour, lw=2,
-                    label=f"fit mu·exp(sigma·x): sigma {fit['sigma']:+.2f}, R² {fit['r2']:.2f}")
+            ax.plot(
+                x,
+                fit["mu"] * np.exp(fit["sigma"] * x),
+                color=colour,
+                lw=2,
+                label=f"fit mu·exp(sigma·x): sigma {fit['sigma']:+.2f}, R² {fit['r2']:.2f}",
+            )
     ax.axhline(1.0, color="grey", lw=0.8, ls=":")
     ax.set_yscale("log")
     ax.set_xlabel("relative position x = i / L of the visual token (top row of the image -> bottom row)")
     ax.set_ylabel("score / the image's mean (log scale)")
     settings = report.get("settings", {})
-    default = (f"{settings.get('model', '?')}, {settings.get('method', '?')}: mean score against position, "
-               f"{report.get('samples', '?')} images")
+    default = (
+        f"{settings.get('model', '?')}, {settings.get('method', '?')}: mean score against position, "
+        f"{report.get('samples', '?')} images"
+    )
     ax.set_title(title or default, fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="upper left")
@@ -352,22 +407,46 @@ def plot_position(report: dict, path: str | Path, title: str = "") -> Path:
 
 #: the figures of the docs: (output PNG, kind, inputs under the results folder, options)
 DOCS_FIGURES: tuple[tuple[str, str, tuple[str, ...], dict], ...] = (
-    ("testbed-lm-fastv.png", "accuracy", ("testbed-lm-fastv.json",),
-     {"settings": ["FastV", "FastV+debias"], "title": "FastV on testbed-lm, plain and debiased (150 questions)"}),
-    ("testbed-lm-fastv-ablation.png", "accuracy", ("testbed-lm-table.md",),
-     {"settings": ["FastV", "FastV+positional", "FastV+padding", "FastV+debias", "FastV+auto+padding"],
-      "title": "FastV on testbed-lm: each correction alone and together (150 questions)"}),
-    ("testbed-lm-methods.png", "accuracy", ("testbed-lm-table.md",),
-     {"title": "testbed-lm: every attention-based method, plain and debiased (150 questions)"}),
-    ("testbed-methods.png", "accuracy", ("testbed-table.md",),
-     {"title": "the testbed: every attention-based method, plain and debiased (1000 questions)"}),
+    (
+        "testbed-lm-fastv.png",
+        "accuracy",
+        ("testbed-lm-fastv.json",),
+        {"settings": ["FastV", "FastV+debias"], "title": "FastV on testbed-lm, plain and debiased (150 questions)"},
+    ),
+    (
+        "testbed-lm-fastv-ablation.png",
+        "accuracy",
+        ("testbed-lm-table.md",),
+        {
+            "settings": ["FastV", "FastV+positional", "FastV+padding", "FastV+debias", "FastV+auto+padding"],
+            "title": "FastV on testbed-lm: each correction alone and together (150 questions)",
+        },
+    ),
+    (
+        "testbed-lm-methods.png",
+        "accuracy",
+        ("testbed-lm-table.md",),
+        {"title": "testbed-lm: every attention-based method, plain and debiased (150 questions)"},
+    ),
+    (
+        "testbed-methods.png",
+        "accuracy",
+        ("testbed-table.md",),
+        {"title": "the testbed: every attention-based method, plain and debiased (1000 questions)"},
+    ),
     ("prefill-speed.png", "speed", ("prefill-h200-batch8.md", "prefill-cpu-4layers.md"), {}),
-    ("testbed-lm-fastv-position.png", "position", ("analyze-testbed-lm-fastv.json",),
-     {"title": "testbed-lm, FastV's scores (layer 1): mean against position, before and after debiasing"}),
+    (
+        "testbed-lm-fastv-position.png",
+        "position",
+        ("analyze-testbed-lm-fastv.json",),
+        {"title": "testbed-lm, FastV's scores (layer 1): mean against position, before and after debiasing"},
+    ),
 )
 
 
-def draw(kind: str, inputs: Sequence[Path], out: Path, settings: Sequence[str] | None = None, title: str = "") -> list[Path]:
+def draw(
+    kind: str, inputs: Sequence[Path], out: Path, settings: Sequence[str] | None = None, title: str = ""
+) -> list[Path]:
     """Draw one figure of `kind` from `inputs` into `out` (and, for accuracy, its CSV beside it)."""
     if kind == "accuracy":
         cells, _meta = read_accuracy(inputs[0])
@@ -385,7 +464,9 @@ def draw_docs(results: Path, out: Path) -> list[Path]:
     """Every figure of the docs from the results files in `results` (see `docs/results/SOURCES.md`)."""
     written = []
     for name, kind, inputs, options in DOCS_FIGURES:
-        written += draw(kind, [results / i for i in inputs], out / name, options.get("settings"), options.get("title", ""))
+        written += draw(
+            kind, [results / i for i in inputs], out / name, options.get("settings"), options.get("title", "")
+        )
     return written
 
 
@@ -394,8 +475,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="kind", required=True)
     accuracy = sub.add_parser("accuracy", help="accuracy against budget from `vtprune testbed eval` results")
     accuracy.add_argument("results", type=Path, help="the .json of --out or the .md of --markdown")
-    accuracy.add_argument("--settings", default="", help="comma-separated rows for one panel (default: one panel "
-                          "per method with a '+debias' row)")
+    accuracy.add_argument(
+        "--settings",
+        default="",
+        help="comma-separated rows for one panel (default: one panel per method with a '+debias' row)",
+    )
     accuracy.add_argument("--title", default="")
     accuracy.add_argument("--out", type=Path, default=Path("accuracy.png"))
     speed = sub.add_parser("speed", help="time ratio against FLOP ratio from `bench/prefill.py --markdown` tables")
@@ -430,5 +514,18 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["AccuracyCell", "SpeedRow", "FigureInputError", "read_accuracy", "read_speed", "read_position_report",
-           "plot_accuracy", "write_accuracy_csv", "plot_speed", "plot_position", "draw", "draw_docs", "DOCS_FIGURES"]
+__all__ = [
+    "AccuracyCell",
+    "SpeedRow",
+    "FigureInputError",
+    "read_accuracy",
+    "read_speed",
+    "read_position_report",
+    "plot_accuracy",
+    "write_accuracy_csv",
+    "plot_speed",
+    "plot_position",
+    "draw",
+    "draw_docs",
+    "DOCS_FIGURES",
+]

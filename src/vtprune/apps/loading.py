@@ -83,9 +83,13 @@ def inspect_model(spec: str) -> ModelInfo:
                 )
             source, path, name = "local", str(local), spec
         elif _looks_like_path(spec):
-            raise ValueError(f"{spec}: no such directory; pass a local model directory, a hub id (org/name), 'testbed' or 'testbed-lm'")
+            raise ValueError(
+                f"{spec}: no such directory; pass a local model directory, a hub id (org/name), 'testbed' or 'testbed-lm'"
+            )
         elif not _HUB_ID.match(spec):
-            raise ValueError(f"{spec!r} is neither a local directory nor a hub id (org/name, e.g. llava-hf/llava-1.5-7b-hf)")
+            raise ValueError(
+                f"{spec!r} is neither a local directory nor a hub id (org/name, e.g. llava-hf/llava-1.5-7b-hf)"
+            )
         else:
             if offline():
                 from huggingface_hub import constants, try_to_load_from_cache
@@ -108,7 +112,9 @@ def inspect_model(spec: str) -> ModelInfo:
     architectures = list(getattr(config, "architectures", None) or [])
     if not set(architectures) & set(supported) and getattr(config, "model_type", None) != "llava":
         kind = ", ".join(architectures) or getattr(config, "model_type", None) or type(config).__name__
-        raise ValueError(f"{spec} is a {kind} model; vtprune supports {', '.join(supported)} (see the README's supported-models table)")
+        raise ValueError(
+            f"{spec} is a {kind} model; vtprune supports {', '.join(supported)} (see the README's supported-models table)"
+        )
     return ModelInfo(spec=spec, source=source, path=path, name=name, config=config)
 
 
@@ -229,7 +235,11 @@ def load_processor(path: str):
         import inspect
 
         accepted = set(inspect.signature(cls.__init__).parameters)
-        kwargs = {k: v for k, v in options.items() if k in accepted and k not in ("image_processor", "tokenizer", "video_processor")}
+        kwargs = {
+            k: v
+            for k, v in options.items()
+            if k in accepted and k not in ("image_processor", "tokenizer", "video_processor")
+        }
         if "chat_template" in accepted and "chat_template" not in kwargs:
             kwargs["chat_template"] = _chat_template(path) or getattr(tokenizer, "chat_template", None)
         original = ProcessorMixin.check_argument_for_proper_class
@@ -273,10 +283,13 @@ def check_pair(model, processor, spec: str = "the model") -> None:
     if vision is None or not hasattr(vision, "image_size"):
         return
     try:
-        inputs = processor(images=[Image.new("RGB", (32, 24))], text=[build_prompt(processor, "what is this?")],
-                           return_tensors="pt")
+        inputs = processor(
+            images=[Image.new("RGB", (32, 24))], text=[build_prompt(processor, "what is this?")], return_tensors="pt"
+        )
     except Exception as error:  # a processor that cannot prepare an image and a prompt at all
-        raise ValueError(f"the processor of {spec} cannot prepare an image and a prompt ({' '.join(str(error).split())})") from None
+        raise ValueError(
+            f"the processor of {spec} cannot prepare an image and a prompt ({' '.join(str(error).split())})"
+        ) from None
     pixels = inputs.get("pixel_values", inputs.get("pixel_values_images"))  # Video-LLaVA's name for image pixels
     if pixels is None:
         raise ValueError(f"the processor of {spec} returned no image pixels for an image")
@@ -328,8 +341,11 @@ def set_pad_to_square(processor, pad: bool = True):
             f"cannot make a {type(image_processor).__name__} pad to square by itself: pass the model's processor "
             "(the one holding .image_processor), whose image processor is then replaced by LLaVA's"
         )
-    settings = {k: v for k, v in image_processor.to_dict().items()
-                if k not in ("image_processor_type", "processor_class", "do_pad", "auto_map", "backend")}
+    settings = {
+        k: v
+        for k, v in image_processor.to_dict().items()
+        if k not in ("image_processor_type", "processor_class", "do_pad", "auto_map", "backend")
+    }
     if getattr(image_processor, "backend", "pil") == "torchvision":
         from transformers.models.llava.image_processing_llava import LlavaImageProcessor as LlavaImages
     else:

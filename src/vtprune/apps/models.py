@@ -67,4 +67,13 @@ def named_data(name: str) -> NamedData | None:
     return _DATA.get(name)
 
 
-__all__ = ["DATA_HOMES", "MODEL_HOMES", "NamedData", "NamedModel", "named_data", "named_model", "register_data", "register_model"]
+__all__ = [
+    "DATA_HOMES",
+    "MODEL_HOMES",
+    "NamedData",
+    "NamedModel",
+    "named_data",
+    "named_model",
+    "register_data",
+    "register_model",
+]

@@ -47,10 +47,19 @@ def plot_score_vs_position(
             continue
         curve = curves[name]
         x = relative_positions(curve.length)
-        ax.scatter(x[curve.valid], curve.values[curve.valid], s=6, alpha=0.45, color=colour, label=f"{label}, mean per position")
+        ax.scatter(
+            x[curve.valid],
+            curve.values[curve.valid],
+            s=6,
+            alpha=0.45,
+            color=colour,
+            label=f"{label}, mean per position",
+        )
         if name in fits:
             fit = fits[name]
-            ax.plot(x, fit(x), color=colour, lw=2, label=f"fit mu*exp(sigma x): sigma={fit.sigma:+.2f}, R^2={fit.r2:.2f}")
+            ax.plot(
+                x, fit(x), color=colour, lw=2, label=f"fit mu*exp(sigma x): sigma={fit.sigma:+.2f}, R^2={fit.r2:.2f}"
+            )
     ax.axhline(1.0, color="grey", lw=0.8, ls=":")
     ax.set_xlabel("relative position x = i / L (row-major: top of image -> bottom)")
     ax.set_ylabel("score / image mean over real tokens")
@@ -101,7 +110,9 @@ def model_view(image: Image.Image, geometry) -> Image.Image:
     return canvas
 
 
-def draw_selection(ax, view: Image.Image, grid: tuple[int, int], kept: np.ndarray, padding: np.ndarray | None, title: str = ""):
+def draw_selection(
+    ax, view: Image.Image, grid: tuple[int, int], kept: np.ndarray, padding: np.ndarray | None, title: str = ""
+):
     """Draw `view` with its (rows*cols,) `kept` mask: kept patches bright, others dimmed, padding crossed."""
     rows, cols = grid
     pixels = np.asarray(view, dtype=np.float32) / 255.0
@@ -148,4 +159,11 @@ def plot_selection(
     return _save(fig, path)
 
 
-__all__ = ["plot_score_vs_position", "plot_score_heatmap", "plot_keep_frequency", "plot_selection", "model_view", "draw_selection"]
+__all__ = [
+    "plot_score_vs_position",
+    "plot_score_heatmap",
+    "plot_keep_frequency",
+    "plot_selection",
+    "model_view",
+    "draw_selection",
+]

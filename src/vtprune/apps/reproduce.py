@@ -20,14 +20,18 @@ from __future__ import annotations
 
 import json
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
-VIDEO_JUDGE = ("a GPT judge for every answer (OPENAI_API_KEY; VTPRUNE_JUDGE_MODEL, default gpt-3.5-turbo, Video-LLaVA's "
-               "judge; the run stops with an error when the judge fails, it never scores 0)")
-MMBENCH_JUDGE = ("OpenAI API (OPENAI_API_KEY) for answers its rules cannot map to an option; without a key those "
-                 "get a seeded random option")
+VIDEO_JUDGE = (
+    "a GPT judge for every answer (OPENAI_API_KEY; VTPRUNE_JUDGE_MODEL, default gpt-3.5-turbo, Video-LLaVA's "
+    "judge; the run stops with an error when the judge fails, it never scores 0)"
+)
+MMBENCH_JUDGE = (
+    "OpenAI API (OPENAI_API_KEY) for answers its rules cannot map to an option; without a key those "
+    "get a seeded random option"
+)
 
 
 @dataclass(frozen=True)
@@ -85,9 +89,14 @@ LLAVA15_BENCHMARKS = (
     Benchmark("mmbench_en_dev", "MMB", "gpt_eval_score", 1, MMBENCH_JUDGE),
     Benchmark("mmbench_cn_dev", "MMB-CN", "gpt_eval_score", 1, MMBENCH_JUDGE),
     Benchmark("mme", "MME", "mme_perception_score", 100 / 2000),
-    Benchmark("mmvet", "MM-Vet", "gpt_eval_score", 1,
-              "a GPT judge for every answer (OPENAI_API_KEY; lmms-eval 0.7.3 uses MODEL_VERSION, default "
-              "gpt-4o-2024-11-20, which may not be the paper's judge)"),
+    Benchmark(
+        "mmvet",
+        "MM-Vet",
+        "gpt_eval_score",
+        1,
+        "a GPT judge for every answer (OPENAI_API_KEY; lmms-eval 0.7.3 uses MODEL_VERSION, default "
+        "gpt-4o-2024-11-20, which may not be the paper's judge)",
+    ),
     Benchmark("pope", "POPE", "pope_f1_score", 100),
     Benchmark("scienceqa_img", "SQA-IMG", "exact_match", 100),
     Benchmark("textvqa_val", "TextVQA", "exact_match", 100),
@@ -111,11 +120,17 @@ TABLES: dict[str, PaperTable] = {
         pretrained="llava-hf/llava-1.5-7b-hf",
         budget=128,
         benchmarks=LLAVA15_BENCHMARKS,
-        rows=(Row("Full model (576 tokens)", None, False, 63.1),) + _method_rows([
-            ("FastV", "fastv", 59.6, 62.5), ("HiMAP", "himap", 59.0, 61.4), ("iLLaVA", "illava", 59.7, 61.7),
-            ("PyramidDrop", "pdrop", 60.5, 61.6), ("TokenCarve", "tokencarve", 61.5, 61.9),
-            ("SparseVLM", "sparsevlm", 62.0, 62.4),
-        ]),
+        rows=(Row("Full model (576 tokens)", None, False, 63.1),)
+        + _method_rows(
+            [
+                ("FastV", "fastv", 59.6, 62.5),
+                ("HiMAP", "himap", 59.0, 61.4),
+                ("iLLaVA", "illava", 59.7, 61.7),
+                ("PyramidDrop", "pdrop", 60.5, 61.6),
+                ("TokenCarve", "tokencarve", 61.5, 61.9),
+                ("SparseVLM", "sparsevlm", 62.0, 62.4),
+            ]
+        ),
         notes=(
             "Debiased rows use the published per-benchmark positional profiles (profile=benchmark) plus padding "
             "suppression; FastV's single published curve serves every benchmark; iLLaVA has no published "
@@ -131,20 +146,30 @@ TABLES: dict[str, PaperTable] = {
     "paper-videollava": PaperTable(
         name="paper-videollava",
         title="Video-LLaVA-7B, 2048 -> 512 video tokens (8 frames x 256), video QA accuracy judged by GPT "
-              "(arXiv 2508.17807; published: average of 3 video QA sets)",
+        "(arXiv 2508.17807; published: average of 3 video QA sets)",
         lmms_model="vtprune_video_llava",
         pretrained="LanguageBind/Video-LLaVA-7B-hf",
         budget=512,
         visual_tokens=2048,
         pad_to_square=None,
         local_tasks=True,
-        benchmarks=tuple(Benchmark(task, label, "gpt_eval_accuracy", 1, VIDEO_JUDGE, judge_key=True)
-                         for task, label in (("videollava_msvd_qa", "MSVD-QA"), ("videollava_msrvtt_qa", "MSRVTT-QA"),
-                                             ("videollava_tgif_qa", "TGIF-QA"),
-                                             ("videollava_activitynet_qa", "ActivityNet-QA"))),
-        rows=(Row("Full model (2048 tokens)", None, False, None),) + _method_rows([
-            ("SparseVLM", "sparsevlm", 57.6, 58.2), ("FastV", "fastv", 57.3, 57.9),
-            ("PyramidDrop", "pdrop", 57.8, 57.9)]),
+        benchmarks=tuple(
+            Benchmark(task, label, "gpt_eval_accuracy", 1, VIDEO_JUDGE, judge_key=True)
+            for task, label in (
+                ("videollava_msvd_qa", "MSVD-QA"),
+                ("videollava_msrvtt_qa", "MSRVTT-QA"),
+                ("videollava_tgif_qa", "TGIF-QA"),
+                ("videollava_activitynet_qa", "ActivityNet-QA"),
+            )
+        ),
+        rows=(Row("Full model (2048 tokens)", None, False, None),)
+        + _method_rows(
+            [
+                ("SparseVLM", "sparsevlm", 57.6, 58.2),
+                ("FastV", "fastv", 57.3, 57.9),
+                ("PyramidDrop", "pdrop", 57.8, 57.9),
+            ]
+        ),
         notes=(
             "The reference does not name the paper's three video QA sets, so every row runs Video-LLaVA's four "
             "(MSVD-QA, MSRVTT-QA, TGIF-QA, ActivityNet-QA) and averages them: compare the debiasing gains, not the "
@@ -179,7 +204,9 @@ def select_rows(spec: PaperTable, methods: Sequence[str] | None) -> list[Row]:
     known = {row.method for row in spec.rows if row.method}
     unknown = [m for m in methods if m not in known]
     if unknown:
-        raise ValueError(f"--methods: {', '.join(unknown)} not in {spec.name} (its methods: {', '.join(sorted(known))})")
+        raise ValueError(
+            f"--methods: {', '.join(unknown)} not in {spec.name} (its methods: {', '.join(sorted(known))})"
+        )
     return [row for row in spec.rows if row.method is None or row.method in methods]
 
 
@@ -197,8 +224,11 @@ def model_args(spec: PaperTable, row: Row, *, budget: int, pretrained: str | Non
         args.append("method=none")
     else:
         share = budget if spec.visual_tokens == 576 else f"{budget / spec.visual_tokens:.6g}"
-        args += [f"method={row.method}", f"budget={share}",
-                 "debias=both,profile=benchmark" if row.debias else "debias=none"]
+        args += [
+            f"method={row.method}",
+            f"budget={share}",
+            "debias=both,profile=benchmark" if row.debias else "debias=none",
+        ]
     if spec.pad_to_square is not None:
         args.append(f"pad_to_square={spec.pad_to_square}")
     return ",".join(args)
@@ -213,8 +243,17 @@ def build_command(spec: PaperTable, out_dir: Path, data: str | None) -> list[str
     """The command that builds the table's local tasks from the data folder (None: no local tasks)."""
     if not spec.local_tasks:
         return None
-    return ["python", "-m", "vtprune.lmms.video_qa", "--root", data or "GPT_Zero_Shot_QA", "--out",
-            str(tasks_dir(spec, out_dir)), "--tasks", ",".join(b.task for b in spec.benchmarks)]
+    return [
+        "python",
+        "-m",
+        "vtprune.lmms.video_qa",
+        "--root",
+        data or "GPT_Zero_Shot_QA",
+        "--out",
+        str(tasks_dir(spec, out_dir)),
+        "--tasks",
+        ",".join(b.task for b in spec.benchmarks),
+    ]
 
 
 def prepare(spec: PaperTable, out_dir: Path, data: str | None, environ=None) -> None:
@@ -225,8 +264,10 @@ def prepare(spec: PaperTable, out_dir: Path, data: str | None, environ=None) -> 
     environ = os.environ if environ is None else environ
     judged = [b.task for b in spec.benchmarks if b.judge_key]
     if judged and not environ.get("OPENAI_API_KEY", "").strip():
-        raise ValueError(f"{', '.join(judged)} are judged by a GPT model: set OPENAI_API_KEY (OPENAI_API_URL for "
-                         "another OpenAI-compatible endpoint), or print the commands with --dry-run")
+        raise ValueError(
+            f"{', '.join(judged)} are judged by a GPT model: set OPENAI_API_KEY (OPENAI_API_URL for "
+            "another OpenAI-compatible endpoint), or print the commands with --dry-run"
+        )
     folder = tasks_dir(spec, out_dir)
     if folder is None:
         return
@@ -234,8 +275,10 @@ def prepare(spec: PaperTable, out_dir: Path, data: str | None, environ=None) -> 
     if data is None:
         missing = [task for task in wanted if not (folder / f"{task}.yaml").is_file()]
         if missing:
-            raise ValueError(f"{spec.name} runs vtprune's video QA tasks, built from Video-LLaVA's evaluation data: "
-                             "give --data GPT_Zero_Shot_QA (its folder with MSVD_Zero_Shot_QA, ...)")
+            raise ValueError(
+                f"{spec.name} runs vtprune's video QA tasks, built from Video-LLaVA's evaluation data: "
+                "give --data GPT_Zero_Shot_QA (its folder with MSVD_Zero_Shot_QA, ...)"
+            )
         return
     # the tasks belong to the lmms-eval plugin (a layer above the apps): built by its own command
     import subprocess
@@ -245,16 +288,39 @@ def prepare(spec: PaperTable, out_dir: Path, data: str | None, environ=None) -> 
     done = subprocess.run([sys.executable, *args[1:]], capture_output=True, text=True)
     if done.returncode != 0:
         lines = (done.stderr or done.stdout).strip().splitlines()
-        raise ValueError(lines[-1].removeprefix("error: ") if lines else f"building the video QA tasks failed (exit {done.returncode})")
+        raise ValueError(
+            lines[-1].removeprefix("error: ")
+            if lines
+            else f"building the video QA tasks failed (exit {done.returncode})"
+        )
 
 
-def command(spec: PaperTable, row: Row, out_dir: Path, *, budget: int, pretrained: str | None = None,
-            limit: int | None = None, launcher: Sequence[str] = ("python", "-m", "lmms_eval"),
-            extra: Sequence[str] = ()) -> list[str]:
+def command(
+    spec: PaperTable,
+    row: Row,
+    out_dir: Path,
+    *,
+    budget: int,
+    pretrained: str | None = None,
+    limit: int | None = None,
+    launcher: Sequence[str] = ("python", "-m", "lmms_eval"),
+    extra: Sequence[str] = (),
+) -> list[str]:
     """One lmms-eval command line (argv) running every benchmark of `row`, results under out_dir/row.slug."""
-    argv = [*launcher, "--model", spec.lmms_model, "--model_args", model_args(spec, row, budget=budget, pretrained=pretrained),
-            "--tasks", ",".join(b.task for b in spec.benchmarks), "--batch_size", "1", "--log_samples",
-            "--output_path", str(out_dir / row.slug)]
+    argv = [
+        *launcher,
+        "--model",
+        spec.lmms_model,
+        "--model_args",
+        model_args(spec, row, budget=budget, pretrained=pretrained),
+        "--tasks",
+        ",".join(b.task for b in spec.benchmarks),
+        "--batch_size",
+        "1",
+        "--log_samples",
+        "--output_path",
+        str(out_dir / row.slug),
+    ]
     if spec.local_tasks:
         argv += ["--include_path", str(tasks_dir(spec, out_dir))]
     if limit is not None:
@@ -271,8 +337,10 @@ def launcher_argv(text: str) -> list[str]:
     try:
         argv = shlex.split(text)
     except ValueError as error:
-        raise ValueError(f"--launcher {text!r} is malformed ({error}): give e.g. 'python -m lmms_eval' or "
-                         "'accelerate launch --num_processes 8 -m lmms_eval'") from None
+        raise ValueError(
+            f"--launcher {text!r} is malformed ({error}): give e.g. 'python -m lmms_eval' or "
+            "'accelerate launch --num_processes 8 -m lmms_eval'"
+        ) from None
     if not argv:
         raise ValueError("--launcher is empty: give e.g. 'python -m lmms_eval'")
     return argv
@@ -291,8 +359,12 @@ def run_logged(argv: Sequence[str], log_path: Path, echo=None) -> tuple[int, str
     echo = echo or (lambda line: (sys.stdout.write(line), sys.stdout.flush()))
     log_path.parent.mkdir(parents=True, exist_ok=True)
     lines = []
-    with log_path.open("w") as log, subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                                    text=True, errors="replace") as process:
+    with (
+        log_path.open("w") as log,
+        subprocess.Popen(
+            list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+        ) as process,
+    ):
         for line in process.stdout:
             echo(line)
             log.write(line)
@@ -343,8 +415,9 @@ def read_scores(row_dir: Path, benchmarks: Sequence[Benchmark]) -> tuple[dict[st
                 raise ValueError('no "results" object')
         except (OSError, ValueError, AttributeError) as error:
             reason = " ".join(str(error).split())[:120]
-            problems.append(f"{file} is not a readable lmms-eval results file ({reason}): delete it, or rerun the "
-                            "row with --force")
+            problems.append(
+                f"{file} is not a readable lmms-eval results file ({reason}): delete it, or rerun the row with --force"
+            )
             continue
         for benchmark in benchmarks:
             if scores[benchmark.task] is not None or not isinstance(results.get(benchmark.task), dict):
@@ -376,7 +449,9 @@ class RowResult:
         return sum(v is not None for v in self.scores.values())
 
 
-def collect(spec: PaperTable, rows: Sequence[Row], out_dir: Path, commands: dict[str, str] | None = None) -> list[RowResult]:
+def collect(
+    spec: PaperTable, rows: Sequence[Row], out_dir: Path, commands: dict[str, str] | None = None
+) -> list[RowResult]:
     out = []
     for row in rows:
         scores, files, problems = read_scores(Path(out_dir) / row.slug, spec.benchmarks)
@@ -388,45 +463,104 @@ def markdown(spec: PaperTable, results: Sequence[RowResult], budget: int) -> str
     """The measured table (per benchmark, average) beside the published average, and the debiasing gains."""
     comparable = budget == spec.budget
     head = ["row", *(b.label for b in spec.benchmarks), "average", "published", "measured - published"]
-    lines = [f"{spec.title}; measured at budget {budget}" + ("" if comparable else
-             f" (published numbers are for {spec.budget}: not comparable)"), "",
-             "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    lines = [
+        f"{spec.title}; measured at budget {budget}"
+        + ("" if comparable else f" (published numbers are for {spec.budget}: not comparable)"),
+        "",
+        "| " + " | ".join(head) + " |",
+        "|---" * len(head) + "|",
+    ]
     for result in results:
         cells = [f"{v:.1f}" if v is not None else "" for v in result.scores.values()]
         average = result.average
         partial = "" if average is not None or not result.done else f"({result.done}/{len(spec.benchmarks)})"
         published = result.row.published if comparable else None
         gap = "" if average is None or published is None else f"{average - published:+.1f}"
-        lines.append("| " + " | ".join([result.row.label, *cells, f"{average:.1f}" if average is not None else partial,
-                                         "" if published is None else f"{published:.1f}", gap]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    result.row.label,
+                    *cells,
+                    f"{average:.1f}" if average is not None else partial,
+                    "" if published is None else f"{published:.1f}",
+                    gap,
+                ]
+            )
+            + " |"
+        )
     gains = []
     by = {(r.row.method, r.row.debias): r for r in results}
     for result in results:
         if result.row.method is None or result.row.debias or (result.row.method, True) not in by:
             continue
         plain, debiased = result, by[(result.row.method, True)]
-        measured = (None if plain.average is None or debiased.average is None else debiased.average - plain.average)
+        measured = None if plain.average is None or debiased.average is None else debiased.average - plain.average
         published = (debiased.row.published - plain.row.published) if comparable else None
-        gains.append(f"| {plain.row.label} | {'' if measured is None else f'{measured:+.1f}'} | "
-                     f"{'' if published is None else f'{published:+.1f}'} |")
+        gains.append(
+            f"| {plain.row.label} | {'' if measured is None else f'{measured:+.1f}'} | "
+            f"{'' if published is None else f'{published:+.1f}'} |"
+        )
     if gains:
-        lines += ["", "Debiasing gain (average, +debias minus plain):", "", "| method | measured | published |",
-                  "|---|---|---|", *gains]
+        lines += [
+            "",
+            "Debiasing gain (average, +debias minus plain):",
+            "",
+            "| method | measured | published |",
+            "|---|---|---|",
+            *gains,
+        ]
     return "\n".join(lines)
 
 
 def to_json(spec: PaperTable, results: Sequence[RowResult], budget: int) -> dict:
     return {
-        "table": spec.name, "title": spec.title, "budget": budget, "published_budget": spec.budget,
-        "benchmarks": [{"task": b.task, "label": b.label, "metric": b.metric, "scale": b.scale, "needs": b.needs}
-                       for b in spec.benchmarks],
-        "rows": [{"label": r.row.label, "method": r.row.method, "debias": r.row.debias, "scores": r.scores,
-                  "average": r.average, "published": r.row.published if budget == spec.budget else None,
-                  "results_files": r.files, "problems": r.problems, "command": r.command} for r in results],
+        "table": spec.name,
+        "title": spec.title,
+        "budget": budget,
+        "published_budget": spec.budget,
+        "benchmarks": [
+            {"task": b.task, "label": b.label, "metric": b.metric, "scale": b.scale, "needs": b.needs}
+            for b in spec.benchmarks
+        ],
+        "rows": [
+            {
+                "label": r.row.label,
+                "method": r.row.method,
+                "debias": r.row.debias,
+                "scores": r.scores,
+                "average": r.average,
+                "published": r.row.published if budget == spec.budget else None,
+                "results_files": r.files,
+                "problems": r.problems,
+                "command": r.command,
+            }
+            for r in results
+        ],
         "notes": list(spec.notes),
     }
 
 
-__all__ = ["Benchmark", "Row", "PaperTable", "TABLES", "table", "select_rows", "check_budget", "model_args", "tasks_dir",
-           "build_command", "prepare", "command", "shell",
-           "launcher_argv", "run_logged", "row_failure", "read_scores", "RowResult", "collect", "markdown", "to_json"]
+__all__ = [
+    "Benchmark",
+    "Row",
+    "PaperTable",
+    "TABLES",
+    "table",
+    "select_rows",
+    "check_budget",
+    "model_args",
+    "tasks_dir",
+    "build_command",
+    "prepare",
+    "command",
+    "shell",
+    "launcher_argv",
+    "run_logged",
+    "row_failure",
+    "read_scores",
+    "RowResult",
+    "collect",
+    "markdown",
+    "to_json",
+]

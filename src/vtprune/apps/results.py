@@ -30,7 +30,9 @@ def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
 def paired_delta(a: Sequence[int], b: Sequence[int]) -> tuple[float, float, float]:
     """(mean, low, high): the mean of a_i - b_i over the same questions with a normal 95% interval."""
     if len(a) != len(b):
-        raise ValueError(f"paired difference of {len(a)} and {len(b)} answers: both settings must answer the same questions")
+        raise ValueError(
+            f"paired difference of {len(a)} and {len(b)} answers: both settings must answer the same questions"
+        )
     d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
     se = d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else 0.0
     return (float(d.mean()), float(d.mean() - 1.96 * se), float(d.mean() + 1.96 * se))

@@ -86,10 +86,19 @@ def run_examples(
         batch = list(examples[start : start + batch_size])
         images = [example.image for example in batch]
         inputs = build_inputs(processor, images, [example.question for example in batch], device=str(device))
-        check_input_length(model, inputs, max_new_tokens if generate else 0, [_where(example, start + i) for i, example in enumerate(batch)])
+        check_input_length(
+            model,
+            inputs,
+            max_new_tokens if generate else 0,
+            [_where(example, start + i) for i, example in enumerate(batch)],
+        )
         inputs = {k: v.to(model.dtype) if torch.is_floating_point(v) else v for k, v in inputs.items()}
         sizes = [image.size for image in images]
-        session = press(model, processor=processor, image_sizes=sizes, dry_run=dry_run) if press is not None else nullcontext()
+        session = (
+            press(model, processor=processor, image_sizes=sizes, dry_run=dry_run)
+            if press is not None
+            else nullcontext()
+        )
         with session:
             if generate:
                 output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
@@ -136,8 +145,9 @@ class Answer:
 
 
 @torch.no_grad()
-def answer_one(model: nn.Module, processor, image, question: str, press: Press | None = None, *,
-               max_new_tokens: int = 32) -> Answer:
+def answer_one(
+    model: nn.Module, processor, image, question: str, press: Press | None = None, *, max_new_tokens: int = 32
+) -> Answer:
     """Answer `question` about `image` (greedy), timing a separate prefill (with `press` active, if given)."""
     device = next(model.parameters()).device
     inputs = build_inputs(processor, [image], [question], device=str(device))
@@ -179,8 +189,9 @@ class Comparison:
 
 
 @torch.no_grad()
-def compare_one(model: nn.Module, processor, image, question: str, press: Press, *, repeats: int = 5,
-                max_new_tokens: int = 32) -> Comparison:
+def compare_one(
+    model: nn.Module, processor, image, question: str, press: Press, *, repeats: int = 5, max_new_tokens: int = 32
+) -> Comparison:
     """Answer `question` about `image` unpruned and with `press`; time the prefill of each after a warm-up (one
     forward of each, reported apart: the first forward of a process is slow), then `repeats` interleaved
     rounds, so that both see the same machine state."""
@@ -208,26 +219,35 @@ def compare_one(model: nn.Module, processor, image, question: str, press: Press,
     for pruned in (False, True):
         with session(pruned):
             output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        answers.append(processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip())
+        answers.append(
+            processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0].strip()
+        )
     length = int(inputs["input_ids"].shape[1])
     final = selection[-1]
     after = length - final.num_visual[0] + len(final.kept[0]) + final.extra[0]
     return Comparison(
         unpruned=Answer(answers[0], float(np.median(unpruned_ms)), []),
         pruned=Answer(answers[1], float(np.median(pruned_ms)), selection),
-        warmup_ms=warmup, unpruned_ms=unpruned_ms, pruned_ms=pruned_ms, sequence_tokens=(length, after),
+        warmup_ms=warmup,
+        unpruned_ms=unpruned_ms,
+        pruned_ms=pruned_ms,
+        sequence_tokens=(length, after),
     )
 
 
 def record_to_json(record: ScoreRecord) -> dict:
     """A `ScoreRecord` as JSON-able data (nan as None), for saved progress."""
+
     def floats(values):
         return None if values is None else [None if not np.isfinite(v) else float(v) for v in values]
 
     return {
-        "raw": floats(record.raw), "debiased": floats(record.debiased),
+        "raw": floats(record.raw),
+        "debiased": floats(record.debiased),
         "padding": None if record.padding is None else record.padding.astype(int).tolist(),
-        "kept": record.kept.tolist(), "kept_raw": record.kept_raw.tolist(), "keep": int(record.keep),
+        "kept": record.kept.tolist(),
+        "kept_raw": record.kept_raw.tolist(),
+        "keep": int(record.keep),
         "segments": [[s.offset, s.length, list(s.grid), s.image_index] for s in record.segments],
     }
 
@@ -252,16 +272,23 @@ def check_record(record: ScoreRecord) -> ScoreRecord:
 
 def record_from_json(data: dict) -> ScoreRecord:
     """The inverse of `record_to_json` (checked by `check_record`)."""
+
     def floats(values):
         return None if values is None else np.array([np.nan if v is None else v for v in values], dtype=np.float32)
 
-    return check_record(ScoreRecord(
-        raw=floats(data["raw"]), debiased=floats(data["debiased"]),
-        padding=None if data["padding"] is None else np.array(data["padding"], dtype=bool),
-        kept=np.array(data["kept"], dtype=np.int64), kept_raw=np.array(data["kept_raw"], dtype=np.int64),
-        keep=int(data["keep"]),
-        segments=[VisualSegment(offset=o, length=n, grid=tuple(g), image_index=i) for o, n, g, i in data["segments"]],
-    ))
+    return check_record(
+        ScoreRecord(
+            raw=floats(data["raw"]),
+            debiased=floats(data["debiased"]),
+            padding=None if data["padding"] is None else np.array(data["padding"], dtype=bool),
+            kept=np.array(data["kept"], dtype=np.int64),
+            kept_raw=np.array(data["kept_raw"], dtype=np.int64),
+            keep=int(data["keep"]),
+            segments=[
+                VisualSegment(offset=o, length=n, grid=tuple(g), image_index=i) for o, n, g, i in data["segments"]
+            ],
+        )
+    )
 
 
 def records_from_selection(press: Press) -> list[ScoreRecord]:
@@ -285,5 +312,16 @@ def records_from_selection(press: Press) -> list[ScoreRecord]:
     return out
 
 
-__all__ = ["Example", "ScoreRecord", "RunResult", "Answer", "Comparison", "run_examples", "answer_one", "compare_one",
-           "records_from_selection", "record_to_json", "record_from_json"]
+__all__ = [
+    "Example",
+    "ScoreRecord",
+    "RunResult",
+    "Answer",
+    "Comparison",
+    "run_examples",
+    "answer_one",
+    "compare_one",
+    "records_from_selection",
+    "record_to_json",
+    "record_from_json",
+]

@@ -75,23 +75,48 @@ def merge(shards: Sequence[Sequence[CellResult]], world: int, count: int) -> lis
         live = [p for p in parts if p.n]
         hits = sum(correct)
         notes = list(dict.fromkeys(note for p in parts for note in p.notes))
-        notes.append(f"answered by {world} processes (question i by process i mod {world}); prefill and decode "
-                     "times are the median of the processes' medians")
+        notes.append(
+            f"answered by {world} processes (question i by process i mod {world}); prefill and decode "
+            "times are the median of the processes' medians"
+        )
         first = parts[0]
-        merged.append(replace(
-            first, n=count, hits=hits, accuracy=hits / count if count else 0.0, ci=wilson(hits, count),
-            visual_tokens=weighted(live, "visual_tokens"), equivalent=first.equivalent, prefill_ms=median_of(live, "prefill_ms"),
-            decode_ms_per_token=median_of(live, "decode_ms_per_token"),
-            peak_memory_mib=max(p.peak_memory_mib for p in parts), seconds=max(p.seconds for p in parts),
-            requests=sum(p.requests for p in parts), correct=correct, answers=answers, notes=notes,
-            delta=None, baseline=None,
-        ))
+        merged.append(
+            replace(
+                first,
+                n=count,
+                hits=hits,
+                accuracy=hits / count if count else 0.0,
+                ci=wilson(hits, count),
+                visual_tokens=weighted(live, "visual_tokens"),
+                equivalent=first.equivalent,
+                prefill_ms=median_of(live, "prefill_ms"),
+                decode_ms_per_token=median_of(live, "decode_ms_per_token"),
+                peak_memory_mib=max(p.peak_memory_mib for p in parts),
+                seconds=max(p.seconds for p in parts),
+                requests=sum(p.requests for p in parts),
+                correct=correct,
+                answers=answers,
+                notes=notes,
+                delta=None,
+                baseline=None,
+            )
+        )
     return add_deltas(merged)
 
 
-def _run_shard(spec: str, device: str, dtype: str, pad_to_square: bool | None, threads: int | None,
-               questions: Sequence[Question], settings: Sequence[Setting], batch_size: int, max_new_tokens: int,
-               state_path: str | None, force: bool) -> tuple[list[dict], str]:
+def _run_shard(
+    spec: str,
+    device: str,
+    dtype: str,
+    pad_to_square: bool | None,
+    threads: int | None,
+    questions: Sequence[Question],
+    settings: Sequence[Setting],
+    batch_size: int,
+    max_new_tokens: int,
+    state_path: str | None,
+    force: bool,
+) -> tuple[list[dict], str]:
     """Load the model in this process and run the grid on `questions`; the cells as dicts and the dtype."""
     import torch
     from transformers.utils import logging as hf_logging
@@ -104,8 +129,20 @@ def _run_shard(spec: str, device: str, dtype: str, pad_to_square: bool | None, t
     model, processor = load_model(spec, device=device, dtype=dtype)
     if pad_to_square is not None:
         set_pad_to_square(processor, pad_to_square)
-    cells = run_grid(model, processor, questions, settings, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                     state_path=state_path, force=force) if questions else []
+    cells = (
+        run_grid(
+            model,
+            processor,
+            questions,
+            settings,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            state_path=state_path,
+            force=force,
+        )
+        if questions
+        else []
+    )
     dtype_name = str(next(model.parameters()).dtype).replace("torch.", "")
     return [asdict(c) for c in cells], dtype_name
 
@@ -120,11 +157,23 @@ def _state(state_dir: Path | None, rank: int, world: int) -> str | None:
     return None if state_dir is None else str(Path(state_dir) / f"cells-{rank}-of-{world}.json")
 
 
-def run_grid_sharded(spec: str, questions: Sequence[Question], settings: Sequence[Setting], *, processes: int,
-                     device: str, dtype: str, pad_to_square: bool | None = None, threads: int | None = None,
-                     batch_size: int = 1, max_new_tokens: int = 16, state_dir: Path | None = None,
-                     force: bool = False, progress: Callable[[int], None] | None = None,
-                     log: Callable[[str], None] | None = None) -> tuple[list[CellResult] | None, str | None]:
+def run_grid_sharded(
+    spec: str,
+    questions: Sequence[Question],
+    settings: Sequence[Setting],
+    *,
+    processes: int,
+    device: str,
+    dtype: str,
+    pad_to_square: bool | None = None,
+    threads: int | None = None,
+    batch_size: int = 1,
+    max_new_tokens: int = 16,
+    state_dir: Path | None = None,
+    force: bool = False,
+    progress: Callable[[int], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> tuple[list[CellResult] | None, str | None]:
     """The grid over `questions`, answered by several processes and merged: (cells, dtype). Under a launcher
     (`launched()`) this process answers its own shard and rank 0 gathers the others' (the other ranks get
     (None, None)); otherwise `processes` workers are spawned."""
@@ -136,8 +185,19 @@ def run_grid_sharded(spec: str, questions: Sequence[Question], settings: Sequenc
         rank, world = position
         local = process_device(device, int(os.environ.get("LOCAL_RANK", rank)))
         mine = [questions[i] for i in shard_indices(count, rank, world)]
-        cells, dtype_name = _run_shard(spec, local, dtype, pad_to_square, threads, mine, settings, batch_size,
-                                       max_new_tokens, _state(state_dir, rank, world), force)
+        cells, dtype_name = _run_shard(
+            spec,
+            local,
+            dtype,
+            pad_to_square,
+            threads,
+            mine,
+            settings,
+            batch_size,
+            max_new_tokens,
+            _state(state_dir, rank, world),
+            force,
+        )
         if not dist.is_initialized():
             dist.init_process_group(backend="gloo")
         gathered: list = [None] * world
@@ -152,9 +212,23 @@ def run_grid_sharded(spec: str, questions: Sequence[Question], settings: Sequenc
 
     world = processes
     per_process = threads if threads is not None else max(1, (os.cpu_count() or 1) // world)
-    jobs = [(rank, spec, process_device(device, rank), dtype, pad_to_square, per_process,
-             [questions[i] for i in shard_indices(count, rank, world)], list(settings), batch_size, max_new_tokens,
-             _state(state_dir, rank, world), force) for rank in range(world)]
+    jobs = [
+        (
+            rank,
+            spec,
+            process_device(device, rank),
+            dtype,
+            pad_to_square,
+            per_process,
+            [questions[i] for i in shard_indices(count, rank, world)],
+            list(settings),
+            batch_size,
+            max_new_tokens,
+            _state(state_dir, rank, world),
+            force,
+        )
+        for rank in range(world)
+    ]
     results: dict[int, list[CellResult]] = {}
     dtype_name = None
     with multiprocessing.get_context("spawn").Pool(world) as pool:

@@ -26,8 +26,9 @@ def equivalent_share(layers: Sequence[int], keeps: Sequence[float], num_layers: 
     return (total + present * (num_layers - previous)) / num_layers
 
 
-def keeps_for_budget(tables: dict, budget, budget_share: float, layers: Sequence[int], num_layers: int,
-                     schedule) -> list[float]:
+def keeps_for_budget(
+    tables: dict, budget, budget_share: float, layers: Sequence[int], num_layers: int, schedule
+) -> list[float]:
     """Keep shares per stage for `budget` (a count of 576 or a fraction; `budget_share` of the visual tokens):
     `schedule(tables, budget)` up to the largest published budget; above it, the largest published schedule
     blended towards keeping everything so that `equivalent_share` equals the budget (never below the published

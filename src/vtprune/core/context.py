@@ -260,8 +260,11 @@ class StageContext:
             if record.position_embeddings is None:
                 raise ValueError(f"layer {record.index}'s input has no position embeddings: no keys to compute")
             self._keys[record.index] = rotated_keys(
-                self.adapter, record.layer, record.position_embeddings,
-                hidden_states=record.hidden_states, projected=record.projected_keys,
+                self.adapter,
+                record.layer,
+                record.position_embeddings,
+                hidden_states=record.hidden_states,
+                projected=record.projected_keys,
             )
         return self._keys[record.index]
 
@@ -273,7 +276,12 @@ class StageContext:
             return None  # projected_keys is set while the layer runs on the recorded input
         keys = getattr(layers[record.index], "keys", None)
         hidden = record.hidden_states
-        if not isinstance(keys, torch.Tensor) or keys.dim() != 4 or keys.shape[0] != hidden.shape[0] or keys.shape[2] != hidden.shape[1]:
+        if (
+            not isinstance(keys, torch.Tensor)
+            or keys.dim() != 4
+            or keys.shape[0] != hidden.shape[0]
+            or keys.shape[2] != hidden.shape[1]
+        ):
             return None
         return keys
 
@@ -320,12 +328,23 @@ class StageContext:
             if min(counts) == 0:
                 raise ValueError(f"a sample has no query tokens (counts per sample: {counts})")
             query_index = torch.nn.utils.rnn.pad_sequence(slots, batch_first=True)
-            query_mask = None if min(counts) == max(counts) else torch.nn.utils.rnn.pad_sequence(
-                [torch.ones(c, dtype=torch.bool, device=device) for c in counts], batch_first=True)
+            query_mask = (
+                None
+                if min(counts) == max(counts)
+                else torch.nn.utils.rnn.pad_sequence(
+                    [torch.ones(c, dtype=torch.bool, device=device) for c in counts], batch_first=True
+                )
+            )
         if query_mask is not None:  # padded queries ask as the sample's first query (zeroed below)
             query_index = torch.where(query_mask, query_index, query_index[:, :1])
-        queries_rot = rotated_queries(self.adapter, record.layer, record.hidden_states, record.position_embeddings,
-                                      query_index, projected=record.projected_queries)
+        queries_rot = rotated_queries(
+            self.adapter,
+            record.layer,
+            record.hidden_states,
+            record.position_embeddings,
+            query_index,
+            projected=record.projected_queries,
+        )
         if static_last:
             allowed = None  # every slot is a real token at or before it
         elif isinstance(queries, str) and queries == "last":  # every real token is at or before it
@@ -387,8 +406,10 @@ class StageContext:
             raise ValueError(f"heads={heads!r}: use 'mean' or 'all'")
         hidden = self.vision_hidden_states(layer)
         cls = self.adapter.vision_cls_index
-        probs = self.adapter.vision_attention(self._vision_layer(layer), hidden, slice(cls, cls + 1))[:, :, 0]  # (N, H, T)
-        patches = probs[:, :, self.adapter.vision_first_patch:]  # (N, H, P)
+        probs = self.adapter.vision_attention(self._vision_layer(layer), hidden, slice(cls, cls + 1))[
+            :, :, 0
+        ]  # (N, H, T)
+        patches = probs[:, :, self.adapter.vision_first_patch :]  # (N, H, P)
         if heads == "mean":
             patches = patches.mean(dim=1, keepdim=True)
         image_of, patch_of = self._rank_tables()
@@ -481,8 +502,9 @@ class StageContext:
         if not self.debias_active:
             return raw
         padding = self.padding_mask if self.debias_config.padding else None
-        out = self.debias_config.apply_batch(raw, self.position_rank, self.present, self.segments, padding,
-                                             cache=self.request_cache)
+        out = self.debias_config.apply_batch(
+            raw, self.position_rank, self.present, self.segments, padding, cache=self.request_cache
+        )
         if self.recorded_debiased is None:
             self.recorded_debiased = out
         return out
@@ -493,12 +515,16 @@ class StageContext:
         remains; lowered to the real tokens when padding debiasing applies with drop_padding (which reads the
         real counts from the device: one synchronisation)."""
         keep = self.stage.keep if keep is None else keep
-        counts = [resolve_keep(keep, self.num_visual[b], self.present_counts[b], warn=not self.dry_run)
-                  for b in range(self.num_samples)]
+        counts = [
+            resolve_keep(keep, self.num_visual[b], self.present_counts[b], warn=not self.dry_run)
+            for b in range(self.num_samples)
+        ]
         if self.debias_padding and self.debias_config.drop_padding and self.padding_mask is not None:
             real = self._real_counts()
-            counts = [max(1, min(count, r)) if m is not None else count
-                      for count, r, m in zip(counts, real, self.padding_marks)]
+            counts = [
+                max(1, min(count, r)) if m is not None else count
+                for count, r, m in zip(counts, real, self.padding_marks)
+            ]
         return counts
 
     def keep_count(self, b: int, keep: int | float | None = None) -> int:
@@ -591,11 +617,15 @@ class StageContext:
                 if self.padding_marks[b] is None or counts[b] <= real:
                     continue
                 if real == 0:
-                    out.append(f"sample {b}: every one of its {present} visual tokens is mostly padding (the image "
-                               f"has almost no content on the model's grid): kept the {counts[b]} least-padded")
+                    out.append(
+                        f"sample {b}: every one of its {present} visual tokens is mostly padding (the image "
+                        f"has almost no content on the model's grid): kept the {counts[b]} least-padded"
+                    )
                 else:
-                    out.append(f"sample {b}: only {real} of its {present} visual tokens are real: {counts[b] - real} "
-                               f"padding token(s) fill the {counts[b]} kept")
+                    out.append(
+                        f"sample {b}: only {real} of its {present} visual tokens are real: {counts[b] - real} "
+                        f"padding token(s) fill the {counts[b]} kept"
+                    )
             return out
 
         self.notes.append(notes)
@@ -638,7 +668,9 @@ class StageContext:
         order = torch.gather(order, 1, torch.argsort(torch.gather(group, 1, order), dim=1, stable=True))
         group = torch.gather(group, 1, order)  # grouped by image, each image's tokens best first
         device = self.ranks.device
-        position = torch.arange(order.shape[1], device=device) - torch.gather(torch.tensor(starts, device=device), 1, group)
+        position = torch.arange(order.shape[1], device=device) - torch.gather(
+            torch.tensor(starts, device=device), 1, group
+        )
         chosen = position < torch.gather(torch.tensor(budgets, device=device), 1, group)
         first = torch.gather(order, 1, torch.argsort((~chosen).to(torch.int8), dim=1, stable=True))
         if padding is not None:

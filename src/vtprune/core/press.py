@@ -138,11 +138,20 @@ class Press(LastSelection):
         given = {k: v for k, v in options.items() if v is not None}
         unknown = sorted(set(given) - accepted)
         if unknown:
-            raise ValueError(f"{cls.name or cls.__name__} takes no {', '.join(unknown)} (it takes {', '.join(sorted(accepted))})")
+            raise ValueError(
+                f"{cls.name or cls.__name__} takes no {', '.join(unknown)} (it takes {', '.join(sorted(accepted))})"
+            )
         return cls(**given)
 
-    def __call__(self, model: nn.Module, *, processor=None, images: Sequence | None = None,
-                 image_sizes: Sequence | None = None, dry_run: bool = False) -> PruningSession:
+    def __call__(
+        self,
+        model: nn.Module,
+        *,
+        processor=None,
+        images: Sequence | None = None,
+        image_sizes: Sequence | None = None,
+        dry_run: bool = False,
+    ) -> PruningSession:
         """Attach to `model` for the duration of a `with` block.
 
         processor: the model's processor or image processor; needed for padding debiasing (its geometry).
@@ -222,8 +231,9 @@ class Press(LastSelection):
         budget = getattr(self, "budget", None)
         return budget_fraction(DEFAULT_BUDGET if budget is None else budget)
 
-    def _layers_and_keeps(self, num_layers: int, default_layers: Sequence[int], tables: dict | None = None,
-                          default_keep: int | float = 64) -> tuple[list[int], list]:
+    def _layers_and_keeps(
+        self, num_layers: int, default_layers: Sequence[int], tables: dict | None = None, default_keep: int | float = 64
+    ) -> tuple[list[int], list]:
         """The stage layers and keeps from the schedule fields: explicit `layer` or the published layers at the
         model's depth; explicit `keep`, or the budget mapped through the published `tables` (None: the budget is
         the count kept, as for FastV), or the defaults."""
@@ -262,7 +272,9 @@ def layer_list(value, name: str = "layer") -> list[int]:
         if isinstance(item, bool) or not isinstance(item, int):
             raise TypeError(f"{name} must be an int or a list of ints, got {value!r}")
         if item < 0:
-            raise ValueError(f"{name}={value!r}: layers count from 0 (the first decoder layer); negative indices are not accepted")
+            raise ValueError(
+                f"{name}={value!r}: layers count from 0 (the first decoder layer); negative indices are not accepted"
+            )
     return values
 
 
@@ -288,7 +300,9 @@ def budget_fraction(budget: int | float, name: str = "budget") -> float:
             raise ValueError(f"{name}={budget}: a fractional budget must lie in (0, 1]; an int is a token count of 576")
         return budget
     if not (1 <= budget <= REFERENCE_TOKENS):
-        raise ValueError(f"{name}={budget}: a token budget must lie in 1..{REFERENCE_TOKENS} (LLaVA-1.5-7B's visual tokens)")
+        raise ValueError(
+            f"{name}={budget}: a token budget must lie in 1..{REFERENCE_TOKENS} (LLaVA-1.5-7B's visual tokens)"
+        )
     return budget / REFERENCE_TOKENS
 
 
@@ -316,5 +330,13 @@ def schedule_for_budget(tables: dict[int, Sequence[float]], budget: int | float)
     return out
 
 
-__all__ = ["Press", "REFERENCE_LAYERS", "REFERENCE_TOKENS", "layer_list", "scale_layers", "budget_fraction",
-           "interpolate_table", "schedule_for_budget"]
+__all__ = [
+    "Press",
+    "REFERENCE_LAYERS",
+    "REFERENCE_TOKENS",
+    "layer_list",
+    "scale_layers",
+    "budget_fraction",
+    "interpolate_table",
+    "schedule_for_budget",
+]

@@ -29,6 +29,7 @@ def rotated_queries(
     with RoPE at those rows' positions: taken from the query projection's output `projected` (B, N, H*d) captured
     while the layer ran on this input, or else projected from its input `hidden_states` (B, N, D, before the input
     layernorm)."""
+
     def take(rows: torch.Tensor) -> torch.Tensor:  # (B, Q, X) of (B, N, X)
         if query_index is None:
             return rows[:, -1:]
@@ -64,7 +65,9 @@ def rotated_keys(
 
 
 @torch.no_grad()
-def attention_probs(layer: nn.Module, queries: torch.Tensor, keys: torch.Tensor, key_allowed: torch.Tensor) -> torch.Tensor:
+def attention_probs(
+    layer: nn.Module, queries: torch.Tensor, keys: torch.Tensor, key_allowed: torch.Tensor
+) -> torch.Tensor:
     """(B, H, Q, N) float32 softmax of queries (B, H, Q, d) against keys (B, Hkv, N, d) over the allowed keys
     `key_allowed` (B, Q, N) bool (None: every key); grouped-query heads share their key head, as in the layer."""
     batch, heads, num_queries, head_dim = queries.shape

@@ -32,6 +32,7 @@ class LastSelection:
         key = id(self)
         entry = records.get(key)
         if entry is None or entry[0]() is not self:  # forget the record when the press is garbage collected
+
             def forget(_: object) -> None:
                 records.pop(key, None)
 

@@ -121,8 +121,14 @@ def batch_decisions(decisions: Sequence, width: int) -> Kept:
     if any(item.values is not None for item in items):
         dtype = next(item.values.dtype for item in items if item.values is not None)
         out.values = torch.nn.utils.rnn.pad_sequence(  # nan rows: the token keeps its own hidden state
-            [torch.full((len(item.ranks), width), float("nan"), dtype=dtype, device=device) if item.values is None
-             else item.values for item in items], batch_first=True)
+            [
+                torch.full((len(item.ranks), width), float("nan"), dtype=dtype, device=device)
+                if item.values is None
+                else item.values
+                for item in items
+            ],
+            batch_first=True,
+        )
     extras = [item.extra.shape[0] if item.extra is not None else 0 for item in items]
     if max(extras):
         dtype = next(item.extra.dtype for item in items if item.extra is not None)
@@ -131,17 +137,32 @@ def batch_decisions(decisions: Sequence, width: int) -> Kept:
             return torch.nn.utils.rnn.pad_sequence(parts, batch_first=True, padding_value=fill)
 
         empty = torch.zeros(0, dtype=torch.long, device=device)
-        out.extra = pad([item.extra if item.extra is not None else torch.zeros(0, width, dtype=dtype, device=device)
-                         for item in items], 0.0)
+        out.extra = pad(
+            [
+                item.extra if item.extra is not None else torch.zeros(0, width, dtype=dtype, device=device)
+                for item in items
+            ],
+            0.0,
+        )
         out.extra_valid = pad([torch.ones(m, dtype=torch.bool, device=device) for m in extras], False)
         out.extra_counts = extras
-        after = [item.extra_after if item.extra_after is not None else item.ranks[-1:].expand(m)
-                 for item, m in zip(items, extras)]
+        after = [
+            item.extra_after if item.extra_after is not None else item.ranks[-1:].expand(m)
+            for item, m in zip(items, extras)
+        ]
         out.extra_after = pad([a if m else empty for a, m in zip(after, extras)], -1)
-        out.extra_before = pad([item.extra_before.bool() if item.extra_before is not None
-                                else torch.zeros(m, dtype=torch.bool, device=device) for item, m in zip(items, extras)], False)
-        out.extra_positions = pad([item.extra_positions if item.extra_positions is not None else a
-                                   for item, a in zip(items, after)], -1)
+        out.extra_before = pad(
+            [
+                item.extra_before.bool()
+                if item.extra_before is not None
+                else torch.zeros(m, dtype=torch.bool, device=device)
+                for item, m in zip(items, extras)
+            ],
+            False,
+        )
+        out.extra_positions = pad(
+            [item.extra_positions if item.extra_positions is not None else a for item, a in zip(items, after)], -1
+        )
     return out
 
 
@@ -161,9 +182,22 @@ class StageSelection:
     notes: per request, e.g. why fewer tokens were kept.
     """
 
-    def __init__(self, layer: int, num_visual: list[int], keep: list[int], padding: list, segments: list,
-                 notes, *, kept: torch.Tensor, ranks: torch.Tensor | None = None, scores=None, debiased=None,
-                 extra_valid: torch.Tensor | None = None, num_extra: int = 0):
+    def __init__(
+        self,
+        layer: int,
+        num_visual: list[int],
+        keep: list[int],
+        padding: list,
+        segments: list,
+        notes,
+        *,
+        kept: torch.Tensor,
+        ranks: torch.Tensor | None = None,
+        scores=None,
+        debiased=None,
+        extra_valid: torch.Tensor | None = None,
+        num_extra: int = 0,
+    ):
         self.layer = layer
         self.num_visual = num_visual
         self.keep = keep
@@ -296,14 +330,17 @@ def validate_stages(stages: Sequence[Stage], num_layers: int, owner: str) -> lis
             if stage.trim_cache:
                 raise ValueError(f"{owner}: only the first stage can trim the cache of the layers before it")
             if type(stage.keep) is type(previous.keep) and stage.keep > previous.keep:
-                raise ValueError(f"{owner}: keep must not grow from one stage to the next, got {[s.keep for s in stages]}")
+                raise ValueError(
+                    f"{owner}: keep must not grow from one stage to the next, got {[s.keep for s in stages]}"
+                )
         previous = stage
     return stages
 
 
 # --- the shared selection rule -----------------------------------------------------------------------------
-def rank_order(scores: torch.Tensor, padding: torch.Tensor | None = None,
-               padding_fraction: torch.Tensor | None = None) -> torch.Tensor:
+def rank_order(
+    scores: torch.Tensor, padding: torch.Tensor | None = None, padding_fraction: torch.Tensor | None = None
+) -> torch.Tensor:
     """Indices of `scores` (R,) from best to worst (stable: ties keep prompt order); padding tokens (R,) bool,
     when given, always come after every real token, in prompt order. When every token is padding and
     `padding_fraction` (R,), the padded share of each token's pixels, is given, they rank from the least
@@ -325,8 +362,13 @@ def member(elements: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
     return (elements[..., None] == test).any(dim=-1)
 
 
-def top_k(scores: torch.Tensor, ranks: torch.Tensor, count: int, padding: torch.Tensor | None = None,
-          padding_fraction: torch.Tensor | None = None) -> torch.Tensor:
+def top_k(
+    scores: torch.Tensor,
+    ranks: torch.Tensor,
+    count: int,
+    padding: torch.Tensor | None = None,
+    padding_fraction: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The `count` best of `ranks` (R,) by `scores` (R,), padding last (the least padded first, when
     `padding_fraction` is given); sorted visual ranks (count,)."""
     order = rank_order(scores, padding, padding_fraction)
@@ -346,6 +388,18 @@ def equivalent_tokens(stages: Sequence[Stage], num_visual: int, num_layers: int)
 
 
 __all__ = [
-    "Positions", "Stage", "VisionStage", "Kept", "StageSelection", "batch_decisions", "resolve_keep", "validate_keep", "as_list", "validate_stages",
-    "rank_order", "member", "top_k", "equivalent_tokens",
+    "Positions",
+    "Stage",
+    "VisionStage",
+    "Kept",
+    "StageSelection",
+    "batch_decisions",
+    "resolve_keep",
+    "validate_keep",
+    "as_list",
+    "validate_stages",
+    "rank_order",
+    "member",
+    "top_k",
+    "equivalent_tokens",
 ]

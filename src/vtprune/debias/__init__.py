@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 
@@ -47,7 +48,7 @@ class Debias:
         tokens) or "frame" (each frame on its own axis, like an image).
     """
 
-    profile: "str | os.PathLike | object | None" = None
+    profile: str | os.PathLike | object | None = None
     padding: bool = True
     padding_threshold: float | None = None
     drop_padding: bool | None = None
@@ -69,7 +70,9 @@ class Debias:
         if self.drop_padding is not None and not isinstance(self.drop_padding, bool):
             raise TypeError(f"drop_padding={self.drop_padding!r} must be True, False or None")
         if self.video_axis not in ("video", "frame"):
-            raise ValueError(f"video_axis={self.video_axis!r}: use 'video' (the whole visual sequence of a video) or 'frame'")
+            raise ValueError(
+                f"video_axis={self.video_axis!r}: use 'video' (the whole visual sequence of a video) or 'frame'"
+            )
         if self.stages not in ("first", "all"):
             raise ValueError(f"stages={self.stages!r}: use 'first' or 'all'")
         if self.profile is not None and self.profile not in ("auto", "default", "rowrank", "rowmean"):
@@ -77,7 +80,7 @@ class Debias:
 
             object.__setattr__(self, "_loaded", load_profile(self.profile))  # type: ignore[arg-type]  # a Profile is an object
 
-    def for_model(self, config, method: str, profile_name: str | None = None) -> "Debias":
+    def for_model(self, config, method: str, profile_name: str | None = None) -> Debias:
         """A copy with profile="default" resolved to the built-in profile of this model and method."""
         if self.profile != "default":
             return self
@@ -93,7 +96,7 @@ class Debias:
         resolved = replace(self, profile=name)
         return resolved
 
-    def with_defaults(self, padding_threshold: float, drop_padding: bool) -> "Debias":
+    def with_defaults(self, padding_threshold: float, drop_padding: bool) -> Debias:
         """A copy whose unset (None) fields take a method's published values."""
         resolved = replace(
             self,
@@ -144,8 +147,9 @@ class Debias:
         (its index among the sample's visual tokens); padding: (R,) bool or None. Returns (R,) float32.
         """
         present = torch.ones(ranks.shape, dtype=torch.bool, device=ranks.device)
-        return self.apply_batch(scores[None], ranks[None], present[None], [segments],
-                                None if padding is None else padding[None])[0]
+        return self.apply_batch(
+            scores[None], ranks[None], present[None], [segments], None if padding is None else padding[None]
+        )[0]
 
     def axes(self, segments: Sequence[VisualSegment]) -> list[VisualSegment]:
         """The positional axes of a sample: its segments, with a video's frames joined into one axis when
@@ -155,16 +159,28 @@ class Debias:
         out: list[VisualSegment] = []
         for segment in segments:
             last = out[-1] if out else None
-            if (segment.kind == "frame" and last is not None and last.kind == "frame" and last.part == segment.part
-                    and last.image_index == segment.image_index and last.offset + last.length == segment.offset):
+            if (
+                segment.kind == "frame"
+                and last is not None
+                and last.kind == "frame"
+                and last.part == segment.part
+                and last.image_index == segment.image_index
+                and last.offset + last.length == segment.offset
+            ):
                 out[-1] = replace(last, length=last.length + segment.length, grid=(1, last.length + segment.length))
             else:
                 out.append(segment)
         return out
 
-    def apply_batch(self, scores: torch.Tensor, ranks: torch.Tensor, present: torch.Tensor,
-                    segments: Sequence[Sequence[VisualSegment]], padding: torch.Tensor | None = None,
-                    cache: dict | None = None) -> torch.Tensor:
+    def apply_batch(
+        self,
+        scores: torch.Tensor,
+        ranks: torch.Tensor,
+        present: torch.Tensor,
+        segments: Sequence[Sequence[VisualSegment]],
+        padding: torch.Tensor | None = None,
+        cache: dict | None = None,
+    ) -> torch.Tensor:
         """`apply` for a batch: scores (B, R), ranks (B, R) the rank whose position each token has, present (B, R)
         bool (False: an entry of a sample with fewer tokens), segments per sample, padding (B, R) bool or None.
         Returns (B, R) float32. Batched (no loop over samples or images, no host synchronisation); "auto" fits
@@ -190,8 +206,11 @@ class Debias:
 
     def _trend_table(self, segments, device) -> torch.Tensor:
         """(B, max V + 1) the calibrated trend of each sample's visual ranks (1 after its last), cached per layout."""
-        key = ("trend", tuple(tuple((s.offset, s.length, s.kind, s.part, s.image_index) for s in sample)
-                              for sample in segments), str(device))
+        key = (
+            "trend",
+            tuple(tuple((s.offset, s.length, s.kind, s.part, s.image_index) for s in sample) for sample in segments),
+            str(device),
+        )
         if key not in self._cache:
             rows = [self.trend(self.axes(sample)).float() for sample in segments]
             width = max(len(row) for row in rows) + 1
@@ -203,8 +222,11 @@ class Debias:
 
     def _axis_tables(self, segments, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, A) long start and length (in ranks) of each sample's positional axes (length 0: none), cached."""
-        key = ("axes", tuple(tuple((s.offset, s.length, s.kind, s.part, s.image_index) for s in sample)
-                             for sample in segments), str(device))
+        key = (
+            "axes",
+            tuple(tuple((s.offset, s.length, s.kind, s.part, s.image_index) for s in sample) for sample in segments),
+            str(device),
+        )
         if key not in self._cache:
             axes = [self.axes(sample) for sample in segments]
             width = max(len(sample) for sample in axes)
@@ -213,11 +235,16 @@ class Debias:
             self._cache[key] = (torch.tensor(start, device=device), torch.tensor(length, device=device))
         return self._cache[key]
 
-
     def _axis_columns(self, segments, device) -> torch.Tensor:
         """(B, A) long: the patch columns of each sample's positional axes (a video axis is one row), cached."""
-        key = ("columns", tuple(tuple((s.offset, s.length, s.kind, s.part, s.image_index, tuple(s.grid)) for s in sample)
-                                for sample in segments), str(device))
+        key = (
+            "columns",
+            tuple(
+                tuple((s.offset, s.length, s.kind, s.part, s.image_index, tuple(s.grid)) for s in sample)
+                for sample in segments
+            ),
+            str(device),
+        )
         if key not in self._cache:
             axes = [self.axes(sample) for sample in segments]
             width = max(len(sample) for sample in axes)

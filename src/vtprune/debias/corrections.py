@@ -79,8 +79,9 @@ def row_rank(scores, present, ranks, axis_start, axis_length, axis_columns, padd
     sorted_group = torch.gather(group, 1, order).contiguous()
     start = torch.searchsorted(sorted_group, sorted_group, side="left")
     end = torch.searchsorted(sorted_group, sorted_group, side="right")
-    cumulative = torch.cat([torch.zeros(batch, 1, device=scores.device),
-                            torch.gather(real.float(), 1, order).cumsum(1)], dim=1)
+    cumulative = torch.cat(
+        [torch.zeros(batch, 1, device=scores.device), torch.gather(real.float(), 1, order).cumsum(1)], dim=1
+    )
     real_in_group = torch.gather(cumulative, 1, end) - torch.gather(cumulative, 1, start)
     position = torch.arange(width, device=scores.device).expand(batch, width)
     quantile = 1.0 - (position - start).float() / real_in_group.clamp(min=1)
@@ -100,8 +101,10 @@ def _image_scores(records, which: str = "raw"):
         for segment in record.segments:
             part = slice(segment.offset, segment.offset + segment.length)
             if grid is not None and tuple(segment.grid) != grid:
-                raise ValueError(f"images have different patch grids ({grid} and {tuple(segment.grid)}): positional "
-                                 "profiles need one fixed grid")
+                raise ValueError(
+                    f"images have different patch grids ({grid} and {tuple(segment.grid)}): positional "
+                    "profiles need one fixed grid"
+                )
             grid = tuple(segment.grid)
             real = np.ones(segment.length, dtype=bool) if record.padding is None else ~record.padding[part]
             real &= np.isfinite(scores[part])
@@ -171,20 +174,50 @@ def keep_flatness(records, trend: np.ndarray | None, keeps=(0.25, 0.125)) -> flo
 def fit_alpha(records, trend: np.ndarray, keeps=(0.25, 0.125), grid=ALPHA_GRID) -> tuple[float, dict]:
     """The tempering exponent alpha in `grid` whose trend ** alpha leaves the flattest keep frequency
     (`keep_flatness`) on `records`; also every alpha's flatness."""
-    measured = {float(alpha): keep_flatness(records, trend ** alpha, keeps) for alpha in grid}
+    measured = {float(alpha): keep_flatness(records, trend**alpha, keeps) for alpha in grid}
     return min(measured, key=measured.get), measured
 
 
-def corrected_profile(base: Profile, *, name: str, kind: str = "exp", alpha: float = 1.0,
-                      curve=None, description: str = "", extra: dict | None = None) -> Profile:
+def corrected_profile(
+    base: Profile,
+    *,
+    name: str,
+    kind: str = "exp",
+    alpha: float = 1.0,
+    curve=None,
+    description: str = "",
+    extra: dict | None = None,
+) -> Profile:
     """A copy of `base` (its method, layer, query, model) as another kind of correction."""
     info = dict(base.extra)
     info.update({"correction": kind if alpha == 1 else f"{kind} tempered", "written_by": "bench/corrections.py"})
     info.update(extra or {})
-    return Profile(name=name, kind=kind, length=base.length, sigma=base.sigma, mu=base.mu if kind == "exp" else 1.0,
-                   curve=None if curve is None else tuple(float(v) for v in curve), alpha=float(alpha),
-                   method=base.method, layer=base.layer, query=base.query, model=base.model,
-                   source="calibrated with vtprune", description=description, extra=info)
+    return Profile(
+        name=name,
+        kind=kind,  # type: ignore[arg-type]  # checked by Profile
+        length=base.length,
+        sigma=base.sigma,
+        mu=base.mu if kind == "exp" else 1.0,
+        curve=None if curve is None else tuple(float(v) for v in curve),
+        alpha=float(alpha),
+        method=base.method,
+        layer=base.layer,
+        query=base.query,
+        model=base.model,
+        source="calibrated with vtprune",
+        description=description,
+        extra=info,
+    )
 
 
-__all__ = ["PER_REQUEST", "row_mean", "row_rank", "rowcol_trend", "top_k_real", "row_flatness", "keep_flatness", "fit_alpha", "corrected_profile"]
+__all__ = [
+    "PER_REQUEST",
+    "row_mean",
+    "row_rank",
+    "rowcol_trend",
+    "top_k_real",
+    "row_flatness",
+    "keep_flatness",
+    "fit_alpha",
+    "corrected_profile",
+]

@@ -129,8 +129,9 @@ def fit_robust(y, x=None, delta: float = 1.0, iterations: int = ROBUST_STEPS) ->
     return ExpFit(mu=float(np.exp(log_mu)), sigma=sigma, r2=r2, residuals=residual)
 
 
-def robust_sigma(y: torch.Tensor, x: torch.Tensor, use: torch.Tensor, delta: float = 1.0,
-                 iterations: int = ROBUST_STEPS) -> torch.Tensor:
+def robust_sigma(
+    y: torch.Tensor, x: torch.Tensor, use: torch.Tensor, delta: float = 1.0, iterations: int = ROBUST_STEPS
+) -> torch.Tensor:
     """`fit_robust`'s sigma, in torch on y's device, without a host synchronisation; batched over leading dims.
 
     y (..., R) scores, x (..., R) relative positions, use (..., R) bool: which points to fit (non-positive or
@@ -161,12 +162,19 @@ def robust_sigma(y: torch.Tensor, x: torch.Tensor, use: torch.Tensor, delta: flo
 
 # pairs of entries of the weighted sums S = sum w (1, x, x^2, l, x l, -x, -x l, -l) (l = log y) whose products,
 # summed in twos, give the 2x2 normal equations' determinant and numerators: [det, num(log mu), num(sigma)]
-_NORMAL_PAIRS = (0, 2, 1, 5,  2, 3, 1, 6,  0, 4, 1, 7)
+_NORMAL_PAIRS = (0, 2, 1, 5, 2, 3, 1, 6, 0, 4, 1, 7)
 
 
-def auto_trend(scores: torch.Tensor, valid: torch.Tensor, ranks: torch.Tensor, axis_start: torch.Tensor,
-               axis_length: torch.Tensor, padding: torch.Tensor | None = None, delta: float = 1.0,
-               iterations: int = ROBUST_STEPS) -> torch.Tensor:
+def auto_trend(
+    scores: torch.Tensor,
+    valid: torch.Tensor,
+    ranks: torch.Tensor,
+    axis_start: torch.Tensor,
+    axis_length: torch.Tensor,
+    padding: torch.Tensor | None = None,
+    delta: float = 1.0,
+    iterations: int = ROBUST_STEPS,
+) -> torch.Tensor:
     """The "auto" positional trend exp(sigma x) of a padded batch, every axis (image) of every sample fitted at once
     with `robust_sigma`'s robust fit (the same numbers to rounding); no host synchronisation, no loop over samples
     or images, and an op count that depends on neither the batch nor the data (about 90 with 3 steps).
@@ -226,8 +234,10 @@ def _constants(device, delta: float) -> tuple[torch.Tensor, torch.Tensor]:
     `device`, made once per device and delta (no host-to-device copy per request)."""
     key = (str(device), float(delta))
     if key not in _CONSTANTS:
-        _CONSTANTS[key] = (torch.tensor(_NORMAL_PAIRS, device=device),
-                           torch.full((), 1.0 / (1.4826 * delta), dtype=torch.float64, device=device))
+        _CONSTANTS[key] = (
+            torch.tensor(_NORMAL_PAIRS, device=device),
+            torch.full((), 1.0 / (1.4826 * delta), dtype=torch.float64, device=device),
+        )
     return _CONSTANTS[key]
 
 

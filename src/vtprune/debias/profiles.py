@@ -31,7 +31,7 @@ SIGMA_LIMIT = 50.0
 SCALE_LIMITS = (1e-20, 1e20)
 
 
-def check_trend_range(profile: "Profile") -> None:
+def check_trend_range(profile: Profile) -> None:
     """Refuse a profile whose trend float32 debiasing cannot represent (inf/nan or ties by token order): |sigma|
     above `SIGMA_LIMIT`, mu or curve values outside `SCALE_LIMITS`, a curve spanning more than exp(SIGMA_LIMIT)."""
     low, high = SCALE_LIMITS
@@ -43,8 +43,10 @@ def check_trend_range(profile: "Profile") -> None:
             "profiles lie within 7); check the fit, or use profile='auto'"
         )
     if not low <= profile.mu <= high:
-        raise ValueError(f"profile {name!r}: mu={profile.mu:g} is outside [{low:g}, {high:g}]: rescale the profile (only "
-                         "the shape of the trend matters)")
+        raise ValueError(
+            f"profile {name!r}: mu={profile.mu:g} is outside [{low:g}, {high:g}]: rescale the profile (only "
+            "the shape of the trend matters)"
+        )
     if profile.kind in ("curve", "rowcol"):
         smallest, largest = min(profile.curve), max(profile.curve)
         if smallest < low or largest > high or largest / smallest > math.exp(SIGMA_LIMIT):
@@ -116,7 +118,7 @@ class Profile:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Profile":
+    def from_dict(cls, data: dict) -> Profile:
         known = set(cls.__dataclass_fields__)
         values = {k: v for k, v in data.items() if k in known}
         extra = dict(values.pop("extra", None) or {})
@@ -187,7 +189,7 @@ def default_profile_name(config, method: str, profile_name: str | None = None) -
     return candidate if candidate in _builtin_index() else None
 
 
-def load_profile(spec: "str | os.PathLike | Profile") -> Profile:
+def load_profile(spec: str | os.PathLike | Profile) -> Profile:
     """A built-in name, a path to a profile JSON, or a `Profile` (returned as is)."""
     if isinstance(spec, Profile):
         return spec

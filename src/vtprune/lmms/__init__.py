@@ -24,8 +24,10 @@ def manifests() -> list:
     """The `ModelManifest`s lmms-eval's registry loads from the `lmms_eval.models` entry point."""
     from lmms_eval.models.registry_v2 import ModelManifest
 
-    return [ModelManifest(model_id=name, simple_class_path=simple, chat_class_path=chat)
-            for name, (simple, chat) in MODELS.items()]
+    return [
+        ModelManifest(model_id=name, simple_class_path=simple, chat_class_path=chat)
+        for name, (simple, chat) in MODELS.items()
+    ]
 
 
 __all__ = ["MODELS", "manifests"]

@@ -81,9 +81,13 @@ class _Recorder:
 
 
 #: config model_type -> the vtprune models that load it (the one-line error of a wrong family)
-_FAMILY_MODELS = {"llava": ["vtprune_llava_hf"], "llava_next": ["vtprune_llava_hf"],
-                  "llava_onevision": ["vtprune_llava_hf"], "qwen2_5_vl": ["vtprune_qwen2_5_vl"],
-                  "video_llava": ["vtprune_video_llava"]}
+_FAMILY_MODELS = {
+    "llava": ["vtprune_llava_hf"],
+    "llava_next": ["vtprune_llava_hf"],
+    "llava_onevision": ["vtprune_llava_hf"],
+    "qwen2_5_vl": ["vtprune_qwen2_5_vl"],
+    "video_llava": ["vtprune_video_llava"],
+}
 
 
 def _pruning_counts_class():
@@ -99,7 +103,11 @@ def _pruning_counts_class():
 
         @classmethod
         def of(cls, counts, record: dict):
-            base = {} if counts is None else {k: getattr(counts, k) for k in ("input_tokens", "output_tokens", "reasoning_tokens")}
+            base = (
+                {}
+                if counts is None
+                else {k: getattr(counts, k) for k in ("input_tokens", "output_tokens", "reasoning_tokens")}
+            )
             return cls(**base, vtprune=record)
 
         def to_dict(self):
@@ -176,8 +184,10 @@ class PressMixin:
         if model_type not in self.model_types:
             others = _FAMILY_MODELS.get(model_type)
             instead = f"use --model {' or '.join(others)}" if others else "use lmms-eval's own model for it"
-            raise ValueError(f"{self.plugin_name} loads {'/'.join(self.model_types)} models, but {pretrained} is a "
-                             f"{model_type} model: {instead}")
+            raise ValueError(
+                f"{self.plugin_name} loads {'/'.join(self.model_types)} models, but {pretrained} is a "
+                f"{model_type} model: {instead}"
+            )
 
     def _check_supported(self, pretrained: str) -> None:
         """A one-line error, before any weights load, when vtprune cannot prune this model."""
@@ -254,10 +264,16 @@ class PressMixin:
         for b, index in enumerate(pending):
             b = b if len(pending) == samples else slice(None)  # type: ignore[assignment]  # one record for all
             self._vtprune_records[index] = {
-                "pruned": True, "images": len(images), "videos": videos,
+                "pruned": True,
+                "images": len(images),
+                "videos": videos,
                 "visual_tokens": first.num_visual[b] if isinstance(b, int) else sum(first.num_visual),
-                "kept": [(len(s.kept[b]) + s.extra[b]) if isinstance(b, int)
-                         else sum(len(k) + e for k, e in zip(s.kept, s.extra)) for s in selections],
+                "kept": [
+                    (len(s.kept[b]) + s.extra[b])
+                    if isinstance(b, int)
+                    else sum(len(k) + e for k, e in zip(s.kept, s.extra))
+                    for s in selections
+                ],
                 "layers": [s.layer for s in selections],
                 "notes": notes,
             }

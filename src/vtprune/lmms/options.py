@@ -22,8 +22,15 @@ KEYS = ("method", "budget", "keep", "layer", "debias", "profile", "positions", "
 DEBIAS_MODES = ("none", "positional", "padding", "both")
 #: lmms-eval task -> the benchmark name of the published LLaVA-1.5-7B profiles (llava-1.5-7b/<method>/<name>)
 TASK_PROFILES = {
-    "gqa": "gqa", "mmbench_en_dev": "mmbench", "mmbench_cn_dev": "mmbench_cn", "mme": "mme", "mmvet": "mmvet",
-    "pope": "pope", "scienceqa_img": "scienceqa_img", "textvqa_val": "textvqa", "vizwiz_vqa_val": "vizwiz",
+    "gqa": "gqa",
+    "mmbench_en_dev": "mmbench",
+    "mmbench_cn_dev": "mmbench_cn",
+    "mme": "mme",
+    "mmvet": "mmvet",
+    "pope": "pope",
+    "scienceqa_img": "scienceqa_img",
+    "textvqa_val": "textvqa",
+    "vizwiz_vqa_val": "vizwiz",
     "vqav2_val": "vqav2",
 }
 
@@ -77,16 +84,18 @@ class PressOptions:
     _presses: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def pop_from(cls, args: dict) -> "PressOptions":
+    def pop_from(cls, args: dict) -> PressOptions:
         """Take vtprune's keys out of `args` (lmms-eval's parsed model_args) and check them."""
         values = {key: args.pop(key) for key in KEYS if key in args}
         options = cls(
             method=str(values.get("method", "none")).strip().lower(),
-            budget=_numbers(values.get("budget"), "budget"), keep=_numbers(values.get("keep"), "keep"),
+            budget=_numbers(values.get("budget"), "budget"),
+            keep=_numbers(values.get("keep"), "keep"),
             layer=_numbers(values.get("layer"), "layer"),
             debias=None if values.get("debias") is None else str(values["debias"]).strip().lower(),
             profile=str(values.get("profile", "benchmark")).strip(),
-            positions=values.get("positions"), pad_to_square=_flag(values.get("pad_to_square"), "pad_to_square"),
+            positions=values.get("positions"),
+            pad_to_square=_flag(values.get("pad_to_square"), "pad_to_square"),
         )
         options.check()
         return options
@@ -102,14 +111,18 @@ class PressOptions:
         if not self.prunes:
             given = [k for k in ("budget", "keep", "layer", "positions") if getattr(self, k) is not None]
             if given or self.debias not in (None, "none"):
-                raise ValueError(f"method=none runs the unpruned model: drop {', '.join(given) or 'debias'} or name a method ({', '.join(METHODS)})")
+                raise ValueError(
+                    f"method=none runs the unpruned model: drop {', '.join(given) or 'debias'} or name a method ({', '.join(METHODS)})"
+                )
             return
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r}: unknown; choose from none, {', '.join(METHODS)}")
         if self.debias is not None and self.debias not in DEBIAS_MODES:
             raise ValueError(f"debias={self.debias!r}: use {', '.join(DEBIAS_MODES)}")
         if METHODS[self.method].query is None and self.debias not in (None, "none"):
-            raise ValueError(f"method={self.method} ranks without attention: there is nothing to debias (use debias=none)")
+            raise ValueError(
+                f"method={self.method} ranks without attention: there is nothing to debias (use debias=none)"
+            )
         if self.profile not in ("benchmark", "default", "auto"):
             from ..debias.profiles import load_profile
 
@@ -157,8 +170,13 @@ class PressOptions:
             profile = "auto"  # only checking the options
         key = (mode, profile)
         if key not in self._presses:
-            debias = None if mode == "none" else Debias(profile=profile if mode in ("positional", "both") else None,
-                                                        padding=mode in ("padding", "both"))
+            debias = (
+                None
+                if mode == "none"
+                else Debias(
+                    profile=profile if mode in ("positional", "both") else None, padding=mode in ("padding", "both")
+                )
+            )
             options = {"budget": self.budget, "keep": self.keep, "layer": self.layer, "positions": self.positions}
             press = METHODS[self.method].create(debias=debias, **options)
             if config is None:
@@ -176,11 +194,14 @@ class PressOptions:
         stages = press.stages(num_layers) if num_layers is not None else press.stages()
         debias = press.debias
         return {
-            "method": self.method, "budget": self.budget,
+            "method": self.method,
+            "budget": self.budget,
             "schedule": [{"layer": stage.layer, "keep": stage.keep} for stage in stages],
-            "positions": getattr(press, "positions", None), "debias": self.debias_mode,
-            "profile": None if debias is None or debias.profile is None else (
-                getattr(debias.loaded_profile, "name", None) or str(debias.profile)),
+            "positions": getattr(press, "positions", None),
+            "debias": self.debias_mode,
+            "profile": None
+            if debias is None or debias.profile is None
+            else (getattr(debias.loaded_profile, "name", None) or str(debias.profile)),
             "padding": bool(debias is not None and debias.padding),
         }
 
@@ -189,13 +210,20 @@ class PressOptions:
         if not self.prunes:
             return "unpruned (method=none)"
         setting = self.setting(config, task, num_layers)
-        schedule = ", ".join(f"before layer {s['layer']} keep "
-                             + (f"{s['keep']:.3g} of the visual tokens" if isinstance(s["keep"], float) else str(s["keep"]))
-                             for s in setting["schedule"])
+        schedule = ", ".join(
+            f"before layer {s['layer']} keep "
+            + (f"{s['keep']:.3g} of the visual tokens" if isinstance(s["keep"], float) else str(s["keep"]))
+            for s in setting["schedule"]
+        )
         budget = "" if self.budget is None else f" (budget {self.budget})"
-        debias = "off" if setting["debias"] == "none" else (
-            f"{setting['debias']}: positional profile {setting['profile'] or 'off'}, padding "
-            f"{'on' if setting['padding'] else 'off'}")
+        debias = (
+            "off"
+            if setting["debias"] == "none"
+            else (
+                f"{setting['debias']}: positional profile {setting['profile'] or 'off'}, padding "
+                f"{'on' if setting['padding'] else 'off'}"
+            )
+        )
         return f"{self.method}{budget}: {schedule}; positions {setting['positions']}; debias {debias}"
 
     def slug(self) -> str:

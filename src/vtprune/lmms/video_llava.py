@@ -39,8 +39,10 @@ class FrameVideoProcessor:
         if videos is None:
             return self.processor(text=text, images=images, return_tensors=return_tensors, **kwargs)
         if images is not None:
-            raise ValueError("FrameVideoProcessor (Video-LLaVA without torchvision) takes videos or images, not both "
-                             "in one call: install torchvision for mixed prompts")
+            raise ValueError(
+                "FrameVideoProcessor (Video-LLaVA without torchvision) takes videos or images, not both "
+                "in one call: install torchvision for mixed prompts"
+            )
         import numpy as np
         import torch
 
@@ -54,12 +56,16 @@ class FrameVideoProcessor:
         if len({tuple(p.shape) for p in pixels}) != 1:
             raise ValueError("the videos of one call have different frame counts or sizes: process them one by one")
         height, width = pixels[0].shape[-2:]
-        per_frame = (height // processor.patch_size) * (width // processor.patch_size) + processor.num_additional_image_tokens
+        per_frame = (height // processor.patch_size) * (
+            width // processor.patch_size
+        ) + processor.num_additional_image_tokens
         texts = [text] if isinstance(text, str) else list(text)
         token = processor.video_token
         if sum(t.count(token) for t in texts) != len(pixels):
-            raise ValueError(f"the text holds {sum(t.count(token) for t in texts)} {token} tokens for {len(pixels)} "
-                             "videos: give one per video")
+            raise ValueError(
+                f"the text holds {sum(t.count(token) for t in texts)} {token} tokens for {len(pixels)} "
+                "videos: give one per video"
+            )
         expanded = [t.replace(token, token * (per_frame * pixels[0].shape[0])) for t in texts]
         encoded = processor.tokenizer(expanded, return_tensors=return_tensors, padding=len(expanded) > 1)
         return {**encoded, "pixel_values_videos": torch.stack(pixels)}

@@ -42,12 +42,15 @@ class VideoQASet:
     videos: str  # the videos' folder under ROOT/folder
 
 
-SETS: dict[str, VideoQASet] = {s.task: s for s in (
-    VideoQASet("videollava_msvd_qa", "MSVD-QA", "MSVD_Zero_Shot_QA", "videos"),
-    VideoQASet("videollava_msrvtt_qa", "MSRVTT-QA", "MSRVTT_Zero_Shot_QA", "videos/all"),
-    VideoQASet("videollava_tgif_qa", "TGIF-QA", "TGIF_Zero_Shot_QA", "mp4"),
-    VideoQASet("videollava_activitynet_qa", "ActivityNet-QA", "Activitynet_Zero_Shot_QA", "all_test"),
-)}
+SETS: dict[str, VideoQASet] = {
+    s.task: s
+    for s in (
+        VideoQASet("videollava_msvd_qa", "MSVD-QA", "MSVD_Zero_Shot_QA", "videos"),
+        VideoQASet("videollava_msrvtt_qa", "MSRVTT-QA", "MSRVTT_Zero_Shot_QA", "videos/all"),
+        VideoQASet("videollava_tgif_qa", "TGIF-QA", "TGIF_Zero_Shot_QA", "mp4"),
+        VideoQASet("videollava_activitynet_qa", "ActivityNet-QA", "Activitynet_Zero_Shot_QA", "all_test"),
+    )
+}
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 JUDGE_MODEL = "gpt-3.5-turbo"  # Video-LLaVA's eval_video_qa.py
 JUDGE_URL = "https://api.openai.com/v1/chat/completions"
@@ -105,28 +108,41 @@ def read_set(root: Path, qa_set: VideoQASet) -> tuple[list[dict], int]:
     try:
         questions, answers = (json.loads(path.read_text()) for path in files)
     except (OSError, ValueError) as error:
-        raise ValueError(f"{qa_set.label}: cannot read {folder}/test_q.json and test_a.json ({error}): give --root the "
-                         "GPT_Zero_Shot_QA folder of Video-LLaVA's evaluation data") from None
+        raise ValueError(
+            f"{qa_set.label}: cannot read {folder}/test_q.json and test_a.json ({error}): give --root the "
+            "GPT_Zero_Shot_QA folder of Video-LLaVA's evaluation data"
+        ) from None
     if not isinstance(questions, list) or not isinstance(answers, list) or len(questions) != len(answers):
-        raise ValueError(f"{qa_set.label}: {files[0]} and {files[1]} must be lists of the same length (one answer per "
-                         "question, in order)")
+        raise ValueError(
+            f"{qa_set.label}: {files[0]} and {files[1]} must be lists of the same length (one answer per "
+            "question, in order)"
+        )
     videos = folder / qa_set.videos
     rows, missing = [], 0
     for question, answer in zip(questions, answers):
         if "question_id" in answer and answer["question_id"] != question["question_id"]:
-            raise ValueError(f"{qa_set.label}: question {question['question_id']} is paired with the answer of "
-                             f"{answer['question_id']}: test_a.json must follow test_q.json's order")
+            raise ValueError(
+                f"{qa_set.label}: question {question['question_id']} is paired with the answer of "
+                f"{answer['question_id']}: test_a.json must follow test_q.json's order"
+            )
         video = find_video(videos, str(question["video_name"]))
         if video is None:
             missing += 1
             continue
-        rows.append({"question_id": str(question["question_id"]), "question": str(question["question"]),
-                     "answer": str(answer["answer"]), "video": str(video.resolve())})
+        rows.append(
+            {
+                "question_id": str(question["question_id"]),
+                "question": str(question["question"]),
+                "answer": str(answer["answer"]),
+                "video": str(video.resolve()),
+            }
+        )
     return rows, missing
 
 
-def build(root: Path, out: Path, tasks: list[str] | None = None, *, limit: int | None = None,
-          max_new_tokens: int = 1024) -> list[Path]:
+def build(
+    root: Path, out: Path, tasks: list[str] | None = None, *, limit: int | None = None, max_new_tokens: int = 1024
+) -> list[Path]:
     """Write OUT/TASK.jsonl and OUT/TASK.yaml for each set (all when `tasks` is None) and OUT/utils.py; returns
     the YAML paths. limit: the first N questions of each set (a smoke test)."""
     unknown = [t for t in tasks or () if t not in SETS]
@@ -139,16 +155,29 @@ def build(root: Path, out: Path, tasks: list[str] | None = None, *, limit: int |
         qa_set = SETS[task]
         rows, missing = read_set(Path(root), qa_set)
         if not rows:
-            raise ValueError(f"{qa_set.label}: no question has its video in {Path(root) / qa_set.folder / qa_set.videos}")
+            raise ValueError(
+                f"{qa_set.label}: no question has its video in {Path(root) / qa_set.folder / qa_set.videos}"
+            )
         if missing:
-            print(f"{qa_set.label}: {missing} of {missing + len(rows)} questions left out (video not found, as "
-                  "Video-LLaVA's evaluation skips them)", file=sys.stderr)
+            print(
+                f"{qa_set.label}: {missing} of {missing + len(rows)} questions left out (video not found, as "
+                "Video-LLaVA's evaluation skips them)",
+                file=sys.stderr,
+            )
         rows = rows[:limit] if limit is not None else rows
         data = out / f"{task}.jsonl"
         _write(data, "".join(json.dumps(row) + "\n" for row in rows))
         yaml_path = out / f"{task}.yaml"
-        _write(yaml_path, TASK_YAML.format(label=qa_set.label, judge=JUDGE_MODEL, task=task, data=json.dumps(str(data.resolve())),
-                                           max_new_tokens=max_new_tokens))
+        _write(
+            yaml_path,
+            TASK_YAML.format(
+                label=qa_set.label,
+                judge=JUDGE_MODEL,
+                task=task,
+                data=json.dumps(str(data.resolve())),
+                max_new_tokens=max_new_tokens,
+            ),
+        )
         written.append(yaml_path)
     _write(out / "utils.py", UTILS)
     return written
@@ -179,8 +208,14 @@ def process_results(doc, results):
     """The judge's verdict on one answer (`results[0]`), under both metrics."""
     prediction = results[0].strip() if isinstance(results[0], str) else str(results[0])
     verdict, score = judge(doc["question"], doc["answer"], prediction)
-    record = {"question_id": doc["question_id"], "question": doc["question"], "answer": doc["answer"],
-              "pred": prediction, "judge": verdict, "score": score}
+    record = {
+        "question_id": doc["question_id"],
+        "question": doc["question"],
+        "answer": doc["answer"],
+        "pred": prediction,
+        "judge": verdict,
+        "score": score,
+    }
     return {"gpt_eval_accuracy": record, "gpt_eval_score": record}
 
 
@@ -205,22 +240,28 @@ def judge_settings() -> tuple[str, str, str]:
     """(url, key, model) of the judge from the environment; a one-line JudgeError without a key."""
     key = os.environ.get("OPENAI_API_KEY", "").strip()
     if not key:
-        raise JudgeError("the video QA tasks are judged by a GPT model, as Video-LLaVA's evaluation is: set "
-                         "OPENAI_API_KEY (and OPENAI_API_URL for another OpenAI-compatible endpoint, VTPRUNE_JUDGE_MODEL "
-                         f"for another judge than {JUDGE_MODEL})")
+        raise JudgeError(
+            "the video QA tasks are judged by a GPT model, as Video-LLaVA's evaluation is: set "
+            "OPENAI_API_KEY (and OPENAI_API_URL for another OpenAI-compatible endpoint, VTPRUNE_JUDGE_MODEL "
+            f"for another judge than {JUDGE_MODEL})"
+        )
     return os.environ.get("OPENAI_API_URL", JUDGE_URL), key, os.environ.get("VTPRUNE_JUDGE_MODEL", JUDGE_MODEL)
 
 
 def judge_messages(question: str, answer: str, prediction: str) -> list[dict]:
     """The chat messages asking for a yes/no match and a 0-5 score as a Python dict (Video-ChatGPT's protocol)."""
-    system = ("You evaluate generated answers to questions about videos. Compare the predicted answer with the correct "
-              "answer and decide whether they match in meaning. Instructions: judge the meaningful match, not the "
-              "wording; accept synonyms and paraphrases; judge how correct the prediction is against the answer.")
-    user = (f"Evaluate this question-answer pair about a video.\n\nQuestion: {question}\nCorrect Answer: {answer}\n"
-            f"Predicted Answer: {prediction}\n\nReply with a yes/no verdict and a score, an integer from 0 to 5 where 5 "
-            "is the best meaningful match, as a Python dictionary string with the keys 'pred' (the string 'yes' or "
-            "'no') and 'score' (an INTEGER, not a string). Give no other text or explanation, only the dictionary, "
-            "for example {'pred': 'yes', 'score': 4}.")
+    system = (
+        "You evaluate generated answers to questions about videos. Compare the predicted answer with the correct "
+        "answer and decide whether they match in meaning. Instructions: judge the meaningful match, not the "
+        "wording; accept synonyms and paraphrases; judge how correct the prediction is against the answer."
+    )
+    user = (
+        f"Evaluate this question-answer pair about a video.\n\nQuestion: {question}\nCorrect Answer: {answer}\n"
+        f"Predicted Answer: {prediction}\n\nReply with a yes/no verdict and a score, an integer from 0 to 5 where 5 "
+        "is the best meaningful match, as a Python dictionary string with the keys 'pred' (the string 'yes' or "
+        "'no') and 'score' (an INTEGER, not a string). Give no other text or explanation, only the dictionary, "
+        "for example {'pred': 'yes', 'score': 4}."
+    )
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
@@ -246,8 +287,9 @@ JUDGE_ATTEMPTS = 5  # tries per answer
 JUDGE_WAIT = 5.0  # seconds between tries
 
 
-def judge(question: str, answer: str, prediction: str, *, attempts: int | None = None,
-          wait: float | None = None) -> tuple[str, int]:
+def judge(
+    question: str, answer: str, prediction: str, *, attempts: int | None = None, wait: float | None = None
+) -> tuple[str, int]:
     """The judge's (verdict, score) for one prediction; retries a failed request or an unreadable reply
     (`JUDGE_ATTEMPTS` tries, `JUDGE_WAIT` s apart), then raises JudgeError (a run is never scored 0 silently)."""
     import urllib.error
@@ -257,14 +299,19 @@ def judge(question: str, answer: str, prediction: str, *, attempts: int | None =
     wait = JUDGE_WAIT if wait is None else wait
 
     url, key, model = judge_settings()
-    payload = json.dumps({"model": model, "messages": judge_messages(question, answer, prediction),
-                          "temperature": 0, "max_tokens": 64}).encode()
+    payload = json.dumps(
+        {"model": model, "messages": judge_messages(question, answer, prediction), "temperature": 0, "max_tokens": 64}
+    ).encode()
     problem = ""
     for attempt in range(attempts):
         if attempt:
             time.sleep(wait)
-        request = urllib.request.Request(url, data=payload, method="POST", headers={
-            "Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+        request = urllib.request.Request(
+            url,
+            data=payload,
+            method="POST",
+            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        )
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
                 reply = json.loads(response.read())["choices"][0]["message"]["content"]
@@ -280,8 +327,10 @@ def judge(question: str, answer: str, prediction: str, *, attempts: int | None =
         if verdict is not None:
             return verdict
         problem = f"unreadable reply {reply[:80]!r}"
-    raise JudgeError(f"the GPT judge ({model}) failed after {attempt + 1} tries ({problem}): check OPENAI_API_KEY, "
-                     "OPENAI_API_URL and VTPRUNE_JUDGE_MODEL")
+    raise JudgeError(
+        f"the GPT judge ({model}) failed after {attempt + 1} tries ({problem}): check OPENAI_API_KEY, "
+        "OPENAI_API_URL and VTPRUNE_JUDGE_MODEL"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -293,18 +342,40 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=1024, help="answer length limit (Video-LLaVA's: 1024)")
     args = parser.parse_args(argv)
     try:
-        paths = build(args.root, args.out, None if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()],
-                      limit=args.limit, max_new_tokens=args.max_new_tokens)
+        paths = build(
+            args.root,
+            args.out,
+            None if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()],
+            limit=args.limit,
+            max_new_tokens=args.max_new_tokens,
+        )
     except ValueError as error:
         parser.exit(2, f"error: {error}\n")
-    print(f"wrote {', '.join(p.name for p in paths)} in {args.out}; run: python -m lmms_eval --include_path {args.out} "
-          f"--tasks {','.join(p.stem for p in paths)} --model vtprune_video_llava ...")
+    print(
+        f"wrote {', '.join(p.name for p in paths)} in {args.out}; run: python -m lmms_eval --include_path {args.out} "
+        f"--tasks {','.join(p.stem for p in paths)} --model vtprune_video_llava ..."
+    )
 
 
 if __name__ == "__main__":
     main()
 
 
-__all__ = ["SETS", "VideoQASet", "build", "read_set", "find_video", "judge", "judge_settings", "judge_messages",
-           "parse_verdict", "JudgeError", "doc_to_visual", "doc_to_text", "doc_to_target", "process_results",
-           "aggregate_accuracy", "aggregate_score"]
+__all__ = [
+    "SETS",
+    "VideoQASet",
+    "build",
+    "read_set",
+    "find_video",
+    "judge",
+    "judge_settings",
+    "judge_messages",
+    "parse_verdict",
+    "JudgeError",
+    "doc_to_visual",
+    "doc_to_text",
+    "doc_to_target",
+    "process_results",
+    "aggregate_accuracy",
+    "aggregate_score",
+]

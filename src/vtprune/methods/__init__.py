@@ -17,7 +17,8 @@ from .tokencarve import TokenCarve
 from .visionzip import VisionZip
 
 METHODS: dict[str, type[Press]] = {
-    cls.name: cls for cls in (FastV, PyramidDrop, HiMAP, SparseVLM, TokenCarve, ILLaVA, VisionZip, FasterVLM, DART, DivPrune, Random)
+    cls.name: cls
+    for cls in (FastV, PyramidDrop, HiMAP, SparseVLM, TokenCarve, ILLaVA, VisionZip, FasterVLM, DART, DivPrune, Random)
 }
 
 
@@ -33,4 +34,19 @@ def attention_methods() -> list[str]:
     return [name for name, cls in METHODS.items() if cls.query is not None]
 
 
-__all__ = ["FastV", "PyramidDrop", "HiMAP", "SparseVLM", "TokenCarve", "ILLaVA", "VisionZip", "FasterVLM", "DART", "DivPrune", "Random", "METHODS", "method", "attention_methods"]
+__all__ = [
+    "FastV",
+    "PyramidDrop",
+    "HiMAP",
+    "SparseVLM",
+    "TokenCarve",
+    "ILLaVA",
+    "VisionZip",
+    "FasterVLM",
+    "DART",
+    "DivPrune",
+    "Random",
+    "METHODS",
+    "method",
+    "attention_methods",
+]

@@ -44,7 +44,9 @@ class DART(Press):
 
     name: ClassVar[str] = "dart"
     checked: ClassVar[bool] = False
-    summary: ClassVar[str] = "pivots by key norm (layer K-1); keep the tokens least similar to each pivot (no attention)"
+    summary: ClassVar[str] = (
+        "pivots by key norm (layer K-1); keep the tokens least similar to each pivot (no attention)"
+    )
 
     def __post_init__(self) -> None:
         self._check_common()
@@ -54,7 +56,9 @@ class DART(Press):
             budget_fraction(self.budget)
         for name in ("per_pivot", "pivot_image", "pivot_text"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < (1 if name != "per_pivot" else 0)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < (1 if name != "per_pivot" else 0)
+            ):
                 raise ValueError(f"DART: {name}={value!r} must be a positive int")
         if self.pivot_order not in ("official", "ranked"):
             raise ValueError(f"DART: pivot_order={self.pivot_order!r}: use 'official' or 'ranked'")
@@ -78,15 +82,27 @@ class DART(Press):
         pivots, then every pivot's claims until the tokens run out), so nothing is read back at a fixed budget."""
         keys = ctx.keys()  # (B, Hkv, N, d) layer K-1, with RoPE
         norms = keys.float().abs().sum(dim=(1, 3))  # (B, N): the L1 norm over all heads (shared kv heads count once)
-        units = torch.nn.functional.normalize(ctx.adapter.final_norm(ctx.hidden_states(ctx.stage.layer)).float(), dim=-1)
+        units = torch.nn.functional.normalize(
+            ctx.adapter.final_norm(ctx.hidden_states(ctx.stage.layer)).float(), dim=-1
+        )
         text, text_ok = ctx.query_slots("instruction")  # text_ok None: every row has as many
         text_counts = ctx.request_cache[("count", "instruction")]  # host, counted once per request
         present = ctx.present_counts
         visual_ok = None if all(count == ctx.ranks.shape[1] for count in present) else ctx.present  # host facts
         claims = [min(self.claims(visual), count) for visual, count in zip(ctx.num_visual, present)]
-        kept = dart_select(units, norms, ctx.slot_prompt_position, ctx.slots, visual_ok, text, text_ok,
-                           claims[0] if claims == [claims[0]] * len(claims) else torch.tensor(claims, device=ctx.ranks.device),
-                           self.pivot_image, self.pivot_text, self.pivot_order)  # (B, R) bool
+        kept = dart_select(
+            units,
+            norms,
+            ctx.slot_prompt_position,
+            ctx.slots,
+            visual_ok,
+            text,
+            text_ok,
+            claims[0] if claims == [claims[0]] * len(claims) else torch.tensor(claims, device=ctx.ranks.device),
+            self.pivot_image,
+            self.pivot_text,
+            self.pivot_order,
+        )  # (B, R) bool
         counts = []
         for count, texts, claim in zip(present, text_counts, claims):
             image_pivots = min(self.pivot_image, count)

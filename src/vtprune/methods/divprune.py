@@ -47,12 +47,17 @@ class DivPrune(Press):
         longest); the keep counts are host facts, so nothing is read back from the device."""
         # at the language model's input every visual token is present, in rank order
         problems = [(b, segment) for b, segments in enumerate(ctx.segments) for segment in segments]
-        counts = [resolve_keep(ctx.stage.keep, segment.length, segment.length, warn=not ctx.dry_run)
-                  for _, segment in problems]
+        counts = [
+            resolve_keep(ctx.stage.keep, segment.length, segment.length, warn=not ctx.dry_run)
+            for _, segment in problems
+        ]
         width = max(2, max(segment.length for _, segment in problems))  # the nearest-other search needs 2 columns
         device = ctx.ranks.device
-        if [b for b, _ in problems] == list(range(ctx.num_samples)) and counts == [counts[0]] * len(counts) \
-                and all(segment.offset == 0 and segment.length == width == ctx.ranks.shape[1] for _, segment in problems):
+        if (
+            [b for b, _ in problems] == list(range(ctx.num_samples))
+            and counts == [counts[0]] * len(counts)
+            and all(segment.offset == 0 and segment.length == width == ctx.ranks.shape[1] for _, segment in problems)
+        ):
             # one image per sample, filling its row, the same count each: no padding, no packing
             picks, _ = max_min_select(ctx.visual_hidden_states(0), None, counts[0])
             return Kept(ranks=torch.gather(ctx.ranks, 1, picks))  # ascending: the ranks are in order here

@@ -16,9 +16,9 @@ from typing import ClassVar
 import torch
 
 from ..core.context import StageContext
-from ..debias import Debias
 from ..core.press import REFERENCE_LAYERS, Press
 from ..core.stages import Positions, Stage
+from ..debias import Debias
 
 
 @dataclass

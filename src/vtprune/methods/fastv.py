@@ -8,15 +8,16 @@ Debiasing (arXiv 2508.17807's FastV patch): padding threshold 0.5, keep count lo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from typing import ClassVar
 
 import torch
 
 from ..core.context import StageContext
-from ..debias import Debias
 from ..core.press import REFERENCE_LAYERS, Press
 from ..core.stages import Positions, Stage
+from ..debias import Debias
 
 
 @dataclass

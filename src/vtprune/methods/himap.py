@@ -15,15 +15,16 @@ extra queries); vtprune selects once at prefill and decodes from the cache (iden
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from typing import ClassVar
 
 import torch
 
 from ..core.context import StageContext
-from ..debias import Debias
 from ..core.press import REFERENCE_LAYERS, Press, layer_list
 from ..core.stages import Positions, Stage
+from ..debias import Debias
 
 #: published schedule (debias runs): budget -> visual tokens present after each stage (of 576)
 SCHEDULES = {128: (115, 90)}
@@ -62,7 +63,9 @@ class HiMAP(Press):
         layers, keeps = self._layers_and_keeps(num_layers, LAYERS, SCHEDULES)
         for layer in layers:
             if layer < 1:
-                raise ValueError(f"HiMAP: layer={layer} is out of range; it scores with the layer before, so layers must be >= 1")
+                raise ValueError(
+                    f"HiMAP: layer={layer} is out of range; it scores with the layer before, so layers must be >= 1"
+                )
         return [Stage(layer=layer, keep=keep, score_layer=layer - 1) for layer, keep in zip(layers, keeps)]
 
     def score(self, ctx: StageContext) -> torch.Tensor:

@@ -19,16 +19,17 @@ attention, first stage only (the paper gives no code for it); padding tokens are
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from typing import ClassVar
 
 import torch
 
 from ..core.context import StageContext, VisionStageContext
-from ..debias import Debias
 from ..core.press import REFERENCE_LAYERS, Press, budget_fraction, layer_list
 from ..core.selection import illava_merge
 from ..core.stages import Kept, Positions, Stage, VisionStage
+from ..debias import Debias
 
 
 @dataclass
@@ -50,7 +51,9 @@ class ILLaVA(Press):
 
     name: ClassVar[str] = "illava"
     checked: ClassVar[bool] = False
-    summary: ClassVar[str] = "last-token attention in layer K-1; the lowest tokens merged (rank-weighted) into the best of them"
+    summary: ClassVar[str] = (
+        "last-token attention in layer K-1; the lowest tokens merged (rank-weighted) into the best of them"
+    )
     query: ClassVar[str] = "last"
 
     def __post_init__(self) -> None:
@@ -76,7 +79,9 @@ class ILLaVA(Press):
     def select_vision(self, vctx: VisionStageContext) -> tuple[torch.Tensor, torch.Tensor]:
         received = vctx.attention().mean(dim=1)  # (N, T): attention each token receives, mean over heads and rows
         if vctx.adapter.vision_cls_index is not None:  # the [CLS] token is never merged
-            received = received.index_fill(1, torch.tensor([vctx.adapter.vision_cls_index], device=received.device), float("inf"))
+            received = received.index_fill(
+                1, torch.tensor([vctx.adapter.vision_cls_index], device=received.device), float("inf")
+            )
         order = torch.argsort(received, dim=1, descending=True, stable=True)
         length, merge = received.shape[1], vctx.merge
         keep = torch.sort(order[:, : length - merge], dim=1).values
@@ -84,7 +89,9 @@ class ILLaVA(Press):
         if merge:
             group = order[:, length - merge - 1 :]  # (N, merge + 1): the destination, then the lower ones
             weights = torch.arange(1, merge + 2, device=group.device, dtype=torch.float32)
-            residual = torch.gather(vctx.post_attention(), 1, group[:, :, None].expand(-1, -1, values.shape[-1])).float()
+            residual = torch.gather(
+                vctx.post_attention(), 1, group[:, :, None].expand(-1, -1, values.shape[-1])
+            ).float()
             merged = (weights[None, :, None] * residual).sum(dim=1) / weights.sum()  # (N, D)
             destination = (keep == group[:, :1]).float().argmax(dim=1)  # where the destination sits in `keep`
             values[torch.arange(len(keep), device=keep.device), destination] = vctx.finish(merged.to(values.dtype))
@@ -100,8 +107,14 @@ class ILLaVA(Press):
         same = min(counts) == max(counts)
         full = all(count == ctx.ranks.shape[1] for count in ctx.present_counts)  # host facts: no mask, one keep
         indices, kept, values = illava_merge(
-            scores.float(), None if full else ctx.present, ctx.visual_hidden_states(ctx.stage.layer),  # what enters layer K
-            counts[0] if same else torch.tensor(counts, device=ctx.ranks.device), max(counts), padding, share)
+            scores.float(),
+            None if full else ctx.present,
+            ctx.visual_hidden_states(ctx.stage.layer),  # what enters layer K
+            counts[0] if same else torch.tensor(counts, device=ctx.ranks.device),
+            max(counts),
+            padding,
+            share,
+        )
         if same:  # every index is a token
             ranks = torch.gather(ctx.ranks, 1, indices)
         else:

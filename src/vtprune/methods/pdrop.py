@@ -13,15 +13,16 @@ the 32 layers). Its debiasing: first stage only, padding threshold 0.01, keep co
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from typing import ClassVar
 
 import torch
 
 from ..core.context import StageContext
-from ..debias import Debias
 from ..core.press import REFERENCE_LAYERS, Press
 from ..core.stages import Positions, Stage
+from ..debias import Debias
 
 #: published schedule (debias runs): equivalent budget -> visual tokens kept (of 576) after each stage
 SCHEDULES = {128: (184, 92, 46)}
@@ -44,7 +45,9 @@ class PyramidDrop(Press):
 
     name: ClassVar[str] = "pdrop"
     checked: ClassVar[bool] = False
-    summary: ClassVar[str] = "stages at several layers; last instruction token's attention with the next layer's weights"
+    summary: ClassVar[str] = (
+        "stages at several layers; last instruction token's attention with the next layer's weights"
+    )
     query: ClassVar[str] = "last_instruction"
     profile_name: ClassVar[str] = "pyramiddrop"
     debias_defaults: ClassVar[dict] = {"padding_threshold": 0.01, "drop_padding": False}

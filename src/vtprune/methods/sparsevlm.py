@@ -22,16 +22,17 @@ attention at the first stage only; recycling ranks by the raw scores; keep count
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from typing import ClassVar
 
 import torch
 
 from ..core.context import StageContext
-from ..core.selection import recycle, recycle_sizes
-from ..debias import Debias
 from ..core.press import REFERENCE_LAYERS, REFERENCE_TOKENS, Press
+from ..core.selection import recycle, recycle_sizes
 from ..core.stages import Kept, Positions, Stage, resolve_keep
+from ..debias import Debias
 
 #: published keep table: budget -> top-k size at each stage (of 576)
 SCHEDULES = {192: (300, 200, 110), 128: (303, 110, 36), 64: (66, 30, 17)}
@@ -71,7 +72,9 @@ class SparseVLM(Press):
         layers, keeps = self._layers_and_keeps(num_layers, LAYERS, SCHEDULES)
         for layer in layers:
             if layer < 1:
-                raise ValueError(f"SparseVLM: layer={layer} is out of range; it scores with the layer before, so layers must be >= 1")
+                raise ValueError(
+                    f"SparseVLM: layer={layer} is out of range; it scores with the layer before, so layers must be >= 1"
+                )
         return [Stage(layer=layer, keep=keep, score_layer=layer - 1) for layer, keep in zip(layers, keeps)]
 
     def input_layers(self) -> tuple[int, ...]:
@@ -91,20 +94,32 @@ class SparseVLM(Press):
             width = embeds.shape[-1]
             visual_embeds = torch.gather(embeds, 1, visual[:, :, None].expand(-1, -1, width))
             text_embeds = torch.gather(embeds, 1, text[:, :, None].expand(-1, -1, width))
-            logits = torch.where(text_ok[:, None, :], torch.bmm(visual_embeds, text_embeds.transpose(1, 2)), float("-inf"))
-            relevance = (torch.softmax(logits, dim=2) * visual_ok[:, :, None]).sum(dim=1) / visual_ok.sum(dim=1, keepdim=True)
+            logits = torch.where(
+                text_ok[:, None, :], torch.bmm(visual_embeds, text_embeds.transpose(1, 2)), float("-inf")
+            )
+            relevance = (torch.softmax(logits, dim=2) * visual_ok[:, :, None]).sum(dim=1) / visual_ok.sum(
+                dim=1, keepdim=True
+            )
             mean = (relevance * text_ok).sum(dim=1, keepdim=True) / text_ok.sum(dim=1, keepdim=True)
             above = (relevance > mean) & text_ok
-            above = above | (text_ok & ~above.any(dim=1, keepdim=True))  # all equal (e.g. one text token): every one rates
+            above = above | (
+                text_ok & ~above.any(dim=1, keepdim=True)
+            )  # all equal (e.g. one text token): every one rates
             ctx.state["raters"] = torch.where(above, torch.gather(ctx.slot_prompt_position, 1, text), -1)
         raters = ctx.state["raters"]
-        mask = (ctx.slot_prompt_position[:, :, None] == raters[:, None, :]).any(dim=2) & ctx.slot_valid & (ctx.slot_visual_rank < 0)  # (B, N)
+        mask = (
+            (ctx.slot_prompt_position[:, :, None] == raters[:, None, :]).any(dim=2)
+            & ctx.slot_valid
+            & (ctx.slot_visual_rank < 0)
+        )  # (B, N)
         slots = torch.argsort(mask, dim=1, descending=True, stable=True)[:, : raters.shape[1]]  # the raters first
         return slots, torch.gather(mask, 1, slots)
 
     def score(self, ctx: StageContext) -> torch.Tensor:
         slots, mask = self.raters(ctx)
-        return ctx.attention(slots, query_mask=mask).sum(dim=1) / mask.sum(dim=1, keepdim=True)  # (B, R): mean over raters
+        return ctx.attention(slots, query_mask=mask).sum(dim=1) / mask.sum(
+            dim=1, keepdim=True
+        )  # (B, R): mean over raters
 
     def select(self, ctx: StageContext) -> Kept:
         raw = self.score(ctx)
@@ -119,9 +134,17 @@ class SparseVLM(Press):
         features = ctx.visual_hidden_states(ctx.stage.layer)
         centres, merged, clustered = recycle(raw, pruned, features, n, m, pruned_counts)
         clusters = None if clustered is None else [recycle_sizes(count)[1] for count in pruned_counts]
-        positions = torch.gather(ctx.ranks, 1, centres if clustered is None else centres.clamp(max=ctx.ranks.shape[1] - 1))
-        return Kept(ranks=kept, counts=None if min(counts) == max(counts) else counts, extra=merged,
-                    extra_positions=positions, extra_valid=clustered, extra_counts=clusters)
+        positions = torch.gather(
+            ctx.ranks, 1, centres if clustered is None else centres.clamp(max=ctx.ranks.shape[1] - 1)
+        )
+        return Kept(
+            ranks=kept,
+            counts=None if min(counts) == max(counts) else counts,
+            extra=merged,
+            extra_positions=positions,
+            extra_valid=clustered,
+            extra_counts=clusters,
+        )
 
     def equivalent_tokens(self, num_visual: int = REFERENCE_TOKENS, num_layers: int = REFERENCE_LAYERS) -> float:
         """As `Press.equivalent_tokens`, counting the recycled tokens each stage inserts."""

@@ -21,10 +21,10 @@ from typing import ClassVar, Literal
 import torch
 
 from ..core.context import StageContext
-from ..debias import Debias
 from ..core.press import REFERENCE_LAYERS, Press, layer_list
 from ..core.selection import borda, carve_merge, information
 from ..core.stages import Kept, Positions, Stage
+from ..debias import Debias
 
 
 @dataclass
@@ -55,7 +55,9 @@ class TokenCarve(Press):
         self._check_common()
         layer_list(self.layer)
         if self.layer < 1:
-            raise ValueError(f"TokenCarve: layer={self.layer} is out of range: it uses layer K-1's attention, so K >= 1")
+            raise ValueError(
+                f"TokenCarve: layer={self.layer} is out of range: it uses layer K-1's attention, so K >= 1"
+            )
         if not 0.0 <= self.av_weight <= 1.0:
             raise ValueError(f"TokenCarve: av_weight={self.av_weight} must lie in [0, 1]")
         if self.debias_target not in ("attention", "fused"):
@@ -63,7 +65,9 @@ class TokenCarve(Press):
         self._check_schedule()
 
     def stages(self, num_layers: int = REFERENCE_LAYERS) -> list[Stage]:
-        return [Stage(layer=self.layer, keep=self._single_keep(), score_layer=self.layer - 1, trim_cache=self.trim_cache)]
+        return [
+            Stage(layer=self.layer, keep=self._single_keep(), score_layer=self.layer - 1, trim_cache=self.trim_cache)
+        ]
 
     def select(self, ctx: StageContext) -> Kept:
         attention = ctx.attention("last")[:, 0]  # (B, R)
@@ -124,7 +128,9 @@ class TokenCarve(Press):
         order = torch.argsort(best, descending=True, stable=True)
         merging, staying = order[:merged_away], order[merged_away:]
         totals = states[a].clone().index_add_(0, target[merging], states[b[merging]])
-        counts = torch.ones(len(a), device=states.device).index_add_(0, target[merging], torch.ones(len(merging), device=states.device))
+        counts = torch.ones(len(a), device=states.device).index_add_(
+            0, target[merging], torch.ones(len(merging), device=states.device)
+        )
         kept = torch.cat([a, b[staying]])
         values = torch.cat([totals / counts[:, None], states[b[staying]]])
         order_kept = torch.argsort(ranks[kept])

@@ -20,12 +20,12 @@ from typing import ClassVar
 
 import torch
 
-from ..core.context import StageContext
-from ..debias import Debias
-from ..core.press import REFERENCE_LAYERS, REFERENCE_TOKENS, Press, budget_fraction, interpolate_table
 from ..core.budgets import split_for_budget
+from ..core.context import StageContext
+from ..core.press import REFERENCE_LAYERS, REFERENCE_TOKENS, Press, budget_fraction, interpolate_table
 from ..core.selection import pack_rows, visionzip_select
 from ..core.stages import Kept, Positions, Stage
+from ..debias import Debias
 
 #: published split of each budget: (dominant tokens incl. [CLS], contextual tokens), of 576 patches
 SPLITS = {192: (162, 30), 128: (108, 20), 64: (54, 10)}
@@ -51,7 +51,9 @@ class VisionZip(Press):
 
     name: ClassVar[str] = "visionzip"
     checked: ClassVar[bool] = False
-    summary: ClassVar[str] = "[CLS]-attention dominant tokens + similarity-merged contextual tokens, per image, before the LLM"
+    summary: ClassVar[str] = (
+        "[CLS]-attention dominant tokens + similarity-merged contextual tokens, per image, before the LLM"
+    )
     query: ClassVar[str] = "cls"
 
     def __post_init__(self) -> None:
@@ -76,12 +78,16 @@ class VisionZip(Press):
         if self.dominant is not None:
             dominant, contextual = self.dominant, self.contextual
         else:
-            shares = split_for_budget(SPLITS, budget_fraction(128 if self.budget is None else self.budget), interpolate_table)
+            shares = split_for_budget(
+                SPLITS, budget_fraction(128 if self.budget is None else self.budget), interpolate_table
+            )
             if shares is None:  # the full count: every patch, nothing added
                 return num_patches, 0
             dominant, contextual = (max(1, round(share / REFERENCE_TOKENS * num_patches)) for share in shares)
         patches = max(1, min(num_patches, dominant - int(self.include_cls)))
-        return patches, max(0, min(contextual, num_patches - patches - int(self.include_cls)))  # never more than the image
+        return patches, max(
+            0, min(contextual, num_patches - patches - int(self.include_cls))
+        )  # never more than the image
 
     def stages(self, num_layers: int = REFERENCE_LAYERS) -> list[Stage]:
         patches, _ = self.split(REFERENCE_TOKENS)
@@ -107,12 +113,17 @@ class VisionZip(Press):
         lengths = [segment.length for _, segment in problems]
         length = max(lengths)
         same = lengths == [length] * len(problems)
-        if samples == list(range(ctx.num_samples)) and same and all(s.offset == 0 for _, s in problems) \
-                and length == ctx.ranks.shape[1]:
+        if (
+            samples == list(range(ctx.num_samples))
+            and same
+            and all(s.offset == 0 for _, s in problems)
+            and length == ctx.ranks.shape[1]
+        ):
             by_rank = lambda x: x  # noqa: E731  one image per sample, filling its row: nothing to gather
         else:
-            offset = torch.tensor([[s.offset + min(c, s.length - 1) for c in range(length)] for _, s in problems],
-                                  device=device)  # (P, L) column of ctx.ranks (the last one past the image)
+            offset = torch.tensor(
+                [[s.offset + min(c, s.length - 1) for c in range(length)] for _, s in problems], device=device
+            )  # (P, L) column of ctx.ranks (the last one past the image)
             row = torch.tensor(samples, device=device)[:, None]
             by_rank = lambda x: x[row, offset]  # noqa: E731
         images = [segment.image_index for _, segment in problems]
@@ -128,10 +139,22 @@ class VisionZip(Press):
             padding = by_rank(ctx.padding_mask) if valid is None else by_rank(ctx.padding_mask) & valid
             if ctx.padding_fractions:
                 share = by_rank(ctx.padding_share_batched)
-        uniform = lambda counts: counts[0] if counts == [counts[0]] * len(counts) else torch.tensor(counts, device=device)  # noqa: E731
+
+        def uniform(counts):  # one count for every row: an int (a host fact); else a tensor
+            return counts[0] if counts == [counts[0]] * len(counts) else torch.tensor(counts, device=device)
+
         dominant, _, targets, merged, _ = visionzip_select(
-            by_rank(scores).float(), valid, by_patch(keys), by_patch(features), uniform(patches), uniform(contextual),
-            max(patches), max(1, max(contextual)), padding, share)
+            by_rank(scores).float(),
+            valid,
+            by_patch(keys),
+            by_patch(features),
+            uniform(patches),
+            uniform(contextual),
+            max(patches),
+            max(1, max(contextual)),
+            padding,
+            share,
+        )
         ranks_of = by_rank(ctx.ranks)  # (P, L) the rank of each patch
         dominant_ranks = torch.gather(ranks_of, 1, dominant.clamp(max=length - 1))
         (ranks,), counts = pack_rows([(dominant_ranks, -1)], patches, samples, ctx.num_samples)
@@ -145,21 +168,36 @@ class VisionZip(Press):
         values = merged[:, :width]
         if cls:
             cls_index = ctx.adapter.vision_cls_index
-            cls_features = features[:, cls_index: cls_index + 1] if images == list(range(features.shape[0])) \
-                else features[images, cls_index][:, None]  # (P, 1, D)
+            cls_features = (
+                features[:, cls_index : cls_index + 1]
+                if images == list(range(features.shape[0]))
+                else features[images, cls_index][:, None]
+            )  # (P, 1, D)
             values = torch.cat([cls_features, values], dim=1)
         last = [[0] * cls + [count - 1] * width for count in patches]  # columns of dominant_ranks
         after = torch.gather(dominant_ranks, 1, torch.tensor(last, device=device))
         before = torch.tensor([[True] * cls + [False] * width] * len(problems), device=device)
-        positions = torch.gather(ranks_of, 1, torch.nn.functional.pad(targets[:, :width].clamp(max=length - 1), (cls, 0)))
+        positions = torch.gather(
+            ranks_of, 1, torch.nn.functional.pad(targets[:, :width].clamp(max=length - 1), (cls, 0))
+        )
         valid = torch.ones_like(before)
         (values, after, before, positions, valid), extra_counts = pack_rows(
             [(values, 0), (after, 0), (before, False), (positions, 0), (valid, False)],
-            [cls + count for count in contextual], samples, ctx.num_samples)
+            [cls + count for count in contextual],
+            samples,
+            ctx.num_samples,
+        )
         ragged = min(extra_counts) < max(extra_counts)
-        return Kept(ranks=ranks, counts=ranks_counts, extra=ctx.adapter.project_visual(values),
-                    extra_after=after, extra_before=before, extra_positions=positions,
-                    extra_valid=valid if ragged else None, extra_counts=extra_counts if ragged else None)
+        return Kept(
+            ranks=ranks,
+            counts=ranks_counts,
+            extra=ctx.adapter.project_visual(values),
+            extra_after=after,
+            extra_before=before,
+            extra_positions=positions,
+            extra_valid=valid if ragged else None,
+            extra_counts=extra_counts if ragged else None,
+        )
 
     def equivalent_tokens(self, num_visual: int = REFERENCE_TOKENS, num_layers: int = REFERENCE_LAYERS) -> float:
         patches, contextual = self.split(num_visual)

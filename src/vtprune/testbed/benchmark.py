@@ -87,10 +87,19 @@ def default_settings() -> list[Setting]:
     """Every registered method plain, the attention-based ones also debiased, FastV's ablations, the other
     position numbering per method (debiased too where the official numbering is compact), and Random."""
     out = _method_rows(["debias"])
-    out += [Setting(f"FastV+{kind}", "fastv", kind, baseline="FastV") for kind in ("positional", "padding", "auto+padding")]
+    out += [
+        Setting(f"FastV+{kind}", "fastv", kind, baseline="FastV") for kind in ("positional", "padding", "auto+padding")
+    ]
     # TokenCarve's paper debiases the attention ranking only; debiasing the fused ranking is the alternative
-    out.append(Setting("TokenCarve+debias(fused)", "tokencarve", "debias", baseline="TokenCarve",
-                       options=(("debias_target", "fused"),)))
+    out.append(
+        Setting(
+            "TokenCarve+debias(fused)",
+            "tokencarve",
+            "debias",
+            baseline="TokenCarve",
+            options=(("debias_target", "fused"),),
+        )
+    )
     for name, cls in METHODS.items():
         if name == "random":
             continue
@@ -98,8 +107,11 @@ def default_settings() -> list[Setting]:
         other = "compact" if official == "original" else "original"
         out.append(Setting(f"{label(name)}@{other}", name, positions=other, baseline=label(name)))
         if official == "compact" and cls.query is not None:  # does debiasing help with the model's own numbering?
-            out.append(Setting(f"{label(name)}@{other}+debias", name, "debias", positions=other,
-                               baseline=f"{label(name)}@{other}"))
+            out.append(
+                Setting(
+                    f"{label(name)}@{other}+debias", name, "debias", positions=other, baseline=f"{label(name)}@{other}"
+                )
+            )
     out.append(Setting("Random", "random"))
     return out
 
@@ -118,9 +130,12 @@ def correction_settings() -> list[Setting]:
     from ..debias.profiles import builtin_profiles
 
     shipped = {profile.name for profile in builtin_profiles()}
-    return [Setting(f"{label(name)}+{kind}", name, kind, baseline=f"{label(name)}+debias")
-            for name in ("fastv", "pdrop", "himap", "sparsevlm", "tokencarve", "illava") for kind in CORRECTIONS
-            if kind in ("rowrank", "rowmean") or f"testbed-lm/{name}/{kind}" in shipped]
+    return [
+        Setting(f"{label(name)}+{kind}", name, kind, baseline=f"{label(name)}+debias")
+        for name in ("fastv", "pdrop", "himap", "sparsevlm", "tokencarve", "illava")
+        for kind in CORRECTIONS
+        if kind in ("rowrank", "rowmean") or f"testbed-lm/{name}/{kind}" in shipped
+    ]
 
 
 def selectable_for(model: str) -> list[Setting]:
@@ -176,11 +191,22 @@ def _cell(name, keep, samples, answers, records, seconds, visual) -> Cell:
     correct = [int(a == s.answer) for a, s in zip(answers, samples)]
     hits = sum(correct)
     groups = accuracy(samples, answers)
-    kept = float(np.mean([len(r.kept) for r in records])) if records else (visual if keep is None else round(keep * visual))
+    kept = (
+        float(np.mean([len(r.kept) for r in records]))
+        if records
+        else (visual if keep is None else round(keep * visual))
+    )
     return Cell(
-        setting=name, keep=keep, accuracy=hits / len(samples), ci=wilson(hits, len(samples)), n=len(samples),
-        tokens_kept=kept, by_half={k[5:]: v for k, v in groups.items() if k.startswith("half/")},
-        by_kind={k[5:]: v for k, v in groups.items() if k.startswith("kind/")}, seconds=seconds, correct=correct,
+        setting=name,
+        keep=keep,
+        accuracy=hits / len(samples),
+        ci=wilson(hits, len(samples)),
+        n=len(samples),
+        tokens_kept=kept,
+        by_half={k[5:]: v for k, v in groups.items() if k.startswith("half/")},
+        by_kind={k[5:]: v for k, v in groups.items() if k.startswith("kind/")},
+        seconds=seconds,
+        correct=correct,
     )
 
 
@@ -228,14 +254,16 @@ def run_benchmark(
     finished = 0
     for keep in keeps:
         done: dict[str, Cell] = {}
-        for name in (["unpruned"] if keep is None else names):
+        for name in ["unpruned"] if keep is None else names:
             if progress is not None:
                 progress(finished, len(plan), f"{name} {keep_label(keep)}")
             finished += 1
             if _cell_key(keep, name) in saved:
                 cell, summary = saved[_cell_key(keep, name)]
                 setting = table.get(name)
-                if cell.delta is None and setting is not None and setting.baseline in done:  # measured before its baseline
+                if (
+                    cell.delta is None and setting is not None and setting.baseline in done
+                ):  # measured before its baseline
                     cell.baseline = setting.baseline
                     cell.delta = paired_delta(cell.correct, done[setting.baseline].correct)
                 done[name] = cell
@@ -263,12 +291,21 @@ def run_benchmark(
             if log:
                 log(f"budget {keep if keep is not None else 'all'} {name}: {cell.accuracy:.3f} ({seconds:.0f}s)")
             summary = None
-            if (setting is not None and setting.debias == "debias" and setting.positions is None and not setting.options
-                    and result.records):  # one summary per method: its plain debiased setting
+            if (
+                setting is not None
+                and setting.debias == "debias"
+                and setting.positions is None
+                and not setting.options
+                and result.records
+            ):  # one summary per method: its plain debiased setting
                 report = bias_report(result.records)
                 summary = BiasSummary(
-                    method=setting.method, keep=keep, sigma_attn=report.sigma_attn.before, r2_attn=report.r2_attn.before,
-                    sigma_freq_before=report.sigma_freq.before, sigma_freq_after=report.sigma_freq.after,
+                    method=setting.method,
+                    keep=keep,
+                    sigma_attn=report.sigma_attn.before,
+                    r2_attn=report.r2_attn.before,
+                    sigma_freq_before=report.sigma_freq.before,
+                    sigma_freq_after=report.sigma_freq.after,
                     padding_in_topk_before=report.padding_kept_share.before,
                     padding_in_topk_after=report.padding_kept_share.after,
                 )
@@ -295,18 +332,25 @@ def _load_state(path, key) -> dict:
             cell.delta = None if cell.delta is None else (cell.delta[0], cell.delta[1], cell.delta[2])
             out[name] = (cell, None if item["bias"] is None else BiasSummary(**item["bias"]))
         except (KeyError, TypeError, ValueError) as error:  # a malformed cell is measured again
-            warnings.warn(f"{path}: cell {name} is malformed ({type(error).__name__}: {error}); measuring it again",
-                          stacklevel=2)
+            warnings.warn(
+                f"{path}: cell {name} is malformed ({type(error).__name__}: {error}); measuring it again", stacklevel=2
+            )
     return out
 
 
 def _save_state(path, key, saved: dict) -> None:
-    save_cells(path, key, {name: {"cell": asdict(cell), "bias": None if summary is None else asdict(summary)}
-                           for name, (cell, summary) in saved.items()})
+    save_cells(
+        path,
+        key,
+        {
+            name: {"cell": asdict(cell), "bias": None if summary is None else asdict(summary)}
+            for name, (cell, summary) in saved.items()
+        },
+    )
 
 
 def model_name(model) -> str:
-    """"testbed" or "testbed-lm" (the prefix of the model's calibrated profiles)."""
+    """ "testbed" or "testbed-lm" (the prefix of the model's calibrated profiles)."""
     return getattr(model.config, "vtprune_model", None) or "testbed"
 
 
@@ -325,15 +369,23 @@ def markdown_tables(cells: Sequence[Cell], bias: Sequence[BiasSummary], n: int, 
     names = list(dict.fromkeys(c.setting for c in cells if c.keep is not None))
     by = {(c.setting, c.keep): c for c in cells}
     unpruned = by.get(("unpruned", None))
-    lines = [f"Accuracy (%) on {n} test questions, 95% Wilson interval; below it, in brackets, the paired "
-             "difference to the row's baseline at the same budget (points, 95% interval): a debiased method "
-             "against the same method undebiased, `@original`/`@compact` against the method's own numbering; "
-             "last, the setting's visual tokens per decoder layer (tok/layer, averaged: what it costs).", ""]
-    lines += ["| setting | " + " | ".join(f"budget {keep_label(k)}" for k in keeps) + " |", "|---" * (len(keeps) + 1) + "|"]
+    lines = [
+        f"Accuracy (%) on {n} test questions, 95% Wilson interval; below it, in brackets, the paired "
+        "difference to the row's baseline at the same budget (points, 95% interval): a debiased method "
+        "against the same method undebiased, `@original`/`@compact` against the method's own numbering; "
+        "last, the setting's visual tokens per decoder layer (tok/layer, averaged: what it costs).",
+        "",
+    ]
+    lines += [
+        "| setting | " + " | ".join(f"budget {keep_label(k)}" for k in keeps) + " |",
+        "|---" * (len(keeps) + 1) + "|",
+    ]
     if unpruned:
         lo, hi = unpruned.ci
-        lines.append(f"| unpruned ({unpruned.tokens_kept:.0f} tok) | {100 * unpruned.accuracy:.1f} [{100 * lo:.1f}, "
-                     f"{100 * hi:.1f}] |" + " |" * (len(keeps) - 1))
+        lines.append(
+            f"| unpruned ({unpruned.tokens_kept:.0f} tok) | {100 * unpruned.accuracy:.1f} [{100 * lo:.1f}, "
+            f"{100 * hi:.1f}] |" + " |" * (len(keeps) - 1)
+        )
     for name in names:
         row = [name]
         for keep in keeps:
@@ -351,14 +403,23 @@ def markdown_tables(cells: Sequence[Cell], bias: Sequence[BiasSummary], n: int, 
             row.append(text)
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "Visual tokens after the last stage (mean) / per decoder layer averaged over the model's layers:", ""]
-    lines += ["| setting | " + " | ".join(f"budget {keep_label(k)}" for k in keeps) + " |", "|---" * (len(keeps) + 1) + "|"]
+    lines += [
+        "| setting | " + " | ".join(f"budget {keep_label(k)}" for k in keeps) + " |",
+        "|---" * (len(keeps) + 1) + "|",
+    ]
     for name in names:
         if "@" in name or "+" in name:
             continue  # same schedule as the method's row
-        row = [name] + [f"{by[(name, k)].tokens_kept:.1f} / {by[(name, k)].equivalent:.1f}" if (name, k) in by else ""
-                        for k in keeps]
+        row = [name] + [
+            f"{by[(name, k)].tokens_kept:.1f} / {by[(name, k)].equivalent:.1f}" if (name, k) in by else ""
+            for k in keeps
+        ]
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "Accuracy (%) by where the evidence lies (questions about one object; 'none': counting, 'no' answers):", ""]
+    lines += [
+        "",
+        "Accuracy (%) by where the evidence lies (questions about one object; 'none': counting, 'no' answers):",
+        "",
+    ]
     lines += ["| setting | budget | top | bottom | none |", "|---|---|---|---|---|"]
     for cell in cells:
         if "@" not in cell.setting and ("+" not in cell.setting or cell.setting.endswith("+debias")):
@@ -369,14 +430,21 @@ def markdown_tables(cells: Sequence[Cell], bias: Sequence[BiasSummary], n: int, 
         lines += ["", "Accuracy (%) by question kind:", ""]
         lines += ["| setting | budget | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]
         for cell in cells:
-            if cell.setting in ("unpruned", "Random") or (cell.setting in names and "+" not in cell.setting and "@" not in cell.setting):
+            if cell.setting in ("unpruned", "Random") or (
+                cell.setting in names and "+" not in cell.setting and "@" not in cell.setting
+            ):
                 values = " | ".join(f"{100 * cell.by_kind.get(k, float('nan')):.1f}" for k in kinds)
                 lines.append(f"| {cell.setting} | {keep_label(cell.keep)} | {values} |")
     if bias:
-        lines += ["", f"Bias on {model} (each method's first-stage scores, from its +debias runs; profile "
-                  f"`{model}/<method>`):", ""]
-        lines += ["| method | budget | sigma_attn (R^2) | sigma_freq before -> after | padding in top-k before -> after |",
-                  "|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"Bias on {model} (each method's first-stage scores, from its +debias runs; profile `{model}/<method>`):",
+            "",
+        ]
+        lines += [
+            "| method | budget | sigma_attn (R^2) | sigma_freq before -> after | padding in top-k before -> after |",
+            "|---|---|---|---|---|",
+        ]
         for b in bias:
             lines.append(
                 f"| {label(b.method)} | {keep_label(b.keep)} | {_f(b.sigma_attn)} ({_f(b.r2_attn, '.2f')}) | "
@@ -401,4 +469,19 @@ def save_results(path: str | Path, cells: Sequence[Cell], bias: Sequence[BiasSum
     return atomic_write_json(path, data)
 
 
-__all__ = ["KEEPS", "Setting", "default_settings", "lm_settings", "correction_settings", "selectable_for", "settings_for", "settings", "wilson", "paired_delta", "evaluate", "run_benchmark", "markdown_tables", "save_results"]
+__all__ = [
+    "KEEPS",
+    "Setting",
+    "default_settings",
+    "lm_settings",
+    "correction_settings",
+    "selectable_for",
+    "settings_for",
+    "settings",
+    "wilson",
+    "paired_delta",
+    "evaluate",
+    "run_benchmark",
+    "markdown_tables",
+    "save_results",
+]

@@ -192,7 +192,9 @@ def _question(rng: np.random.Generator, kind: str, n: int) -> tuple[str, str, li
     if kind == "colour_of_shape":
         s, c = _choice(rng, SHAPES), _choice(rng, tuple(COLOURS))
         others = [x for x in SHAPES if x != s]
-        specs = [(s, c, _ALL_QUADS)] + [(_choice(rng, others), _choice(rng, tuple(COLOURS)), _ALL_QUADS) for _ in range(n - 1)]
+        specs = [(s, c, _ALL_QUADS)] + [
+            (_choice(rng, others), _choice(rng, tuple(COLOURS)), _ALL_QUADS) for _ in range(n - 1)
+        ]
         return f"What colour is the {s}?", c, specs, 0
     if kind in ("shape_in_region", "colour_in_region"):
         name = _choice(rng, tuple(REGIONS))
@@ -329,16 +331,27 @@ def scene_questions(sample: Sample, k: int, rng: np.random.Generator) -> list[tu
     region = {q: n for n, q in REGIONS.items()}
     alone = [o for o in objs if quads[tuple(o["quadrant"])] == 1]
     pools: dict[str, list[tuple[str, str]]] = {
-        "colour_of_shape": [(f"What colour is the {o['shape']}?", o["colour"]) for o in objs if shapes[o["shape"]] == 1],
+        "colour_of_shape": [
+            (f"What colour is the {o['shape']}?", o["colour"]) for o in objs if shapes[o["shape"]] == 1
+        ],
         "shape_in_region": [(f"What shape is in the {region[tuple(o['quadrant'])]}?", o["shape"]) for o in alone],
-        "colour_in_region": [(f"What colour is the shape in the {region[tuple(o['quadrant'])]}?", o["colour"]) for o in alone],
+        "colour_in_region": [
+            (f"What colour is the shape in the {region[tuple(o['quadrant'])]}?", o["colour"]) for o in alone
+        ],
         "exists_yes": [(f"Is there a {c} {s}?", "yes") for c, s in sorted(present)],
         "exists_no": sorted(
-            {(f"Is there a {c} {s}?", "no") for o in objs for c in COLOURS for s in SHAPES
-             if (c, s) not in present and (c == o["colour"] or s == o["shape"])}
+            {
+                (f"Is there a {c} {s}?", "no")
+                for o in objs
+                for c in COLOURS
+                for s in SHAPES
+                if (c, s) not in present and (c == o["colour"] or s == o["shape"])
+            }
         ),
     }
-    counts = {n: [(f"How many {plural(s)} are there?", COUNT_WORDS[n]) for s in SHAPES if shapes[s] == n] for n in range(4)}
+    counts = {
+        n: [(f"How many {plural(s)} are there?", COUNT_WORDS[n]) for s in SHAPES if shapes[s] == n] for n in range(4)
+    }
     asked = {sample.question}
     out: list[tuple[str, str]] = []
     kinds = ["colour_of_shape", "shape_in_region", "colour_in_region", "exists", "count"]

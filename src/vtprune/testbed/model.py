@@ -182,4 +182,6 @@ def _checkpoint_problem() -> str | None:
     return None
 
 
-register_model(NamedModel("testbed", CHECKPOINT_DIR, _checkpoint_problem, lambda attn_implementation=None: load_testbed()))
+register_model(
+    NamedModel("testbed", CHECKPOINT_DIR, _checkpoint_problem, lambda attn_implementation=None: load_testbed())
+)

@@ -108,7 +108,9 @@ def encode_batch(
     return dict(enc)
 
 
-def encode_packed(processor, samples: Sequence[Sample], branches: Sequence[Sequence[tuple[str, str]]]) -> dict[str, torch.Tensor]:
+def encode_packed(
+    processor, samples: Sequence[Sample], branches: Sequence[Sequence[tuple[str, str]]]
+) -> dict[str, torch.Tensor]:
     """Training inputs with several independent question/answer branches per image.
 
     Each row is one image: the shared prefix `<s> USER: <image>...` followed by branches
@@ -118,8 +120,9 @@ def encode_packed(processor, samples: Sequence[Sample], branches: Sequence[Seque
     each branch's answer and EOS. Rows are right-padded (padding attends to itself, labels -100).
     """
     tok = processor.tokenizer
-    prefix = processor(images=[s.image for s in samples], text=[prompt_for("{}").split("{}")[0]] * len(samples),
-                       return_tensors="pt")
+    prefix = processor(
+        images=[s.image for s in samples], text=[prompt_for("{}").split("{}")[0]] * len(samples), return_tensors="pt"
+    )
     assistant = tok.convert_tokens_to_ids("ASSISTANT")
     rows, label_rows, position_rows, branch_rows = [], [], [], []
     for b, sample_branches in enumerate(branches):
@@ -136,7 +139,10 @@ def encode_packed(processor, samples: Sequence[Sample], branches: Sequence[Seque
         label_rows.append(labels)
         position_rows.append(positions)
         branch_rows.append(branch_of)
-    return {"pixel_values": prefix["pixel_values"], **pack_branches(rows, label_rows, position_rows, branch_rows, tok.pad_token_id)}
+    return {
+        "pixel_values": prefix["pixel_values"],
+        **pack_branches(rows, label_rows, position_rows, branch_rows, tok.pad_token_id),
+    }
 
 
 def pack_branches(rows, label_rows, position_rows, branch_rows, pad_id: int) -> dict[str, torch.Tensor]:
@@ -164,7 +170,9 @@ def pack_branches(rows, label_rows, position_rows, branch_rows, pad_id: int) -> 
     }
 
 
-def patch_targets(sample: Sample, image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE) -> tuple[np.ndarray, np.ndarray]:
+def patch_targets(
+    sample: Sample, image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE
+) -> tuple[np.ndarray, np.ndarray]:
     """Per patch of the model input (row-major, (G*G,) each): the colour and the shape class (1..6, 0 for
     background) of the object covering most of the patch, when it covers at least a quarter of it.
 
@@ -200,7 +208,9 @@ class AuxHeads(torch.nn.Module):
     def loss(self, features: torch.Tensor, colour: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
         """features (B, P, hidden); colour, shape (B, P) class ids."""
         ce = torch.nn.functional.cross_entropy
-        return ce(self.colour(features).flatten(0, 1), colour.flatten()) + ce(self.shape(features).flatten(0, 1), shape.flatten())
+        return ce(self.colour(features).flatten(0, 1), colour.flatten()) + ce(
+            self.shape(features).flatten(0, 1), shape.flatten()
+        )
 
 
 class _Stream(IterableDataset):
@@ -285,7 +295,9 @@ def check_work_dir(work_dir: Path) -> None:
     package = package_dir()
     resolved = Path(work_dir).expanduser().resolve()
     if resolved == package or package in resolved.parents:
-        raise ValueError(f"work dir {work_dir} lies inside the installed vtprune package ({package}): use a directory of your own")
+        raise ValueError(
+            f"work dir {work_dir} lies inside the installed vtprune package ({package}): use a directory of your own"
+        )
     if work_dir.exists() and not work_dir.is_dir():
         raise ValueError(f"work dir {work_dir} is a file: give a directory")
 
@@ -362,15 +374,20 @@ def train(
     state = torch.load(state_path, weights_only=False) if state_path.exists() else None
     if state is not None:
         saved_cfg = TrainConfig(**json.loads(cfg_path.read_text()))
-        changed = {k: (v, getattr(cfg, k)) for k, v in asdict(saved_cfg).items()
-                   if k not in ("steps", "workers", "eval_every", "log_every") and getattr(cfg, k) != v}
+        changed = {
+            k: (v, getattr(cfg, k))
+            for k, v in asdict(saved_cfg).items()
+            if k not in ("steps", "workers", "eval_every", "log_every") and getattr(cfg, k) != v
+        }
         if changed:
             detail = ", ".join(f"{k}={new} (saved run: {old})" for k, (old, new) in changed.items())
             raise ValueError(
                 f"work dir {work_dir} holds a run with other settings ({detail}): rerun with the same settings to "
                 "resume it, or choose a new --work-dir"
             )
-        cfg = TrainConfig(**{**asdict(saved_cfg), **{k: getattr(cfg, k) for k in ("steps", "workers", "eval_every", "log_every")}})
+        cfg = TrainConfig(
+            **{**asdict(saved_cfg), **{k: getattr(cfg, k) for k in ("steps", "workers", "eval_every", "log_every")}}
+        )
         log(f"resuming from step {state['step']} of {cfg.steps} in {work_dir}")
     work_dir.mkdir(parents=True, exist_ok=True)
     cfg_path.write_text(json.dumps(asdict(cfg), indent=2))
@@ -407,8 +424,10 @@ def train(
     existing = _existing_accuracy(out, cfg, val, log)
     floor = float("-inf") if force or existing is None else existing
     if existing is not None:
-        log(f"{out} holds a checkpoint with validation accuracy {existing:.3f}: "
-            + ("--force: this run replaces it" if force else "only a better model replaces it (--force: any)"))
+        log(
+            f"{out} holds a checkpoint with validation accuracy {existing:.3f}: "
+            + ("--force: this run replaces it" if force else "only a better model replaces it (--force: any)")
+        )
     saved = False
     loader = DataLoader(
         _Stream(processor, cfg.batch_size, cfg.seed, step, cfg.steps, cfg.extra_questions, cfg.caption),
@@ -442,8 +461,18 @@ def train(
             improved = metrics["all"] > best["all"] and metrics["all"] > floor
             if improved:
                 best = metrics
-                save_checkpoint(model, processor, out, {"metrics": metrics, "step": step, "val_size": cfg.val_size,
-                                                        "seed": cfg.seed, "config": asdict(cfg)})
+                save_checkpoint(
+                    model,
+                    processor,
+                    out,
+                    {
+                        "metrics": metrics,
+                        "step": step,
+                        "val_size": cfg.val_size,
+                        "seed": cfg.seed,
+                        "config": asdict(cfg),
+                    },
+                )
                 saved = True
             elif metrics["all"] > best["all"]:
                 best = metrics
@@ -463,5 +492,7 @@ def train(
                 f"step {step} loss {ema:.4f} val {metrics['all']:.3f} "
                 f"{'(saved) ' if improved else ''}[{time.time() - t0:.0f}s] {detail}"
             )
-    saved = saved or (is_checkpoint(out) and (checkpoint_metrics(out) or {}).get("metrics") == best and best["all"] >= 0)
+    saved = saved or (
+        is_checkpoint(out) and (checkpoint_metrics(out) or {}).get("metrics") == best and best["all"] >= 0
+    )
     return TrainResult(best=best, saved=saved, existing=existing)

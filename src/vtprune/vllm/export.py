@@ -21,7 +21,7 @@ VLLM_VISION_PREFIX = "vision_tower.vision_model."
 def vllm_key(key: str) -> str:
     """The name vLLM 0.32 gives a saved LLaVA weight: `vision_tower.X` -> `vision_tower.vision_model.X`."""
     if key.startswith(VISION_PREFIX) and not key.startswith(VLLM_VISION_PREFIX):
-        return VLLM_VISION_PREFIX + key[len(VISION_PREFIX):]
+        return VLLM_VISION_PREFIX + key[len(VISION_PREFIX) :]
     return key
 
 
@@ -36,8 +36,10 @@ def export(spec: str, out: str | Path) -> Path:
         raise FileExistsError(f"{out} exists and is not empty: choose a new directory or remove it")
     model, processor = load_model(spec)
     if type(model).__name__ != "LlavaForConditionalGeneration":
-        raise ValueError(f"{spec} is a {type(model).__name__}: the vLLM plugin serves LLaVA-1.5 models "
-                         "(LlavaForConditionalGeneration)")
+        raise ValueError(
+            f"{spec} is a {type(model).__name__}: the vLLM plugin serves LLaVA-1.5 models "
+            "(LlavaForConditionalGeneration)"
+        )
     temporary = out.with_name(out.name + ".partial")
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
@@ -62,16 +64,21 @@ def export(spec: str, out: str | Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2 or argv[0] in ("-h", "--help"):
-        print("usage: python -m vtprune.vllm.export MODEL OUT_DIR   (MODEL: testbed, testbed-lm or a LLaVA-1.5 "
-              "directory)", file=sys.stderr)
+        print(
+            "usage: python -m vtprune.vllm.export MODEL OUT_DIR   (MODEL: testbed, testbed-lm or a LLaVA-1.5 "
+            "directory)",
+            file=sys.stderr,
+        )
         return 2
     try:
         path = export(argv[0], argv[1])
     except (FileExistsError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"wrote {path} (serve it with: vllm serve {path} --hf-overrides '{{\"architectures\": "
-          "[\"VtpruneLlavaForConditionalGeneration\"], \"vtprune\": {\"method\": \"fastervlm\", \"keep\": 0.25}}')")
+    print(
+        f'wrote {path} (serve it with: vllm serve {path} --hf-overrides \'{{"architectures": '
+        '["VtpruneLlavaForConditionalGeneration"], "vtprune": {"method": "fastervlm", "keep": 0.25}}\')'
+    )
     return 0
 
 

@@ -54,8 +54,9 @@ class VtpruneLlavaProcessingInfo(LlavaProcessingInfo):
     def geometry(self):
         """The HF processor's `ImageGeometry` (pad to square, resize, crop) for the tower's input and patches."""
         vision = self.get_hf_config().vision_config
-        return geometry_from_processor(self.get_hf_processor().image_processor, patch_size=vision.patch_size,
-                                       image_size=vision.image_size)
+        return geometry_from_processor(
+            self.get_hf_processor().image_processor, patch_size=vision.patch_size, image_size=vision.image_size
+        )
 
 
 class VtpruneLlavaMultiModalProcessor(LlavaMultiModalProcessor):
@@ -83,7 +84,8 @@ class VtpruneLlavaMultiModalProcessor(LlavaMultiModalProcessor):
             padding = torch.zeros(len(sizes), side * side)
         processed[PADDING_FIELD] = padding
         processed[TOKENS_FIELD] = torch.tensor(
-            [self.info.get_num_image_tokens(image_width=s.width, image_height=s.height) for s in sizes])
+            [self.info.get_num_image_tokens(image_width=s.width, image_height=s.height) for s in sizes]
+        )
         return processed
 
 
@@ -95,13 +97,14 @@ def check_counts(embeddings: torch.Tensor, placeholders: torch.Tensor) -> None:
             f"vtprune: the prompt holds {counts} image placeholders but the pruned model returns "
             f"{embeddings.shape[1]} embeddings for each of {embeddings.shape[0]} image(s); vLLM would silently use "
             "the first ones. The processor and the model must read the same vtprune options: serve the model "
-            f"with hf_overrides {{\"architectures\": [\"{ARCHITECTURE}\"], \"vtprune\": {{...}}}} and restart it "
+            f'with hf_overrides {{"architectures": ["{ARCHITECTURE}"], "vtprune": {{...}}}} and restart it '
             "after changing them."
         )
 
 
-@MULTIMODAL_REGISTRY.register_processor(VtpruneLlavaMultiModalProcessor, info=VtpruneLlavaProcessingInfo,
-                                        dummy_inputs=LlavaDummyInputsBuilder)
+@MULTIMODAL_REGISTRY.register_processor(
+    VtpruneLlavaMultiModalProcessor, info=VtpruneLlavaProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
+)
 class VtpruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     """vLLM's LLaVA returning K pruned embeddings per image (see the module docstring); options in
     `config.vtprune` (`PluginOptions`)."""
@@ -115,8 +118,10 @@ class VtpruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         total = self.config.vision_config.num_hidden_layers
         index = self.vtprune.vision_layer + total if self.vtprune.vision_layer < 0 else self.vtprune.vision_layer
         if self.vtprune.uses_cls and not 0 <= index < len(layers):
-            raise ValueError(f"vtprune: vision_layer={self.vtprune.vision_layer} is not one of the {len(layers)} "
-                             f"vision layers this model runs (of {total})")
+            raise ValueError(
+                f"vtprune: vision_layer={self.vtprune.vision_layer} is not one of the {len(layers)} "
+                f"vision layers this model runs (of {total})"
+            )
         self._score_layer = layers[index] if self.vtprune.uses_cls else None
 
     def embed_multimodal(self, **kwargs):
@@ -128,8 +133,10 @@ class VtpruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         if isinstance(image_input, LlavaImageEmbeddingInputs):  # given embeddings: their own count, unpruned
             return image_input["data"]
         if placeholders is None:
-            raise ValueError(f"vtprune: the request carries no '{TOKENS_FIELD}': its image placeholders were not "
-                             f"made by vtprune's processor (serve with architectures [\"{ARCHITECTURE}\"])")
+            raise ValueError(
+                f"vtprune: the request carries no '{TOKENS_FIELD}': its image placeholders were not "
+                f'made by vtprune\'s processor (serve with architectures ["{ARCHITECTURE}"])'
+            )
         embeddings = self._process_image_input(image_input, _stacked(padding))
         check_counts(embeddings, _stacked(placeholders))
         return embeddings
@@ -139,19 +146,31 @@ class VtpruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         captured: dict = {}
         hooks = []
         if self._score_layer is not None:
-            hooks.append(self._score_layer.self_attn.qkv_proj.register_forward_hook(
-                lambda module, args, output: captured.__setitem__("qkv", output[0])))
-            hooks.append(self._score_layer.register_forward_hook(
-                lambda module, args, output: captured.__setitem__("output", output)))
+            hooks.append(
+                self._score_layer.self_attn.qkv_proj.register_forward_hook(
+                    lambda module, args, output: captured.__setitem__("qkv", output[0])
+                )
+            )
+            hooks.append(
+                self._score_layer.register_forward_hook(
+                    lambda module, args, output: captured.__setitem__("output", output)
+                )
+            )
         try:
             features = self._process_image_pixels(image_input)  # (N, P, D_vision), [CLS] dropped
         finally:
             for hook in hooks:
                 hook.remove()
         embeddings = self.multi_modal_projector(features)  # (N, P, D)
-        return prune(self.vtprune, embeddings, features, captured, padding,
-                     num_heads=self.config.vision_config.num_attention_heads,
-                     project=self.multi_modal_projector)
+        return prune(
+            self.vtprune,
+            embeddings,
+            features,
+            captured,
+            padding,
+            num_heads=self.config.vision_config.num_attention_heads,
+            project=self.multi_modal_projector,
+        )
 
 
 def _stacked(value) -> torch.Tensor | None:
@@ -160,8 +179,16 @@ def _stacked(value) -> torch.Tensor | None:
     return torch.stack(list(value))
 
 
-def prune(options: PluginOptions, embeddings: torch.Tensor, features: torch.Tensor, captured: dict,
-          padding: torch.Tensor | None, *, num_heads: int, project) -> torch.Tensor:
+def prune(
+    options: PluginOptions,
+    embeddings: torch.Tensor,
+    features: torch.Tensor,
+    captured: dict,
+    padding: torch.Tensor | None,
+    *,
+    num_heads: int,
+    project,
+) -> torch.Tensor:
     """The kept embeddings (N, K, D) of N images: embeddings (N, P, D) projected, features (N, P, D_vision) the
     tower's output, captured["qkv"] (N, 1 + P, 3 D_vision) / captured["output"] (N, 1 + P, D_vision) the scoring
     layer's fused projection and output, padding (N, P) the patches' padded shares."""
@@ -191,9 +218,18 @@ def prune(options: PluginOptions, embeddings: torch.Tensor, features: torch.Tens
     dominant_count, contextual_count = options.split(patches)
     output = captured["output"]  # (N, 1 + P, D_vision) the scoring layer's output
     keys = head_mean_keys(captured["qkv"], num_heads)[:, 1:]
-    dominant, _, _, merged, _ = visionzip_select(scores, valid, keys, output[:, 1:], dominant_count,
-                                                 contextual_count, dominant_count, contextual_count,
-                                                 is_padding, share)
+    dominant, _, _, merged, _ = visionzip_select(
+        scores,
+        valid,
+        keys,
+        output[:, 1:],
+        dominant_count,
+        contextual_count,
+        dominant_count,
+        contextual_count,
+        is_padding,
+        share,
+    )
     parts = [project(output[:, :1]), _gather(embeddings, dominant)]
     if contextual_count:
         parts.append(project(merged))
@@ -205,5 +241,11 @@ def _gather(values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return torch.gather(values, 1, indices[:, :, None].expand(-1, -1, values.shape[-1]))
 
 
-__all__ = ["ARCHITECTURE", "VtpruneLlavaForConditionalGeneration", "VtpruneLlavaMultiModalProcessor",
-           "VtpruneLlavaProcessingInfo", "check_counts", "prune"]
+__all__ = [
+    "ARCHITECTURE",
+    "VtpruneLlavaForConditionalGeneration",
+    "VtpruneLlavaMultiModalProcessor",
+    "VtpruneLlavaProcessingInfo",
+    "check_counts",
+    "prune",
+]

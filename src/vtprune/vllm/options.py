@@ -53,8 +53,12 @@ class PluginOptions:
                 raise ValueError(f"vtprune: {name}={value!r} must be an int")
         if not isinstance(self.debias_padding, bool):
             raise ValueError(f"vtprune: debias_padding={self.debias_padding!r} must be true or false")
-        if (isinstance(self.padding_threshold, bool) or not isinstance(self.padding_threshold, (int, float))
-                or math.isnan(self.padding_threshold) or not 0.0 <= self.padding_threshold < 1.0):
+        if (
+            isinstance(self.padding_threshold, bool)
+            or not isinstance(self.padding_threshold, (int, float))
+            or math.isnan(self.padding_threshold)
+            or not 0.0 <= self.padding_threshold < 1.0
+        ):
             raise ValueError(f"vtprune: padding_threshold={self.padding_threshold!r} must lie in [0, 1)")
         if (self.dominant is None) != (self.contextual is None):
             raise ValueError("vtprune: give both dominant and contextual (VisionZip's counts per image), or neither")
@@ -124,7 +128,7 @@ def cls_attention(qkv: torch.Tensor, num_heads: int, cls_index: int = 0, first_p
     query, key, _ = qkv.chunk(3, dim=-1)
     query = query[:, cls_index].reshape(images, num_heads, 1, head_dim)
     key = key.reshape(images, length, num_heads, head_dim).transpose(1, 2)
-    logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * head_dim ** -0.5  # (N, H, 1, T)
+    logits = torch.matmul(query.float(), key.float().transpose(-1, -2)) * head_dim**-0.5  # (N, H, 1, T)
     return torch.softmax(logits, dim=-1)[:, :, 0, first_patch:].mean(dim=1)
 
 

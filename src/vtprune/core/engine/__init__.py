@@ -29,7 +29,6 @@ Parts: `session` (hooks, the per-forward flow), `request` (per-request state and
 (trimming the KV cache, decode steps), `vision` (vision-side stages).
 """
 
-
 from .request import _NEVER_PADS_WARNED  # noqa: F401  (tests reset it)
 from .session import PruningSession
 

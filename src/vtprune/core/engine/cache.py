@@ -39,7 +39,9 @@ class _CacheCuts:
         identity = torch.arange(length, device=slots.device).expand(batch, length).clone()
         later = []
         if segment["shift"] is not None:
-            later.append(dict(segment, slots=identity, anchor=torch.where(valid, identity, -1), sub=None, shift=dropped))
+            later.append(
+                dict(segment, slots=identity, anchor=torch.where(valid, identity, -1), sub=None, shift=dropped)
+            )
         for other in request.segments[1:]:  # re-expressed over the trimmed sequence
             anchor = torch.where(other["anchor"] >= 0, torch.gather(inverse, 1, other["anchor"].clamp(min=0)), -1)
             later.append(dict(other, anchor=anchor))
@@ -58,8 +60,13 @@ class _CacheCuts:
         if mask is not None and mask.dim() == 2:
             mask = torch.gather(mask, 1, columns.clamp(min=0)).masked_fill(columns < 0, 0)
         else:
-            mask = torch.cat([request.ids.valid[:, : request.base_len].long(),
-                              torch.ones(batch, generated + query_len, dtype=torch.long, device=device)], dim=1)
+            mask = torch.cat(
+                [
+                    request.ids.valid[:, : request.base_len].long(),
+                    torch.ones(batch, generated + query_len, dtype=torch.long, device=device),
+                ],
+                dim=1,
+            )
         position_ids = kwargs.get("position_ids")
         if position_ids is None:  # what the unpruned model would have used
             position_ids = (request.prompt_len + generated + torch.arange(query_len, device=device)).expand(batch, -1)
@@ -95,9 +102,12 @@ class _CacheCuts:
         batch, device = slots.shape[0], slots.device
         tail = torch.arange(request.base_len, request.base_len + generated + query_len, device=device).expand(batch, -1)
         cols = torch.cat([segment["anchor"], tail], dim=1)
-        rows = tail[:, tail.shape[1] - query_len:]  # new tokens share no base position with the prompt's: no sub order
-        out = {"attention_mask": _select_mask(kwargs.get("attention_mask"), rows, None, cols, None, prefill=False,
-                                              padded=segment["padded"])}
+        rows = tail[:, tail.shape[1] - query_len :]  # new tokens share no base position with the prompt's: no sub order
+        out = {
+            "attention_mask": _select_mask(
+                kwargs.get("attention_mask"), rows, None, cols, None, prefill=False, padded=segment["padded"]
+            )
+        }
         if segment["shift"] is not None:  # compact: continue the segment's own numbering
             position_ids = kwargs.get("position_ids")
             if position_ids is None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def _compact_positions(position_ids0: torch.Tensor | None, base_valid: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def _compact_positions(
+    position_ids0: torch.Tensor | None, base_valid: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
     """(B, N_new) renumbered positions: each sample's real tokens count up from its first real position."""
     batch = valid.shape[0]
     if position_ids0 is None:
@@ -14,6 +16,7 @@ def _compact_positions(position_ids0: torch.Tensor | None, base_valid: torch.Ten
         first = base_valid.long().argmax(dim=1)
         start = torch.gather(position_ids0.expand(batch, -1), 1, first[:, None]).flatten()
     return torch.where(valid, start[:, None] + valid.long().cumsum(1) - 1, 0)
+
 
 def _gather_seq(tensor: torch.Tensor, index: torch.Tensor, padded: bool = True) -> torch.Tensor:
     """Gather the sequence dimension of cos/sin (b, N, d) or position ids (b, N) / (k, b, N) at `index`
@@ -31,18 +34,30 @@ def _gather_seq(tensor: torch.Tensor, index: torch.Tensor, padded: bool = True) 
         return torch.gather(expanded, 2, index[None].expand(tensor.shape[0], -1, -1))
     raise ValueError(f"unexpected positional tensor shape {tuple(tensor.shape)}")
 
-def _gather_embeddings(embeddings: tuple[torch.Tensor, ...], index: torch.Tensor, padded: bool) -> tuple[torch.Tensor, ...]:
+
+def _gather_embeddings(
+    embeddings: tuple[torch.Tensor, ...], index: torch.Tensor, padded: bool
+) -> tuple[torch.Tensor, ...]:
     """`_gather_seq` of the RoPE tables (cos, sin), each (b, N, d), at `index` (B, M), with one expanded index."""
     batch, width = index.shape[0], embeddings[0].shape[-1]
-    if not all(t.dim() == 3 and t.shape[0] in (1, batch) and t.shape[1] != batch and t.shape[2] == width
-               for t in embeddings):
+    if not all(
+        t.dim() == 3 and t.shape[0] in (1, batch) and t.shape[1] != batch and t.shape[2] == width for t in embeddings
+    ):
         return tuple(_gather_seq(t, index, padded) for t in embeddings)
     rows = (index.clamp(min=0) if padded else index)[:, :, None].expand(-1, -1, width)
     return tuple(torch.gather(t.expand(batch, -1, -1), 1, rows) for t in embeddings)
 
 
-def _select_mask(mask0, rows: torch.Tensor, row_sub: torch.Tensor | None, cols: torch.Tensor,
-                 col_sub: torch.Tensor | None, *, prefill: bool, padded: bool):
+def _select_mask(
+    mask0,
+    rows: torch.Tensor,
+    row_sub: torch.Tensor | None,
+    cols: torch.Tensor,
+    col_sub: torch.Tensor | None,
+    *,
+    prefill: bool,
+    padded: bool,
+):
     """The model's attention mask restricted to query `rows` and key `cols` (B, R) / (B, C) base positions
     (-1 = engine padding), in the model's own format. Tokens sharing a base position (inserted tokens and
     their anchor) are ordered causally by their sub order.
@@ -72,10 +87,14 @@ def _select_mask(mask0, rows: torch.Tensor, row_sub: torch.Tensor | None, cols: 
     else:
         full = mask0.expand(rows.shape[0], -1, -1, -1)
         if prefill:
-            full = torch.gather(full, 2, rows.clamp(min=0)[:, None, :, None].expand(-1, full.shape[1], -1, full.shape[3]))
+            full = torch.gather(
+                full, 2, rows.clamp(min=0)[:, None, :, None].expand(-1, full.shape[1], -1, full.shape[3])
+            )
         else:
-            full = full[:, :, -rows.shape[1]:]
-        gathered = torch.gather(full, 3, cols.clamp(min=0)[:, None, None, :].expand(-1, full.shape[1], full.shape[2], -1))
+            full = full[:, :, -rows.shape[1] :]
+        gathered = torch.gather(
+            full, 3, cols.clamp(min=0)[:, None, None, :].expand(-1, full.shape[1], full.shape[2], -1)
+        )
         allowed = gathered if gathered.dtype == torch.bool else gathered == 0
     if inserted:  # same base position: the earlier sub order does not see the later
         row_sub = torch.zeros(rows.shape, dtype=torch.float64, device=rows.device) if row_sub is None else row_sub

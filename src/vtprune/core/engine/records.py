@@ -79,8 +79,10 @@ class _Planning:
             StageSelection(
                 layer=self.stages[stage_index].layer,
                 num_visual=list(num_visual),
-                keep=[resolve_keep(ctx.stage.keep, num_visual[b], request.present[b], warn=False)
-                      for b in range(ctx.num_samples)],
+                keep=[
+                    resolve_keep(ctx.stage.keep, num_visual[b], request.present[b], warn=False)
+                    for b in range(ctx.num_samples)
+                ],
                 padding=list(request.padding),
                 segments=request.layout.segments,
                 notes=lambda: [line for note in notes for line in (note() if callable(note) else [note])],
@@ -104,14 +106,23 @@ def _batched(raw, ctx: StageContext, width: int, owner: str) -> Kept:
         raw = Kept(ranks=raw)
     if isinstance(raw, Kept):
         ranks = raw.ranks
-        if not isinstance(ranks, torch.Tensor) or ranks.dtype != torch.long or ranks.dim() != 2 or ranks.shape[0] != ctx.num_samples:
-            raise RuntimeError(f"{owner}.select must return (B, K) long visual ranks (B = {ctx.num_samples}), or one per sample")
+        if (
+            not isinstance(ranks, torch.Tensor)
+            or ranks.dtype != torch.long
+            or ranks.dim() != 2
+            or ranks.shape[0] != ctx.num_samples
+        ):
+            raise RuntimeError(
+                f"{owner}.select must return (B, K) long visual ranks (B = {ctx.num_samples}), or one per sample"
+            )
         if raw.counts is None:
             raw.counts = ctx.counts_of(ranks)
         batch, kept = ranks.shape
         if raw.values is not None and tuple(raw.values.shape) != (batch, kept, width):
             raise RuntimeError(f"{owner}: values must have shape ({batch}, {kept}, {width})")
-        if raw.extra is not None and (raw.extra.dim() != 3 or raw.extra.shape[0] != batch or raw.extra.shape[2] != width):
+        if raw.extra is not None and (
+            raw.extra.dim() != 3 or raw.extra.shape[0] != batch or raw.extra.shape[2] != width
+        ):
             raise RuntimeError(f"{owner}: extra tokens must have shape ({batch}, M, {width})")
         return raw
     if len(raw) != ctx.num_samples:
@@ -135,10 +146,17 @@ def _check_decision(decision: Kept, ctx: StageContext, owner: str) -> None:
         (valid[:, 1:] <= valid[:, :-1]).all(dim=1) & ((ranks[:, 1:] > ranks[:, :-1]) | ~valid[:, 1:]).all(dim=1),
         (member(ranks, present) | ~valid).all(dim=1),
     ]
-    messages = ["keeps no visual token", "kept ranks must be sorted and unique (-1 only at the end)",
-                "keeps visual ranks that are not present at this stage"]
+    messages = [
+        "keeps no visual token",
+        "kept ranks must be sorted and unique (-1 only at the end)",
+        "keeps visual ranks that are not present at this stage",
+    ]
     if decision.extra is not None:
-        extra_valid = decision.extra_valid if decision.extra_valid is not None else torch.ones_like(decision.extra[..., 0], dtype=torch.bool)
+        extra_valid = (
+            decision.extra_valid
+            if decision.extra_valid is not None
+            else torch.ones_like(decision.extra[..., 0], dtype=torch.bool)
+        )
         if decision.extra_after is not None:
             checks.append((member(decision.extra_after, ranks.masked_fill(~valid, -2)) | ~extra_valid).all(dim=1))
             messages.append("extra tokens must follow kept visual tokens")
@@ -149,8 +167,11 @@ def _check_decision(decision: Kept, ctx: StageContext, owner: str) -> None:
     for b, row in enumerate(table):
         for ok, message in zip(row[:-1], messages):
             if not ok:
-                raise RuntimeError(f"{owner}: sample {b} {message}" if message.startswith("keeps")
-                                   else f"{owner}: sample {b}: {message}")
+                raise RuntimeError(
+                    f"{owner}: sample {b} {message}"
+                    if message.startswith("keeps")
+                    else f"{owner}: sample {b}: {message}"
+                )
     decision.counts = [row[-1] for row in table]
 
 

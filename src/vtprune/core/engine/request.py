@@ -33,13 +33,13 @@ class _Ids:
     position: torch.Tensor
 
     @classmethod
-    def base(cls, prompt: torch.Tensor, rank: torch.Tensor, valid: torch.Tensor) -> "_Ids":
+    def base(cls, prompt: torch.Tensor, rank: torch.Tensor, valid: torch.Tensor) -> _Ids:
         batch, length = prompt.shape
         own = torch.arange(length, device=prompt.device).expand(batch, length)  # (tables are replaced, never written)
         return cls.of(prompt, rank, valid, own)
 
     @classmethod
-    def of(cls, prompt: torch.Tensor, rank: torch.Tensor, valid: torch.Tensor, own: torch.Tensor) -> "_Ids":
+    def of(cls, prompt: torch.Tensor, rank: torch.Tensor, valid: torch.Tensor, own: torch.Tensor) -> _Ids:
         """Base ids whose own index is `own` (B, N) (0..N-1 in each row)."""
         return cls(prompt=prompt, rank=rank, position_rank=rank, valid=valid, anchor=own, sub=None, position=own)
 
@@ -119,9 +119,13 @@ class _Request:
         """(B, 2) prompt positions of each sample's first and last visual token (computed when first asked)."""
         if "image_span" not in self.cache_values:
             prompt = torch.arange(self.prompt_len, device=self.visual0.device)
-            self.cache_values["image_span"] = torch.stack([
-                torch.where(self.visual0, prompt, self.prompt_len).min(dim=1).values,
-                torch.where(self.visual0, prompt, -1).max(dim=1).values], dim=1)
+            self.cache_values["image_span"] = torch.stack(
+                [
+                    torch.where(self.visual0, prompt, self.prompt_len).min(dim=1).values,
+                    torch.where(self.visual0, prompt, -1).max(dim=1).values,
+                ],
+                dim=1,
+            )
         return self.cache_values["image_span"]
 
     def slot_values(self, name: str, fill) -> torch.Tensor:
@@ -177,8 +181,9 @@ class _RequestSetup:
         threshold = self.press.padding_threshold()
         table = None
         if all(f is not None for f in fractions):  # (B, max V + 1), 0 after each sample's tokens
-            table = torch.nn.utils.rnn.pad_sequence([*fractions, torch.zeros(max(layout.num_visual) + 1, device=device)],
-                                                    batch_first=True)[:batch].float()
+            table = torch.nn.utils.rnn.pad_sequence(
+                [*fractions, torch.zeros(max(layout.num_visual) + 1, device=device)], batch_first=True
+            )[:batch].float()
         num_visual = layout.num_visual
         return _Request(
             prompt_len=length,
@@ -229,12 +234,15 @@ def _size_list(image_sizes) -> list:
     try:
         sizes = list(image_sizes)
     except TypeError:
-        raise ValueError(f"image_sizes={image_sizes!r}: give a list with one (width, height) per image, {example}") from None
+        raise ValueError(
+            f"image_sizes={image_sizes!r}: give a list with one (width, height) per image, {example}"
+        ) from None
     if sizes and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in sizes):
         raise ValueError(
             f"image_sizes={image_sizes!r} is a list of numbers: give one (width, height) pair per image, {example}"
         )
     return sizes
+
 
 def _image_size(size, index: int) -> tuple[int, int]:
     try:

@@ -48,7 +48,9 @@ class _SequenceCuts:
         if self._positions(0) == "compact" and given is None and request.unpadded and unpadded_before:
             new_positions = torch.arange(new_slots.shape[1], device=embeds.device).expand(batch, -1)  # 0.. per row
         else:
-            position_ids = given if given is not None else torch.arange(length, device=embeds.device).expand(batch, length)
+            position_ids = (
+                given if given is not None else torch.arange(length, device=embeds.device).expand(batch, length)
+            )
             if self._positions(0) == "compact":
                 new_positions = _compact_positions(position_ids, request.valid0, valid)
             else:
@@ -66,13 +68,21 @@ class _SequenceCuts:
         ids = _Ids.base(request.base_prompt_columns, ranks, valid)
         ids.position_rank = ranks if same else request.slot_values("position_rank", -1)
         request.ids = ids
-        request.slots, request.identity, request.padded, request.inserted, request.slot_cache = ids.anchor, True, False, False, {}
+        request.slots, request.identity, request.padded, request.inserted, request.slot_cache = (
+            ids.anchor,
+            True,
+            False,
+            False,
+            {},
+        )
         request.other = [new_len - count for count in request.present]  # engine padding became masked base slots
         request.base_len = new_len
         new_kwargs = dict(kwargs, inputs_embeds=hidden, attention_mask=valid.long(), position_ids=new_positions)
         return args, new_kwargs
 
-    def _apply(self, decision: Kept, request: _Request, base_cut: bool = False) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    def _apply(
+        self, decision: Kept, request: _Request, base_cut: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """Apply `decision` to the current slots. Returns the new slots (B, N_new) of ids (kept tokens in order,
         inserted tokens after their anchors, samples left-padded to one length), per new slot where its row comes
         from (B, N_new): a current slot, N_cur + j for the sample's j-th inserted token, -1 for engine padding;
@@ -85,7 +95,9 @@ class _SequenceCuts:
         extra = decision.num_extra
         extra_counts = [extra] * batch
         if decision.extra_valid is not None:
-            extra_counts = decision.extra_counts if decision.extra_counts is not None else decision.extra_valid.sum(dim=1).tolist()
+            extra_counts = (
+                decision.extra_counts if decision.extra_counts is not None else decision.extra_valid.sum(dim=1).tolist()
+            )
         kept_counts = counts if counts is not None else [ranks.shape[1]] * batch
         request.present = [k + m for k, m in zip(kept_counts, extra_counts)]
         lengths = [other + present for other, present in zip(request.other, request.present)]
@@ -132,8 +144,9 @@ class _SequenceCuts:
             new_slots = new_slots.masked_fill(source < 0, -1)
         return new_slots, source, padded
 
-    def _register_inserted(self, decision: Kept, slot_rank: torch.Tensor, request: _Request,
-                           base_cut: bool = False) -> torch.Tensor:
+    def _register_inserted(
+        self, decision: Kept, slot_rank: torch.Tensor, request: _Request, base_cut: bool = False
+    ) -> torch.Tensor:
         """Append the id tables of the inserted tokens (B, M); return their sequence order keys (B, M) float64
         (inf for the entries of `extra_valid` that are not tokens). base_cut: the cut makes a new base sequence
         (layer 0), which keeps no anchors or sub orders: those are not registered."""
@@ -151,7 +164,9 @@ class _SequenceCuts:
         if decision.extra_positions is None:
             source_ids = anchor_ids
         else:
-            source_ids = torch.gather(slots, 1, torch.gather(slot_of, 1, decision.extra_positions.clamp(0, request.rank_bound)))
+            source_ids = torch.gather(
+                slots, 1, torch.gather(slot_of, 1, decision.extra_positions.clamp(0, request.rank_bound))
+            )
         # tokens on the same side of the same anchor keep their order: fractions (j + 1) / (n + 1) in their group
         same = anchor_slots[:, None, :] == anchor_slots[:, :, None]  # (B, M, M)
         if before is not None:
@@ -175,13 +190,13 @@ class _SequenceCuts:
             rank = request.next_rank[:, None] + numbered.cumsum(dim=1) - 1
         added = numbered.sum(dim=1)
         request.inserted_ranks = added if request.inserted_ranks is None else request.inserted_ranks + added
-        columns = dict(
-            prompt=torch.gather(ids.prompt, 1, anchor_ids),
-            rank=rank if valid is None else rank.masked_fill(~valid, -1),
-            position_rank=torch.gather(ids.position_rank, 1, source_ids),
-            valid=numbered,
-            position=torch.gather(ids.position, 1, source_ids),
-        )
+        columns = {
+            "prompt": torch.gather(ids.prompt, 1, anchor_ids),
+            "rank": rank if valid is None else rank.masked_fill(~valid, -1),
+            "position_rank": torch.gather(ids.position_rank, 1, source_ids),
+            "valid": numbered,
+            "position": torch.gather(ids.position, 1, source_ids),
+        }
         if not base_cut:
             columns["anchor"] = torch.gather(ids.anchor, 1, anchor_ids)
             columns["sub"] = after_sub if before is None else torch.where(before, before_sub, after_sub)
@@ -204,7 +219,9 @@ class _SequenceCuts:
             first = request.position_ids0
             if request.unpadded and not padded and (first is None or first.dim() == 2):  # every token real: count up
                 start = 0 if first is None else first[:, :1]
-                position_ids = (start + torch.arange(new_slots.shape[1], device=hidden.device)).expand(hidden.shape[0], -1)
+                position_ids = (start + torch.arange(new_slots.shape[1], device=hidden.device)).expand(
+                    hidden.shape[0], -1
+                )
             else:
                 position_ids = _compact_positions(first, base_valid, valid)
             position_embeddings = self.adapter.position_embeddings(hidden, position_ids)
@@ -215,8 +232,17 @@ class _SequenceCuts:
             if request.position_ids0 is not None:
                 position_ids = _gather_seq(request.position_ids0, source, padded)
             position_embeddings = _gather_embeddings(request.position_embeddings0, source, padded)
-        request.segments.append({"layer": self.stages[stage_index].layer, "slots": new_slots, "anchor": anchor,
-                                 "sub": sub, "shift": shift, "padded": padded, "inserted": inserted})
+        request.segments.append(
+            {
+                "layer": self.stages[stage_index].layer,
+                "slots": new_slots,
+                "anchor": anchor,
+                "sub": sub,
+                "shift": shift,
+                "padded": padded,
+                "inserted": inserted,
+            }
+        )
         request.current = {
             "attention_mask": _select_mask(request.mask0, anchor, sub, anchor, sub, prefill=True, padded=padded),
             "position_embeddings": position_embeddings,
@@ -231,7 +257,10 @@ class _SequenceCuts:
         cached = segment.setdefault("masks", {})
         if id(mask) not in cached:
             anchor, sub = segment["anchor"], segment["sub"]
-            cached[id(mask)] = (mask, _select_mask(mask, anchor, sub, anchor, sub, prefill=True, padded=segment["padded"]))
+            cached[id(mask)] = (
+                mask,
+                _select_mask(mask, anchor, sub, anchor, sub, prefill=True, padded=segment["padded"]),
+            )
         return cached[id(mask)][1]
 
 
@@ -257,8 +286,9 @@ def _sub_gap(ids: _Ids, anchor_ids: torch.Tensor, above: bool = True) -> torch.T
     return torch.where(torch.isinf(nearest), 1.0, own - nearest)
 
 
-def _assemble(hidden: torch.Tensor, source: torch.Tensor, new_slots: torch.Tensor, decision: Kept,
-              request: _Request, padded: bool) -> torch.Tensor:
+def _assemble(
+    hidden: torch.Tensor, source: torch.Tensor, new_slots: torch.Tensor, decision: Kept, request: _Request, padded: bool
+) -> torch.Tensor:
     """The hidden states (B, N_new, D) of `new_slots`: rows of `hidden` (B, N, D) or of the inserted tokens as
     `source` says (engine padding 0), merged values written into the kept visual tokens. No host sync."""
     batch, length, width = hidden.shape

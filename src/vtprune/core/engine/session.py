@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ...adapters import adapter_for
-from ..context import LayerInput
 from ...adapters.geometry import request_image_sizes
+from ..context import LayerInput
 from ..stages import Stage, validate_stages
-from .cache import _CacheCuts, _cache_kwarg
+from .cache import _cache_kwarg, _CacheCuts
 from .records import _Planning
-from .request import _RequestSetup, _image_size, _Request, _size_list
+from .request import _image_size, _Request, _RequestSetup, _size_list
 from .sequence import _SequenceCuts
 from .vision import _VisionSide
 
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
     from ...debias import Debias
 
 #: the session active on each model (its input module), so that a second press on the same model is refused
-_ACTIVE: "weakref.WeakKeyDictionary[nn.Module, PruningSession]" = weakref.WeakKeyDictionary()
+_ACTIVE: weakref.WeakKeyDictionary[nn.Module, PruningSession] = weakref.WeakKeyDictionary()
 
 
 class PruningSession(_RequestSetup, _Planning, _SequenceCuts, _CacheCuts, _VisionSide):
@@ -33,8 +34,10 @@ class PruningSession(_RequestSetup, _Planning, _SequenceCuts, _CacheCuts, _Visio
     dry_run: score and decide every stage (recorded in `press.last_selection`) but cut nothing; the model's
     outputs are those of the unpruned model (calibration and analysis use this).
     """
-    def __init__(self, press, model: nn.Module, *, processor=None, image_sizes: Sequence | None = None,
-                 dry_run: bool = False):
+
+    def __init__(
+        self, press, model: nn.Module, *, processor=None, image_sizes: Sequence | None = None, dry_run: bool = False
+    ):
         self.press = press
         self.model = model
         self.adapter = adapter_for(model)
@@ -68,8 +71,12 @@ class PruningSession(_RequestSetup, _Planning, _SequenceCuts, _CacheCuts, _Visio
         ):
             self.notes.append(f"positions='compact' does not apply: {self.adapter.compact_note}")
             warnings.warn(self.notes[-1], UserWarning, stacklevel=3)
-        if (self.debias is not None and self.debias.padding and self.adapter.pads_images
-                and (processor is None or (image_sizes is None and not self.adapter.sizes_in_inputs))):
+        if (
+            self.debias is not None
+            and self.debias.padding
+            and self.adapter.pads_images
+            and (processor is None or (image_sizes is None and not self.adapter.sizes_in_inputs))
+        ):
             raise ValueError(
                 "padding debiasing needs the image geometry: call press(model, processor=processor, "
                 "images=[image, ...]) with the PIL images of the batch (or image_sizes=[image.size, ...]), "
@@ -97,7 +104,7 @@ class PruningSession(_RequestSetup, _Planning, _SequenceCuts, _CacheCuts, _Visio
         return self.stages[stage_index].positions or self.positions
 
     # --- context manager -----------------------------------------------------------------------------
-    def __enter__(self) -> "PruningSession":
+    def __enter__(self) -> PruningSession:
         if self._handles:
             raise RuntimeError("this pruning session is already active")
         active = _ACTIVE.get(self.adapter.input_module)
@@ -112,7 +119,9 @@ class PruningSession(_RequestSetup, _Planning, _SequenceCuts, _CacheCuts, _Visio
         self._seen_input = False
         # the input hook starts a request (host bookkeeping, the layout's one synchronisation): under
         # torch.compile it runs eagerly, so that no guard depends on the session's state between requests
-        hook = self.adapter.input_module.register_forward_pre_hook(torch.compiler.disable(self._on_input), with_kwargs=True)
+        hook = self.adapter.input_module.register_forward_pre_hook(
+            torch.compiler.disable(self._on_input), with_kwargs=True
+        )
         self._handles.append(hook)
         if self.model is not self.adapter.input_module:
             self._handles.append(self.model.register_forward_pre_hook(self._on_outer_input, with_kwargs=True))
@@ -126,8 +135,12 @@ class PruningSession(_RequestSetup, _Planning, _SequenceCuts, _CacheCuts, _Visio
             layers = self.adapter.vision_layers
             for index in sorted({i + len(layers) if i < 0 else i for i in vision}):
                 if not 0 <= index < len(layers):
-                    raise ValueError(f"{type(self.press).__name__}: the vision tower has {len(layers)} layers, no layer {index}")
-                self._handles.append(layers[index].register_forward_pre_hook(self._make_vision_hook(index), with_kwargs=True))
+                    raise ValueError(
+                        f"{type(self.press).__name__}: the vision tower has {len(layers)} layers, no layer {index}"
+                    )
+                self._handles.append(
+                    layers[index].register_forward_pre_hook(self._make_vision_hook(index), with_kwargs=True)
+                )
                 self._handles.append(layers[index].register_forward_hook(self._make_vision_output_hook(index)))
         if self.vision_stages and not self.dry_run:
             layers = self.adapter.vision_layers
@@ -136,16 +149,22 @@ class PruningSession(_RequestSetup, _Planning, _SequenceCuts, _CacheCuts, _Visio
             self._handles.append(tower.register_forward_hook(self._on_vision_tower_output))
             for stage_index, stage in enumerate(self.vision_stages):
                 layer = layers[stage.layer]
-                self._handles.append(layer.register_forward_pre_hook(self._make_vision_stage_input(stage.layer), with_kwargs=True))
-                self._handles.append(layer.self_attn.register_forward_hook(self._make_vision_attention_hook(stage.layer)))
+                self._handles.append(
+                    layer.register_forward_pre_hook(self._make_vision_stage_input(stage.layer), with_kwargs=True)
+                )
+                self._handles.append(
+                    layer.self_attn.register_forward_hook(self._make_vision_attention_hook(stage.layer))
+                )
                 self._handles.append(layer.register_forward_hook(self._make_vision_stage(stage_index, stage)))
         for index, layer in enumerate(self.adapter.decoder_layers):
             self._handles.append(layer.register_forward_pre_hook(self._make_layer_hook(index), with_kwargs=True))
             if self.adapter.adds_visual_features:
                 self._handles.append(layer.register_forward_hook(self._make_addition_hook(index)))
             if index in self.key_layers:
-                for module, name in ((self.adapter.key_projection(layer), "projected_keys"),
-                                     (self.adapter.query_projection(layer), "projected_queries")):
+                for module, name in (
+                    (self.adapter.key_projection(layer), "projected_keys"),
+                    (self.adapter.query_projection(layer), "projected_queries"),
+                ):
                     self._handles.append(module.register_forward_hook(self._make_projection_hook(index, name)))
         return self
 
@@ -196,7 +215,9 @@ class PruningSession(_RequestSetup, _Planning, _SequenceCuts, _CacheCuts, _Visio
         smallest = mask.amin(dim=1) if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None  # (B,)
         with self.adapter.carrying(smallest):
             layout = self.adapter.visual_layout(input_ids, kwargs)
-        unpadded = mask is None or (smallest is not None and self.adapter.carried is not None and min(self.adapter.carried) > 0)
+        unpadded = mask is None or (
+            smallest is not None and self.adapter.carried is not None and min(self.adapter.carried) > 0
+        )
         if past > 0:
             if sum(layout.num_visual) == 0:
                 self._request = None  # a cache we did not prune: nothing to do
@@ -221,7 +242,9 @@ class PruningSession(_RequestSetup, _Planning, _SequenceCuts, _CacheCuts, _Visio
                     f"vtprune needs a DynamicCache (the generate() default) to hold layers of different "
                     f"lengths; got {type(cache).__name__}. Remove cache_implementation=... or pass DynamicCache()."
                 )
-        self._sizes = request_image_sizes(self.image_sizes, kwargs.get("image_sizes") if self.adapter.sizes_in_inputs else None, layout)
+        self._sizes = request_image_sizes(
+            self.image_sizes, kwargs.get("image_sizes") if self.adapter.sizes_in_inputs else None, layout
+        )
         self._request = self._new_request(input_ids, mask, layout)
         self._request.cache = cache
         self._request.unpadded = unpadded
@@ -249,6 +272,7 @@ class PruningSession(_RequestSetup, _Planning, _SequenceCuts, _CacheCuts, _Visio
     def _make_projection_hook(self, index: int, name: str):
         """Keeps a score layer's key (or query) projection output on its recorded input, to score without
         recomputing it."""
+
         def hook(module, args, output):
             request = self._request
             if request is not None and request.phase == "prefill" and index in request.inputs:

@@ -21,7 +21,9 @@ class _VisionSide:
             count = 0
         declared = self.press.vision_stages(count)
         if declared and not count:
-            raise ValueError(f"{type(self.press).__name__} has vision stages but {type(self.adapter).__name__} gives no vision layers")
+            raise ValueError(
+                f"{type(self.press).__name__} has vision stages but {type(self.adapter).__name__} gives no vision layers"
+            )
         stages = [VisionStage(layer=s.layer + count if s.layer < 0 else s.layer, merge=s.merge) for s in declared]
         feature = self.adapter.vision_feature_layer if stages else 0
         for previous, stage in zip([None] + stages[:-1], stages):
@@ -66,7 +68,7 @@ class _VisionSide:
             table = addition.new_zeros(len(counts), width, addition.shape[-1])
             start = 0
             for b, count in enumerate(counts):
-                table[b, :count] = addition[start:start + count]
+                table[b, :count] = addition[start : start + count]
                 start += count
             tables.append(table)
         request.additions = tables
@@ -87,7 +89,9 @@ class _VisionSide:
             rank = request.ids.at("rank", request.slots, -1)  # original visual rank of each slot (-1: none)
             limit = torch.tensor(request.layout.num_visual, device=rank.device)[:, None]
             row = torch.where((rank >= 0) & (rank < limit), rank, table.shape[1] - 1)
-            added = torch.gather(table.to(hidden.device, hidden.dtype), 1, row[:, :, None].expand(-1, -1, table.shape[-1]))
+            added = torch.gather(
+                table.to(hidden.device, hidden.dtype), 1, row[:, :, None].expand(-1, -1, table.shape[-1])
+            )
             hidden = hidden + added
             return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
@@ -136,14 +140,24 @@ class _VisionSide:
             if not 0 <= merge < patches:
                 raise ValueError(f"vision stage {stage_index}: cannot merge {merge} of {patches} patches")
             vctx = VisionStageContext(
-                adapter=self.adapter, stage_index=stage_index, layer=module, merge=merge, tokens=tokens,
-                input=state["input"][stage.layer], attention_output=state["attention"][stage.layer], output=hidden,
+                adapter=self.adapter,
+                stage_index=stage_index,
+                layer=module,
+                merge=merge,
+                tokens=tokens,
+                input=state["input"][stage.layer],
+                attention_output=state["attention"][stage.layer],
+                output=hidden,
             )
             keep, values = self.press.select_vision(vctx)
             images, width = hidden.shape[0], hidden.shape[-1]
             if keep.dim() != 2 or keep.shape[0] != images or keep.dtype != torch.long:
                 raise RuntimeError(f"{type(self.press).__name__}.select_vision must return (N, T') long token indices")
-            new = torch.gather(hidden, 1, keep[:, :, None].expand(-1, -1, width)) if values is None else values.to(hidden.dtype)
+            new = (
+                torch.gather(hidden, 1, keep[:, :, None].expand(-1, -1, width))
+                if values is None
+                else values.to(hidden.dtype)
+            )
             state["tokens"] = torch.gather(tokens, 1, keep)
             state["outputs"][stage.layer] = new  # the model's own output capture may have seen the unmerged one
             return (new, *output[1:]) if isinstance(output, tuple) else new

@@ -34,6 +34,23 @@ from .tokencarve import borda, carve_merge, information
 from .visionzip import visionzip_select
 
 __all__ = [
-    "OpCounter", "auto_trend", "borda", "carve_merge", "count_ops", "illava_merge", "information", "dart_claims", "dart_select", "python_set_order", "top_pivots",
-    "density_peak_clusters", "mask_to_indices", "max_min_select", "pack_rows", "rank_order", "recycle", "recycle_sizes",
-    "visionzip_select"]
+    "OpCounter",
+    "auto_trend",
+    "borda",
+    "carve_merge",
+    "count_ops",
+    "illava_merge",
+    "information",
+    "dart_claims",
+    "dart_select",
+    "python_set_order",
+    "top_pivots",
+    "density_peak_clusters",
+    "mask_to_indices",
+    "max_min_select",
+    "pack_rows",
+    "rank_order",
+    "recycle",
+    "recycle_sizes",
+    "visionzip_select",
+]

@@ -5,8 +5,12 @@ from __future__ import annotations
 import torch
 
 
-def rank_order(scores: torch.Tensor, valid: torch.Tensor | None, padding: torch.Tensor | None = None,
-               padding_fraction: torch.Tensor | None = None) -> torch.Tensor:
+def rank_order(
+    scores: torch.Tensor,
+    valid: torch.Tensor | None,
+    padding: torch.Tensor | None = None,
+    padding_fraction: torch.Tensor | None = None,
+) -> torch.Tensor:
     """`stages.rank_order` for each row of a padded batch: (B, R) indices from best to worst (stable: ties in
     prompt order), padding tokens after every real one (from the least padded to the most in a row whose valid
     tokens are all padding, when padding_fraction (B, R) is given), the invalid slots last. scores (B, R),
@@ -36,8 +40,9 @@ def mask_to_indices(mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     return indices, indices < width
 
 
-def pack_rows(fields: list[tuple[torch.Tensor, object]], counts: list[int], row: list[int],
-              rows: int) -> tuple[list[torch.Tensor], list[int]]:
+def pack_rows(
+    fields: list[tuple[torch.Tensor, object]], counts: list[int], row: list[int], rows: int
+) -> tuple[list[torch.Tensor], list[int]]:
     """Concatenate, per output row, the entries of the problems that belong to it. fields: (values (P, k, ...),
     fill) pairs of one layout; problem p uses its first counts[p] entries and goes to output row row[p] (host
     facts; a row's problems in turn). Returns the packed fields (rows, width, ...), `fill` past a row's entries,
@@ -51,11 +56,12 @@ def pack_rows(fields: list[tuple[torch.Tensor, object]], counts: list[int], row:
     if row == list(range(rows)) and all(count == k for count in counts):
         return [values for values, _ in fields], totals
     device = fields[0][0].device
-    column = torch.tensor([[start + j if j < count else width for j in range(k)] for start, count in zip(starts, counts)],
-                          device=device)  # (P, k): a spare column for the unused entries
+    column = torch.tensor(
+        [[start + j if j < count else width for j in range(k)] for start, count in zip(starts, counts)], device=device
+    )  # (P, k): a spare column for the unused entries
     target = torch.tensor([[p] * k for p in row], device=device)
     packed = []
     for values, fill in fields:
-        out = torch.full((rows, width + 1, *values.shape[2:]), fill, dtype=values.dtype, device=device)
+        out = torch.full((rows, width + 1, *values.shape[2:]), fill, dtype=values.dtype, device=device)  # type: ignore[call-overload]  # fill: a number
         packed.append(out.index_put_((target, column), values)[:, :width])
     return packed, totals

@@ -19,9 +19,15 @@ def top_pivots(norms: torch.Tensor, valid: torch.Tensor | None, count: int) -> t
     return order, torch.gather(valid, 1, order)
 
 
-def dart_claims(visual_units: torch.Tensor, visual_valid: torch.Tensor | None, image_pivots: torch.Tensor,
-                image_pivot_ok: torch.Tensor | None, pivot_units: torch.Tensor, pivot_ok: torch.Tensor | None,
-                claims: torch.Tensor | int) -> torch.Tensor:
+def dart_claims(
+    visual_units: torch.Tensor,
+    visual_valid: torch.Tensor | None,
+    image_pivots: torch.Tensor,
+    image_pivot_ok: torch.Tensor | None,
+    pivot_units: torch.Tensor,
+    pivot_ok: torch.Tensor | None,
+    claims: torch.Tensor | int,
+) -> torch.Tensor:
     """DART's selection: each pivot in turn claims the `claims` available visual tokens least similar to it
     (cosine; ties: the earlier token); the image pivots and every claimed token stay.
 
@@ -36,13 +42,17 @@ def dart_claims(visual_units: torch.Tensor, visual_valid: torch.Tensor | None, i
     """
     # an image pivot stays; an invalid one points at an invalid slot, where nothing is available anyway
     batch, width, _ = visual_units.shape
-    available = torch.ones(batch, width, dtype=torch.long, device=visual_units.device) if visual_valid is None \
+    available = (
+        torch.ones(batch, width, dtype=torch.long, device=visual_units.device)
+        if visual_valid is None
         else visual_valid.long()
+    )
     available = available.scatter(1, image_pivots, 0)  # (B, R) 1 where a token can still be claimed
     similarity = torch.bmm(visual_units, pivot_units.transpose(1, 2)).transpose(1, 2)  # (B, P, R)
     rankings = torch.argsort(similarity, dim=2, stable=True)  # least similar first, ties: the earlier token
     # a free token stays free past the first `allowed` ones: cumulative count // (allowed + 1) >= 1
     claims = claims if isinstance(claims, int) else claims.reshape(-1, 1)
+    divisors: Any
     if pivot_ok is None:
         divisors = [claims + 1] * rankings.shape[1]
     else:
@@ -53,7 +63,9 @@ def dart_claims(visual_units: torch.Tensor, visual_valid: torch.Tensor | None, i
     return available == 0 if visual_valid is None else visual_valid > available  # valid and no longer available
 
 
-_GROUPS = 15  # probe groups that reach a free slot: 7 while the perturbation (keys < 2**31) lasts, then 8 of a full cycle
+_GROUPS = (
+    15  # probe groups that reach a free slot: 7 while the perturbation (keys < 2**31) lasts, then 8 of a full cycle
+)
 _SHIFTS = [5 * g for g in range(_GROUPS)]  # h >> 5 g: the perturbation of group g
 _ADDS = [int(g > 0) for g in range(_GROUPS)]  # each jump adds 1
 _POWERS = [[pow(5, a - b, 32) if b <= a else 0 for b in range(_GROUPS)] for a in range(_GROUPS)]  # 5^(a - b) mod 32
@@ -112,7 +124,9 @@ def python_set_order(keys: torch.Tensor, valid: torch.Tensor | None) -> torch.Te
         starts = starts[..., None]
         linear = starts + torch.arange(10, device=keys.device) * (starts <= 22)  # (B, n, G, 10)
         priority = _priority(linear.flatten(2), 32)  # linear probing where it fits, then a perturbed jump
-        slots32 = _first_free(torch.gather(priority, 1, order[:, :, None].expand(batch, n, 32)), rows, taken)  # insertion order
+        slots32 = _first_free(
+            torch.gather(priority, 1, order[:, :, None].expand(batch, n, 32)), rows, taken
+        )  # insertion order
         if valid is not None:
             moved = position < torch.where(count > 4, count, 0)  # valid keys once the table has grown; else none
             slots32 = torch.where(moved, slots32, 32 + position)
@@ -120,10 +134,19 @@ def python_set_order(keys: torch.Tensor, valid: torch.Tensor | None) -> torch.Te
     return order if valid is None else torch.gather(compact, 1, order)
 
 
-def dart_select(units: torch.Tensor, norms: torch.Tensor, prompt_positions: torch.Tensor, visual_slots: torch.Tensor,
-                visual_valid: torch.Tensor, text_slots: torch.Tensor, text_valid: torch.Tensor,
-                claims: torch.Tensor | int, pivot_image: int = 4, pivot_text: int = 4,
-                pivot_order: str = "official") -> torch.Tensor:
+def dart_select(
+    units: torch.Tensor,
+    norms: torch.Tensor,
+    prompt_positions: torch.Tensor,
+    visual_slots: torch.Tensor,
+    visual_valid: torch.Tensor,
+    text_slots: torch.Tensor,
+    text_valid: torch.Tensor,
+    claims: torch.Tensor | int,
+    pivot_image: int = 4,
+    pivot_text: int = 4,
+    pivot_order: str = "official",
+) -> torch.Tensor:
     """DART's selection for a padded batch (`methods.dart.DART.select`'s loop body, every sample at once).
 
     units (B, N, D) unit-norm states (layer K-1's output through the final norm); norms (B, N) the keys' L1 norms;
@@ -141,8 +164,13 @@ def dart_select(units: torch.Tensor, norms: torch.Tensor, prompt_positions: torc
     pivots = torch.cat([torch.gather(visual_slots, 1, image), torch.gather(text_slots, 1, text)], dim=1)  # slots
     pivot_ok = None
     if image_ok is not None or text_ok is not None:
-        pivot_ok = torch.cat([torch.ones_like(image, dtype=torch.bool) if image_ok is None else image_ok,
-                              torch.ones_like(text, dtype=torch.bool) if text_ok is None else text_ok], dim=1)
+        pivot_ok = torch.cat(
+            [
+                torch.ones_like(image, dtype=torch.bool) if image_ok is None else image_ok,
+                torch.ones_like(text, dtype=torch.bool) if text_ok is None else text_ok,
+            ],
+            dim=1,
+        )
     if pivot_order == "official":
         order = python_set_order(torch.gather(prompt_positions, 1, pivots), pivot_ok)
         pivots = torch.gather(pivots, 1, order)

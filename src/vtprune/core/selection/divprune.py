@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def max_min_select(features: torch.Tensor, valid: torch.Tensor | None, k: int, count: torch.Tensor | None = None,
-                   ordered: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def max_min_select(
+    features: torch.Tensor, valid: torch.Tensor | None, k: int, count: torch.Tensor | None = None, ordered: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`methods.divprune.max_min_diverse` for P problems at once (same picks, same ties: the earlier token).
 
     features (P, n, D), one problem per row (an image; padded); valid (P, n) bool (None: every token); k: picks

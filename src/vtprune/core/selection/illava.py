@@ -7,9 +7,15 @@ import torch
 from .common import rank_order
 
 
-def illava_merge(scores: torch.Tensor, valid: torch.Tensor | None, values: torch.Tensor, keep: torch.Tensor | int,
-                 max_keep: int, padding: torch.Tensor | None = None,
-                 padding_fraction: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def illava_merge(
+    scores: torch.Tensor,
+    valid: torch.Tensor | None,
+    values: torch.Tensor,
+    keep: torch.Tensor | int,
+    max_keep: int,
+    padding: torch.Tensor | None = None,
+    padding_fraction: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`ILLaVA.select` for a padded batch: the best `keep` tokens stay (ranking: `rank_order`, padding last); the
     last of them (the destination) becomes the weighted mean of itself (weight 1) and the r lower tokens (weights
     2, ..., r + 1, the lowest weighing most; padding tokens weigh 0: dropped, not merged).
@@ -29,7 +35,7 @@ def illava_merge(scores: torch.Tensor, valid: torch.Tensor | None, values: torch
         destination = torch.bmm(weight[:, None, :], values.float())[:, 0] / weight.sum(dim=1, keepdim=True)  # (B, D)
         indices = torch.sort(order[:, :keep], dim=1).values
         new_values = torch.gather(values, 1, indices[:, :, None].expand(-1, -1, dim))
-        is_target = (indices == order[:, keep - 1: keep])[:, :, None]
+        is_target = (indices == order[:, keep - 1 : keep])[:, :, None]
         new_values = torch.where(is_target, destination[:, None, :].to(values.dtype), new_values)
         return indices, indices < width, new_values
     keep = torch.as_tensor(keep, device=device).reshape(-1, 1)

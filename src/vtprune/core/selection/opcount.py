@@ -1,8 +1,8 @@
 """Counting the aten ops a piece of code dispatches: a machine-independent measure of its overhead.
 
-    with OpCounter() as ops:
-        run()
-    ops.total, ops.syncs  # all ops, and those that force a host synchronisation
+with OpCounter() as ops:
+    run()
+ops.total, ops.syncs  # all ops, and those that force a host synchronisation
 """
 
 from __future__ import annotations
@@ -13,11 +13,22 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 #: ops that read a device value back to the host (item/tolist/int(), data-dependent shapes)
-SYNC_OPS = frozenset({
-    "aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero", "aten::masked_select", "aten::unique",
-    "aten::_unique", "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive", "aten::item",
-    "aten::nonzero_static", "aten::equal",
-})
+SYNC_OPS = frozenset(
+    {
+        "aten::_local_scalar_dense",
+        "aten::nonzero",
+        "aten::is_nonzero",
+        "aten::masked_select",
+        "aten::unique",
+        "aten::_unique",
+        "aten::_unique2",
+        "aten::unique_dim",
+        "aten::unique_consecutive",
+        "aten::item",
+        "aten::nonzero_static",
+        "aten::equal",
+    }
+)
 
 
 def _is_sync(func, args) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -17,8 +18,9 @@ def recycle_sizes(num_pruned: int) -> tuple[int, int]:
     return candidates, (candidates // 10 + 1 if candidates else 0)
 
 
-def density_peak_clusters(features: torch.Tensor, valid: torch.Tensor | None, m: int,
-                          clusters: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+def density_peak_clusters(
+    features: torch.Tensor, valid: torch.Tensor | None, m: int, clusters: torch.Tensor | int
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """`methods.sparsevlm.density_peak_clusters` for P problems at once (the same centres and clusters).
 
     features (P, n, C) float, valid (P, n) bool (None: every token), m: static number of cluster slots (<= n),
@@ -34,7 +36,7 @@ def density_peak_clusters(features: torch.Tensor, valid: torch.Tensor | None, m:
     distance = torch.cdist(features, features) / math.sqrt(width)  # (P, n, n)
     all_clusters = isinstance(clusters, int) and clusters == m  # every slot real: no mask
     slot = torch.arange(m, device=features.device)
-    per_problem = clusters if isinstance(clusters, int) else clusters[:, None]
+    per_problem: Any = clusters if isinstance(clusters, int) else clusters[:, None]
     if valid is not None:
         distance_valid = torch.where(valid[:, None, :], distance, float("inf"))
     nearest = torch.topk(distance if valid is None else distance_valid, m, dim=2, largest=False).values
@@ -64,8 +66,14 @@ def _host_or_device(values: list[int], device) -> torch.Tensor | int:
     return values[0] if values == [values[0]] * len(values) else torch.tensor(values, device=device)
 
 
-def recycle(raw: torch.Tensor, pruned: torch.Tensor, features: torch.Tensor, n: int, m: int,
-            pruned_counts: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def recycle(
+    raw: torch.Tensor,
+    pruned: torch.Tensor,
+    features: torch.Tensor,
+    n: int,
+    m: int,
+    pruned_counts: list[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """SparseVLM's recycling for a padded batch: the best int(0.3 p) + 1 of each sample's p pruned tokens by raw
     score (ties: the earlier token) are clustered by density peaks into candidates // 10 + 1 clusters, and each
     cluster becomes its members' mean.
@@ -79,6 +87,8 @@ def recycle(raw: torch.Tensor, pruned: torch.Tensor, features: torch.Tensor, n: 
     ops, whatever B (80 without pruned_counts).
     """
     batch, width, dim = features.shape
+    candidates: Any  # (B,) or, from host counts, an int where every row has the same
+    clusters: Any
     if pruned_counts is None:
         num_pruned = pruned.sum(dim=1)
         candidates = torch.minimum(num_pruned, (num_pruned.double() * RECYCLE_SHARE).floor().long() + 1)
@@ -89,8 +99,11 @@ def recycle(raw: torch.Tensor, pruned: torch.Tensor, features: torch.Tensor, n: 
         clusters = _host_or_device([size[1] for size in sizes], raw.device)
     order = torch.argsort(torch.where(pruned, raw.double(), float("-inf")), dim=1, descending=True, stable=True)
     order = order[:, :n]  # (B, n) candidates, best first
-    candidate_ok = None if isinstance(candidates, int) and candidates == n else \
-        torch.arange(n, device=raw.device) < (candidates if isinstance(candidates, int) else candidates[:, None])
+    candidate_ok = (
+        None
+        if isinstance(candidates, int) and candidates == n
+        else torch.arange(n, device=raw.device) < (candidates if isinstance(candidates, int) else candidates[:, None])
+    )
     if candidate_ok is not None:
         candidate_ok = candidate_ok.expand(batch, n)
     values = torch.gather(features, 1, order[:, :, None].expand(batch, n, dim)).float()  # (B, n, D)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 
@@ -39,8 +41,9 @@ def borda(attention: torch.Tensor, information: torch.Tensor, valid: torch.Tenso
     return fused
 
 
-def carve_merge(fused: torch.Tensor, states: torch.Tensor, valid: torch.Tensor, keep: torch.Tensor | int,
-                max_keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def carve_merge(
+    fused: torch.Tensor, states: torch.Tensor, valid: torch.Tensor, keep: torch.Tensor | int, max_keep: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`TokenCarve.select`'s candidates and `_merge`, per row: the best c = min(V, max(keep, int(1.5 keep))) by
     fused score (ties: the earlier token); A = the first c // 2, B = the rest; the c - keep B tokens most similar
     (cosine) to an A token (ties: the earlier) are averaged into their most similar A token (the first on ties,
@@ -54,6 +57,9 @@ def carve_merge(fused: torch.Tensor, states: torch.Tensor, valid: torch.Tensor, 
     device = states.device
     size = min(width, max(max_keep, max_keep * 3 // 2))  # static candidate slots
     slot = torch.arange(size, device=device)
+    count: Any  # an int (host facts) or (B, 1) per row
+    half: Any
+    merges: Any
     if valid is None and isinstance(keep, int):  # host facts, every row alike: (C,) masks
         count = min(width, max(keep, keep * 3 // 2))  # int(keep / 2 * 3) for ints >= 0
         half, merges = count // 2, min(count - keep, count // 2)

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .common import rank_order
 
 
-def visionzip_select(scores: torch.Tensor, valid: torch.Tensor | None, keys: torch.Tensor, features: torch.Tensor,
-                     patches: torch.Tensor | int, contextual: torch.Tensor | int, max_patches: int,
-                     max_contextual: int, padding: torch.Tensor | None = None,
-                     padding_fraction: torch.Tensor | None = None):
+def visionzip_select(
+    scores: torch.Tensor,
+    valid: torch.Tensor | None,
+    keys: torch.Tensor,
+    features: torch.Tensor,
+    patches: torch.Tensor | int,
+    contextual: torch.Tensor | int,
+    max_patches: int,
+    max_contextual: int,
+    padding: torch.Tensor | None = None,
+    padding_fraction: torch.Tensor | None = None,
+):
     """VisionZip per image (`methods.visionzip.VisionZip.select`'s loop body), P images at once.
 
     scores (P, L) the [CLS] scores of each image's patches (debiased as the method does), valid (P, L) bool (None:
@@ -45,7 +55,7 @@ def visionzip_select(scores: torch.Tensor, valid: torch.Tensor | None, keys: tor
     rest = ~is_dominant if valid is None else valid & ~is_dominant
     candidates = torch.sort(torch.where(rest, position, length), dim=1).values  # (P, L) the rest, in order
     divisor = max(contextual, 1) if isinstance(contextual, int) else contextual.clamp(min=1)
-    count = length - patches if valid is None and every_patch else rest.sum(dim=1, keepdim=True)  # the rest
+    count: Any = length - patches if valid is None and every_patch else rest.sum(dim=1, keepdim=True)  # the rest
     if isinstance(count, int) and isinstance(divisor, int):
         step = max(count // divisor, 1)
     else:

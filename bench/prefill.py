@@ -215,7 +215,24 @@ def main_shape(args) -> None:
             cls = METHODS[name]
             configs.append((f"{cls.__name__} {budget}/576", cls(budget=budget / 576)))
 
-    def run_once(press=None) -> float:
+    title = (f"Prefill, {title_name}, {depth} decoder layers, {str(dtype).split('.')[-1]}, batch {args.batch} x "
+             "{total} tokens ({visual} visual), features precomputed")
+    note = ("Budgets b/576: the fraction of the sample's visual tokens the published LLaVA-1.5 budget b keeps. "
+            "FLOP ratios from the tokens each layer really processed (scoring not counted). Visual per layer: "
+            "visual tokens averaged over the decoder layers.")
+    title = time_and_report(model, runner, inputs, configs, args, on_gpu, depth, visual, dims, title, note)
+    if args.decode:
+        decode_table(model, runner, inputs, [(label, press, {}) for label, press in configs], args.decode, on_gpu,
+                     f"Decode after the prefill, {title}")
+
+
+def time_and_report(model, runner, inputs, configs, args, on_gpu: bool, depth: int, visual: int, dims: dict,
+                    title: str, note: str) -> str:
+    """Time `configs` ((label, press or None), plain presses) with `time_configs`, print the table (time ratio
+    against FLOP ratio), write it as Markdown to --markdown, and return the full title. `title` may name
+    {total} and {visual}."""
+
+    def run_once(press=None, **_) -> float:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "positions='compact' does not apply" on Qwen-VL, every call
             if press is None:
@@ -227,8 +244,7 @@ def main_shape(args) -> None:
                     runner(**inputs, logits_to_keep=1)
             return _now(on_gpu) - start
 
-    times = time_configs(model, inputs, [(label, press, {}) for label, press in configs], args, on_gpu,
-                         lambda press, **_: run_once(press))
+    times = time_configs(model, inputs, [(label, press, {}) for label, press in configs], args, on_gpu, run_once)
     median = {label: statistics.median(values) for label, values in times.items()}
     total = inputs["input_ids"].shape[1]
     columns = ("config", "visual kept (last stage)", "visual per layer", "prefill ms", "time ratio", "FLOP ratio")
@@ -244,22 +260,16 @@ def main_shape(args) -> None:
         cells.append((label, str(kept), f"{per_layer:.0f}", f"{median[label] * 1e3:.1f}",
                       f"{median[label] / median['unpruned']:.3f}", f"{predicted:.3f}"))
     device_name = torch.cuda.get_device_name() if on_gpu else f"CPU, {torch.get_num_threads()} threads"
-    title = (f"Prefill, {title_name}, {depth} decoder layers, {str(dtype).split('.')[-1]}, batch {args.batch} x "
-             f"{total} tokens ({visual} visual), features precomputed, {device_name}, median of {args.repeats} "
-             f"{'rounds, compiled per config' if args.compile else 'interleaved rounds'}")
+    rounds = "rounds, compiled per config" if args.compile else "interleaved rounds"
+    title = f"{title.format(total=total, visual=visual)}, {device_name}, median of {args.repeats} {rounds}"
     print_table(title, columns, cells)
-    if args.decode:
-        decode_table(model, runner, inputs, [(label, press, {}) for label, press in configs], args.decode, on_gpu,
-                     f"Decode after the prefill, {title}")
-    note = ("Budgets b/576: the fraction of the sample's visual tokens the published LLaVA-1.5 budget b keeps. "
-            "FLOP ratios from the tokens each layer really processed (scoring not counted). Visual per layer: "
-            "visual tokens averaged over the decoder layers.")
     print(note)
     if args.markdown:
         lines = [f"{title}.", "", "| " + " | ".join(columns) + " |", "|---" + "|---:" * (len(columns) - 1) + "|"]
         lines += ["| " + " | ".join(row) + " |" for row in cells] + ["", note]
         with open(args.markdown, "w") as handle:
             handle.write("\n".join(lines) + "\n")
+    return title
 
 
 def main_testbed_lm(args) -> None:
@@ -290,48 +300,13 @@ def main_testbed_lm(args) -> None:
             cls = METHODS[name]
             configs.append((f"{cls.__name__} {budget}/576", cls(budget=budget / 576)))
 
-    def run_once(press=None) -> float:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if press is None:
-                start = _now(on_gpu)
-                runner(**inputs, logits_to_keep=1)
-            else:
-                with press(model):
-                    start = _now(on_gpu)
-                    runner(**inputs, logits_to_keep=1)
-            return _now(on_gpu) - start
-
-    times = time_configs(model, inputs, [(label, press, {}) for label, press in configs], args, on_gpu, run_once)
-    median = {label: statistics.median(values) for label, values in times.items()}
-    total = inputs["input_ids"].shape[1]
-    columns = ("config", "visual kept (last stage)", "visual per layer", "prefill ms", "time ratio", "FLOP ratio")
-    cells = []
-    for label, press in configs:
-        if press is None:
-            kept, per_layer, predicted = visual, float(visual), 1.0
-        else:
-            last = press.last_selection[-1]
-            kept = len(last.kept[0]) + last.extra[0]
-            per_layer = sum(tokens_per_layer(press, total, depth, visual)) / depth - (total - visual)
-            predicted = predicted_ratio(press, total, depth, visual, dims)
-        cells.append((label, str(kept), f"{per_layer:.0f}", f"{median[label] * 1e3:.1f}",
-                      f"{median[label] / median['unpruned']:.3f}", f"{predicted:.3f}"))
-    device_name = torch.cuda.get_device_name() if on_gpu else f"CPU, {torch.get_num_threads()} threads"
     mode = f"torch.compile (mode {args.compile}), one config after another" if args.compile else "eager"
     title = (f"Prefill, testbed-lm (shipped weights), {depth} decoder layers, float32, {mode}, batch {args.batch} x "
-             f"{total} tokens ({visual} visual), vision tower included, {device_name}, median of {args.repeats} "
-             f"{'rounds, compiled per config' if args.compile else 'interleaved rounds'}")
-    print_table(title, columns, cells)
+             "{total} tokens ({visual} visual), vision tower included")
     note = ("Budgets b/576: the fraction of the sample's visual tokens the published LLaVA-1.5 budget b keeps (of 144 "
             "here). FLOP ratios from the tokens each decoder layer really processed (scoring and vision tower not "
             "counted). Visual per layer: visual tokens averaged over the decoder layers.")
-    print(note)
-    if args.markdown:
-        lines = [f"{title}.", "", "| " + " | ".join(columns) + " |", "|---" + "|---:" * (len(columns) - 1) + "|"]
-        lines += ["| " + " | ".join(row) + " |" for row in cells] + ["", note]
-        with open(args.markdown, "w") as handle:
-            handle.write("\n".join(lines) + "\n")
+    time_and_report(model, runner, inputs, configs, args, on_gpu, depth, visual, dims, title, note)
 
 
 class FastVRecomputedKeys(FastV):

@@ -345,14 +345,17 @@ class StageContext:
             query_index,
             projected=record.projected_queries,
         )
+        batch, length = self.slot_valid.shape
+        blocked: torch.Tensor | None  # (B, 1, Q or 1, N): the keys a query may not see
         if static_last:
-            allowed = None  # every slot is a real token at or before it
+            blocked = None  # every slot is a real token at or before it
         elif isinstance(queries, str) and queries == "last":  # every real token is at or before it
-            allowed = self.slot_valid[:, None, :]
+            blocked = (~self.slot_valid).view(batch, 1, 1, length)
         else:
-            length = self.slot_valid.shape[1]
-            allowed = self.slot_valid[:, None, :] & (torch.arange(length, device=device) <= query_index[:, :, None])
-        probs = attention_probs(record.layer, queries_rot, self.keys(record.index), allowed)  # (B, H, Q, N)
+            blocked = torch.arange(length, device=device) > query_index.view(batch, 1, -1, 1)  # causal
+            if not self.unpadded:
+                blocked = blocked | (~self.slot_valid).view(batch, 1, 1, length)
+        probs = attention_probs(record.layer, queries_rot, self.keys(record.index), blocked)  # (B, H, Q, N)
         if heads == "mean":
             probs = probs.mean(dim=1)  # (B, Q, N)
         if keys == "visual":
@@ -566,7 +569,7 @@ class StageContext:
             ranks = ranks.masked_fill(ranks == torch.iinfo(torch.long).max, -1)
         else:
             ranks = torch.sort(ranks, dim=1).values
-        self._made[id(ranks)] = (ranks, counts, (slots, real))
+        self._made[id(ranks)] = (ranks, counts, (slots, real), (chosen, real))
         return ranks
 
     def counts_of(self, ranks: torch.Tensor) -> list[int] | None:
@@ -580,6 +583,13 @@ class StageContext:
         others may be any slot, text included); else None."""
         made = self._made.get(id(ranks))
         return made[2] if made is not None and made[0] is ranks and len(made) > 2 else None
+
+    def columns_of(self, ranks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """For a (B, K) rank tensor this context's `top_k` made: the (B, K) columns of `ranks` (the index into R) of
+        its entries (in no particular order) and (B, K) bool marking the kept tokens among them (None: all);
+        else None."""
+        made = self._made.get(id(ranks))
+        return made[3] if made is not None and made[0] is ranks and len(made) > 3 else None
 
     def top_k(self, scores: torch.Tensor | Sequence[torch.Tensor], keep: int | float | None = None):
         """The shared selection rule: per sample, the `keep_counts` best visual ranks by `scores` (B, R);

@@ -41,7 +41,8 @@ def rotated_queries(
         queries = adapter.project_queries(layer, take(layer.input_layernorm(hidden_states)))
     if query_index is None:  # (b, 1, d) broadcast over the batch
         return adapter.rotate(queries, *(t[:, -1:] for t in position_embeddings))
-    cos, sin = (t.expand(hidden_states.shape[0], -1, -1) for t in position_embeddings)
+    batch = hidden_states.shape[0]
+    cos, sin = (t if t.shape[0] == batch else t.expand(batch, -1, -1) for t in position_embeddings)
     index = query_index[:, :, None].expand(-1, -1, cos.shape[-1])
     return adapter.rotate(queries, torch.gather(cos, 1, index), torch.gather(sin, 1, index))
 
@@ -66,10 +67,11 @@ def rotated_keys(
 
 @torch.no_grad()
 def attention_probs(
-    layer: nn.Module, queries: torch.Tensor, keys: torch.Tensor, key_allowed: torch.Tensor
+    layer: nn.Module, queries: torch.Tensor, keys: torch.Tensor, blocked: torch.Tensor | None
 ) -> torch.Tensor:
-    """(B, H, Q, N) float32 softmax of queries (B, H, Q, d) against keys (B, Hkv, N, d) over the allowed keys
-    `key_allowed` (B, Q, N) bool (None: every key); grouped-query heads share their key head, as in the layer."""
+    """(B, H, Q, N) float32 softmax of queries (B, H, Q, d) against keys (B, Hkv, N, d) over the keys each query
+    may see: `blocked` (B, 1, Q or 1, N) bool marks the others (None: none); grouped-query heads share their key
+    head, as in the layer."""
     batch, heads, num_queries, head_dim = queries.shape
     kv_heads, length = keys.shape[1], keys.shape[2]
     # one bmm over (sample, kv head): each kv head's query heads and rows grouped as (heads / kv heads) * Q rows
@@ -77,8 +79,8 @@ def attention_probs(
     flat_keys = keys.reshape(batch * kv_heads, length, head_dim).float()
     logits = torch.bmm(grouped, flat_keys.transpose(1, 2)) * layer.self_attn.scaling
     logits = logits.view(batch, heads, num_queries, length)
-    if key_allowed is not None:
-        logits = logits.masked_fill(~key_allowed[:, None], float("-inf"))
+    if blocked is not None:
+        logits = logits.masked_fill(blocked, float("-inf"))
     return torch.softmax(logits, dim=-1)
 
 
@@ -97,13 +99,14 @@ def attention_rows(
     hidden_states: (B, N, D) input of the decoder layer (before its input layernorm).
     position_embeddings: (cos, sin), each (B or 1, N, head_dim), as the layer receives them.
     query_index: (B, Q) long, positions of the query rows in the sequence.
-    key_allowed: (B, Q, N) bool, which keys each query row may attend to (causality and padding).
+    key_allowed: (B, Q, N) bool, which keys each query row may attend to (causality and padding), or None.
     projected_keys: the layer's key-projection output (B, N, Hkv*d), if captured; else recomputed.
     Returns (B, H, Q, N) float32 probabilities; each row sums to 1 over its allowed keys.
     """
     queries = rotated_queries(adapter, layer, hidden_states, position_embeddings, query_index)
     keys = rotated_keys(adapter, layer, position_embeddings, hidden_states=hidden_states, projected=projected_keys)
-    return attention_probs(layer, queries, keys, key_allowed)
+    blocked = None if key_allowed is None else ~key_allowed[:, None]
+    return attention_probs(layer, queries, keys, blocked)
 
 
 __all__ = ["rotated_queries", "rotated_keys", "attention_probs", "attention_rows"]

@@ -30,7 +30,7 @@ import torch
 
 from ..core.context import StageContext
 from ..core.press import REFERENCE_LAYERS, REFERENCE_TOKENS, Press
-from ..core.selection import recycle, recycle_sizes
+from ..core.selection import merge_candidates, recycle_counts, recycle_sizes
 from ..core.stages import Kept, Positions, Stage, resolve_keep
 from ..debias import Debias
 
@@ -81,31 +81,54 @@ class SparseVLM(Press):
         return (0,)  # the raters are chosen from the language model's input
 
     # --- scoring -------------------------------------------------------------------------------------------
-    def raters(self, ctx: StageContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T) slots of the rater tokens and (B, T) bool marking the real ones (T: the instruction tokens of
-        the longest; chosen at the first stage, kept in `ctx.state` as prompt positions (-1: not a rater): text
-        is never cut, so they stay findable)."""
-        if "raters" not in ctx.state:
-            embeds = ctx.hidden_states(0).float()
-            visual, visual_ok = ctx.query_slots("visual")
-            text, text_ok = ctx.query_slots("instruction")
-            visual_ok = torch.ones_like(visual, dtype=torch.bool) if visual_ok is None else visual_ok
-            text_ok = torch.ones_like(text, dtype=torch.bool) if text_ok is None else text_ok
-            width = embeds.shape[-1]
-            visual_embeds = torch.gather(embeds, 1, visual[:, :, None].expand(-1, -1, width))
-            text_embeds = torch.gather(embeds, 1, text[:, :, None].expand(-1, -1, width))
-            logits = torch.where(
-                text_ok[:, None, :], torch.bmm(visual_embeds, text_embeds.transpose(1, 2)), float("-inf")
-            )
-            relevance = (torch.softmax(logits, dim=2) * visual_ok[:, :, None]).sum(dim=1) / visual_ok.sum(
+    def _choose_raters(self, ctx: StageContext) -> None:
+        """Choose the raters at the first stage and keep in `ctx.state`: their prompt positions (B, T) (-1: not a
+        rater), their slots now (B, T) (raters first, in sequence order; the other entries repeat the first
+        rater), weights (B, T, 1) float (1 for a rater) and counts (B, 1) float (T: the instruction tokens of the
+        longest)."""
+        embeds = ctx.hidden_states(0).float()
+        visual = ctx.slots
+        text, text_ok = ctx.query_slots("instruction")  # text_ok None: every entry real
+        width = embeds.shape[-1]
+        visual_embeds = torch.gather(embeds, 1, visual[:, :, None].expand(-1, -1, width))
+        text_embeds = torch.gather(embeds, 1, text[:, :, None].expand(-1, -1, width))
+        logits = torch.bmm(visual_embeds, text_embeds.transpose(1, 2))  # (B, V, T)
+        if text_ok is not None:
+            logits = logits.masked_fill(~text_ok[:, None, :], float("-inf"))
+        if ctx.all_present:
+            relevance = torch.softmax(logits, dim=2).sum(dim=1) / visual.shape[1]  # (B, T) mean over the visual
+        else:
+            relevance = (torch.softmax(logits, dim=2) * ctx.present[:, :, None]).sum(dim=1) / ctx.present.sum(
                 dim=1, keepdim=True
             )
+        if text_ok is None:
+            above = relevance > relevance.sum(dim=1, keepdim=True) / text.shape[1]
+            above = above | ~above.any(dim=1, keepdim=True)  # all equal (e.g. one text token): every one rates
+        else:
             mean = (relevance * text_ok).sum(dim=1, keepdim=True) / text_ok.sum(dim=1, keepdim=True)
             above = (relevance > mean) & text_ok
-            above = above | (
-                text_ok & ~above.any(dim=1, keepdim=True)
-            )  # all equal (e.g. one text token): every one rates
-            ctx.state["raters"] = torch.where(above, torch.gather(ctx.slot_prompt_position, 1, text), -1)
+            above = above | (text_ok & ~above.any(dim=1, keepdim=True))
+        first = torch.argsort(above, dim=1, descending=True, stable=True)  # the raters first, in sequence order
+        rates = torch.gather(above, 1, first)
+        slots = torch.gather(text, 1, first)
+        ctx.state["raters"] = torch.where(rates, torch.gather(ctx.slot_prompt_position, 1, slots), -1)
+        ctx.state["rater_slots"] = (torch.where(rates, slots, slots[:, :1]), ctx.slot_valid.shape[1])
+        ctx.state["rater_weights"] = rates[:, :, None].float()
+        ctx.state["rater_counts"] = ctx.state["rater_weights"].sum(dim=1)
+
+    def raters(self, ctx: StageContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) slots of the rater tokens now and (B, T, 1) float weights (1 for a real rater, 0 for an entry
+        that repeats the first rater's slot), chosen at the first stage (`_choose_raters`). Text is never cut:
+        when every row is all real tokens, the instruction is each row's tail and its slots move with the length;
+        else they are found again by prompt position."""
+        if "raters" not in ctx.state:  # the first stage
+            self._choose_raters(ctx)
+            ctx.state["rater_tail"] = ctx.unpadded  # every row all real tokens: the instruction is its tail
+            return ctx.state["rater_slots"][0], ctx.state["rater_weights"]
+        slots, length = ctx.state["rater_slots"]
+        weights = ctx.state["rater_weights"]
+        if ctx.state["rater_tail"] and ctx.unpadded:
+            return slots + (ctx.slot_valid.shape[1] - length), weights
         raters = ctx.state["raters"]
         mask = (
             (ctx.slot_prompt_position[:, :, None] == raters[:, None, :]).any(dim=2)
@@ -113,13 +136,11 @@ class SparseVLM(Press):
             & (ctx.slot_visual_rank < 0)
         )  # (B, N)
         slots = torch.argsort(mask, dim=1, descending=True, stable=True)[:, : raters.shape[1]]  # the raters first
-        return slots, torch.gather(mask, 1, slots)
+        return torch.where(weights[:, :, 0] > 0, slots, slots[:, :1]), weights
 
     def score(self, ctx: StageContext) -> torch.Tensor:
-        slots, mask = self.raters(ctx)
-        return ctx.attention(slots, query_mask=mask).sum(dim=1) / mask.sum(
-            dim=1, keepdim=True
-        )  # (B, R): mean over raters
+        slots, weights = self.raters(ctx)
+        return (ctx.attention(slots) * weights).sum(dim=1) / ctx.state["rater_counts"]  # (B, R): mean over raters
 
     def select(self, ctx: StageContext) -> Kept:
         raw = self.score(ctx)
@@ -130,20 +151,28 @@ class SparseVLM(Press):
         if not self.recycle or m == 0:
             return Kept(ranks=kept, counts=None if min(counts) == max(counts) else counts)
         # the best pruned tokens by raw score, clustered; the scoring layer's output hidden states
-        pruned = ctx.present & ~(ctx.ranks[:, :, None] == kept[:, None, :]).any(dim=2)
-        features = ctx.visual_hidden_states(ctx.stage.layer)
-        centres, merged, clustered = recycle(raw, pruned, features, n, m, pruned_counts)
-        clusters = None if clustered is None else [recycle_sizes(count)[1] for count in pruned_counts]
-        positions = torch.gather(
-            ctx.ranks, 1, centres if clustered is None else centres.clamp(max=ctx.ranks.shape[1] - 1)
-        )
+        columns, real = ctx.columns_of(kept)
+        if real is None:  # every kept entry a token: the pruned ones are the others present
+            pruned_scores = raw.scatter(1, columns, float("-inf"))
+            if not ctx.all_present:
+                pruned_scores = pruned_scores.masked_fill(~ctx.present, float("-inf"))
+        else:
+            pruned = ctx.present & ~(ctx.ranks[:, :, None] == kept[:, None, :]).any(dim=2)
+            pruned_scores = raw.masked_fill(~pruned, float("-inf"))
+        order = torch.argsort(pruned_scores, dim=1, descending=True, stable=True)[:, :n]  # (B, n) best first
+        rows = ctx.state.get("rows")
+        if rows is None:
+            rows = ctx.state["rows"] = torch.arange(ctx.num_samples, device=raw.device)[:, None]
+        values = ctx.hidden_states(ctx.stage.layer)[rows, torch.gather(ctx.slots, 1, order)]  # (B, n, D)
+        candidates, clusters = recycle_counts(pruned_counts, raw.device)
+        centres, merged, clustered = merge_candidates(values.float(), candidates, clusters, n, m, rows)
         return Kept(
             ranks=kept,
             counts=None if min(counts) == max(counts) else counts,
-            extra=merged,
-            extra_positions=positions,
+            extra=merged.to(values.dtype),
+            extra_positions=torch.gather(ctx.ranks, 1, torch.gather(order, 1, centres)),
             extra_valid=clustered,
-            extra_counts=clusters,
+            extra_counts=None if clustered is None else [recycle_sizes(count)[1] for count in pruned_counts],
         )
 
     def equivalent_tokens(self, num_visual: int = REFERENCE_TOKENS, num_layers: int = REFERENCE_LAYERS) -> float:

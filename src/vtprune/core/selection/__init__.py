@@ -18,7 +18,8 @@ take valid=None where every slot is real and an int where every row has the same
 | `rank_order` (shared rule) | (scores (B,R), valid (B,R) or None, padding=None, padding_fraction=None) -> order (B,R) best first, padding then invalid last |
 | `pack_rows` | (fields [(values (P,k,...), fill)], counts [P] host, row [P] host, rows) -> packed [(rows, width, ...)], totals [rows]: each problem's first counts[p] entries placed in its row after the earlier problems' |
 | `mask_to_indices` | (mask (B,R), k: int) -> indices (B,k) ascending (R when fewer), kept (B,k) |
-| `density_peak_clusters` (SparseVLM) | (features (P,n,C), valid (P,n) or None, m: int, clusters (P,) or int) -> centres (P,m), centre_ok (P,m) or None (every slot real), assignment (P,n) |
+| `density_peak_clusters` (SparseVLM) | (features (P,n,C), valid (P,n) or None, m: int, clusters (P,) or int, rows (P,1)=None) -> centres (P,m), centre_ok (P,m) or None (every slot real), assignment (P,n) |
+| `recycle_counts`, `merge_candidates` (SparseVLM) | recycle's parts: (pruned_counts host list) -> candidates, clusters (int or (B,)); (values (B,n,D) best first, candidates, clusters, n, m, rows=None) -> centres (B,m) into n, merged (B,m,D), kept (B,m) or None |
 
 `opcount.OpCounter` / `opcount.count_ops` count the aten ops a call dispatches (and the sync-type ones).
 """
@@ -29,7 +30,7 @@ from .dart import dart_claims, dart_select, python_set_order, top_pivots
 from .divprune import max_min_select
 from .illava import illava_merge
 from .opcount import OpCounter, count_ops
-from .sparsevlm import density_peak_clusters, recycle, recycle_sizes
+from .sparsevlm import density_peak_clusters, merge_candidates, recycle, recycle_counts, recycle_sizes
 from .tokencarve import borda, carve_merge, information
 from .visionzip import visionzip_select
 
@@ -48,9 +49,11 @@ __all__ = [
     "density_peak_clusters",
     "mask_to_indices",
     "max_min_select",
+    "merge_candidates",
     "pack_rows",
     "rank_order",
     "recycle",
+    "recycle_counts",
     "recycle_sizes",
     "visionzip_select",
 ]

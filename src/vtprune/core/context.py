@@ -143,33 +143,43 @@ class StageContext:
     def num_samples(self) -> int:
         return self.ranks.shape[0]
 
+    def batch_rows(self) -> torch.Tensor:
+        """(B, 1) long arange(B), for indexing one entry per row (`values[rows, index]`); made once per request."""
+        rows = self.request_cache.get("rows")
+        if rows is None:
+            rows = self.request_cache["rows"] = torch.arange(self.num_samples, device=self.ranks.device)[:, None]
+        return rows
+
     def query_slots(self, kind: TokenKind) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, Q) slots of the real tokens of one kind, in sequence order, and (B, Q) bool marking the real entries
         (None: every entry is real). Kinds as in `tokens`."""
         if kind in self._tokens:
             return self._tokens[kind]
-        valid, visual = self.slot_valid, self.slot_visual_rank >= 0
-        position = self.slot_prompt_position
+        valid, position = self.slot_valid, self.slot_prompt_position
         out: tuple[torch.Tensor, torch.Tensor | None]
         if kind == "last":  # the first position where the count of real tokens reaches its maximum
             out = (valid.cumsum(dim=1).argmax(dim=1, keepdim=True), None)
         elif kind == "visual":
             out = (self.slots, self.present)
         else:
+            # the prompt positions before the first visual token or after the last hold no visual token (an
+            # inserted one takes a visual token's); engine padding (-1) is only excluded by `valid`
             if kind == "text":
-                mask = valid & ~visual
+                mask = valid & (self.slot_visual_rank < 0)
             elif kind == "system":
-                mask = valid & ~visual & (position < self.image_span()[:, :1])
+                mask = position < self.image_span()[:, :1]
             elif kind == "instruction":
-                mask = valid & ~visual & (position > self.image_span()[:, 1:])
+                mask = position > self.image_span()[:, 1:]
             else:
                 raise ValueError(f"unknown token kind {kind!r}: use visual, text, system, instruction or last")
+            if kind != "text" and not self.unpadded:
+                mask = mask & valid
             # text is never cut: its counts are those of the request (one synchronisation per request and kind)
             counts = self.request_cache.get(("count", kind))
             if counts is None:
                 counts = self.request_cache[("count", kind)] = mask.sum(dim=1).tolist()
             width = max(max(counts), 1)
-            order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :width]
+            order = torch.argsort(mask, dim=1, descending=True, stable=True)[:, :width]  # its tokens first, in order
             out = (order, None if min(counts) == width else torch.gather(mask, 1, order))
         self._tokens[kind] = out
         return out
@@ -344,6 +354,7 @@ class StageContext:
             record.position_embeddings,
             query_index,
             projected=record.projected_queries,
+            rows=None if query_index is None else self.batch_rows(),
         )
         batch, length = self.slot_valid.shape
         blocked: torch.Tensor | None  # (B, 1, Q or 1, N): the keys a query may not see

@@ -24,16 +24,20 @@ def rotated_queries(
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
     query_index: torch.Tensor | None,
     projected: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B, H, Q, d) queries of the rows `query_index` (B, Q) of `layer` (None: the last row of every sample, Q = 1),
     with RoPE at those rows' positions: taken from the query projection's output `projected` (B, N, H*d) captured
     while the layer ran on this input, or else projected from its input `hidden_states` (B, N, D, before the input
-    layernorm)."""
+    layernorm). rows: (B, 1) arange(B), when the caller has it (then each row is taken by one index op)."""
+    batch = hidden_states.shape[0]
+    if query_index is not None and rows is None:
+        rows = torch.arange(batch, device=query_index.device)[:, None]
 
-    def take(rows: torch.Tensor) -> torch.Tensor:  # (B, Q, X) of (B, N, X)
+    def take(values: torch.Tensor) -> torch.Tensor:  # (B, Q, X) of (B or 1, N, X)
         if query_index is None:
-            return rows[:, -1:]
-        return torch.gather(rows, 1, query_index[:, :, None].expand(-1, -1, rows.shape[-1]))
+            return values[:, -1:]
+        return (values if values.shape[0] == batch else values.expand(batch, -1, -1))[rows, query_index]
 
     if projected is not None and projected.shape[:2] == hidden_states.shape[:2]:
         queries = adapter.shape_queries(layer, take(projected))
@@ -41,10 +45,8 @@ def rotated_queries(
         queries = adapter.project_queries(layer, take(layer.input_layernorm(hidden_states)))
     if query_index is None:  # (b, 1, d) broadcast over the batch
         return adapter.rotate(queries, *(t[:, -1:] for t in position_embeddings))
-    batch = hidden_states.shape[0]
-    cos, sin = (t if t.shape[0] == batch else t.expand(batch, -1, -1) for t in position_embeddings)
-    index = query_index[:, :, None].expand(-1, -1, cos.shape[-1])
-    return adapter.rotate(queries, torch.gather(cos, 1, index), torch.gather(sin, 1, index))
+    cos, sin = position_embeddings
+    return adapter.rotate(queries, take(cos), take(sin))
 
 
 @torch.no_grad()

@@ -82,10 +82,9 @@ class SparseVLM(Press):
 
     # --- scoring -------------------------------------------------------------------------------------------
     def _choose_raters(self, ctx: StageContext) -> None:
-        """Choose the raters at the first stage and keep in `ctx.state`: their prompt positions (B, T) (-1: not a
-        rater), their slots now (B, T) (raters first, in sequence order; the other entries repeat the first
-        rater), weights (B, T, 1) float (1 for a rater) and counts (B, 1) float (T: the instruction tokens of the
-        longest)."""
+        """Choose the raters at the first stage and keep in `ctx.state`: their slots now (B, T) (raters first, in
+        sequence order; the other entries repeat the first rater) with the sequence length, weights (B, T, 1) float
+        (1 for a rater) and counts (B, 1) float (T: the instruction tokens of the longest)."""
         embeds = ctx.hidden_states(0).float()
         visual = ctx.slots
         text, text_ok = ctx.query_slots("instruction")  # text_ok None: every entry real
@@ -111,24 +110,27 @@ class SparseVLM(Press):
         first = torch.argsort(above, dim=1, descending=True, stable=True)  # the raters first, in sequence order
         rates = torch.gather(above, 1, first)
         slots = torch.gather(text, 1, first)
-        ctx.state["raters"] = torch.where(rates, torch.gather(ctx.slot_prompt_position, 1, slots), -1)
         ctx.state["rater_slots"] = (torch.where(rates, slots, slots[:, :1]), ctx.slot_valid.shape[1])
         ctx.state["rater_weights"] = rates[:, :, None].float()
         ctx.state["rater_counts"] = ctx.state["rater_weights"].sum(dim=1)
+        ctx.state["rater_tail"] = ctx.unpadded  # every row all real tokens: the instruction is its tail
+        ctx.state["rater_prompt"] = ctx.slot_prompt_position  # to find them again by prompt position
 
     def raters(self, ctx: StageContext) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T) slots of the rater tokens now and (B, T, 1) float weights (1 for a real rater, 0 for an entry
         that repeats the first rater's slot), chosen at the first stage (`_choose_raters`). Text is never cut:
         when every row is all real tokens, the instruction is each row's tail and its slots move with the length;
         else they are found again by prompt position."""
-        if "raters" not in ctx.state:  # the first stage
+        if "rater_slots" not in ctx.state:  # the first stage
             self._choose_raters(ctx)
-            ctx.state["rater_tail"] = ctx.unpadded  # every row all real tokens: the instruction is its tail
             return ctx.state["rater_slots"][0], ctx.state["rater_weights"]
         slots, length = ctx.state["rater_slots"]
         weights = ctx.state["rater_weights"]
         if ctx.state["rater_tail"] and ctx.unpadded:
             return slots + (ctx.slot_valid.shape[1] - length), weights
+        if "raters" not in ctx.state:  # (B, T) their prompt positions, -1 past a sample's raters
+            prompt = torch.gather(ctx.state["rater_prompt"], 1, slots)
+            ctx.state["raters"] = torch.where(weights[:, :, 0] > 0, prompt, -1)
         raters = ctx.state["raters"]
         mask = (
             (ctx.slot_prompt_position[:, :, None] == raters[:, None, :]).any(dim=2)
@@ -160,9 +162,7 @@ class SparseVLM(Press):
             pruned = ctx.present & ~(ctx.ranks[:, :, None] == kept[:, None, :]).any(dim=2)
             pruned_scores = raw.masked_fill(~pruned, float("-inf"))
         order = torch.argsort(pruned_scores, dim=1, descending=True, stable=True)[:, :n]  # (B, n) best first
-        rows = ctx.state.get("rows")
-        if rows is None:
-            rows = ctx.state["rows"] = torch.arange(ctx.num_samples, device=raw.device)[:, None]
+        rows = ctx.batch_rows()
         values = ctx.hidden_states(ctx.stage.layer)[rows, torch.gather(ctx.slots, 1, order)]  # (B, n, D)
         candidates, clusters = recycle_counts(pruned_counts, raw.device)
         centres, merged, clustered = merge_candidates(values.float(), candidates, clusters, n, m, rows)

@@ -61,12 +61,35 @@ def test_extra_ops_do_not_grow_with_the_batch(processor, model, name):
 
 @pytest.mark.parametrize("name", sorted(PRESSES))
 def test_fixed_budget_prefill_reads_only_the_layout_from_the_device(processor, model, name):
-    """One read per request (the adapter counts each sample's visual tokens); HiMAP's instruction queries add
-    one more (the text tokens after the image, counted once per request), as do SparseVLM's raters
-    (chosen among them) and DART's text pivots."""
+    """One read per request: the adapter counts each sample's visual tokens, and the same transfer brings whether
+    the batch has padding and where each sample's last visual token is (the instruction tokens that HiMAP queries,
+    SparseVLM's raters are chosen among and DART's text pivots come from, when nothing is padded)."""
     inputs = _batch(processor, 3)
     syncs = _count(model, inputs, PRESSES[name]()).syncs - _count(model, inputs).syncs
-    assert syncs <= (2 if name in ("himap", "sparsevlm", "dart") else 1)
+    assert syncs <= 1
+
+
+def test_the_layout_read_carries_the_tokens_after_the_last_visual_token(model):
+    """`ModelAdapter.read` with the visual mask: per sample, the tokens after its last visual token, in the one
+    transfer; without engine facts to carry, nothing more is read."""
+    from vtprune.adapters import adapter_for
+
+    adapter = adapter_for(model)
+    image, text = adapter.image_token_id, 5
+    per_image = adapter.tokens_per_image
+    rows = [
+        [text] * 3 + [image] * per_image + [text] * 4,
+        [text] * 1 + [image] * per_image + [text] * 6,
+        [image] * per_image + [text] * 7,
+    ]
+    input_ids = torch.tensor(rows)
+    with adapter.carrying(torch.ones(3, dtype=torch.long)):
+        layout = adapter.visual_layout(input_ids)
+    assert layout.num_visual == [per_image] * 3
+    assert adapter.carried == [1, 1, 1] and adapter.carried_tail == [4, 6, 7]
+    with adapter.carrying(None):  # no engine facts: the counts alone
+        adapter.visual_layout(input_ids)
+    assert adapter.carried is None and adapter.carried_tail is None
 
 
 def test_compiled_model_with_a_press_matches_eager_and_does_not_recompile(processor):
@@ -104,3 +127,34 @@ def test_inductor_compiled_press_matches_eager(processor):
     with torch.no_grad(), press(model):
         got = compiled(**inputs).logits
     torch.testing.assert_close(got, eager, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["dart", "himap", "sparsevlm"])
+def test_instruction_counts_from_the_layout_read_match_single_runs(processor, model, name):
+    """An unpadded batch whose samples have different instruction lengths (the image at different places): the
+    presses that use the instruction tokens keep, in one read, what each sample keeps alone."""
+    from vtprune.adapters import adapter_for
+
+    adapter = adapter_for(model)
+    image, per_image = adapter.image_token_id, adapter.tokens_per_image
+    text = [7, 11, 13, 17, 19, 23, 29, 31, 37]
+    rows = [
+        text[:3] + [image] * per_image + text[3:],
+        text[:1] + [image] * per_image + text[1:],
+        [image] * per_image + text,
+    ]
+    pixels = inputs_for(processor, [make_image(120, 60, seed=s) for s in range(3)], [prompt()] * 3)["pixel_values"]
+    batch = dict(
+        input_ids=torch.tensor(rows), attention_mask=torch.ones(3, len(rows[0]), dtype=torch.long), pixel_values=pixels
+    )
+    press = PRESSES[name]()
+    counter = OpCounter(count_tolist=True)
+    with torch.no_grad(), press(model), counter:
+        model(**batch)
+    assert counter.syncs - _count(model, batch).syncs <= 1
+    kept = [[s.kept[b] for s in press.last_selection] for b in range(3)]
+    for b in range(3):
+        single = {key: value[b : b + 1] for key, value in batch.items()}
+        with torch.no_grad(), press(model):
+            model(**single)
+        assert all(torch.equal(x, s.kept[0]) for x, s in zip(kept[b], press.last_selection))

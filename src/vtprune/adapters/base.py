@@ -137,26 +137,35 @@ class ModelAdapter:
 
     _facts: torch.Tensor | None = None
     carried: list[int] | None = None  # the values of the facts the last `carrying` block read
+    #: per sample, the tokens after its last visual token, read with the facts of the last `carrying` block where
+    #: the adapter's `read` had the visual mask (the instruction's length when the batch has no padding), else None
+    carried_tail: list[int] | None = None
 
     @contextmanager
     def carrying(self, facts: torch.Tensor | None):
         """While active, `read` brings `facts` (F,) (bool or integer, on the values' device) to the host in the same
         transfer and leaves them in `carried` (None after the block if the layout was found without `read`)."""
-        self._facts, self.carried = facts, None
+        self._facts, self.carried, self.carried_tail = facts, None, None
         try:
             yield
         finally:
             self._facts = None
 
-    def read(self, values: torch.Tensor) -> list:
+    def read(self, values: torch.Tensor, visual: torch.Tensor | None = None) -> list:
         """`values.tolist()` for (B,) or (B, C) integer values: the layout's one host synchronisation, carrying the
-        engine's request facts (`carrying`) in the same transfer."""
+        engine's request facts (`carrying`) in the same transfer, and with `visual` (B, N) bool, the visual tokens
+        (when the layout's visual tokens are exactly those), where each sample's last one is (`carried_tail`)."""
         facts, self._facts = self._facts, None
         if facts is None:
             return values.tolist()
-        flat = torch.cat([values if values.dim() == 1 else values.reshape(-1), facts.to(values.dtype)]).tolist()
-        count = values.numel()
-        self.carried = flat[count:]
+        parts = [values if values.dim() == 1 else values.reshape(-1), facts.to(values.dtype)]
+        if visual is not None:
+            parts.append(visual.cumsum(dim=1).argmax(dim=1))  # the first position of the largest count: the last
+        flat = torch.cat(parts).tolist()
+        count, carried = values.numel(), values.numel() + facts.numel()
+        self.carried = flat[count:carried]
+        if visual is not None:
+            self.carried_tail = [visual.shape[1] - 1 - last for last in flat[carried:]]
         if values.dim() == 1:
             return flat[:count]
         width = values.shape[1]

@@ -174,8 +174,12 @@ class StageContext:
                 raise ValueError(f"unknown token kind {kind!r}: use visual, text, system, instruction or last")
             if kind != "text" and not self.unpadded:
                 mask = mask & valid
-            # text is never cut: its counts are those of the request (one synchronisation per request and kind)
+            # text is never cut: its counts are those of the request (one synchronisation per request and kind,
+            # none for the instruction where the layout's read carried it)
             counts = self.request_cache.get(("count", kind))
+            tail = self.adapter.carried_tail
+            if counts is None and kind == "instruction" and self.unpadded and tail and len(tail) == self.num_samples:
+                counts = self.request_cache[("count", kind)] = list(tail)  # no padding: the tokens after the image
             if counts is None:
                 counts = self.request_cache[("count", kind)] = mask.sum(dim=1).tolist()
             width = max(max(counts), 1)
@@ -371,7 +375,9 @@ class StageContext:
             probs = probs.mean(dim=1)  # (B, Q, N)
         if keys == "visual":
             columns = self.slots[:, None, :] if heads == "mean" else self.slots[:, None, None, :]
-            probs = torch.gather(probs, -1, columns.expand(*probs.shape[:-1], -1))
+            if columns.shape[:-1] != probs.shape[:-1]:
+                columns = columns.expand(*probs.shape[:-1], -1)
+            probs = torch.gather(probs, -1, columns)
             if not self.all_present:
                 probs = probs * (self.present[:, None, :] if heads == "mean" else self.present[:, None, None, :])
         if query_mask is not None:

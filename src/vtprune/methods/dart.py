@@ -79,7 +79,9 @@ class DART(Press):
 
     def select(self, ctx: StageContext) -> Kept:
         """Every sample at once (`selection.dart_select`); how many tokens each keeps is a host fact (the
-        pivots, then every pivot's claims until the tokens run out), so nothing is read back at a fixed budget."""
+        pivots, then every pivot's claims until the tokens run out; the text pivots' count from the instruction's
+        length, which comes with the layout's one read where the family's adapter carries it and nothing is
+        padded), so nothing more is read back at a fixed budget."""
         keys = ctx.keys()  # (B, Hkv, N, d) layer K-1, with RoPE
         norms = keys.float().abs().sum(dim=(1, 3))  # (B, N): the L1 norm over all heads (shared kv heads count once)
         units = torch.nn.functional.normalize(

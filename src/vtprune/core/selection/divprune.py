@@ -18,8 +18,10 @@ def max_min_select(
 
     The greedy steps stay a loop: each pick needs the distances to the previous one. It is batched over the
     problems and costs 3 ops per step (argmax, one row gather, minimum: a picked token's own distance is -1, so
-    the minimum also retires it), 3 k + 12 ops in all (+ 9 with padding or a count), whatever P. No host
-    synchronisation. Fewer are not to be had exactly: each step needs an argmax and an update that depends on it.
+    the minimum also retires it), 3 k + 9 ops in all (+ 13 with padding or a count), whatever P. No host
+    synchronisation. This is the floor for exactly these picks: each step reduces over the gaps to find its pick,
+    reads that pick's distance row (an index that depends on the reduction) and folds it into the gaps (which the
+    next reduction reads); no aten op fuses two of these, so k picks cost at least 3 (k - 1) ops.
     """
     problems, n, _ = features.shape
     if not 1 <= k <= n:
@@ -29,7 +31,7 @@ def max_min_select(
     distance = 1 - torch.bmm(unit, unit.transpose(1, 2))  # (P, n, n) 1 - cosine
     if valid is not None:
         distance = torch.where(valid[:, :, None], distance, float("inf"))  # a padded token is nobody's neighbour
-    nearest = torch.topk(distance, 2, dim=1, largest=False).values[:, -1]  # (P, n) distance to the nearest other
+    nearest = torch.kthvalue(distance, 2, dim=1).values  # (P, n) the distance to the nearest other token
     pick = torch.argmax(nearest if valid is None else torch.where(valid, nearest, float("-inf")), dim=1)  # (P,)
     if valid is not None:
         distance = torch.where(valid[:, None, :], distance, -2.0)  # padded tokens: below every gap, never picked

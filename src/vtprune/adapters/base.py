@@ -151,21 +151,22 @@ class ModelAdapter:
         finally:
             self._facts = None
 
-    def read(self, values: torch.Tensor, visual: torch.Tensor | None = None) -> list:
+    def read(self, values: torch.Tensor, last_visual: torch.Tensor | None = None, length: int = 0) -> list:
         """`values.tolist()` for (B,) or (B, C) integer values: the layout's one host synchronisation, carrying the
-        engine's request facts (`carrying`) in the same transfer, and with `visual` (B, N) bool, the visual tokens
-        (when the layout's visual tokens are exactly those), where each sample's last one is (`carried_tail`)."""
+        engine's request facts (`carrying`) in the same transfer, and with `last_visual` (B,) long, each sample's
+        last visual position in its `length` tokens (where the layout's visual tokens are exactly the ones counted),
+        the tokens after it (`carried_tail`)."""
         facts, self._facts = self._facts, None
         if facts is None:
             return values.tolist()
         parts = [values if values.dim() == 1 else values.reshape(-1), facts.to(values.dtype)]
-        if visual is not None:
-            parts.append(visual.cumsum(dim=1).argmax(dim=1))  # the first position of the largest count: the last
+        if last_visual is not None:
+            parts.append(last_visual.to(values.dtype))
         flat = torch.cat(parts).tolist()
         count, carried = values.numel(), values.numel() + facts.numel()
         self.carried = flat[count:carried]
-        if visual is not None:
-            self.carried_tail = [visual.shape[1] - 1 - last for last in flat[carried:]]
+        if last_visual is not None:
+            self.carried_tail = [length - 1 - last for last in flat[carried:]]
         if values.dim() == 1:
             return flat[:count]
         width = values.shape[1]

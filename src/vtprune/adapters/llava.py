@@ -63,7 +63,9 @@ class LlavaAdapter(ModelAdapter):
 
     def visual_layout(self, input_ids: torch.Tensor, inputs: dict | None = None) -> VisualLayout:
         is_image = input_ids == self.image_token_id  # (B, N)
-        counts = self.read(is_image.sum(dim=1), visual=is_image)  # one synchronisation for the batch
+        # the count, and where it is first reached: the last visual token
+        count, last = is_image.cumsum(dim=1).max(dim=1)
+        counts = self.read(count, last_visual=last, length=input_ids.shape[1])  # one synchronisation for the batch
         segments = []
         image_index = 0
         for b, count in enumerate(counts):

@@ -22,6 +22,7 @@ model each image's unpadded tile grid (rows, cols); see `common.py` for the opti
 from __future__ import annotations
 
 import torch
+from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 from vllm.model_executor.models.llava import LlavaDummyInputsBuilder
 from vllm.model_executor.models.llava_next import (
     LlavaNextForConditionalGeneration,
@@ -30,7 +31,6 @@ from vllm.model_executor.models.llava_next import (
 )
 from vllm.model_executor.models.vision import get_num_selected_vision_tokens
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
 from ..core.selection import max_min_select, rank_order
 from ..core.stages import resolve_keep

@@ -77,3 +77,15 @@ def test_options_encode_exactly():
                     PluginOptions(method="visionzip", dominant=30, contextual=6, padding_threshold=0.3)):
         assert PluginOptions.decode(options.encode()) == options
     assert PluginOptions.decode(PluginOptions(keep=1).encode()).keep.__class__ is int
+
+
+def test_anyres_tokens_per_image():
+    """LLaVA-NeXT: DivPrune keeps `keep` of the base and of the tiles apart, Random of both together; newlines stay."""
+    from vtprune.vllm.options import PluginOptions
+
+    assert PluginOptions(method="divprune", keep=0.5).anyres_tokens_per_image(16, 48, 6) == 8 + 24 + 6
+    assert PluginOptions(method="divprune", keep=20).anyres_tokens_per_image(16, 48, 6) == 16 + 20 + 6
+    assert PluginOptions(method="random", keep=0.25).anyres_tokens_per_image(16, 48, 6) == 16 + 6
+    assert PluginOptions(method="none").anyres_tokens_per_image(16, 48, 6) == 16 + 48 + 6
+    with pytest.raises(ValueError, match="does not run on LLaVA-NeXT"):
+        PluginOptions(method="fastervlm").anyres_tokens_per_image(16, 48, 6)

@@ -37,11 +37,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(checkpoint: str, port: int, overrides: dict | None, log) -> subprocess.Popen:
+def start_server(checkpoint: str, port: int, overrides: dict | None, log, extra_args=()) -> subprocess.Popen:
     command = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", checkpoint, "--host", HOST,
                "--port", str(port), "--dtype", "float32", "--max-model-len", "512", "--enforce-eager",
                "--compilation-config", '{"mode": 0}', "--limit-mm-per-prompt", '{"image": 1}',
-               "--served-model-name", "model"]
+               "--served-model-name", "model", *extra_args]
     if overrides is not None:
         command += ["--hf-overrides", json.dumps(overrides)]
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
@@ -74,12 +74,15 @@ def stop_server(server: subprocess.Popen) -> None:
             server.wait()
 
 
-def chat_request(port: int, image_url: str, question: str, max_tokens: int) -> tuple[float, float, str]:
-    """One streaming chat completion: (seconds to the first content token, seconds in all, the answer)."""
+def chat_request(port: int, image_url: str, question: str, max_tokens: int,
+                 extra: dict | None = None) -> tuple[float, float, str]:
+    """One streaming chat completion: (seconds to the first content token, seconds in all, the answer). extra: more
+    fields of the request body (e.g. {"mm_processor_kwargs": {"vtprune": {"keep": 0.5}}})."""
     body = json.dumps({
         "model": "model", "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
         "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
                                                   {"type": "text", "text": question}]}],
+        **(extra or {}),
     })
     start = time.perf_counter()
     connection = http.client.HTTPConnection(HOST, port, timeout=600)

@@ -75,11 +75,11 @@ def hf_model(checkpoint):
 
 
 @contextmanager
-def engine(checkpoint, options: dict | None, **kwargs):
-    """A vLLM engine on the checkpoint: the plugin's architecture with `options`, or stock LLaVA (None)."""
+def engine(checkpoint, options: dict | None, architecture: str = ARCHITECTURE, **kwargs):
+    """A vLLM engine on the checkpoint: the plugin's `architecture` with `options`, or the stock model (None)."""
     from vllm import LLM
 
-    overrides = None if options is None else {"architectures": [ARCHITECTURE], "vtprune": options}
+    overrides = None if options is None else {"architectures": [architecture], "vtprune": options}
     llm = LLM(model=checkpoint, hf_overrides=overrides, dtype="float32", max_model_len=512, seed=0,
               limit_mm_per_prompt={"image": 1}, compilation_config={"mode": 0}, enforce_eager=True, **kwargs)
     try:
@@ -93,8 +93,9 @@ def engine(checkpoint, options: dict | None, **kwargs):
         cleanup_dist_env_and_memory()
 
 
-def vllm_answers(llm, processor, samples, *, one_by_one: bool = False):
-    """[(generated token ids, their logprobs, prompt token ids)] greedy, MAX_NEW_TOKENS, per sample."""
+def vllm_answers(llm, processor, samples, *, one_by_one: bool = False, options=None):
+    """[(generated token ids, their logprobs, prompt token ids)] greedy, MAX_NEW_TOKENS, per sample. options: the
+    per-request vtprune options (mm_processor_kwargs {"vtprune": ...}), one dict for all or a list per sample."""
     from vllm import SamplingParams
 
     from vtprune.apps.loading import build_prompt
@@ -102,6 +103,10 @@ def vllm_answers(llm, processor, samples, *, one_by_one: bool = False):
     params = SamplingParams(max_tokens=MAX_NEW_TOKENS, temperature=0.0, logprobs=0)
     requests = [{"prompt": build_prompt(processor, s.question), "multi_modal_data": {"image": s.image}}
                 for s in samples]
+    per_sample = options if isinstance(options, list) else [options] * len(samples)
+    for request, option in zip(requests, per_sample):
+        if option is not None:
+            request["mm_processor_kwargs"] = {"vtprune": option}
     if one_by_one:
         outputs = [llm.generate([r], params, use_tqdm=False)[0] for r in requests]
     else:

@@ -99,3 +99,34 @@ def test_a_placeholder_count_mismatch_is_refused(checkpoint, processor, samples,
         chain.append(str(error))
         error = error.__cause__ or error.__context__
     assert any("37 image placeholders" in text or "[37]" in text for text in chain), chain
+
+
+def test_per_request_options(checkpoint, processor, samples, hf_model):
+    """A request's mm_processor_kwargs {"vtprune": {...}} overrides the model's options for that request only: its
+    answers equal the press at the request's budget (here more than the model's default), requests with different
+    options in one batch each get their own, and a bad option fails the request with a one-line error."""
+    import vtprune
+
+    wider = vtprune.FasterVLM(keep=72, debias=vtprune.Debias(padding=True))
+    reference = hf_answers(hf_model, processor, samples, wider)
+    with engine(checkpoint, {"method": "fastervlm", "keep": 36, "debias_padding": True}) as llm:
+        default = vllm_answers(llm, processor, samples)
+        per_request = vllm_answers(llm, processor, samples, options={"keep": 0.5})
+        mixed = vllm_answers(llm, processor, samples, options=[{"keep": 0.5} if i % 2 else None
+                                                               for i in range(len(samples))])
+        divprune = vllm_answers(llm, processor, samples[:8], options={"method": "divprune", "keep": 18})
+        refused = {}
+        for name, bad in {"keep": {"keep": 0}, "vision_layer": {"vision_layer": -3}, "kepp": {"kepp": 3}}.items():
+            with pytest.raises(Exception) as caught:
+                vllm_answers(llm, processor, samples[:1], options=bad)
+            refused[name] = str(caught.value)
+    assert_same(per_request, reference, 72)
+    assert all(a[2].count(IMAGE_TOKEN) == 36 for a in default)
+    assert max(abs(x - y) for a, b in zip(default, per_request) for x, y in zip(a[1], b[1])) > 1e-3
+    assert_same(mixed[1::2], reference[1::2], 72)
+    assert [a[0] for a in mixed[::2]] == [a[0] for a in default[::2]]
+    assert all(a[2].count(IMAGE_TOKEN) == 36 for a in mixed[::2])
+    assert_same(divprune, hf_answers(hf_model, processor, samples[:8], vtprune.DivPrune(keep=18)), 18)
+    assert "keep" in refused["keep"]
+    assert "cannot be set per request" in refused["vision_layer"]
+    assert "kepp" in refused["kepp"]

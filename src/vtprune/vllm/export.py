@@ -1,9 +1,10 @@
-"""Export a vtprune-loadable LLaVA (`testbed`, `testbed-lm`, a local LLaVA-1.5 directory) in the layout vLLM loads.
+"""Export a vtprune-loadable LLaVA (`testbed`, `testbed-lm`, a local LLaVA-1.5 or LLaVA-NeXT directory) in the layout
+vLLM loads.
 
     python -m vtprune.vllm.export testbed-lm OUT_DIR
 
 transformers 5 saves a LLaVA's CLIP tower as `vision_tower.embeddings...`, `vision_tower.encoder...`; vLLM 0.32's
-LLaVA loader expects `vision_tower.vision_model.*` (the CLIPVisionModel layout of transformers 4). The export
+LLaVA and LLaVA-NeXT loaders expect `vision_tower.vision_model.*` (the CLIPVisionModel layout of transformers 4). The export
 saves the model and its processor with `save_pretrained` and renames those keys; nothing else changes. The
 directory is written next to OUT_DIR and renamed into place when complete.
 """
@@ -16,6 +17,8 @@ from pathlib import Path
 
 VISION_PREFIX = "vision_tower."
 VLLM_VISION_PREFIX = "vision_tower.vision_model."
+#: the transformers classes the plugin serves
+SERVED = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
 
 
 def vllm_key(key: str) -> str:
@@ -35,10 +38,10 @@ def export(spec: str, out: str | Path) -> Path:
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty: choose a new directory or remove it")
     model, processor = load_model(spec)
-    if type(model).__name__ != "LlavaForConditionalGeneration":
+    if type(model).__name__ not in SERVED:
         raise ValueError(
-            f"{spec} is a {type(model).__name__}: the vLLM plugin serves LLaVA-1.5 models "
-            "(LlavaForConditionalGeneration)"
+            f"{spec} is a {type(model).__name__}: the vLLM plugin serves LLaVA-1.5 and LLaVA-NeXT models "
+            f"({', '.join(SERVED)})"
         )
     temporary = out.with_name(out.name + ".partial")
     shutil.rmtree(temporary, ignore_errors=True)
@@ -65,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2 or argv[0] in ("-h", "--help"):
         print(
-            "usage: python -m vtprune.vllm.export MODEL OUT_DIR   (MODEL: testbed, testbed-lm or a LLaVA-1.5 "
-            "directory)",
+            "usage: python -m vtprune.vllm.export MODEL OUT_DIR   (MODEL: testbed, testbed-lm or a LLaVA-1.5 or "
+            "LLaVA-NeXT directory)",
             file=sys.stderr,
         )
         return 2
@@ -75,9 +78,17 @@ def main(argv: list[str] | None = None) -> int:
     except (FileExistsError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    import json
+
+    next_model = json.loads((path / "config.json").read_text())["architectures"] == [SERVED[1]]
+    architecture, method = (
+        ("VtpruneLlavaNextForConditionalGeneration", "divprune")
+        if next_model
+        else ("VtpruneLlavaForConditionalGeneration", "fastervlm")
+    )
     print(
-        f'wrote {path} (serve it with: vllm serve {path} --hf-overrides \'{{"architectures": '
-        '["VtpruneLlavaForConditionalGeneration"], "vtprune": {"method": "fastervlm", "keep": 0.25}}\')'
+        f'wrote {path} (serve it with: vllm serve {path} --hf-overrides \'{{"architectures": ["{architecture}"], '
+        f'"vtprune": {{"method": "{method}", "keep": 0.25}}}}\')'
     )
     return 0
 

@@ -2,10 +2,12 @@
 
 Two pieces, registered together for the architecture `VtpruneLlavaForConditionalGeneration`:
 
-* the processor side (`VtpruneLlavaProcessingInfo`, `VtpruneLlavaMultiModalProcessor`) puts K placeholders per
-  image into the prompt instead of the tower's P patches, and adds two per-image fields to the request: the
+* the processor side (`VtpruneLlavaProcessingInfo`, `VtpruneLlavaMultiModalProcessor`) reads the request's options
+  (the model's, overridden by the request's `mm_processor_kwargs={"vtprune": {...}}`), puts K placeholders per
+  image into the prompt instead of the tower's P patches, and adds three fields to the request: per image the
   padded share of every patch (`vtprune.adapters.geometry.padded_fraction` from the image's original size and the HF
-  processor's geometry) and the placeholder count K it used;
+  processor's geometry) and the placeholder count K it used, and the options themselves (a field shared by the
+  request's images: vLLM never batches images with different options into one encoder call);
 * the model side (`VtpruneLlavaForConditionalGeneration`) runs the tower, reads the [CLS] attention of the
   chosen vision layer from that layer's fused q/k/v projection (a forward hook), ranks and selects with
   `vtprune.core.selection`, and returns K embeddings per image. It refuses a request whose placeholder count is
@@ -22,33 +24,28 @@ import torch
 from vllm.model_executor.models.llava import (
     LlavaDummyInputsBuilder,
     LlavaForConditionalGeneration,
-    LlavaImageEmbeddingInputs,
     LlavaMultiModalProcessor,
     LlavaProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalFieldConfig
-from vllm.multimodal.parse import ImageProcessorItems
 
 from ..adapters.geometry import geometry_from_processor, padded_fraction
 from ..core.selection import max_min_select, rank_order, visionzip_select
+from .common import VtpruneInfoMixin, VtpruneModelMixin, VtpruneProcessorMixin, check_counts
 from .options import PluginOptions, cls_attention, head_mean_keys, random_scores
 
 ARCHITECTURE = "VtpruneLlavaForConditionalGeneration"
 PADDING_FIELD = "vtprune_padding"
-TOKENS_FIELD = "vtprune_tokens"
 
 
-class VtpruneLlavaProcessingInfo(LlavaProcessingInfo):
+class VtpruneLlavaProcessingInfo(VtpruneInfoMixin, LlavaProcessingInfo):
     """LLaVA's processing info with K placeholders per image (K from the options and the tower's patch count)."""
 
-    @cached_property
-    def options(self) -> PluginOptions:
-        return PluginOptions.from_config(self.get_hf_config())
+    architecture = ARCHITECTURE
 
-    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
+    def get_num_image_tokens(self, *, image_width: int, image_height: int, options: PluginOptions | None = None) -> int:
         patches = super().get_num_image_tokens(image_width=image_width, image_height=image_height)
-        return self.options.tokens_per_image(patches)
+        return (options or self.options).tokens_per_image(patches)
 
     @cached_property
     def geometry(self):
@@ -59,22 +56,13 @@ class VtpruneLlavaProcessingInfo(LlavaProcessingInfo):
         )
 
 
-class VtpruneLlavaMultiModalProcessor(LlavaMultiModalProcessor):
-    """LLaVA's multimodal processor, adding per image its patches' padded shares and its placeholder count."""
+class VtpruneLlavaMultiModalProcessor(VtpruneProcessorMixin, LlavaMultiModalProcessor):
+    """LLaVA's multimodal processor with the request's options (`VtpruneProcessorMixin`), adding per image its
+    patches' padded shares."""
 
-    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
-        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
-        fields[PADDING_FIELD] = MultiModalFieldConfig.batched("image")
-        fields[TOKENS_FIELD] = MultiModalFieldConfig.batched("image")
-        return fields
+    image_fields = (PADDING_FIELD,)
 
-    def _apply_hf_processor_main(self, mm_items, hf_kwargs):
-        processed = super()._apply_hf_processor_main(mm_items, hf_kwargs)
-        if "pixel_values" not in processed:
-            return processed
-        images = mm_items.get_items("image", ImageProcessorItems)
-        sizes = [images.get_image_size(i) for i in range(images.get_count())]
-        options = self.info.options
+    def _image_fields(self, sizes, options: PluginOptions) -> dict[str, torch.Tensor]:
         vision = self.info.get_hf_config().vision_config
         side = vision.image_size // vision.patch_size
         if options.uses_cls and options.debias_padding:
@@ -82,70 +70,37 @@ class VtpruneLlavaMultiModalProcessor(LlavaMultiModalProcessor):
             padding = torch.stack([padded_fraction(geometry, (s.width, s.height)).reshape(-1) for s in sizes])
         else:
             padding = torch.zeros(len(sizes), side * side)
-        processed[PADDING_FIELD] = padding
-        processed[TOKENS_FIELD] = torch.tensor(
-            [self.info.get_num_image_tokens(image_width=s.width, image_height=s.height) for s in sizes]
-        )
-        return processed
-
-
-def check_counts(embeddings: torch.Tensor, placeholders: torch.Tensor) -> None:
-    """Refuse a batch of images whose placeholder counts (N,) are not the rows of their embeddings (N, K, D)."""
-    counts = placeholders.reshape(-1).tolist()
-    if len(counts) != embeddings.shape[0] or any(count != embeddings.shape[1] for count in counts):
-        raise ValueError(
-            f"vtprune: the prompt holds {counts} image placeholders but the pruned model returns "
-            f"{embeddings.shape[1]} embeddings for each of {embeddings.shape[0]} image(s); vLLM would silently use "
-            "the first ones. The processor and the model must read the same vtprune options: serve the model "
-            f'with hf_overrides {{"architectures": ["{ARCHITECTURE}"], "vtprune": {{...}}}} and restart it '
-            "after changing them."
-        )
+        return {PADDING_FIELD: padding}
 
 
 @MULTIMODAL_REGISTRY.register_processor(
     VtpruneLlavaMultiModalProcessor, info=VtpruneLlavaProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
 )
-class VtpruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+class VtpruneLlavaForConditionalGeneration(VtpruneModelMixin, LlavaForConditionalGeneration):
     """vLLM's LLaVA returning K pruned embeddings per image (see the module docstring); options in
-    `config.vtprune` (`PluginOptions`)."""
+    `config.vtprune` (`PluginOptions`), per request in `mm_processor_kwargs["vtprune"]`."""
+
+    architecture = ARCHITECTURE
+    image_fields = (PADDING_FIELD,)
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.vtprune = PluginOptions.from_config(self.config)
         if self.config.vision_feature_select_strategy != "default":
             raise ValueError("vtprune: vision_feature_select_strategy must be 'default' (LLaVA-1.5: [CLS] dropped)")
-        layers = self.vision_tower.vision_model.encoder.layers
-        total = self.config.vision_config.num_hidden_layers
-        index = self.vtprune.vision_layer + total if self.vtprune.vision_layer < 0 else self.vtprune.vision_layer
-        if self.vtprune.uses_cls and not 0 <= index < len(layers):
-            raise ValueError(
-                f"vtprune: vision_layer={self.vtprune.vision_layer} is not one of the {len(layers)} "
-                f"vision layers this model runs (of {total})"
-            )
-        self._score_layer = layers[index] if self.vtprune.uses_cls else None
+        self._score_layer = score_layer(self.vision_tower.vision_model.encoder.layers, self.config, self.vtprune)
 
-    def embed_multimodal(self, **kwargs):
-        padding = kwargs.pop(PADDING_FIELD, None)
-        placeholders = kwargs.pop(TOKENS_FIELD, None)
-        image_input = self._parse_and_validate_image_input(**kwargs)
-        if image_input is None:
-            return []
-        if isinstance(image_input, LlavaImageEmbeddingInputs):  # given embeddings: their own count, unpruned
-            return image_input["data"]
-        if placeholders is None:
-            raise ValueError(
-                f"vtprune: the request carries no '{TOKENS_FIELD}': its image placeholders were not "
-                f'made by vtprune\'s processor (serve with architectures ["{ARCHITECTURE}"])'
-            )
-        embeddings = self._process_image_input(image_input, _stacked(padding))
-        check_counts(embeddings, _stacked(placeholders))
-        return embeddings
+    def _prune_images(self, image_input, options: PluginOptions, fields: dict) -> torch.Tensor:
+        return self._process_image_input(image_input, fields[PADDING_FIELD], options)
 
-    def _process_image_input(self, image_input, padding: torch.Tensor | None = None) -> torch.Tensor:
+    def _process_image_input(
+        self, image_input, padding: torch.Tensor | None = None, options: PluginOptions | None = None
+    ) -> torch.Tensor:
         """(N, K, D) language-model embeddings of the N images, K kept per image."""
+        options = options or self.vtprune
         captured: dict = {}
         hooks = []
-        if self._score_layer is not None:
+        if options.uses_cls:
             hooks.append(
                 self._score_layer.self_attn.qkv_proj.register_forward_hook(
                     lambda module, args, output: captured.__setitem__("qkv", output[0])
@@ -163,7 +118,7 @@ class VtpruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
                 hook.remove()
         embeddings = self.multi_modal_projector(features)  # (N, P, D)
         return prune(
-            self.vtprune,
+            options,
             embeddings,
             features,
             captured,
@@ -173,10 +128,16 @@ class VtpruneLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         )
 
 
-def _stacked(value) -> torch.Tensor | None:
-    if value is None or isinstance(value, torch.Tensor):
-        return value
-    return torch.stack(list(value))
+def score_layer(layers, config, options: PluginOptions):
+    """The vision layer (of the `layers` vLLM runs) whose [CLS] attention ranks the patches."""
+    total = config.vision_config.num_hidden_layers
+    index = options.vision_layer + total if options.vision_layer < 0 else options.vision_layer
+    if not 0 <= index < len(layers):
+        raise ValueError(
+            f"vtprune: vision_layer={options.vision_layer} is not one of the {len(layers)} vision layers this "
+            f"model runs (of {total})"
+        )
+    return layers[index]
 
 
 def prune(
@@ -243,6 +204,7 @@ def _gather(values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 
 __all__ = [
     "ARCHITECTURE",
+    "PADDING_FIELD",
     "VtpruneLlavaForConditionalGeneration",
     "VtpruneLlavaMultiModalProcessor",
     "VtpruneLlavaProcessingInfo",

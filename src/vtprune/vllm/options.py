@@ -7,8 +7,9 @@ pure functions the pruned model needs besides `vtprune.core.selection` and `vtpr
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
@@ -17,6 +18,9 @@ from ..core.stages import resolve_keep, validate_keep
 METHODS = ("fastervlm", "visionzip", "divprune", "random", "none")
 #: the methods that rank by the vision tower's [CLS] attention (the only ones padding debiasing acts on)
 CLS_METHODS = ("fastervlm", "visionzip")
+#: the options a request may set in its multimodal processor kwargs, `{"vtprune": {...}}` (all but vision_layer:
+#: the layer the model hooks is fixed when it loads)
+REQUEST_OPTIONS = ("method", "keep", "dominant", "contextual", "debias_padding", "padding_threshold", "seed")
 #: VisionZip's published split of each budget of 576 tokens: (dominant incl. [CLS], contextual)
 VISIONZIP_SPLITS = {192: (162, 30), 128: (108, 20), 64: (54, 10)}
 
@@ -84,6 +88,35 @@ class PluginOptions:
             raise ValueError(f"vtprune: unknown option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
         return cls(**raw)
 
+    def with_request(self, raw) -> PluginOptions:
+        """These options overridden by a request's `mm_processor_kwargs["vtprune"]` (a dict; None: unchanged). A
+        request that sets `keep` or another method drops the model's VisionZip counts (`dominant`, `contextual`)."""
+        if raw is None:
+            return self
+        if not isinstance(raw, dict):
+            raise ValueError(f"vtprune: the request's mm_processor_kwargs 'vtprune' must be a JSON object, got {raw!r}")
+        refused = sorted(set(raw) - set(REQUEST_OPTIONS))
+        if refused:
+            raise ValueError(
+                f"vtprune: option(s) {', '.join(refused)} cannot be set per request (per request: "
+                f"{', '.join(REQUEST_OPTIONS)}; vision_layer only per model, in hf_overrides)"
+            )
+        merged = asdict(self)
+        if "dominant" not in raw and ("keep" in raw or raw.get("method", self.method) != "visionzip"):
+            merged.update(dominant=None, contextual=None)
+        merged.update(raw)
+        return PluginOptions(**merged)
+
+    def encode(self) -> torch.Tensor:
+        """The options as a (bytes,) uint8 tensor (JSON): how the processor hands a request's options to the model
+        (a multimodal field; `decode` reads it back exactly)."""
+        return torch.tensor(list(json.dumps(asdict(self), sort_keys=True).encode()), dtype=torch.uint8)
+
+    @classmethod
+    def decode(cls, encoded: torch.Tensor) -> PluginOptions:
+        """The options `encode` wrote."""
+        return cls(**json.loads(bytes(encoded.reshape(-1).tolist()).decode()))
+
     @property
     def uses_cls(self) -> bool:
         return self.method in CLS_METHODS
@@ -99,6 +132,23 @@ class PluginOptions:
             dominant = total - contextual
         patches = max(1, min(num_patches, dominant - 1))
         return patches, max(0, min(contextual, num_patches - patches))
+
+    def anyres_tokens_per_image(self, base: int, tiles: int, rows: int) -> int:
+        """The embeddings one LLaVA-NeXT image gets: `base` tokens of the base image, `tiles` of the unpadded anyres
+        grid, `rows` newline tokens (always kept: vtprune's LLaVA-NeXT adapter never ranks them). DivPrune keeps
+        `keep` of the base image and of the tiles apart (one problem per segment, as `vtprune.DivPrune`), Random
+        `keep` of all of them together (as `vtprune.Random`)."""
+        if self.method == "divprune":
+            return (
+                resolve_keep(self.keep, base, base, warn=False)
+                + resolve_keep(self.keep, tiles, tiles, warn=False)
+                + rows
+            )
+        if self.method == "random":
+            return resolve_keep(self.keep, base + tiles, base + tiles, warn=False) + rows
+        if self.method == "none":
+            return base + tiles + rows
+        raise ValueError(f"vtprune: method={self.method!r} does not run on LLaVA-NeXT")
 
     def tokens_per_image(self, num_patches: int) -> int:
         """The embeddings (and so the placeholders) one image of `num_patches` tokens gets."""
@@ -139,4 +189,4 @@ def head_mean_keys(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     return key.reshape(images, length, num_heads, width // 3 // num_heads).mean(dim=2)
 
 
-__all__ = ["METHODS", "PluginOptions", "cls_attention", "head_mean_keys", "random_scores"]
+__all__ = ["METHODS", "REQUEST_OPTIONS", "PluginOptions", "cls_attention", "head_mean_keys", "random_scores"]

@@ -94,6 +94,7 @@ class _Request:
     cache: object = None
     phase: str = "prefill"
     decided: bool = False  # every stage has decided
+    recorded: bool = False  # in `press.last_selection`
     # the language model's input after a layer-0 cut: prompt column of each base token, and tokens dropped
     base_prompt_columns: torch.Tensor | None = None
     base_shift: torch.Tensor | int | None = None  # (B,) tokens the layer-0 cut removed (an int: the same in every row)

@@ -123,6 +123,7 @@ class PruningSession(_RequestSetup, _Planning, _SequenceCuts, _CacheCuts, _Visio
             torch.compiler.disable(self._on_input), with_kwargs=True
         )
         self._handles.append(hook)
+        self._handles.append(self.adapter.input_module.register_forward_hook(torch.compiler.disable(self._on_output)))
         if self.model is not self.adapter.input_module:
             self._handles.append(self.model.register_forward_pre_hook(self._on_outer_input, with_kwargs=True))
         lm = self.adapter.language_model
@@ -256,6 +257,15 @@ class PruningSession(_RequestSetup, _Planning, _SequenceCuts, _CacheCuts, _Visio
             else:
                 (self._request.vision_inputs if kind == "input" else self._request.vision_outputs)[index] = hidden
         self._pending_vision = {}
+        return None
+
+    def _on_output(self, module, args, output):
+        """Records the request's stages in `press.last_selection` (kept per thread), once every stage decided: run
+        eagerly, after the model's layers, so that a compiled model traces every layer without a break."""
+        request = self._request
+        if request is not None and request.decided and not request.recorded:
+            self.press.last_selection = request.selections
+            request.recorded = True
         return None
 
     def _make_layer_hook(self, index: int):

@@ -164,15 +164,26 @@ class StageContext:
                 mask = valid & ~visual & (position > self.image_span()[:, 1:])
             else:
                 raise ValueError(f"unknown token kind {kind!r}: use visual, text, system, instruction or last")
-            # text is never cut: its counts are those of the request (one synchronisation per request and kind)
-            counts = self.request_cache.get(("count", kind))
-            if counts is None:
-                counts = self.request_cache[("count", kind)] = mask.sum(dim=1).tolist()
-            width = max(max(counts), 1)
+            # a width known on the host, so that nothing is read from the device (a compiled model traces through):
+            # a sample's text slots are at most its slots that are not visual tokens present; exactly those
+            # where no row holds padding
+            slots = mask.shape[1]
+            width = max(slots - min(self.present_counts), 1)
             order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :width]
-            out = (order, None if min(counts) == width else torch.gather(mask, 1, order))
+            exact = kind == "text" and self.unpadded and max(self.present_counts) == min(self.present_counts)
+            out = (order, None if exact else torch.gather(mask, 1, order))
         self._tokens[kind] = out
         return out
+
+    def text_counts(self, kind: TokenKind) -> list[int]:
+        """Per sample, how many real tokens of one text kind (text, system, instruction) there are: read from the
+        device once per request and kind (text is never cut), so a compiled model breaks its graph here."""
+        counts = self.request_cache.get(("count", kind))
+        if counts is None:
+            slots, mask = self.query_slots(kind)
+            counts = [slots.shape[1]] * self.num_samples if mask is None else mask.sum(dim=1).tolist()
+            self.request_cache[("count", kind)] = counts
+        return counts
 
     def tokens(self, kind: TokenKind) -> list[torch.Tensor]:
         """Per sample, (Q_b,) slots of the real tokens of one kind, in sequence order.

@@ -176,8 +176,10 @@ class StageContext:
         return out
 
     def text_counts(self, kind: TokenKind) -> list[int]:
-        """Per sample, how many real tokens of one text kind (text, system, instruction) there are: read from the
-        device once per request and kind (text is never cut), so a compiled model breaks its graph here."""
+        """Per sample, how many real tokens of one text kind (text, system, instruction) there are (text is never
+        cut). A method that reads them declares the kind in `Press.text_counts`: the engine reads them with the
+        prompt; otherwise they are read from the device here, once per request and kind (under torch.compile, a
+        graph break inside the decoder layers)."""
         counts = self.request_cache.get(("count", kind))
         if counts is None:
             slots, mask = self.query_slots(kind)

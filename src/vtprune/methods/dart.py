@@ -44,6 +44,7 @@ class DART(Press):
 
     name: ClassVar[str] = "dart"
     checked: ClassVar[bool] = False
+    text_counts: ClassVar[tuple[str, ...]] = ("instruction",)  # read with the prompt (`select`)
     summary: ClassVar[str] = (
         "pivots by key norm (layer K-1); keep the tokens least similar to each pivot (no attention)"
     )

@@ -129,6 +129,21 @@ class _Request:
             )
         return self.cache_values["image_span"]
 
+    def count_text(self, kinds: tuple[str, ...]) -> None:
+        """Per sample, the real tokens of each text kind (text, system, instruction) in the prompt, read to the host
+        in one transfer into `cache_values` (`StageContext.text_counts`; text is never cut, so they hold at every
+        stage)."""
+        text = self.valid0 & ~self.visual0
+        prompt = torch.arange(self.prompt_len, device=text.device)
+        span = self.image_span()
+        masks = {"text": text, "system": text & (prompt < span[:, :1]), "instruction": text & (prompt > span[:, 1:])}
+        unknown = set(kinds) - set(masks)
+        if unknown:
+            raise ValueError(f"text_counts: unknown text kind(s) {sorted(unknown)}: use text, system or instruction")
+        table = torch.stack([masks[kind].sum(dim=1) for kind in kinds]).tolist()
+        for kind, counts in zip(kinds, table):
+            self.cache_values[("count", kind)] = counts
+
     def slot_values(self, name: str, fill) -> torch.Tensor:
         """(B, N_cur) the `name` table of the ids at the current slots (`fill` at engine padding), cached."""
         if name not in self.slot_cache:

@@ -249,6 +249,8 @@ class PruningSession(_RequestSetup, _Planning, _SequenceCuts, _CacheCuts, _Visio
         self._request = self._new_request(input_ids, mask, layout)
         self._request.cache = cache
         self._request.unpadded = unpadded
+        if self.press.text_counts:
+            self._request.count_text(tuple(self.press.text_counts))
         for (kind, index), hidden in self._pending_vision.items():  # the images of this request's vision pass
             if hidden.shape[0] != layout.num_images:
                 continue  # from another call; not these images

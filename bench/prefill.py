@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
+import sys
 import time
 import warnings
 
@@ -488,6 +489,11 @@ def time_configs(model, inputs, configs, args, on_gpu: bool, run_once) -> dict[s
                 compiled(**inputs, logits_to_keep=1)
                 if round_index:
                     times[label].append(_now(on_gpu) - start)
+                else:
+                    compile_seconds = _now(on_gpu) - start
+        # progress (a compiled table takes minutes per config on a CPU), so a cut-short run still says something
+        print(f"{label}: compiled in {compile_seconds:.0f} s, median {statistics.median(times[label]) * 1e3:.1f} ms",
+              file=sys.stderr, flush=True)
     return times
 
 

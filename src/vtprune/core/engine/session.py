@@ -123,7 +123,7 @@ class PruningSession(_RequestSetup, _Planning, _SequenceCuts, _CacheCuts, _Visio
             torch.compiler.disable(self._on_input), with_kwargs=True
         )
         self._handles.append(hook)
-        self._handles.append(self.adapter.input_module.register_forward_hook(torch.compiler.disable(self._on_output)))
+        self._handles.append(self.adapter.input_module.register_forward_hook(self._on_output))
         if self.model is not self.adapter.input_module:
             self._handles.append(self.model.register_forward_pre_hook(self._on_outer_input, with_kwargs=True))
         lm = self.adapter.language_model
@@ -262,12 +262,12 @@ class PruningSession(_RequestSetup, _Planning, _SequenceCuts, _CacheCuts, _Visio
         return None
 
     def _on_output(self, module, args, output):
-        """Records the request's stages in `press.last_selection` (kept per thread), once every stage decided: run
-        eagerly, after the model's layers, so that a compiled model traces every layer without a break."""
+        """Records the request's stages in `press.last_selection` once every stage decided, after the model's
+        layers: under torch.compile, the record (kept per thread, run eagerly) breaks the graph there, at the end
+        of the prefill, rather than among the decoder layers; decode steps have nothing to record."""
         request = self._request
         if request is not None and request.decided and not request.recorded:
-            self.press.last_selection = request.selections
-            request.recorded = True
+            _record(self.press, request)
         return None
 
     def _make_layer_hook(self, index: int):
@@ -324,6 +324,14 @@ class PruningSession(_RequestSetup, _Planning, _SequenceCuts, _CacheCuts, _Visio
             return (hidden, *args[1:]), new_kwargs
         new_kwargs["hidden_states"] = hidden
         return args, new_kwargs
+
+
+@torch.compiler.disable
+def _record(press, request: _Request) -> None:
+    """`press.last_selection = request.selections`, run eagerly: the record is kept per thread
+    (`vtprune.core.selections`), which a compiled graph cannot replay."""
+    press.last_selection = request.selections
+    request.recorded = True
 
 
 def _check_profile_method(debias, press) -> None:

@@ -148,43 +148,40 @@ class StageContext:
         (None: every entry is real). Kinds as in `tokens`."""
         if kind in self._tokens:
             return self._tokens[kind]
-        valid, visual = self.slot_valid, self.slot_visual_rank >= 0
-        position = self.slot_prompt_position
         out: tuple[torch.Tensor, torch.Tensor | None]
         if kind == "last":  # the first position where the count of real tokens reaches its maximum
-            out = (valid.cumsum(dim=1).argmax(dim=1, keepdim=True), None)
+            out = (self.slot_valid.cumsum(dim=1).argmax(dim=1, keepdim=True), None)
         elif kind == "visual":
             out = (self.slots, self.present)
         else:
-            if kind == "text":
-                mask = valid & ~visual
-            elif kind == "system":
-                mask = valid & ~visual & (position < self.image_span()[:, :1])
-            elif kind == "instruction":
-                mask = valid & ~visual & (position > self.image_span()[:, 1:])
-            else:
-                raise ValueError(f"unknown token kind {kind!r}: use visual, text, system, instruction or last")
-            # a width known on the host, so that nothing is read from the device (a compiled model traces through):
-            # a sample's text slots are at most its slots that are not visual tokens present; exactly those
-            # where no row holds padding
-            slots = mask.shape[1]
-            width = max(slots - min(self.present_counts), 1)
+            mask = self._text_mask(kind)
+            counts = self.text_counts(kind)
+            width = max(max(counts), 1)
             order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :width]
-            exact = kind == "text" and self.unpadded and max(self.present_counts) == min(self.present_counts)
-            out = (order, None if exact else torch.gather(mask, 1, order))
+            out = (order, None if min(counts) == width else torch.gather(mask, 1, order))
         self._tokens[kind] = out
         return out
 
+    def _text_mask(self, kind: TokenKind) -> torch.Tensor:
+        """(B, N) bool, the slots holding real tokens of one text kind (text, system, instruction)."""
+        text = self.slot_valid & (self.slot_visual_rank < 0)
+        position = self.slot_prompt_position
+        if kind == "text":
+            return text
+        if kind == "system":
+            return text & (position < self.image_span()[:, :1])
+        if kind == "instruction":
+            return text & (position > self.image_span()[:, 1:])
+        raise ValueError(f"unknown token kind {kind!r}: use visual, text, system, instruction or last")
+
     def text_counts(self, kind: TokenKind) -> list[int]:
         """Per sample, how many real tokens of one text kind (text, system, instruction) there are (text is never
-        cut). A method that reads them declares the kind in `Press.text_counts`: the engine reads them with the
-        prompt; otherwise they are read from the device here, once per request and kind (under torch.compile, a
-        graph break inside the decoder layers)."""
+        cut). The kinds a method declares in `Press.text_counts` are read by the engine with the prompt; any other
+        is read from the device here, once per request and kind (under torch.compile: a graph break inside the
+        decoder layers, which makes the compiled model run them eagerly)."""
         counts = self.request_cache.get(("count", kind))
         if counts is None:
-            slots, mask = self.query_slots(kind)
-            counts = [slots.shape[1]] * self.num_samples if mask is None else mask.sum(dim=1).tolist()
-            self.request_cache[("count", kind)] = counts
+            counts = self.request_cache[("count", kind)] = self._text_mask(kind).sum(dim=1).tolist()
         return counts
 
     def tokens(self, kind: TokenKind) -> list[torch.Tensor]:

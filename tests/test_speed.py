@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch._dynamo.utils import counters
 from conftest import build_model, inputs_for, make_image, prompt
+from torch._dynamo.utils import counters
 
 from vtprune import FastV, HiMAP, PyramidDrop, Random
 from vtprune.methods import DART, DivPrune, FasterVLM, ILLaVA, SparseVLM, TokenCarve, VisionZip

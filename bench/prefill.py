@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
+import sys
 import time
 import warnings
 
@@ -259,7 +260,7 @@ def time_and_report(model, runner, inputs, configs, args, on_gpu: bool, depth: i
             predicted = predicted_ratio(press, total, depth, visual, dims)
         cells.append((label, str(kept), f"{per_layer:.0f}", f"{median[label] * 1e3:.1f}",
                       f"{median[label] / median['unpruned']:.3f}", f"{predicted:.3f}"))
-    device_name = torch.cuda.get_device_name() if on_gpu else f"CPU, {torch.get_num_threads()} threads"
+    device_name = torch.cuda.get_device_name() if on_gpu else f"CPU, {torch.get_num_threads()} threads{_clock_name()}"
     rounds = "rounds, compiled per config" if args.compile else "interleaved rounds"
     title = f"{title.format(total=total, visual=visual)}, {device_name}, median of {args.repeats} {rounds}"
     print_table(title, columns, cells)
@@ -338,6 +339,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=1, help="identical prompts per prefill")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="CPU only, with --threads 1: time by the process's CPU time (time.process_time) instead "
+                             "of wall time, so that other processes on a shared machine do not count")
     parser.add_argument("--markdown", default=None, help="also write the table as Markdown to this file")
     parser.add_argument("--model-shape", default="llava-1.5-7b", choices=["llava-1.5-7b", *SHAPES, "testbed-lm"],
                         help="the model whose real shapes are timed (default LLaVA-1.5-7B); testbed-lm: the shipped "
@@ -356,6 +360,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cpu_time:
+        if args.device != "cpu" or torch.get_num_threads() != 1:
+            parser.error("--cpu-time times one CPU thread: use it with --device cpu --threads 1")
+        global _CLOCK
+        _CLOCK = time.process_time
     if args.model_shape == "testbed-lm":
         return main_testbed_lm(args)
     if args.model_shape != "llava-1.5-7b":
@@ -432,7 +441,7 @@ def main() -> None:
         predicted = 1.0 if press is None else predicted_ratio(press, total, depth)
         rows.append((label, kept, equivalent, median[label], overhead, median[label] / base, predicted))
 
-    device_name = torch.cuda.get_device_name() if on_gpu else f"CPU, {torch.get_num_threads()} threads"
+    device_name = torch.cuda.get_device_name() if on_gpu else f"CPU, {torch.get_num_threads()} threads{_clock_name()}"
     vision_note = f", vision tower included ({len(model.model.vision_tower.encoder.layers)} layers)" if with_vision else ""
     title = (f"Prefill, LLaVA-1.5-7B shape{vision_note}, {depth} decoder layers, {str(dtype).split('.')[-1]}, batch {args.batch} x {total} tokens, "
              f"{device_name}, median of {args.repeats} "
@@ -488,6 +497,11 @@ def time_configs(model, inputs, configs, args, on_gpu: bool, run_once) -> dict[s
                 compiled(**inputs, logits_to_keep=1)
                 if round_index:
                     times[label].append(_now(on_gpu) - start)
+                else:
+                    compile_seconds = _now(on_gpu) - start
+        # progress (a compiled table takes minutes per config on a CPU), so a cut-short run still says something
+        print(f"{label}: compiled in {compile_seconds:.0f} s, median {statistics.median(times[label]) * 1e3:.1f} ms",
+              file=sys.stderr, flush=True)
     return times
 
 
@@ -526,10 +540,18 @@ def decode_table(model, runner, inputs, configs, tokens: int, on_gpu: bool, titl
     print_table(title, ("config", "KV cache after prefill (MiB)", f"decode ms/token ({tokens} tokens)"), cells)
 
 
+#: the clock timings read: wall time, or the process's CPU time (--cpu-time)
+_CLOCK = time.perf_counter
+
+
+def _clock_name() -> str:
+    return ", the process's CPU time" if _CLOCK is time.process_time else ""
+
+
 def _now(on_gpu: bool) -> float:
     if on_gpu:
         torch.cuda.synchronize()
-    return time.perf_counter()
+    return _CLOCK()
 
 
 if __name__ == "__main__":

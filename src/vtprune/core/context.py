@@ -155,38 +155,44 @@ class StageContext:
         (None: every entry is real). Kinds as in `tokens`."""
         if kind in self._tokens:
             return self._tokens[kind]
-        valid, position = self.slot_valid, self.slot_prompt_position
         out: tuple[torch.Tensor, torch.Tensor | None]
         if kind == "last":  # the first position where the count of real tokens reaches its maximum
-            out = (valid.cumsum(dim=1).argmax(dim=1, keepdim=True), None)
+            out = (self.slot_valid.cumsum(dim=1).argmax(dim=1, keepdim=True), None)
         elif kind == "visual":
             out = (self.slots, self.present)
         else:
-            # the prompt positions before the first visual token or after the last hold no visual token (an
-            # inserted one takes a visual token's); engine padding (-1) is only excluded by `valid`
-            if kind == "text":
-                mask = valid & (self.slot_visual_rank < 0)
-            elif kind == "system":
-                mask = position < self.image_span()[:, :1]
-            elif kind == "instruction":
-                mask = position > self.image_span()[:, 1:]
-            else:
-                raise ValueError(f"unknown token kind {kind!r}: use visual, text, system, instruction or last")
-            if kind != "text" and not self.unpadded:
-                mask = mask & valid
-            # text is never cut: its counts are those of the request (one synchronisation per request and kind,
-            # none for the instruction where the layout's read carried it)
-            counts = self.request_cache.get(("count", kind))
-            tail = self.adapter.carried_tail
-            if counts is None and kind == "instruction" and self.unpadded and tail and len(tail) == self.num_samples:
-                counts = self.request_cache[("count", kind)] = list(tail)  # no padding: the tokens after the image
-            if counts is None:
-                counts = self.request_cache[("count", kind)] = mask.sum(dim=1).tolist()
+            mask = self._text_mask(kind)
+            counts = self.text_counts(kind)
             width = max(max(counts), 1)
             order = torch.argsort(mask, dim=1, descending=True, stable=True)[:, :width]  # its tokens first, in order
             out = (order, None if min(counts) == width else torch.gather(mask, 1, order))
         self._tokens[kind] = out
         return out
+
+    def _text_mask(self, kind: TokenKind) -> torch.Tensor:
+        """(B, N) bool, the slots holding real tokens of one text kind (text, system, instruction)."""
+        # the prompt positions before the first visual token or after the last hold no visual token (an inserted
+        # one takes a visual token's); engine padding (-1) is only excluded by `slot_valid`
+        if kind == "text":
+            return self.slot_valid & (self.slot_visual_rank < 0)
+        position = self.slot_prompt_position
+        if kind == "system":
+            mask = position < self.image_span()[:, :1]
+        elif kind == "instruction":
+            mask = position > self.image_span()[:, 1:]
+        else:
+            raise ValueError(f"unknown token kind {kind!r}: use visual, text, system, instruction or last")
+        return mask if self.unpadded else mask & self.slot_valid
+
+    def text_counts(self, kind: TokenKind) -> list[int]:
+        """Per sample, how many real tokens of one text kind (text, system, instruction) there are (text is never
+        cut). The kinds a method declares in `Press.text_counts` are read by the engine with the prompt; any other
+        is read from the device here, once per request and kind (under torch.compile: a graph break inside the
+        decoder layers, which makes the compiled model run them eagerly)."""
+        counts = self.request_cache.get(("count", kind))
+        if counts is None:
+            counts = self.request_cache[("count", kind)] = self._text_mask(kind).sum(dim=1).tolist()
+        return counts
 
     def tokens(self, kind: TokenKind) -> list[torch.Tensor]:
         """Per sample, (Q_b,) slots of the real tokens of one kind, in sequence order.

@@ -86,6 +86,10 @@ class Press(LastSelection):
     #: per stage). Decisions made by `ctx.top_k` are never checked; built-in methods, tested against oracles, set
     #: False.
     checked: ClassVar[bool] = True
+    #: text kinds ("text", "system", "instruction") whose per-sample counts the method reads on the host
+    #: (`ctx.text_counts`): the engine reads them at the request's start, with the prompt, so that no stage reads
+    #: the device (a compiled model traces the decoder layers without a break)
+    text_counts: ClassVar[tuple[str, ...]] = ()
 
     debias: Debias | None = None
     positions: Positions = "original"

@@ -44,6 +44,7 @@ class DART(Press):
 
     name: ClassVar[str] = "dart"
     checked: ClassVar[bool] = False
+    text_counts: ClassVar[tuple[str, ...]] = ("instruction",)  # read with the prompt (`select`)
     summary: ClassVar[str] = (
         "pivots by key norm (layer K-1); keep the tokens least similar to each pivot (no attention)"
     )
@@ -88,7 +89,7 @@ class DART(Press):
             ctx.adapter.final_norm(ctx.hidden_states(ctx.stage.layer)).float(), dim=-1
         )
         text, text_ok = ctx.query_slots("instruction")  # text_ok None: every row has as many
-        text_counts = ctx.request_cache[("count", "instruction")]  # host, counted once per request
+        text_counts = ctx.text_counts("instruction")  # host, counted once per request
         present = ctx.present_counts
         visual_ok = None if all(count == ctx.ranks.shape[1] for count in present) else ctx.present  # host facts
         claims = [min(self.claims(visual), count) for visual, count in zip(ctx.num_visual, present)]

@@ -47,6 +47,7 @@ class HiMAP(Press):
 
     name: ClassVar[str] = "himap"
     checked: ClassVar[bool] = False
+    text_counts: ClassVar[tuple[str, ...]] = ("instruction",)  # its queries, read with the prompt
     summary: ClassVar[str] = "shallow: instruction-to-image attention (summed); deep: image-to-image attention"
     query: ClassVar[str] = "text_after_image"
     debias_defaults: ClassVar[dict] = {"padding_threshold": 0.5, "drop_padding": False}

@@ -58,6 +58,7 @@ class SparseVLM(Press):
 
     name: ClassVar[str] = "sparsevlm"
     checked: ClassVar[bool] = False
+    text_counts: ClassVar[tuple[str, ...]] = ("instruction",)  # its raters, read with the prompt
     summary: ClassVar[str] = "text raters' attention at layers 2/6/15; pruned tokens recycled as cluster means"
     query: ClassVar[str] = "text_raters"
     debias_defaults: ClassVar[dict] = {"padding_threshold": 0.5, "drop_padding": False}

@@ -95,8 +95,7 @@ class _Planning:
             )
         )
         if stage_index == len(self.stages) - 1:
-            _record(self.press, request.selections)
-            request.decided = True
+            request.decided = True  # recorded in `press.last_selection` when the input module returns
         return decision
 
 
@@ -173,10 +172,3 @@ def _check_decision(decision: Kept, ctx: StageContext, owner: str) -> None:
                     else f"{owner}: sample {b}: {message}"
                 )
     decision.counts = [row[-1] for row in table]
-
-
-@torch.compiler.disable
-def _record(press, selections: list) -> None:
-    """`press.last_selection = selections`, run eagerly: the record is kept per thread (`vtprune.core.selections`), which
-    a compiled graph cannot replay."""
-    press.last_selection = selections

@@ -94,6 +94,7 @@ class _Request:
     cache: object = None
     phase: str = "prefill"
     decided: bool = False  # every stage has decided
+    recorded: bool = False  # in `press.last_selection`
     # the language model's input after a layer-0 cut: prompt column of each base token, and tokens dropped
     base_prompt_columns: torch.Tensor | None = None
     base_shift: torch.Tensor | int | None = None  # (B,) tokens the layer-0 cut removed (an int: the same in every row)
@@ -127,6 +128,21 @@ class _Request:
                 dim=1,
             )
         return self.cache_values["image_span"]
+
+    def count_text(self, kinds: tuple[str, ...]) -> None:
+        """Per sample, the real tokens of each text kind (text, system, instruction) in the prompt, read to the host
+        in one transfer into `cache_values` (`StageContext.text_counts`; text is never cut, so they hold at every
+        stage)."""
+        text = self.valid0 & ~self.visual0
+        prompt = torch.arange(self.prompt_len, device=text.device)
+        span = self.image_span()
+        masks = {"text": text, "system": text & (prompt < span[:, :1]), "instruction": text & (prompt > span[:, 1:])}
+        unknown = set(kinds) - set(masks)
+        if unknown:
+            raise ValueError(f"text_counts: unknown text kind(s) {sorted(unknown)}: use text, system or instruction")
+        table = torch.stack([masks[kind].sum(dim=1) for kind in kinds]).tolist()
+        for kind, counts in zip(kinds, table):
+            self.cache_values[("count", kind)] = counts
 
     def slot_values(self, name: str, fill) -> torch.Tensor:
         """(B, N_cur) the `name` table of the ids at the current slots (`fill` at engine padding), cached."""

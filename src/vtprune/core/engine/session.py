@@ -123,6 +123,7 @@ class PruningSession(_RequestSetup, _Planning, _SequenceCuts, _CacheCuts, _Visio
             torch.compiler.disable(self._on_input), with_kwargs=True
         )
         self._handles.append(hook)
+        self._handles.append(self.adapter.input_module.register_forward_hook(self._on_output))
         if self.model is not self.adapter.input_module:
             self._handles.append(self.model.register_forward_pre_hook(self._on_outer_input, with_kwargs=True))
         lm = self.adapter.language_model
@@ -248,6 +249,12 @@ class PruningSession(_RequestSetup, _Planning, _SequenceCuts, _CacheCuts, _Visio
         self._request = self._new_request(input_ids, mask, layout)
         self._request.cache = cache
         self._request.unpadded = unpadded
+        tail = self.adapter.carried_tail  # without padding, the tokens after the last image: the instruction
+        if unpadded and tail is not None and len(tail) == input_ids.shape[0]:
+            self._request.cache_values[("count", "instruction")] = list(tail)
+        unread = tuple(kind for kind in self.press.text_counts if ("count", kind) not in self._request.cache_values)
+        if unread:
+            self._request.count_text(unread)
         for (kind, index), hidden in self._pending_vision.items():  # the images of this request's vision pass
             if hidden.shape[0] != layout.num_images:
                 continue  # from another call; not these images
@@ -256,6 +263,15 @@ class PruningSession(_RequestSetup, _Planning, _SequenceCuts, _CacheCuts, _Visio
             else:
                 (self._request.vision_inputs if kind == "input" else self._request.vision_outputs)[index] = hidden
         self._pending_vision = {}
+        return None
+
+    def _on_output(self, module, args, output):
+        """Records the request's stages in `press.last_selection` once every stage decided, after the model's
+        layers: under torch.compile, the record (kept per thread, run eagerly) breaks the graph there, at the end
+        of the prefill, rather than among the decoder layers; decode steps have nothing to record."""
+        request = self._request
+        if request is not None and request.decided and not request.recorded:
+            _record(self.press, request)
         return None
 
     def _make_layer_hook(self, index: int):
@@ -312,6 +328,14 @@ class PruningSession(_RequestSetup, _Planning, _SequenceCuts, _CacheCuts, _Visio
             return (hidden, *args[1:]), new_kwargs
         new_kwargs["hidden_states"] = hidden
         return args, new_kwargs
+
+
+@torch.compiler.disable
+def _record(press, request: _Request) -> None:
+    """`press.last_selection = request.selections`, run eagerly: the record is kept per thread
+    (`vtprune.core.selections`), which a compiled graph cannot replay."""
+    press.last_selection = request.selections
+    request.recorded = True
 
 
 def _check_profile_method(debias, press) -> None:

@@ -65,3 +65,17 @@ def test_every_benchmark_setting_builds_its_press():
                 assert all(getattr(press, key) == value for key, value in setting.options)
             if setting.positions:
                 assert press.positions == setting.positions
+
+
+def test_testbed_lm_offers_the_original_numbering_of_the_compact_methods():
+    """Issue 23's position comparison: on testbed-lm `--settings` may name each compact-numbered method at the
+    original numbering, plain and debiased, with testbed-lm's own profile."""
+    from vtprune.testbed.benchmark import selectable_for
+
+    offered = {s.name: s for s in selectable_for("testbed-lm")}
+    for name, method in [("PyramidDrop", "pdrop"), ("SparseVLM", "sparsevlm"), ("VisionZip", "visionzip"),
+                         ("FasterVLM", "fastervlm")]:
+        plain, debiased = offered[f"{name}@original"], offered[f"{name}@original+debias"]
+        assert plain.baseline == name and debiased.baseline == f"{name}@original"
+        press = debiased.press(0.25, model="testbed-lm")
+        assert press.positions == "original" and press.debias.profile == f"testbed-lm/{method}"

@@ -138,9 +138,19 @@ def correction_settings() -> list[Setting]:
     ]
 
 
+def position_settings() -> list[Setting]:
+    """testbed-lm's position comparison (issue 23): each method whose official numbering is compact, at the
+    original numbering, plain (paired with the method) and, for the attention-based ones, debiased (paired with
+    the plain original row): the `@original` rows of the small testbed's table."""
+    return [s for s in default_settings() if "@original" in s.name]
+
+
 def selectable_for(model: str) -> list[Setting]:
-    """The settings `--settings` may name for `model`: its default rows, and for testbed-lm the corrections."""
-    return settings_for(model) + (correction_settings() if model == "testbed-lm" else [])
+    """The settings `--settings` may name for `model`: its default rows, and for testbed-lm the corrections and
+    the position comparison."""
+    if model != "testbed-lm":
+        return settings_for(model)
+    return settings_for(model) + correction_settings() + position_settings()
 
 
 def settings_for(model: str) -> list[Setting]:
@@ -475,6 +485,7 @@ __all__ = [
     "default_settings",
     "lm_settings",
     "correction_settings",
+    "position_settings",
     "selectable_for",
     "settings_for",
     "settings",

@@ -23,6 +23,6 @@ if [ "$WHICH" != 7b ]; then
 fi
 if [ "$WHICH" != testbed ]; then
   run llava15_eager --plain --with-vision --repeats 2
-  run llava15_compiled --plain --with-vision --repeats 2 --budgets 128 --methods fastv,pdrop --compile default
+  run llava15_compiled --plain --with-vision --repeats 3 --budgets 128,64,192 --compile default --cpu-time
 fi
 echo "tables in $OUT/*.md"

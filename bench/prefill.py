@@ -210,11 +210,7 @@ def main_shape(args) -> None:
     runner = compiled_runner(model, args)
     methods = args.methods.split(",") if args.methods else ["fastv", "pdrop"]
     budgets = [int(b) for b in args.budgets.split(",")]
-    configs = [("unpruned", None)]
-    for budget in budgets:
-        for name in methods:
-            cls = METHODS[name]
-            configs.append((f"{cls.__name__} {budget}/576", cls(budget=budget / 576)))
+    configs = budget_configs(methods, budgets)
 
     title = (f"Prefill, {title_name}, {depth} decoder layers, {str(dtype).split('.')[-1]}, batch {args.batch} x "
              "{total} tokens ({visual} visual), features precomputed")
@@ -295,11 +291,7 @@ def main_testbed_lm(args) -> None:
     runner = compiled_runner(model, args)
     methods = args.methods.split(",") if args.methods else [m for m in METHODS if m != "random"]
     budgets = [int(b) for b in args.budgets.split(",")]
-    configs = [("unpruned", None)]
-    for budget in budgets:
-        for name in methods:
-            cls = METHODS[name]
-            configs.append((f"{cls.__name__} {budget}/576", cls(budget=budget / 576)))
+    configs = budget_configs(methods, budgets)
 
     mode = f"torch.compile (mode {args.compile}), one config after another" if args.compile else "eager"
     title = (f"Prefill, testbed-lm (shipped weights), {depth} decoder layers, float32, {mode}, batch {args.batch} x "
@@ -503,6 +495,16 @@ def time_configs(model, inputs, configs, args, on_gpu: bool, run_once) -> dict[s
         print(f"{label}: compiled in {compile_seconds:.0f} s, median {statistics.median(times[label]) * 1e3:.1f} ms",
               file=sys.stderr, flush=True)
     return times
+
+
+def budget_configs(methods: list[str], budgets: list[int]) -> list[tuple[str, object]]:
+    """The unpruned row, then each method at each published LLaVA-1.5 budget b (of 576), as (label, press)."""
+    configs: list[tuple[str, object]] = [("unpruned", None)]
+    for budget in budgets:
+        for name in methods:
+            cls = METHODS[name]
+            configs.append((f"{cls.__name__} {budget}/576", cls(budget=budget / 576)))
+    return configs
 
 
 def compiled_runner(model, args):

@@ -622,13 +622,8 @@ class StageContext:
         padding corner). The stage's notes say when padding tokens had to be kept. Per-sample scores (a list)
         give per-sample ranks (a list)."""
         if not isinstance(scores, torch.Tensor):
-            ranks = self.top_k(self.pad([s.float() for s in scores]), keep)
-            counts = self.counts_of(ranks)
-            return [ranks[b, :count] for b, count in enumerate(counts)]
-        scores = scores.float()
-        self._check_shapes(scores)
-        if self.recorded_scores is None:
-            self.recorded_scores = scores
+            return self._per_sample_ranks(self.top_k(self.pad([s.float() for s in scores]), keep))
+        scores = self._accepted_scores(scores)
         counts = self.keep_counts(keep)
         padding = self.padding_mask if self.debias_padding else None
         if padding is None and self.all_present:  # by score alone (descending and stable: ties in sequence order)
@@ -638,6 +633,19 @@ class StageContext:
         if padding is not None:
             self._note_padding(padding, counts)
         return self._rows_of(order, counts)
+
+    def _per_sample_ranks(self, ranks: torch.Tensor) -> list[torch.Tensor]:
+        """(B, K) ranks padded with -1 -> per sample, its (K_b,) ranks."""
+        counts = self.counts_of(ranks)
+        return [ranks[b, :count] for b, count in enumerate(counts)]
+
+    def _accepted_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """`scores` (B, R) as float, checked against the stage's shapes, and recorded if they are the first."""
+        scores = scores.float()
+        self._check_shapes(scores)
+        if self.recorded_scores is None:
+            self.recorded_scores = scores
+        return scores
 
     def _note_padding(self, padding: torch.Tensor, counts: list[int]) -> None:
         """Notes (built when the record is read) for samples whose kept tokens include padding."""
@@ -667,13 +675,8 @@ class StageContext:
         """`top_k` with the budget applied to each image of a sample on its own (a count per image, or a fraction
         of each image's tokens), as the vision-side methods do; padding rules as in `top_k` (per image)."""
         if not isinstance(scores, torch.Tensor):
-            ranks = self.top_k_per_image(self.pad([s.float() for s in scores]), keep)
-            counts = self.counts_of(ranks)
-            return [ranks[b, :count] for b, count in enumerate(counts)]
-        scores = scores.float()
-        self._check_shapes(scores)
-        if self.recorded_scores is None:
-            self.recorded_scores = scores
+            return self._per_sample_ranks(self.top_k_per_image(self.pad([s.float() for s in scores]), keep))
+        scores = self._accepted_scores(scores)
         keep = self.stage.keep if keep is None else keep
         padding = self.padding_mask if self.debias_padding else None
         drop = padding is not None and self.debias_config.drop_padding
